@@ -1,0 +1,8 @@
+"""Module libraries, the task-aware controller, and composition rules.
+
+Pure CPU: this package never batches, never allocates device memory and never imports a web framework.
+"""
+
+from router.composition import NO_COMPOSITION, Composition
+
+__all__ = ["Composition", "NO_COMPOSITION"]

@@ -1,0 +1,76 @@
+"""What the API hands the engine, and what streams back.
+
+`n > 1` is the API's business: it submits n requests (seeds seed, seed + 1, ...) and merges them, so
+the engine only ever sees single-sequence requests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from router.composition import NO_COMPOSITION, Composition
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request's tokens are chosen and when it stops. Validated by the API."""
+
+    max_tokens: int = 16
+    """Generated tokens at most."""
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 keeps all."""
+    seed: int | None = None
+    """Seeds this request's own generator, so its output does not depend on batch neighbours."""
+    stop: tuple[str, ...] = ()
+    """Stop strings; the text returned ends before the first match."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation (in addition to EOS unless `ignore_eos`)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks force full output lengths this way)."""
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: the sampled token's logprob plus the top k alternatives."""
+
+
+@dataclass
+class Request:
+    """One sequence to generate, as the engine receives it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    composition: Composition = NO_COMPOSITION
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Logprob of one generated token and its top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, logprob) of the most likely tokens, best first."""
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One increment of a request's output, streamed through its asyncio queue."""
+
+    request_id: str
+    text: str
+    """New detokenized text since the previous increment (stop strings already cut)."""
+    token_ids: tuple[int, ...]
+    """New token ids since the previous increment."""
+    logprobs: tuple[TokenLogprob, ...] | None
+    """Per new token, when the request asked for logprobs."""
+    finished: bool
+    finish_reason: str | None
+    """`stop` (EOS, stop token or stop string), `length` (max_tokens or context), `abort`, or None."""
+    num_prompt_tokens: int
+    num_output_tokens: int
+    """Tokens generated so far in total."""

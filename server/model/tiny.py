@@ -1,0 +1,127 @@
+"""Tiny real checkpoints: a byte-level BPE tokenizer with a chat template and small random backbones.
+
+Tests and the offline demo use these instead of a hub download. They are written the way Hugging Face
+writes real models (`config.json`, safetensors, `tokenizer.json`, `tokenizer_config.json`), so they load
+through exactly the code path of a real model directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG",
+    "0123456789 + - * / = ( ) [ ] { } , . ; : ! ? ' \" # @ $ % & _ < > | ~ `",
+    "reverse uppercase sort count caesar shift add the letters of this string",
+    "user assistant system task input output answer",
+]
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Sizes of a tiny backbone; defaults give about 0.3M parameters."""
+
+    architecture: str = "llama"
+    """One of llama, mistral, qwen2, qwen3."""
+    hidden_size: int = 64
+    """Model width."""
+    intermediate_size: int = 128
+    """MLP width."""
+    num_hidden_layers: int = 2
+    """Decoder layers."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_key_value_heads: int = 2
+    """KV heads (GQA when fewer than query heads)."""
+    max_position_embeddings: int = 512
+    """Context length."""
+    initializer_range: float = 0.2
+    """Std of the random weights; large enough that greedy decoding has no near-ties."""
+    tie_word_embeddings: bool = False
+    """Share the embedding and LM head (Qwen's small models do)."""
+    seed: int = 0
+    """Seed of the random weights."""
+
+
+def write_tokenizer(path: str | Path, vocab_size: int = 384) -> None:
+    """Train a byte-level BPE tokenizer on a fixed corpus and save it with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|eos|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+
+
+def _hf_config(cfg: TinyConfig, vocab_size: int, bos: int, eos: int, pad: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    if cfg.architecture not in classes:
+        raise ValueError(f"unknown tiny architecture {cfg.architecture!r}; choose from {sorted(classes)}")
+    extra = {"head_dim": cfg.hidden_size // cfg.num_attention_heads}
+    if cfg.architecture == "mistral":
+        extra["sliding_window"] = None
+    return classes[cfg.architecture](
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.initializer_range,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        **extra,
+    )
+
+
+def write_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), max_shard_size: str | None = None) -> Path:
+    """Write tokenizer, `config.json` and random safetensors weights of a tiny backbone to `path`.
+
+    `max_shard_size` (for example "200KB") writes a sharded checkpoint with an index file.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    config = _hf_config(
+        cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(path), **kwargs)
+    return path
