@@ -74,3 +74,23 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     """Tokens generated so far in total."""
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one engine step did, reported to the step observer (metrics) after every step."""
+
+    num_seqs: int
+    """Sequences in the step's batch."""
+    num_tokens: int
+    """Tokens in the step's batch (prefill chunks plus decodes)."""
+    num_running: int
+    """Requests holding KV blocks after the step."""
+    num_waiting: int
+    """Requests queued for admission after the step (preempted ones included)."""
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preempted: int
+    """Requests preempted during this step."""
+    step_seconds: float
+    """Wall time of the step."""
