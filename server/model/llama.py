@@ -1,0 +1,155 @@
+"""The Llama architecture family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) over a paged KV cache.
+
+One implementation covers the family; the differences are switches read from the Hugging Face config:
+bias on q/k/v (Qwen2), per-head RMSNorm on q and k before rotary (Qwen3), a sliding attention window
+(Mistral), tied embeddings, and the RoPE variant. q/k/v and gate/up are fused into one adapted linear
+each, so a step runs one GEMM (and one composed_lora launch) per fused projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.paged_attention import paged_attention, write_kv
+from server.model.forward_context import get_forward_context
+from server.model.layers import AdaptedLinear, RMSNorm, RotaryEmbedding
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": {"qkv_bias": False, "qk_norm": False},
+    "MistralForCausalLM": {"qkv_bias": False, "qk_norm": False},
+    "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
+    "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
+}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The shape of one backbone, read from its Hugging Face config."""
+
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    qkv_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+    sliding_window: int | None
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> "ArchSpec":
+        names = list(getattr(hf_config, "architectures", None) or [])
+        known = [n for n in names if n in ARCHITECTURES]
+        if not known:
+            raise ValueError(
+                f"unsupported architecture {names or hf_config.model_type!r}; "
+                f"supported: {', '.join(sorted(ARCHITECTURES))}"
+            )
+        switches = ARCHITECTURES[known[0]]
+        heads = hf_config.num_attention_heads
+        window = getattr(hf_config, "sliding_window", None)
+        if known[0] != "MistralForCausalLM" and not getattr(hf_config, "use_sliding_window", False):
+            window = None
+        return cls(
+            architecture=known[0],
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+            vocab_size=hf_config.vocab_size,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            qkv_bias=switches["qkv_bias"] or bool(getattr(hf_config, "attention_bias", False)),
+            qk_norm=switches["qk_norm"],
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            sliding_window=window,
+        )
+
+
+@dataclass(frozen=True)
+class LayerBuild:
+    """What every layer is built with besides the architecture."""
+
+    dtype: torch.dtype
+    device: torch.device
+    max_slots: int
+    max_rank: int
+
+    def linear(self, in_features: int, targets: tuple[str, ...], widths: tuple[int, ...], bias=False):
+        return AdaptedLinear(
+            in_features, targets, widths, bias, self.max_slots, self.max_rank, self.dtype, self.device
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ArchSpec, build: LayerBuild, rotary: RotaryEmbedding):
+        super().__init__()
+        self.spec = spec
+        self.rotary = rotary
+        q_width, kv_width = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.qkv_proj = build.linear(
+            spec.hidden_size, ("q_proj", "k_proj", "v_proj"), (q_width, kv_width, kv_width), spec.qkv_bias
+        )
+        self.o_proj = build.linear(q_width, ("o_proj",), (spec.hidden_size,))
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, build.dtype, build.device)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, build.dtype, build.device)
+        self.scale = spec.head_dim**-0.5
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.slice_widths, dim=-1)
+        q = q.view(num_tokens, spec.num_heads, spec.head_dim)  # [num_tokens, heads, head_dim]
+        k = k.view(num_tokens, spec.num_kv_heads, spec.head_dim)  # [num_tokens, kv_heads, head_dim]
+        v = v.view(num_tokens, spec.num_kv_heads, spec.head_dim)
+        if spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if self.kv_cache is None:
+            raise RuntimeError("KV cache not bound: call Backbone.bind_kv_cache before the forward pass")
+        ctx = get_forward_context()
+        k_cache, v_cache = self.kv_cache
+        write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        out = torch.empty_like(q)  # [num_tokens, heads, head_dim]
+        paged_attention(out, q, k_cache, v_cache, ctx.attention(), self.scale, spec.sliding_window)
+        return self.o_proj(out.view(num_tokens, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ArchSpec, build: LayerBuild):
+        super().__init__()
+        width = spec.intermediate_size
+        self.gate_up_proj = build.linear(spec.hidden_size, ("gate_proj", "up_proj"), (width, width))
+        self.down_proj = build.linear(width, ("down_proj",), (spec.hidden_size,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ArchSpec, build: LayerBuild, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, build.dtype, build.device)
+        self.self_attn = Attention(spec, build, rotary)
+        self.post_attention_layernorm = RMSNorm(
+            spec.hidden_size, spec.rms_norm_eps, build.dtype, build.device
+        )
+        self.mlp = MLP(spec, build)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,151 @@
+"""Load a Hugging Face checkpoint directory into a `Backbone`.
+
+The config comes from transformers (`AutoConfig`); the weights are read straight from the safetensors
+files (single or sharded with an index), mapped onto the fused layers, and checked: every parameter
+must be filled exactly once with the right shape, and no checkpoint tensor may be left over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from server.model.backbone import Backbone
+from server.model.llama import ArchSpec, LayerBuild
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", "q_proj"),
+    "self_attn.k_proj": ("self_attn.qkv_proj", "k_proj"),
+    "self_attn.v_proj": ("self_attn.qkv_proj", "v_proj"),
+    "mlp.gate_proj": ("mlp.gate_up_proj", "gate_proj"),
+    "mlp.up_proj": ("mlp.gate_up_proj", "up_proj"),
+}
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """How to place the backbone."""
+
+    dtype: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."""
+    device: str = "cpu"
+    """Torch device of the weights, the KV cache and the module pool."""
+    max_slots: int = 0
+    """Module pool slots in every adapted linear; 0 serves the backbone alone."""
+    max_rank: int = 64
+    """Largest module rank the pool holds."""
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        return _DTYPES[self.dtype]
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / name for name in shards]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(
+        f"{model_dir} has no model.safetensors or model.safetensors.index.json (only safetensors checkpoints load)"
+    )
+
+
+def _target(backbone: Backbone, name: str) -> tuple[torch.Tensor, int, int] | None:
+    """(parameter, row offset, rows) that checkpoint tensor `name` fills, or None if unknown."""
+    if name == "model.embed_tokens.weight":
+        return backbone.embed_tokens.weight, 0, backbone.vocab_size
+    if name == "model.norm.weight":
+        return backbone.norm.weight, 0, backbone.hidden_size
+    if name == "lm_head.weight":
+        return backbone.lm_head_weight, 0, backbone.vocab_size
+    match = _LAYER.match(name)
+    if match is None or int(match.group(1)) >= backbone.num_layers:
+        return None
+    layer = backbone.layers[int(match.group(1))]
+    path, _, kind = match.group(2).rpartition(".")
+    if path in _FUSED:
+        fused_path, target = _FUSED[path]
+        linear = layer.get_submodule(fused_path)
+        start, width = linear.slice_offset(target)
+        param = linear.weight if kind == "weight" else linear.bias
+        return (param, start, width) if param is not None else None
+    try:
+        param = layer.get_parameter(match.group(2))
+    except AttributeError:
+        return None
+    return param, 0, param.shape[0]
+
+
+def _load_weights(backbone: Backbone, files: list[Path]) -> None:
+    filled: set[tuple[int, int]] = set()
+    unexpected = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                target = _target(backbone, name)
+                if target is None:
+                    if not _IGNORED.search(name):
+                        unexpected.append(name)
+                    continue
+                if name == "lm_head.weight" and backbone.spec.tie_word_embeddings:
+                    continue
+                param, start, rows = target
+                tensor = handle.get_tensor(name)
+                expected = (rows, *param.shape[1:])
+                if tuple(tensor.shape) != expected:
+                    raise ValueError(f"{file.name}: {name} has shape {list(tensor.shape)}, expected {list(expected)}")
+                param.data[start : start + rows].copy_(tensor)
+                filled.add((id(param), start))
+    if unexpected:
+        raise ValueError(f"checkpoint has tensors this architecture does not use: {unexpected[:8]}")
+    _check_filled(backbone, filled)
+
+
+def _check_filled(backbone: Backbone, filled: set[tuple[int, int]]) -> None:
+    missing = []
+    for name, param in backbone.named_parameters():
+        linear_name = name.rsplit(".", 1)[0]
+        owner = backbone.get_submodule(linear_name) if "." in name else backbone
+        offsets = [0]
+        if hasattr(owner, "slice_widths"):
+            offsets = [owner.slice_offset(t)[0] for t in owner.targets]
+        missing += [f"{name}[{o}:]" for o in offsets if (id(param), o) not in filled]
+    if missing:
+        raise ValueError(f"checkpoint is missing tensors for: {missing[:8]}")
+
+
+def load_backbone(model_dir: str, config: BackboneConfig = BackboneConfig()) -> Backbone:
+    """Build the backbone from `model_dir` (config.json + safetensors) on `config.device`."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    hf_config = AutoConfig.from_pretrained(str(path))
+    spec = ArchSpec.from_hf_config(hf_config)
+    build = LayerBuild(config.torch_dtype(), torch.device(config.device), config.max_slots, config.max_rank)
+    backbone = Backbone(hf_config, spec, build)
+    _load_weights(backbone, _weight_files(path))
+    backbone.eval()
+    logger.info(
+        "loaded %s (%d layers, hidden %d) from %s as %s on %s",
+        spec.architecture, spec.num_layers, spec.hidden_size, model_dir, build.dtype, build.device,
+    )
+    return backbone
