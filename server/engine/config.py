@@ -1,0 +1,48 @@
+"""The engine's one frozen config. The CLI builds its flags from these fields, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine loads the backbone and the library and how it batches."""
+
+    model: str
+    """Hugging Face model directory (config.json, safetensors, tokenizer)."""
+    library: str | None = None
+    """Module library directory; none serves the backbone alone."""
+    dtype: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    max_num_seqs: int = 64
+    """Requests running at once at most."""
+    max_num_batched_tokens: int = 512
+    """Tokens per step at most (the token budget); longer prompts are prefilled in chunks."""
+    max_model_len: int | None = None
+    """Prompt plus output tokens at most; default: the backbone's max_position_embeddings."""
+    kv_cache_memory_gb: float = 0.5
+    """Memory for the KV cache on the CPU, in GiB."""
+    gpu_memory_utilization: float = 0.85
+    """On CUDA: share of the device memory the process may use (weights, pools, activations, KV)."""
+    num_kv_blocks: int | None = None
+    """Exact number of KV blocks, overriding the memory budgets (tests)."""
+    max_loaded_modules: int = 16
+    """Module pool slots: modules resident on the device at once."""
+    max_rank: int | None = None
+    """Largest module rank the pool holds; default: the library's largest."""
+    max_k: int = 4
+    """Modules per request at most."""
+    seed: int = 0
+    """Seed for requests that give none."""
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

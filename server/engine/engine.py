@@ -1,0 +1,209 @@
+"""The engine: one step loop on its own thread, requests in and token increments out.
+
+A step reads like this: the scheduler plans, the runner runs, the scheduler updates, and every request
+that changed gets its new text. The step loop runs on a dedicated thread because a forward pass is
+compute-bound; requests arrive and increments leave through thread-safe hand-offs to asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from server.engine.config import EngineConfig
+from server.engine.detokenize import Detokenizer
+from server.engine.request import Request, RequestOutput, StepStats
+from server.engine.scheduler import RequestState
+from server.engine.setup import EngineParts, build_parts
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Owns the backbone, the library, the scheduler and the runner; see the module docstring."""
+
+    def __init__(self, config: EngineConfig, step_observer: Callable[[StepStats], None] | None = None):
+        self.config = config
+        self.step_observer = step_observer
+        parts: EngineParts = build_parts(config)
+        self.tokenizer = parts.tokenizer
+        self.library = parts.library
+        self.model = parts.model
+        self.scheduler = parts.scheduler
+        self.runner = parts.runner
+        self.max_model_len = parts.max_model_len
+        self.model_name = Path(config.model.rstrip("/")).name
+        self._rng = random.Random(config.seed)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        self._detok: dict[str, Detokenizer] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._last_stats = self._stats(0, 0, 0.0)
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="tessera-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Stream `request`'s increments; leaving the iteration early aborts it and frees its blocks."""
+        loop = asyncio.get_running_loop()
+        increments: asyncio.Queue = asyncio.Queue()
+        self.submit(request, lambda item: loop.call_soon_threadsafe(increments.put_nowait, item))
+        finished = False
+        try:
+            while not finished:
+                item = await increments.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def submit(self, request: Request, sink: Callable[[RequestOutput | BaseException], None]) -> None:
+        """Queue a request; `sink` receives its increments (or an exception) from the engine thread."""
+        self._inbox.put(("add", request, sink))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None))
+        self._wake.set()
+
+    def stats(self) -> StepStats:
+        return self._last_stats
+
+    # -- the step loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - a failed step fails its requests, not the server
+                logger.exception("engine step failed")
+                self._fail_all(error)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload, sink = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._add(payload, sink)
+            else:
+                self._finish(payload, "abort")
+
+    def _add(self, request: Request, sink) -> None:
+        if request.request_id in self._sinks:
+            sink(ValueError(f"request id {request.request_id!r} is already running"))
+            return
+        seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(63)
+        self._sinks[request.request_id] = sink
+        self._detok[request.request_id] = Detokenizer(self.tokenizer, request.sampling.stop)
+        self.scheduler.add(request, seed)
+
+    def step(self) -> None:
+        """One engine step: schedule, run, update, emit."""
+        started = time.perf_counter()
+        plan = self.scheduler.schedule()
+        result = self.runner.run(plan)
+        changed = self.scheduler.update(plan, result)
+        for state in changed:
+            self._emit(state)
+        self._last_stats = self._stats(len(plan.num_scheduled_tokens), plan.num_tokens, time.perf_counter() - started)
+        if self.step_observer is not None:
+            self.step_observer(self._last_stats)
+
+    def _emit(self, state: RequestState) -> None:
+        request_id = state.request_id
+        finished = state.finish_reason is not None
+        text, stopped = self._detok[request_id].update(state.output_ids, finished)
+        if stopped and not finished:
+            self.scheduler.finish(request_id, "stop")
+            finished = True
+        logprobs = tuple(state.new_logprobs) if state.request.sampling.logprobs is not None else None
+        new_ids = tuple(state.output_ids[len(state.output_ids) - len(state.new_logprobs) :])
+        state.new_logprobs = []
+        output = RequestOutput(
+            request_id=request_id,
+            text=text,
+            token_ids=new_ids,
+            logprobs=logprobs,
+            finished=finished,
+            finish_reason=state.finish_reason,
+            num_prompt_tokens=state.num_prompt_tokens,
+            num_output_tokens=len(state.output_ids),
+        )
+        sink = self._sinks.pop(request_id) if finished else self._sinks[request_id]
+        if finished:
+            self._detok.pop(request_id, None)
+        sink(output)
+
+    def _finish(self, request_id: str, reason: str) -> None:
+        state = self.scheduler.finish(request_id, reason)
+        sink = self._sinks.pop(request_id, None)
+        self._detok.pop(request_id, None)
+        if state is not None and sink is not None:
+            sink(
+                RequestOutput(request_id, "", (), None, True, reason, state.num_prompt_tokens, len(state.output_ids))
+            )
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self._sinks):
+            self.scheduler.finish(request_id, "error")
+            self._detok.pop(request_id, None)
+            self._sinks.pop(request_id)(RuntimeError(f"engine step failed: {error}"))
+
+    def _stats(self, num_seqs: int, num_tokens: int, seconds: float) -> StepStats:
+        scheduler = self.scheduler
+        return StepStats(
+            num_seqs=num_seqs,
+            num_tokens=num_tokens,
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_blocks_used=scheduler.blocks.num_used,
+            kv_blocks_total=scheduler.blocks.num_blocks,
+            num_preempted=scheduler.num_preempted_last_step,
+            step_seconds=seconds,
+        )
+
+    # -- synchronous use (tests, offline batches) -------------------------------------------------
+
+    def generate_batch(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
+        """Run `requests` to completion on the calling thread (the loop thread must not be running)."""
+        if self._thread is not None:
+            raise RuntimeError("generate_batch runs steps inline; call it on an engine that was not started")
+        outputs: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        for request in requests:
+            self._add(request, outputs[request.request_id].append)
+        while self.scheduler.has_work():
+            self._drain_inbox()
+            self.step()
+        return outputs

@@ -1,0 +1,58 @@
+"""Which modules sit in which device slots, and which must stay there.
+
+A running request pins its modules' slots; a slot nobody pins may be evicted, least recently used
+first, when another module needs room. A request whose modules cannot all get slots waits: it never runs
+without them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class ModulePool:
+    """Residency and pinning of modules in `num_slots` device slots."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self._slot_of: dict[str, int] = {}
+        self._pins: dict[str, int] = {}
+        self._idle: OrderedDict[str, None] = OrderedDict()
+        self._free = list(range(num_slots))[::-1]
+
+    def slot_of(self, module_id: str) -> int | None:
+        return self._slot_of.get(module_id)
+
+    def acquire(self, module_ids: tuple[str, ...]) -> tuple[tuple[int, ...], list[tuple[int, str]]] | None:
+        """Pin `module_ids`, making them resident; (their slots, the loads this needs) or None.
+
+        None means they cannot all be resident now (every other slot is pinned); nothing changes then.
+        """
+        missing = [m for m in module_ids if m not in self._slot_of]
+        evictable = [m for m in self._idle if m not in module_ids]
+        if len(missing) > len(self._free) + len(evictable):
+            return None
+        loads = []
+        for module_id in missing:
+            if not self._free:
+                victim, _ = self._idle.popitem(last=False)
+                self._free.append(self._slot_of.pop(victim))
+            slot = self._free.pop()
+            self._slot_of[module_id] = slot
+            loads.append((slot, module_id))
+        for module_id in module_ids:
+            self._pins[module_id] = self._pins.get(module_id, 0) + 1
+            self._idle.pop(module_id, None)
+        return tuple(self._slot_of[m] for m in module_ids), loads
+
+    def release(self, module_ids: tuple[str, ...]) -> None:
+        """Unpin; a module nobody pins stays resident but becomes evictable (most recent last)."""
+        for module_id in module_ids:
+            self._pins[module_id] -= 1
+            if self._pins[module_id] == 0:
+                del self._pins[module_id]
+                self._idle[module_id] = None
+
+    @property
+    def num_pinned(self) -> int:
+        return len(self._pins)

@@ -1,0 +1,74 @@
+"""What the scheduler tells the runner each step (`StepPlan`), and what comes back (`StepResult`).
+
+Requests new to the runner (first admission, or readmission after preemption) come in full; requests
+it already holds come as deltas: the tokens to run this step and any blocks added. The runner keeps its
+own copy of each request's token ids, appending what it samples, so deltas never repeat them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.engine.request import SamplingParams, TokenLogprob
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (or dropped at preemption)."""
+
+    request_id: str
+    token_ids: list[int]
+    """Prompt plus every token generated so far (recomputed after a preemption)."""
+    block_ids: list[int]
+    """KV blocks held, in order."""
+    num_computed_tokens: int
+    """Tokens whose KV is already in the cache (0 for a new request)."""
+    module_slots: tuple[int, ...]
+    """Pool slot of every module of the composition."""
+    gates: tuple[float, ...]
+    """Gate of every module of the composition."""
+    sampling: SamplingParams
+    seed: int
+    """Seed of this request's sampling generator."""
+
+
+@dataclass
+class RunningRequestData:
+    """A delta for a request the runner holds."""
+
+    request_id: str
+    new_block_ids: list[int]
+    """Blocks appended to its block table this step."""
+
+
+@dataclass
+class StepPlan:
+    """One step: which requests run, with how many tokens each, and what changes in the pools."""
+
+    new: list[NewRequestData] = field(default_factory=list)
+    running: list[RunningRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens each scheduled request runs this step, in batch order (new first, then running)."""
+    samples: set[str] = field(default_factory=set)
+    """Requests whose last scheduled token reaches the end of their known tokens, so they sample."""
+    module_loads: list[tuple[int, str]] = field(default_factory=list)
+    """(slot, module id) to write into the pool before the forward pass."""
+    dropped: list[str] = field(default_factory=list)
+    """Requests the runner must forget (finished, aborted or preempted since the last step)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+@dataclass
+class StepResult:
+    """Plain lists, no tensors: the token each sampling request drew, and its logprobs if asked."""
+
+    request_ids: list[str] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)

@@ -1,0 +1,228 @@
+"""Continuous batching with a token budget, chunked prefill, and preemption by recompute.
+
+Every request counts `num_computed_tokens` against its known tokens (prompt plus output). A step gives
+each scheduled request some tokens: 1 for a decode, a chunk for a prefill. Running requests go first, in
+admission order; waiting ones are admitted first come, first served while the token budget, the
+sequence limit, free KV blocks and module slots allow. When a running request needs a block and none is
+free, the most recently admitted running request is preempted: its blocks and slots are freed and it
+waits at the front of the queue, to be recomputed from its prompt and output so far.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.engine.kv_pool import BlockPool
+from server.engine.module_pool import ModulePool
+from server.engine.plan import NewRequestData, RunningRequestData, StepPlan, StepResult
+from server.engine.request import Request, TokenLogprob
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestState:
+    """The scheduler's view of one request."""
+
+    request: Request
+    token_ids: list[int]
+    seed: int
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    module_slots: tuple[int, ...] | None = None
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    new_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    """Logprobs of tokens sampled since the engine last read them."""
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one step."""
+
+    max_num_seqs: int
+    """Requests running at once at most."""
+    max_num_batched_tokens: int
+    """Tokens per step at most."""
+    max_model_len: int
+    """Prompt plus output tokens at most."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockPool, modules: ModulePool, eos_ids: set[int]):
+        self.config = config
+        self.blocks = blocks
+        self.modules = modules
+        self.eos_ids = eos_ids
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self.states: dict[str, RequestState] = {}
+        self._known_to_runner: set[str] = set()
+        self._dropped: list[str] = []
+        self.num_preempted_last_step = 0
+
+    def add(self, request: Request, seed: int) -> RequestState:
+        state = RequestState(request, list(request.prompt_token_ids), seed)
+        self.states[request.request_id] = state
+        self.waiting.append(state)
+        return state
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(dropped=self._take_dropped())
+        budget = self.config.max_num_batched_tokens
+        self.num_preempted_last_step = 0
+        preempted = False
+        for state in list(self.running):
+            if budget == 0 or state.status is not Status.RUNNING:
+                continue
+            num_tokens = min(len(state.token_ids) - state.num_computed_tokens, budget)
+            new_blocks = self._grow(state, num_tokens)
+            if new_blocks is None:
+                preempted = True
+                continue
+            self._put(plan, state, num_tokens, new_blocks)
+            budget -= num_tokens
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            num_tokens = self._admit(self.waiting[0], budget, plan)
+            if num_tokens == 0:
+                break
+            budget -= num_tokens
+        plan.dropped += self._take_dropped()
+        return plan
+
+    def _grow(self, state: RequestState, num_tokens: int) -> list[int] | None:
+        """Blocks `state` needs for `num_tokens` more tokens, preempting others (or itself) for room."""
+        need = self.blocks.blocks_for(state.num_computed_tokens + num_tokens) - len(state.block_ids)
+        while need > self.blocks.num_free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is state:
+                return None
+        new_blocks = self.blocks.allocate(max(need, 0))
+        state.block_ids += new_blocks
+        return new_blocks
+
+    def _admit(self, state: RequestState, budget: int, plan: StepPlan) -> int:
+        """Admit the head of the queue if blocks and module slots allow; the tokens it got (0: none)."""
+        num_tokens = min(len(state.token_ids) - state.num_computed_tokens, budget)
+        need = self.blocks.blocks_for(num_tokens)
+        if need > self.blocks.num_free:
+            return 0
+        acquired = self.modules.acquire(state.request.composition.module_ids)
+        if acquired is None:
+            return 0
+        state.module_slots, loads = acquired
+        plan.module_loads += loads
+        state.block_ids = self.blocks.allocate(need)
+        state.status = Status.RUNNING
+        self.waiting.popleft()
+        self.running.append(state)
+        self._put(plan, state, num_tokens, state.block_ids)
+        return num_tokens
+
+    def _put(self, plan: StepPlan, state: RequestState, num_tokens: int, new_blocks: list[int]) -> None:
+        if state.request_id in self._known_to_runner:
+            plan.running.append(RunningRequestData(state.request_id, new_blocks))
+        else:
+            plan.new.append(self._new_data(state))
+            self._known_to_runner.add(state.request_id)
+        plan.num_scheduled_tokens[state.request_id] = num_tokens
+        if state.num_computed_tokens + num_tokens == len(state.token_ids):
+            plan.samples.add(state.request_id)
+
+    def _new_data(self, state: RequestState) -> NewRequestData:
+        composition = state.request.composition
+        return NewRequestData(
+            request_id=state.request_id,
+            token_ids=list(state.token_ids),
+            block_ids=list(state.block_ids),
+            num_computed_tokens=state.num_computed_tokens,
+            module_slots=state.module_slots or (),
+            gates=composition.gates,
+            sampling=state.request.sampling,
+            seed=state.seed,
+        )
+
+    def _preempt(self, state: RequestState) -> None:
+        self._release(state)
+        state.status = Status.WAITING
+        state.num_computed_tokens = 0
+        self.waiting.appendleft(state)
+        self.num_preempted_last_step += 1
+
+    def _release(self, state: RequestState) -> None:
+        """Free blocks and module pins, and tell the runner to forget the request."""
+        self.blocks.free(state.block_ids)
+        state.block_ids = []
+        if state.module_slots is not None:
+            self.modules.release(state.request.composition.module_ids)
+            state.module_slots = None
+        if state in self.running:
+            self.running.remove(state)
+        if state.request_id in self._known_to_runner:
+            self._known_to_runner.discard(state.request_id)
+            self._dropped.append(state.request_id)
+
+    def _take_dropped(self) -> list[str]:
+        dropped, self._dropped = self._dropped, []
+        return dropped
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[RequestState]:
+        """Count the computed tokens, append sampled ones; the requests that changed."""
+        for request_id, num_tokens in plan.num_scheduled_tokens.items():
+            state = self.states.get(request_id)
+            if state is not None and state.status is Status.RUNNING:
+                state.num_computed_tokens += num_tokens
+        changed = []
+        for request_id, token_id, logprob in zip(result.request_ids, result.sampled_token_ids, result.logprobs):
+            state = self.states.get(request_id)
+            if state is None or state.status is not Status.RUNNING:
+                continue
+            state.token_ids.append(token_id)
+            state.new_logprobs.append(logprob)
+            reason = self._finish_reason(state, token_id)
+            if reason is not None:
+                self.finish(request_id, reason)
+            changed.append(state)
+        return changed
+
+    def _finish_reason(self, state: RequestState, token_id: int) -> str | None:
+        sampling = state.request.sampling
+        if token_id in sampling.stop_token_ids or (token_id in self.eos_ids and not sampling.ignore_eos):
+            return "stop"
+        if len(state.output_ids) >= sampling.max_tokens or len(state.token_ids) >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def finish(self, request_id: str, reason: str) -> RequestState | None:
+        """End a request now (finished, stopped by a stop string, or aborted); its blocks free at once."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return None
+        if state.status is Status.WAITING:
+            self.waiting.remove(state)
+        self._release(state)
+        state.status = Status.FINISHED
+        state.finish_reason = reason
+        return state

@@ -1,0 +1,102 @@
+"""Start-up: load tokenizer, backbone and library, size the KV cache, build scheduler and runner."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.config import EngineConfig
+from server.engine.kv_pool import BlockPool
+from server.engine.module_pool import ModulePool
+from server.engine.runner import ModelRunner, RunnerConfig
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.model.backbone import Backbone
+from server.model.loader import BackboneConfig, load_backbone
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineParts:
+    tokenizer: object
+    library: object | None
+    model: Backbone
+    scheduler: Scheduler
+    runner: ModelRunner
+    max_model_len: int
+
+
+def _load_library(config: EngineConfig):
+    if config.library is None:
+        return None
+    from transformers import AutoConfig
+
+    from router.library import ModuleLibrary, fingerprint_from_hf_config
+
+    expect = fingerprint_from_hf_config(AutoConfig.from_pretrained(config.model))
+    return ModuleLibrary.load(config.library, expect=expect)
+
+
+def _num_kv_blocks(config: EngineConfig, model: Backbone, device: str) -> int:
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = model.kv_cache_bytes_per_block(config.block_size)
+    if torch.device(device).type == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        budget = total * config.gpu_memory_utilization - used - (1 << 30)  # 1 GiB for activations
+    else:
+        budget = config.kv_cache_memory_gb * (1 << 30)
+    return max(int(budget // per_block), 1)
+
+
+def _eos_ids(tokenizer, model_dir: str) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        eos = None
+    ids |= set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    return ids
+
+
+def build_parts(config: EngineConfig) -> EngineParts:
+    """Everything the engine runs with; validation errors surface here, before anything serves."""
+    from transformers import AutoTokenizer
+
+    device = config.resolved_device()
+    library = _load_library(config)
+    max_rank = config.max_rank or max((m.rank for m in library.modules.values()), default=8) if library else 8
+    num_slots = min(config.max_loaded_modules, len(library.modules)) if library else 0
+    model = load_backbone(config.model, BackboneConfig(config.dtype, device, num_slots, max_rank))
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    num_blocks = _num_kv_blocks(config, model, device)
+    max_model_len = min(config.max_model_len or model.max_position_embeddings, num_blocks * config.block_size)
+    max_blocks_per_seq = -(-max_model_len // config.block_size)
+    scheduler = Scheduler(
+        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
+        BlockPool(num_blocks, config.block_size),
+        ModulePool(num_slots),
+        _eos_ids(tokenizer, config.model),
+    )
+    runner_config = RunnerConfig(
+        config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks, config.block_size
+    )
+    runner = ModelRunner(model, runner_config, _module_loader(library))
+    logger.info("KV cache: %d blocks of %d tokens; max_model_len %d; module slots %d", num_blocks, config.block_size, max_model_len, num_slots)
+    return EngineParts(tokenizer, library, model, scheduler, runner, max_model_len)
+
+
+def _module_loader(library):
+    cache: dict[str, tuple] = {}
+
+    def load(module_id: str):
+        if module_id not in cache:
+            cache[module_id] = (library.module_weights(module_id), library.modules[module_id].scale)
+        return cache[module_id]
+
+    return load
