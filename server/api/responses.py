@@ -1,0 +1,84 @@
+"""OpenAI response bodies: one JSON body, or a stream of SSE chunks ending in `data: [DONE]`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from server.api.errors import APIError
+from server.api.serving import Call, Runner, sse, usage
+
+
+def _tessera(call: Call) -> dict:
+    return {"composition": call.composition.as_dict()}
+
+
+def composition_header(call: Call) -> dict[str, str]:
+    return {"X-Tessera-Composition": json.dumps(call.composition.as_dict(), separators=(",", ":"))}
+
+
+async def collect(runner: Runner, call: Call) -> dict:
+    """The non-streaming body of a call."""
+    n = len(call.prompts)
+    texts, logprobs, reasons = [""] * n, [[] for _ in range(n)], [None] * n
+    text_lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
+    completion_tokens, prompt_tokens = [0] * n, [len(p) for p in call.prompts]
+    async for index, output in runner.outputs(call):
+        if call.params[index].logprobs is not None:
+            if call.kind == "chat":
+                logprobs[index] += runner.chat_logprobs(output)
+            else:
+                part = runner.text_logprobs(output, len(texts[index]))
+                for key in text_lp[index]:
+                    text_lp[index][key] += part[key]
+        texts[index] += output.text
+        completion_tokens[index] = output.num_output_tokens
+        reasons[index] = output.finish_reason
+    choices = []
+    for i in range(n):
+        wants = call.params[i].logprobs is not None
+        if call.kind == "chat":
+            choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
+                            "logprobs": {"content": logprobs[i]} if wants else None, "finish_reason": reasons[i]})
+        else:
+            choices.append({"index": i, "text": texts[i], "logprobs": text_lp[i] if wants else None,
+                            "finish_reason": reasons[i]})
+    body = call.envelope(stream=False)
+    body.update(choices=choices, usage=usage(sum(prompt_tokens), sum(completion_tokens)), tessera=_tessera(call))
+    return body
+
+
+def _chunk(call: Call, runner: Runner, index: int, output) -> dict:
+    if call.kind == "chat":
+        choice = {"index": index, "delta": {"content": output.text} if output.text else {},
+                  "logprobs": {"content": runner.chat_logprobs(output)} if output.logprobs is not None else None,
+                  "finish_reason": output.finish_reason}
+    else:
+        choice = {"index": index, "text": output.text,
+                  "logprobs": runner.text_logprobs(output, 0) if output.logprobs is not None else None,
+                  "finish_reason": output.finish_reason}
+    chunk = call.envelope(stream=True) | {"choices": [choice]}
+    if output.finished:
+        chunk["tessera"] = _tessera(call)
+    return chunk
+
+
+async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
+    """SSE chunks: a role chunk per choice (chat), content increments, usage if asked, [DONE]."""
+    if call.kind == "chat":
+        for i in range(len(call.prompts)):
+            first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            yield sse(call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)})
+    completion_tokens = [0] * len(call.prompts)
+    try:
+        async for index, output in runner.outputs(call):
+            completion_tokens[index] = output.num_output_tokens
+            if output.text or output.finished or output.logprobs:
+                yield sse(_chunk(call, runner, index, output))
+    except APIError as error:
+        yield sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
+        return
+    if call.include_usage:
+        total = usage(sum(len(p) for p in call.prompts), sum(completion_tokens))
+        yield sse(call.envelope(stream=True) | {"choices": [], "usage": total, "tessera": _tessera(call)})
+    yield sse("[DONE]")

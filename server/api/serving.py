@@ -1,0 +1,119 @@
+"""Running one API call on the engine: n choices, streamed as SSE chunks or collected into one body."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from router.composition import Composition
+from server.api.errors import APIError
+from server.engine.request import Request, RequestOutput, SamplingParams
+from server.metrics import Metrics, RequestTiming, task_label
+
+
+@dataclass
+class Call:
+    """One API call: its kind (chat or text), prompts and params per choice, composition."""
+
+    kind: str
+    model: str
+    prompts: list[list[int]]
+    """One prompt per choice."""
+    params: list[SamplingParams]
+    composition: Composition
+    include_usage: bool = False
+    call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def object_id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.call_id
+
+    def envelope(self, stream: bool) -> dict:
+        kind = {"chat": "chat.completion", "text": "text_completion"}[self.kind]
+        return {"id": self.object_id, "object": kind + (".chunk" if stream and self.kind == "chat" else ""),
+                "created": self.created, "model": self.model}
+
+
+class Runner:
+    """Drives the engine for API calls and records metrics."""
+
+    def __init__(self, engine, metrics: Metrics):
+        self.engine = engine
+        self.metrics = metrics
+        self.tokenizer = engine.tokenizer
+
+    async def _choice(self, call: Call, index: int, sink: asyncio.Queue) -> None:
+        request = Request(f"{call.call_id}-{index}", call.prompts[index], call.params[index], call.composition)
+        timing = RequestTiming(time.monotonic())
+        timing.num_prompt_tokens = len(call.prompts[index])
+        status = "abort"
+        try:
+            async for output in self.engine.generate(request):
+                if output.token_ids and timing.first_token is None:
+                    timing.first_token = time.monotonic()
+                timing.num_output_tokens = output.num_output_tokens
+                await sink.put((index, output))
+                if output.finished:
+                    status = output.finish_reason or "stop"
+        except Exception as error:  # noqa: BLE001 - reported to the client through the sink
+            status = "error"
+            await sink.put((index, error))
+        finally:
+            timing.end = time.monotonic()
+            self.metrics.observe_request(task_label(call.composition), status, timing)
+
+    async def outputs(self, call: Call) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every choice's increments as they come; leaving early aborts every choice."""
+        sink: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._choice(call, i, sink)) for i in range(len(call.prompts))]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, item = await sink.get()
+                if isinstance(item, Exception):
+                    raise APIError(500, f"generation failed: {item}", None, "internal_error")
+                if item.finished:
+                    remaining -= 1
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- logprobs ---------------------------------------------------------------------------------
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def chat_logprobs(self, output: RequestOutput) -> list[dict]:
+        entries = []
+        for lp in output.logprobs or ():
+            token = self._token(lp.token_id)
+            top = [{"token": self._token(t), "logprob": v, "bytes": list(self._token(t).encode())} for t, v in lp.top]
+            entries.append({"token": token, "logprob": lp.logprob, "bytes": list(token.encode()), "top_logprobs": top})
+        return entries
+
+    def text_logprobs(self, output: RequestOutput, offset: int) -> dict:
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in output.logprobs or ():
+            token = self._token(lp.token_id)
+            tokens.append(token)
+            values.append(lp.logprob)
+            tops.append({self._token(t): v for t, v in lp.top})
+            offsets.append(offset)
+            offset += len(token)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"

@@ -1,0 +1,95 @@
+"""From an OpenAI request body to engine requests: the composition, the prompt, the sampling params."""
+
+from __future__ import annotations
+
+from router.compose import compose
+from router.composition import Composition
+from server.api.errors import APIError, from_router
+from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.engine.request import SamplingParams
+
+TASK_HEADER = "x-tessera-task"
+
+
+def _task_from_model(model: str, backbone: str, library) -> tuple[str | None, str | None]:
+    """(task, module) that the `model` field names; 404 if it names nothing served."""
+    if model == backbone:
+        return None, None
+    prefix, sep, rest = model.partition(":")
+    if sep and prefix == backbone and rest:
+        return rest, None
+    if library is not None and model in library.tasks:
+        return model, None
+    if library is not None and model in library.modules:
+        return None, model
+    raise APIError(404, f"model {model!r} does not exist: name the backbone {backbone!r}, a task or a module "
+                        f"(GET /v1/models lists them)", "model", "model_not_found")
+
+
+def resolve_composition(body, header_task: str | None, backbone: str, library, max_k: int) -> Composition:
+    """The composition a request asks for, by any of the equivalent tagging routes."""
+    model_task, model_module = _task_from_model(body.model, backbone, library)
+    tasks = {t for t in (model_task, body.task, header_task) if t}
+    if len(tasks) > 1:
+        raise APIError(400, f"conflicting task tags: {sorted(tasks)}", "task", "conflicting_tags")
+    task = tasks.pop() if tasks else None
+    modules = body.modules
+    if model_module is not None:
+        if modules is not None or task is not None:
+            raise APIError(400, f"model {body.model!r} is a module; do not also give task or modules", "model")
+        modules = {model_module: 1.0}
+    try:
+        return compose(library, task=task, modules=modules, max_k=max_k)
+    except Exception as error:  # noqa: BLE001 - mapped to 404/400, anything else re-raised
+        raise from_router(error, "modules" if modules is not None else "task") from error
+
+
+def chat_prompt(body: ChatCompletionRequest, tokenizer) -> list[int]:
+    if body.messages[-1].role == "assistant":
+        raise APIError(400, "the last message must not be from the assistant", "messages")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    if tokenizer.chat_template is None:
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompts = [tokenizer.encode(prompt)]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [tokenizer.encode(p) for p in prompt]
+    else:
+        prompts = [list(p) for p in prompt]
+    if not prompts or any(not p for p in prompts):
+        raise APIError(400, "prompt must not be empty", "prompt")
+    vocab = len(tokenizer)
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+    return prompts
+
+
+def sampling_params(body, prompt_len: int, max_model_len: int, index: int, default_max: int | None) -> SamplingParams:
+    """Sampling params of choice `index` (seeds advance per choice so n > 1 differ reproducibly)."""
+    param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise APIError(400, f"prompt has {prompt_len} tokens; the context length is {max_model_len}",
+                       "messages" if isinstance(body, ChatCompletionRequest) else "prompt", "context_length_exceeded")
+    max_tokens = body.output_limit or (default_max if default_max is not None else room)
+    if max_tokens > room:
+        raise APIError(400, f"prompt ({prompt_len} tokens) plus {param} ({max_tokens}) exceeds the context length "
+                            f"{max_model_len}", param, "context_length_exceeded")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=None if body.seed is None else body.seed + index,
+        stop=tuple(body.stop or ()),
+        ignore_eos=body.ignore_eos,
+        logprobs=body.num_logprobs,
+    )

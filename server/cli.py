@@ -1,0 +1,118 @@
+"""The `tessera` command: `serve` a model with a module library, or run the offline `demo`.
+
+Engine flags are generated from `EngineConfig`'s fields and their docstrings, in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from server.engine.config import EngineConfig
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
+            if isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
+                docs[node.target.id] = following.value.value
+    return docs
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    docs = field_docs(EngineConfig)
+    hints = typing.get_type_hints(EngineConfig)
+    for field in dataclasses.fields(EngineConfig):
+        if field.name in skip:
+            continue
+        kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), hints[field.name])
+        required = field.default is dataclasses.MISSING
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"), dest=field.name, type=kind, required=required,
+            default=None if required else field.default, help=docs.get(field.name, ""),
+        )
+
+
+def _engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    return EngineConfig(**(values | overrides))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a Hugging Face model directory with a module library")
+    demo = commands.add_parser("demo", help="build (once) and serve a small offline demo")
+    for sub in (serve, demo):
+        sub.add_argument("--host", default="127.0.0.1", help="address to listen on")
+        sub.add_argument("--port", type=int, default=8000, help="port to listen on")
+        sub.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (all but /health)")
+    _add_engine_flags(serve)
+    _add_engine_flags(demo, skip=("model", "library"))
+    demo.add_argument("--cache-dir", type=Path, default=None, help="where the demo is built (default ~/.cache/tessera)")
+    return parser
+
+
+def _fail(message: str) -> typing.NoReturn:
+    print(f"tessera: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _run(config: EngineConfig, args: argparse.Namespace, banner: str | None = None) -> None:
+    import uvicorn
+
+    from router.errors import LibraryError
+    from server.api.app import create_app
+    from server.engine.engine import Engine
+
+    if not (Path(config.model) / "config.json").is_file():
+        _fail(f"--model {config.model}: not a Hugging Face model directory (no config.json)")
+    try:
+        engine = Engine(config)
+    except (LibraryError, ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    if banner:
+        print(banner, flush=True)
+    uvicorn.run(create_app(engine, api_key=args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+
+
+def _demo_banner(args: argparse.Namespace) -> str:
+    from server.demo import DEMO_MODEL
+
+    url = f"http://{args.host}:{args.port}"
+    auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+    return (
+        "Tessera demo: a small random backbone with RANDOM (untrained) modules; the outputs are noise until\n"
+        "the training pipeline provides a trained demo library. Try:\n"
+        f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+        f"    -d '{{\"model\": \"{DEMO_MODEL}\", \"task\": \"reverse\", "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"hello world\"}}], \"max_tokens\": 16}}'\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        _run(_engine_config(args), args)
+    else:
+        from server.demo import ensure_demo
+
+        model_dir, library_dir = ensure_demo(args.cache_dir)
+        logging.getLogger("tessera.demo").warning("demo modules are RANDOM (untrained): outputs are noise")
+        _run(_engine_config(args, model=str(model_dir), library=str(library_dir)), args, _demo_banner(args))
+
+
+if __name__ == "__main__":
+    main()
