@@ -4,5 +4,8 @@ Pure CPU: this package never batches, never allocates device memory and never im
 """
 
 from router.composition import NO_COMPOSITION, Composition
+from router.errors import CompositionError, LibraryError, UnknownModuleError, UnknownTaskError
 
-__all__ = ["Composition", "NO_COMPOSITION"]
+__all__ = [
+    "Composition", "CompositionError", "LibraryError", "NO_COMPOSITION", "UnknownModuleError", "UnknownTaskError",
+]

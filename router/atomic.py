@@ -1,11 +1,16 @@
 """Atomic directory writes: build beside the target, fsync, rename into place.
 
-A crash at any point leaves either the old directory or the new one, never a half-written directory
-under the target's name. Temporary directories start with '.' and are removed on failure.
+A crash at any point leaves either the old directory or the new one under the target's name, never a
+half-written one. Work happens in hidden siblings (`.{name}.tmp-*`, `.{name}.old-*`) on the target's
+filesystem, so every rename is atomic; on an ordinary failure they are removed before the error
+propagates. The only non-atomic window of an overwrite is between moving the old directory away and
+moving the new one in: a crash there leaves no directory under the target's name (and the old one intact
+beside it), never a partial one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -14,11 +19,10 @@ from pathlib import Path
 
 from router.errors import LibraryError
 
+logger = logging.getLogger(__name__)
 
-def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+
+def _fsync_path(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -26,20 +30,38 @@ def _fsync_tree(path: Path) -> None:
         os.close(descriptor)
 
 
-def write_directory(target: Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Create `target` with the files `fill(tmp)` writes; replace an existing one only if `overwrite`."""
-    target = target.absolute()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise LibraryError(f"{target} already exists and is not empty (pass overwrite to replace it)")
+def _fsync_tree(path: Path) -> None:
+    for file in path.iterdir():
+        if not file.is_file() or file.is_symlink():
+            raise LibraryError(f"atomic write: {file.name} is not a plain file")
+        _fsync_path(file)
+    _fsync_path(path)
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def write_directory(target: str | Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Create directory `target` holding the plain files `fill(tmp)` writes into `tmp`.
+
+    An existing non-empty `target` is replaced only if `overwrite`; then the old directory is renamed
+    away, the new one renamed in, and the old one deleted.
+    """
+    target = Path(target).absolute()
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise LibraryError(f"{target} exists and is not a directory; refusing to replace it")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise LibraryError(f"{target} already exists and is not empty (pass overwrite=True to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _sibling(target, "tmp")
     tmp.mkdir()
     old = None
     try:
         fill(tmp)
         _fsync_tree(tmp)
         if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = _sibling(target, "old")
             os.replace(target, old)
         os.replace(tmp, target)
     except BaseException:
@@ -47,6 +69,8 @@ def write_directory(target: Path, fill: Callable[[Path], None], overwrite: bool 
         if old is not None and not target.exists():
             os.replace(old, target)
         raise
+    _fsync_path(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    logger.info("wrote %s", target)
     return target

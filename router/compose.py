@@ -8,14 +8,22 @@ from collections.abc import Mapping
 from router.composition import NO_COMPOSITION, Composition
 from router.errors import CompositionError, UnknownModuleError, UnknownTaskError
 
+NO_LIBRARY = "no module library is loaded"
 
-def compose(library, task: str | None = None, modules: Mapping[str, float] | None = None, max_k: int = 4) -> Composition:
-    """Exactly one of `task` and `modules`, or neither (the backbone alone). Never a silent fallback."""
+
+def compose(
+    library, task: str | None = None, modules: Mapping[str, float] | None = None, max_k: int = 4
+) -> Composition:
+    """The composition of one request: exactly one of `task` and `modules`, or neither.
+
+    A task goes through the library's controller (an unknown task is an error, never a silent fallback
+    to the backbone); explicit `modules` weights are the gates as given; neither is the backbone alone.
+    """
     if task is not None and modules is not None:
         raise CompositionError("give either a task or explicit module weights, not both")
     if task is not None:
         if library is None:
-            raise UnknownTaskError(task, [], "no module library is loaded")
+            raise UnknownTaskError(task, [], NO_LIBRARY)
         return library.controller.gates_for_task(task)
     if modules is not None:
         return explicit(library, modules, max_k)
@@ -23,15 +31,16 @@ def compose(library, task: str | None = None, modules: Mapping[str, float] | Non
 
 
 def explicit(library, modules: Mapping[str, float], max_k: int) -> Composition:
-    """Explicit weights used as gates as given; zero weights dropped."""
+    """Explicit weights used as gates as given, in the given order; zero weights dropped."""
     if not isinstance(modules, Mapping) or not modules:
         raise CompositionError("modules must be a non-empty object of {module name: weight}")
+    if max_k < 1:
+        raise CompositionError(f"max_k must be >= 1, got {max_k}")
     known = list(library.modules) if library is not None else []
     chosen = []
     for name, weight in modules.items():
         if name not in known:
-            detail = "no module library is loaded" if library is None else ""
-            raise UnknownModuleError(name, known, detail)
+            raise UnknownModuleError(str(name), known, NO_LIBRARY if library is None else "")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise CompositionError(f"weight of module {name!r} must be a finite number >= 0, got {weight!r}")
         if weight > 0:

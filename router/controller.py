@@ -1,13 +1,18 @@
 """The task-aware controller: task tag -> gates over modules.
 
-This controller is a learned gate-logit row per task (`task-gates`). Gates are
+This controller (`type: "task-gates"`) is a learned gate-logit row per task, stored in
+controller.safetensors as `task_gate_logits` [num_tasks, num_modules]. Gates are
 sigmoid(logit / temperature); the top_k largest are kept, those under the threshold dropped, and the
-rest renormalised to sum to one when the settings say so. Richer controllers (text routing of untagged
-prompts, trained by `training/`) are further values of the `type` field.
+rest rescaled to sum to one when `renormalize` is set.
+
+Seam for richer controllers: library.json names the controller `type`, and `controller_from_files`
+dispatches on it. Text routing of untagged prompts (trained by `training/`, producing compositions with
+source `inferred`) will be a further type with its own tensors; nothing else in the library changes.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -16,7 +21,10 @@ import torch
 from router.composition import Composition
 from router.errors import LibraryError, UnknownTaskError
 
+logger = logging.getLogger(__name__)
+
 CONTROLLER_TYPES = ("task-gates",)
+LOGITS_KEY = "task_gate_logits"
 
 
 @dataclass(frozen=True)
@@ -26,72 +34,100 @@ class ControllerSettings:
     top_k: int = 2
     """Modules kept per request, the largest gates first."""
     threshold: float = 0.0
-    """Gates below this are dropped (after top-k)."""
+    """Gates below this (before renormalising) are dropped after top-k."""
     temperature: float = 1.0
     """Divides the logits before the sigmoid; lower is sharper."""
     renormalize: bool = True
     """Rescale the kept gates to sum to one."""
 
     def check(self) -> None:
-        if self.top_k < 1 or not 0 <= self.threshold < 1 or not self.temperature > 0:
-            raise LibraryError(f"controller settings out of range: {self}")
+        """Raise LibraryError unless every field has its type and a usable value."""
+        ok = (
+            isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 1
+            and isinstance(self.threshold, (int, float)) and 0 <= self.threshold < 1
+            and isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+            and self.temperature > 0 and isinstance(self.renormalize, bool)
+        )
+        if not ok:
+            raise LibraryError(
+                f"controller settings out of range: {self} (need top_k >= 1, 0 <= threshold < 1, "
+                "finite temperature > 0, renormalize a bool)"
+            )
 
 
 class Controller:
+    """Task tag -> `Composition`, from a gate-logit matrix over the library's modules."""
+
     def __init__(self, tasks: list[str], modules: list[str], logits: torch.Tensor, settings: ControllerSettings):
+        settings.check()
         self.tasks = list(tasks)
         self.modules = list(modules)
-        self.logits = logits.float()  # [num_tasks, num_modules]
+        self.logits = logits.detach().float().cpu()  # [num_tasks, num_modules]
         self.settings = settings
-        settings.check()
 
     def check(self, tasks: list[str], modules: list[str]) -> None:
-        """The controller must cover exactly these tasks and modules, in this order."""
-        if self.tasks != tasks or self.modules != modules:
-            raise LibraryError("controller tasks/modules do not match library.json")
+        """Raise LibraryError unless the controller covers exactly these tasks and modules, in order."""
         if tuple(self.logits.shape) != (len(tasks), len(modules)):
             raise LibraryError(
-                f"controller task_gate_logits has shape {list(self.logits.shape)}, expected [{len(tasks)}, {len(modules)}]"
+                f"controller {LOGITS_KEY} has shape {list(self.logits.shape)}, "
+                f"expected [num_tasks, num_modules] = [{len(tasks)}, {len(modules)}]"
+            )
+        if self.tasks != list(tasks) or self.modules != list(modules):
+            raise LibraryError(
+                f"controller covers tasks {self.tasks} and modules {self.modules}, "
+                f"library has tasks {list(tasks)} and modules {list(modules)}"
             )
         if not torch.isfinite(self.logits).all():
-            raise LibraryError("controller task_gate_logits contains NaN or Inf")
-
-    @classmethod
-    def from_files(cls, meta: dict, tensors: dict[str, torch.Tensor], tasks: list[str], modules: list[str]) -> "Controller":
-        kind = meta.get("type", "task-gates")
-        if kind not in CONTROLLER_TYPES:
-            raise LibraryError(f"controller type {kind!r} is not supported; supported: {CONTROLLER_TYPES}")
-        if set(tensors) != {"task_gate_logits"}:
-            raise LibraryError(f"controller.safetensors must hold exactly task_gate_logits, has {sorted(tensors)}")
-        fields = {k: meta[k] for k in ("top_k", "threshold", "temperature", "renormalize") if k in meta}
-        try:
-            settings = ControllerSettings(**fields)
-        except TypeError as error:
-            raise LibraryError(f"library.json: bad controller settings ({error})") from error
-        controller = cls(tasks, modules, tensors["task_gate_logits"], settings)
-        controller.check(tasks, modules)
-        return controller
+            raise LibraryError(f"controller {LOGITS_KEY} contains NaN or Inf")
 
     def settings_json(self) -> dict:
+        """The `controller` object of library.json."""
         return {"type": "task-gates", **asdict(self.settings)}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"task_gate_logits": self.logits.contiguous()}
+        """What controller.safetensors holds."""
+        return {LOGITS_KEY: self.logits.contiguous()}
 
-    def with_module_column(self, logit: float) -> "Controller":
-        column = torch.full((len(self.tasks), 1), logit)
-        return Controller(self.tasks, self.modules, torch.cat([self.logits, column], dim=1), self.settings)
+    def with_module_column(self, module: str, logit: float) -> "Controller":
+        """A controller with one more module, `module`, whose logit is `logit` for every task."""
+        column = torch.full((len(self.tasks), 1), float(logit))  # [num_tasks, 1]
+        logits = torch.cat([self.logits, column], dim=1)  # [num_tasks, num_modules + 1]
+        return Controller(self.tasks, [*self.modules, module], logits, self.settings)
 
     def gates_for_task(self, task: str) -> Composition:
-        """The composition the controller gives `task`."""
+        """The composition the controller gives `task`, modules ordered by gate, largest first."""
         if task not in self.tasks:
             raise UnknownTaskError(task, self.tasks)
         s = self.settings
         gates = torch.sigmoid(self.logits[self.tasks.index(task)] / s.temperature)  # [num_modules]
         order = torch.argsort(gates, descending=True, stable=True)[: s.top_k].tolist()
         chosen = [(self.modules[i], float(gates[i])) for i in order if float(gates[i]) >= s.threshold]
+        if not chosen:
+            logger.info("task %r: every gate is under the threshold %s; backbone only", task, s.threshold)
         if s.renormalize and chosen:
             total = sum(g for _, g in chosen)
             chosen = [(m, g / total) for m, g in chosen]
-        chosen = [(m, g) for m, g in chosen if math.isfinite(g)]
         return Composition(tuple(m for m, _ in chosen), tuple(g for _, g in chosen), "tag", task)
+
+
+def controller_from_files(
+    meta: dict, tensors: dict[str, torch.Tensor], tasks: list[str], modules: list[str]
+) -> Controller:
+    """Build and check the controller that library.json's `controller` object and its tensors describe."""
+    if not isinstance(meta, dict):
+        raise LibraryError(f"library.json: controller must be an object, got {meta!r}")
+    kind = meta.get("type")
+    if kind not in CONTROLLER_TYPES:
+        raise LibraryError(f"library.json: controller type {kind!r} is not supported; supported: {CONTROLLER_TYPES}")
+    if set(tensors) != {LOGITS_KEY}:
+        raise LibraryError(f"controller.safetensors must hold exactly {LOGITS_KEY}, has {sorted(tensors)}")
+    logits = tensors[LOGITS_KEY]
+    if not logits.is_floating_point():
+        raise LibraryError(f"controller {LOGITS_KEY} has dtype {logits.dtype}, expected a floating dtype")
+    unknown = set(meta) - {"type", "top_k", "threshold", "temperature", "renormalize"}
+    if unknown:
+        raise LibraryError(f"library.json: unknown controller settings {sorted(unknown)}")
+    settings = ControllerSettings(**{k: v for k, v in meta.items() if k != "type"})
+    controller = Controller(tasks, modules, logits, settings)
+    controller.check(tasks, modules)
+    return controller

@@ -8,10 +8,13 @@ class LibraryError(ValueError):
 
 
 class _Unknown(LookupError):
+    """An unknown name; the message lists up to ten known ones, or `detail` instead."""
+
     kind = "name"
 
     def __init__(self, name: str, known: list[str] | tuple[str, ...], detail: str = ""):
         self.name = name
+        self.known = tuple(known)
         listed = ", ".join(sorted(known)[:10]) + (", ..." if len(known) > 10 else "")
         message = f"unknown {self.kind} {name!r}"
         message += f"; {detail}" if detail else f"; known: {listed or '(none)'}"

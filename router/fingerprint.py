@@ -32,9 +32,16 @@ class BackboneFingerprint:
 
     @property
     def target_names(self) -> tuple[str, ...]:
+        """Adaptable targets, in fingerprint order."""
         return tuple(name for name, _, _ in self.targets)
 
+    @property
+    def target_shapes(self) -> dict[str, tuple[int, int]]:
+        """target -> (in_features, out_features)."""
+        return {name: (i, o) for name, i, o in self.targets}
+
     def to_json(self) -> dict:
+        """The `backbone` object of library.json."""
         return {
             "architecture": self.architecture,
             "hidden_size": self.hidden_size,
@@ -44,11 +51,26 @@ class BackboneFingerprint:
 
     @classmethod
     def from_json(cls, data: dict) -> "BackboneFingerprint":
+        """Parse and check the `backbone` object of library.json."""
         try:
-            targets = tuple((name, int(io[0]), int(io[1])) for name, io in data["targets"].items())
-            return cls(str(data["architecture"]), int(data["hidden_size"]), int(data["num_layers"]), targets)
-        except (KeyError, TypeError, ValueError, IndexError) as error:
+            targets = tuple((str(name), int(io[0]), int(io[1])) for name, io in data["targets"].items())
+            fingerprint = cls(str(data["architecture"]), int(data["hidden_size"]), int(data["num_layers"]), targets)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
             raise LibraryError(f"library.json: malformed backbone fingerprint ({error!r})") from error
+        fingerprint.check()
+        return fingerprint
+
+    def check(self) -> None:
+        """Raise LibraryError unless every size is positive and every target is one of TARGETS."""
+        if self.hidden_size < 1 or self.num_layers < 1:
+            raise LibraryError(f"backbone fingerprint: hidden_size and num_layers must be >= 1, got {self}")
+        for name, in_features, out_features in self.targets:
+            if name not in TARGETS:
+                raise LibraryError(f"backbone fingerprint: unknown target {name!r}; targets are {TARGETS}")
+            if in_features < 1 or out_features < 1:
+                raise LibraryError(f"backbone fingerprint: target {name} has shape [{in_features} -> {out_features}]")
+        if len(set(self.target_names)) != len(self.targets):
+            raise LibraryError(f"backbone fingerprint: repeated target in {self.target_names}")
 
     def check_compatible(self, backbone: "BackboneFingerprint") -> None:
         """Raise LibraryError naming the first difference between this library's backbone and `backbone`."""

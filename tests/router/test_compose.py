@@ -1,0 +1,76 @@
+"""compose(): task tag, explicit weights, neither, and every error."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.compose import compose
+from router.composition import NO_COMPOSITION
+from router.errors import CompositionError, UnknownModuleError, UnknownTaskError
+from router.library import random_library
+
+
+def test_task_uses_the_controller(library):
+    composition = compose(library, task="uppercase")
+    assert composition == library.controller.gates_for_task("uppercase")
+    assert composition.source == "tag" and composition.task == "uppercase" and composition.k == 2
+
+
+def test_unknown_task_is_an_error_not_the_backbone(library):
+    with pytest.raises(UnknownTaskError) as info:
+        compose(library, task="translate")
+    assert str(info.value) == "unknown task 'translate'; known: reverse, summarize, uppercase"
+
+
+def test_explicit_weights_are_the_gates(library):
+    composition = compose(library, modules={"m2": 0.7, "m0": 0.0, "m1": 1.5})
+    assert composition.module_ids == ("m2", "m1") and composition.gates == (0.7, 1.5)
+    assert composition.source == "explicit" and composition.task is None
+
+
+def test_neither_is_the_backbone(library):
+    assert compose(library) is NO_COMPOSITION
+    assert compose(None) is NO_COMPOSITION
+    assert NO_COMPOSITION.source == "none" and NO_COMPOSITION.k == 0
+
+
+def test_both_is_an_error(library):
+    with pytest.raises(CompositionError, match="either a task or explicit module weights, not both"):
+        compose(library, task="reverse", modules={"m0": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("modules", "message"),
+    [
+        ({}, "non-empty object"),
+        ({"m0": -0.1}, "weight of module 'm0' must be a finite number >= 0, got -0.1"),
+        ({"m0": float("nan")}, "got nan"),
+        ({"m1": float("inf")}, "got inf"),
+        ({"m0": True}, "got True"),
+        ({"m0": "1"}, "got '1'"),
+        ({"m0": 1, "m1": 1, "m2": 1}, "at most 2 modules per request, got 3"),
+    ],
+)
+def test_bad_explicit_weights(library, modules, message):
+    with pytest.raises(CompositionError, match=message):
+        compose(library, modules=modules, max_k=2)
+
+
+def test_zero_weights_do_not_count_against_max_k(library):
+    assert compose(library, modules={"m0": 1, "m1": 0, "m2": 0.5}, max_k=2).module_ids == ("m0", "m2")
+
+
+def test_unknown_module_lists_at_most_ten(fingerprint):
+    many = random_library(fingerprint, num_modules=12, rank=1, targets=("q_proj",))
+    with pytest.raises(UnknownModuleError) as info:
+        compose(many, modules={"m0": 1.0, "m99": 1.0})
+    message = str(info.value)
+    assert message.startswith("unknown module 'm99'; known: m0, m1, m10, m11, m2,") and message.endswith(", ...")
+    assert message.count(",") == 10
+
+
+def test_no_library_loaded():
+    with pytest.raises(UnknownTaskError, match="unknown task 'reverse'; no module library is loaded"):
+        compose(None, task="reverse")
+    with pytest.raises(UnknownModuleError, match="unknown module 'm0'; no module library is loaded"):
+        compose(None, modules={"m0": 1.0})
