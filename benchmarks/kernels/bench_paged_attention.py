@@ -1,0 +1,127 @@
+"""Paged attention on Llama-3-8B shapes (32 heads, 8 KV heads, head_dim 128) vs SDPA's flash backend.
+
+    python benchmarks/kernels/bench_paged_attention.py --out results/paged_attention.json
+
+The same keys and values are laid out twice: paged (block_size tokens per block, blocks scattered over
+the pool) for ours, and contiguous [batch, heads, len, head_dim] for torch's scaled_dot_product_attention
+with the flash backend (GQA through enable_gqa where the backend takes it, else KV repeated beforehand,
+outside the timing). Decode is one query token per sequence; prefill is a fresh causal prompt. The
+floor is K and V read once plus q and out, over the copy bandwidth measured in this run.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from kernels.paged_attention import AttentionMeta  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+DECODE = [(1, 4096), (8, 2048), (32, 1024), (64, 4096), (128, 512), (256, 2048)]  # (batch, context)
+PREFILL = [(1, 2048), (1, 8192), (4, 1024), (8, 512)]  # (batch, prompt length)
+
+
+def _paged(batch: int, context: int, block_size: int, dtype, gen) -> tuple:
+    """Random caches, a scattered block table, and the same K/V contiguous: [batch, kv_heads, ctx, D]."""
+    per_seq = triton.cdiv(context, block_size)
+    tables = torch.randperm(batch * per_seq, generator=gen).view(batch, per_seq).int().cuda()
+    shape = (batch * per_seq, block_size, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    v_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    contiguous = lambda c: c[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()  # noqa: E731
+    return tables, k_cache, v_cache, contiguous(k_cache), contiguous(v_cache)
+
+
+def _sdpa(q, k, v, causal: bool):
+    """SDPA with the flash backend; returns the callable and whether GQA ran natively."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(kk, vv, gqa):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=causal, enable_gqa=gqa)
+
+    try:
+        run(k, v, True)
+        return (lambda: run(k, v, True)), True
+    except RuntimeError:
+        k_rep, v_rep = (t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (k, v))
+        return (lambda: run(k_rep, v_rep, False)), False
+
+
+def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth: float) -> dict:
+    from kernels.paged_attention import triton as ours
+
+    gen = torch.Generator().manual_seed(batch * 7 + length)
+    tables, k_cache, v_cache, k, v = _paged(batch, length, block_size, dtype, gen)
+    query_len = 1 if mode == "decode" else length
+    q = torch.randn(batch * query_len, HEADS, HEAD_DIM, device="cuda", dtype=dtype)
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * query_len
+    seq_lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+    meta = AttentionMeta(tables, seq_lens, cu, batch, query_len, length)
+    out = torch.empty_like(q)
+    scale = 1 / math.sqrt(HEAD_DIM)
+    run_ours = lambda: ours.paged_attention(out, q, k_cache, v_cache, meta, scale)  # noqa: E731
+    q_sdpa = q.view(batch, query_len, HEADS, HEAD_DIM).transpose(1, 2)
+    run_sdpa, native_gqa = _sdpa(q_sdpa, k, v, causal=mode == "prefill")
+    run_ours()
+    err = (out.view(batch, query_len, HEADS, HEAD_DIM).transpose(1, 2).float() - run_sdpa().float()).abs().max()
+    moved = (2 * k.numel() + 2 * q.numel()) * q.element_size()
+    row = dict(mode=mode, batch=batch, length=length, block_size=block_size, native_gqa=native_gqa,
+               max_abs_err=err.item(), floor_us=1e6 * moved / bandwidth)
+    for name, fn in (("ours", run_ours), ("sdpa", run_sdpa)):
+        row[f"{name}_us"] = 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+        row[f"{name}_graph_us"] = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
+    row["ours_over_sdpa"] = row["ours_graph_us"] / row["sdpa_graph_us"]
+    row["ours_over_floor"] = row["ours_graph_us"] / row["floor_us"]
+    return row
+
+
+def _copy_bandwidth() -> float:
+    src = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/kernels/results/paged_attention.json", help="JSON results path")
+    parser.add_argument("--block-sizes", nargs="+", type=int, default=[16, 32])
+    parser.add_argument("--modes", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_paged_attention needs a CUDA device")
+    dtype = getattr(torch, args.dtype)
+    bandwidth = _copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:.0f} GB/s  dtype {args.dtype}")
+    rows = []
+    for mode in args.modes:
+        for block_size in args.block_sizes:
+            for batch, length in DECODE if mode == "decode" else PREFILL:
+                row = _bench(mode, batch, length, block_size, dtype, bandwidth)
+                rows.append(row)
+                print(f"{mode:>7} bs{block_size:<3} B{batch:<4} L{length:<5} | ours {row['ours_us']:8.1f} "
+                      f"graph {row['ours_graph_us']:8.1f} | sdpa {row['sdpa_us']:8.1f} graph {row['sdpa_graph_us']:8.1f}"
+                      f" | floor {row['floor_us']:7.1f} | ours/sdpa {row['ours_over_sdpa']:5.2f} "
+                      f"ours/floor {row['ours_over_floor']:5.2f} | err {row['max_abs_err']:.1e}", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bandwidth, "dtype": args.dtype,
+                   "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

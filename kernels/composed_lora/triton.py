@@ -1,0 +1,244 @@
+"""Triton composed_lora: a segment-major shrink and a token-major expand (see the contract).
+
+    shrink   u[s, e, :]  = gate[e] * scale[slot] * A_s[slot] @ x[token(e)]    e = t * max_k + j
+    expand   y[t, slice s] += sum_j B_s[slot[t, j]] @ u[s, t * max_k + j]       fp32, cast once
+
+Shrink walks the slot segments of `ModuleBatchMeta` (tokens sorted by slot), so a tile of up to
+BLOCK_M entries of one module reads that module's A once. Expand owns a tile of consecutive tokens and
+one block of output columns, and sums all k modules of those tokens in fp32 registers before a single
+read-modify-write of y. A segment-major expand would race: with k > 1 a token sits in k segments, so
+its y row would need fp32 atomics into a [tokens, sum n_s] scratch (940 MB for Llama-3-8B gate_up at
+8192 tokens) or k bf16 roundings of y, which the contract forbids. Inside a token tile, expand loops
+over the distinct slots of each column j (one iteration for a prefill chunk, whose tokens share one
+composition), so B is read once per (token tile, distinct slot), not once per token.
+
+Grids come from static shapes only (rows of x, max_k, max_slots, the stack's widths); programs with no
+work exit at once, so a step can be captured in a CUDA graph and replayed with new compositions. The
+fp32 intermediate and the per-stack pointer tables are cached: repeated shapes allocate nothing (warm
+up once before capturing a graph). Padded rank is masked off the A and B loads (ranks[slot]), which
+saves their memory traffic; the tensor-core tiles still span the pool's padded max_rank.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.composed_lora import LoraStack
+from kernels.composed_lora.meta import ModuleBatchMeta
+
+__all__ = ["composed_lora"]
+
+
+@triton.jit
+def _segment_tile(counts_ptr, tile_id, BLOCK_M: tl.constexpr, MAX_SLOTS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Map a flat tile id onto (slot, first row inside its segment, segment length)."""
+    idx = tl.arange(0, BLOCK_S)
+    counts = tl.load(counts_ptr + idx, mask=idx < MAX_SLOTS, other=0)  # NO_MODULE count excluded
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    cum = tl.cumsum(tiles, 0)  # inclusive prefix of tiles per slot
+    slot = tl.sum((cum <= tile_id).to(tl.int32))  # == BLOCK_S past the last tile: count is then 0
+    first = tl.sum(tl.where(idx == slot, cum - tiles, 0))
+    count = tl.sum(tl.where(idx == slot, counts, 0))
+    return slot, (tile_id - first) * BLOCK_M, count
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptrs, scale_ptr, ranks_ptr, gates_ptr, entries_ptr, counts_ptr, starts_ptr, u_ptr,
+    hidden, stride_xm, max_rank, num_entries,
+    MAX_K: tl.constexpr, MAX_SLOTS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Grid (segment tiles upper bound, num_slices). Per program: BLOCK_M gathered rows of x and one
+    # module's A [rank, hidden] read once; writes BLOCK_M x BLOCK_R fp32 of u.
+    slot, row0, count = _segment_tile(counts_ptr, tl.program_id(0), BLOCK_M, MAX_SLOTS, BLOCK_S)
+    if row0 >= count:
+        return
+    sl = tl.program_id(1)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < count
+    entry = tl.load(entries_ptr + tl.load(starts_ptr + slot) + offs_m, mask=m_mask, other=0)
+    token = (entry // MAX_K).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < tl.load(ranks_ptr + slot)
+    a_ptr = tl.load(a_ptrs + sl).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    a_rows = a_ptr + slot.to(tl.int64) * max_rank * hidden + offs_r[:, None] * hidden  # [BLOCK_R, 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < hidden
+        xt = tl.load(x_ptr + token[:, None] * stride_xm + offs_k[None, :],
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        at = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += tl.dot(xt, tl.trans(at))  # [BLOCK_M, BLOCK_R]
+    weight = tl.load(gates_ptr + entry, mask=m_mask, other=0.0) * tl.load(scale_ptr + slot)
+    acc = acc * weight[:, None]
+    u_rows = u_ptr + sl.to(tl.int64) * num_entries * BLOCK_R + entry.to(tl.int64)[:, None] * BLOCK_R
+    tl.store(u_rows + offs_r[None, :], acc, mask=m_mask[:, None])
+
+
+@triton.jit
+def _slice_of(table_ptr, pid_n, NUM_SLICES: tl.constexpr, BLOCK_SL: tl.constexpr):
+    """Which output slice a flat column-block id falls in: (slice, its first block, width, y offset)."""
+    idx = tl.arange(0, BLOCK_SL)
+    starts = tl.load(table_ptr + idx, mask=idx <= NUM_SLICES, other=2**30)  # row 0: block starts
+    sl = tl.sum((starts <= pid_n).to(tl.int32)) - 1
+    first = tl.sum(tl.where(idx == sl, starts, 0))
+    width = tl.load(table_ptr + BLOCK_SL + sl)  # row 1: widths
+    y_off = tl.load(table_ptr + 2 * BLOCK_SL + sl)  # row 2: column offsets in y
+    return sl, first, width, y_off
+
+
+@triton.jit
+def _expand_kernel(
+    y_ptr, u_ptr, b_ptrs, table_ptr, slots_ptr, ranks_ptr,
+    num_rows, stride_ym, max_rank, num_entries,
+    MAX_K: tl.constexpr, MAX_SLOTS: tl.constexpr, NUM_SLICES: tl.constexpr, BLOCK_SL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Grid (token tiles, column blocks of all slices). Per program: u [BLOCK_M, k, BLOCK_R] fp32, one
+    # B tile [BLOCK_N, rank] per distinct slot of the tile, y [BLOCK_M, BLOCK_N] read and written once.
+    sl, first, width, y_off = _slice_of(table_ptr, tl.program_id(1), NUM_SLICES, BLOCK_SL)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < num_rows
+    offs_n = (tl.program_id(1) - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < width
+    offs_r = tl.arange(0, BLOCK_R)
+    b_ptr = tl.load(b_ptrs + sl).to(tl.pointer_type(y_ptr.dtype.element_ty))
+    u_base = u_ptr + sl.to(tl.int64) * num_entries * BLOCK_R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    live = offs_m < 0
+    for j in tl.static_range(MAX_K):
+        slots = tl.load(slots_ptr + offs_m * MAX_K + j, mask=m_mask, other=-1)  # [BLOCK_M]
+        pending = slots >= 0
+        live = live | pending
+        u_rows = u_base + (offs_m * MAX_K + j).to(tl.int64)[:, None] * BLOCK_R + offs_r[None, :]
+        while tl.max(pending.to(tl.int32), 0) > 0:
+            slot = tl.min(tl.where(pending, slots, MAX_SLOTS), 0)
+            hit = pending & (slots == slot)
+            r_mask = offs_r < tl.load(ranks_ptr + slot)
+            u = tl.load(u_rows, mask=hit[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
+            bt = tl.load(b_ptr + slot.to(tl.int64) * width * max_rank + offs_n[None, :] * max_rank + offs_r[:, None],
+                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+            acc += tl.dot(u, bt.to(tl.float32))
+            pending = pending & (slots != slot)
+    io_mask = (m_mask & live)[:, None] & n_mask[None, :]
+    y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + y_off + offs_n[None, :]
+    y = tl.load(y_tile, mask=io_mask, other=0.0)
+    tl.store(y_tile, (y.to(tl.float32) + acc).to(y.dtype), mask=io_mask)
+
+
+_U_CACHE: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown buffers stay alive: a captured CUDA graph may still use them
+_TABLE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _intermediate(device: torch.device, numel: int) -> torch.Tensor:
+    """A grow-only fp32 scratch per device; never zeroed (every live entry is written before read)."""
+    buf = _U_CACHE.get(device)
+    if buf is None or buf.numel() < numel:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = torch.empty(numel, dtype=torch.float32, device=device)
+        _U_CACHE[device] = buf
+    return buf[:numel]
+
+
+def _tables(lora_a, lora_b, block_n: int):
+    """Per stack: int64 A/B pointers per slice, and int32 rows (block starts, widths, y offsets)."""
+    key = (tuple(a.data_ptr() for a in lora_a), tuple(b.data_ptr() for b in lora_b), block_n)
+    if key not in _TABLE_CACHE:
+        widths = [b.shape[1] for b in lora_b]
+        block_sl = triton.next_power_of_2(len(widths) + 1)
+        starts, offsets = [0], [0]
+        for w in widths:
+            starts.append(starts[-1] + triton.cdiv(w, block_n))
+            offsets.append(offsets[-1] + w)
+        pad = lambda row: row + [0] * (block_sl - len(row))  # noqa: E731
+        table = torch.tensor(pad(starts) + pad(widths) + pad(offsets), dtype=torch.int32)
+        ptrs = torch.tensor([[a.data_ptr() for a in lora_a], [b.data_ptr() for b in lora_b]], dtype=torch.int64)
+        _TABLE_CACHE[key] = (ptrs.to(lora_a[0].device), table.to(lora_a[0].device), starts[-1])
+    return _TABLE_CACHE[key]
+
+
+def _block_sizes(num_entries: int, block_r: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): small token tiles for decode, larger ones for prefill.
+
+    NOTE: not timed on a GPU yet (no device in the session that wrote this). Decode-sized steps use
+    16-row tiles so a module's few tokens do not pad a 64-row tile; rank > 32 halves BLOCK_N so the fp32
+    B tile stays at 32 KB. Compiled for sm_90a on CPU (ptxas -v, max_k 4): expand 16x128 at rank 16-32
+    and 16x64 at rank 64-128 use 236-255 registers with no spill; 64-row tiles with 8 warps spill
+    16-380 bytes, shrink at 64 rows with 8 warps spills nothing.
+    """
+    return (16 if num_entries <= 1024 else 64), (128 if block_r <= 32 else 64)
+
+
+@torch.library.custom_op("tessera::composed_lora", mutates_args=("y",))
+def _composed_lora_op(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scale: torch.Tensor,
+    ranks: torch.Tensor,
+    token_slots: torch.Tensor,
+    token_gates: torch.Tensor,
+    sorted_entries: torch.Tensor,
+    slot_counts: torch.Tensor,
+    slot_starts: torch.Tensor,
+) -> None:
+    num_rows, hidden = x.shape
+    max_k, max_slots = token_slots.shape[1], slot_counts.shape[0] - 1
+    max_rank = lora_a[0].shape[1]
+    num_entries = num_rows * max_k
+    block_r = max(16, triton.next_power_of_2(max_rank))
+    block_m, block_n = _block_sizes(num_entries, block_r)
+    ptrs, table, num_col_blocks = _tables(lora_a, lora_b, block_n)
+    u = _intermediate(x.device, len(lora_a) * num_entries * block_r)  # [num_slices, entries, block_r]
+    # Sum over slots of cdiv(count, BLOCK_M) <= cdiv(entries, BLOCK_M) + (non-empty slots).
+    num_tiles = triton.cdiv(num_entries, block_m) + min(max_slots, num_entries)
+    _shrink_kernel[(num_tiles, len(lora_a))](
+        x, ptrs[0], scale, ranks, token_gates, sorted_entries, slot_counts, slot_starts, u,
+        hidden, x.stride(0), max_rank, num_entries,
+        MAX_K=max_k, MAX_SLOTS=max_slots, BLOCK_S=triton.next_power_of_2(max_slots + 1),
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64, num_warps=4 if block_m == 16 else 8,
+    )
+    _expand_kernel[(triton.cdiv(num_rows, block_m), num_col_blocks)](
+        y, u, ptrs[1], table, token_slots, ranks,
+        num_rows, y.stride(0), max_rank, num_entries,
+        MAX_K=max_k, MAX_SLOTS=max_slots, NUM_SLICES=len(lora_b),
+        BLOCK_SL=triton.next_power_of_2(len(lora_b) + 1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4 if block_m == 16 else 8,
+    )
+
+
+@_composed_lora_op.register_fake
+def _composed_lora_fake(y, x, lora_a, lora_b, scale, ranks, token_slots, token_gates,
+                        sorted_entries, slot_counts, slot_starts) -> None:
+    return None
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, stack: LoraStack, meta: ModuleBatchMeta) -> None:
+    """Shape checks on host metadata only (no device sync)."""
+    if x.shape[0] > meta.token_slots.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} rows, the metadata holds {meta.token_slots.shape[0]} tokens")
+    if y.shape[0] < x.shape[0] or y.shape[1] != sum(stack.slice_widths) or y.stride(1) != 1:
+        raise ValueError(f"y {list(y.shape)} does not match x rows {x.shape[0]} and widths {stack.slice_widths}")
+    weights = (*stack.lora_a, *stack.lora_b)
+    if x.stride(1) != 1 or not all(w.is_contiguous() and w.dtype == x.dtype for w in weights):
+        raise ValueError("x rows and the stack's A/B must be contiguous and share x's dtype")
+
+
+def composed_lora(y: torch.Tensor, x: torch.Tensor, stack: LoraStack, meta: ModuleBatchMeta) -> None:
+    """Add every token's module composition to `y` in place (two launches, no host sync).
+
+    Every row of x is treated as live; rows past `meta.num_tokens` carry NO_MODULE (`fill` resets
+    them), so a CUDA graph captured for n rows replays correctly for any step of at most n tokens.
+    """
+    if x.shape[0] == 0:
+        return
+    _check(y, x, stack, meta)
+    torch.ops.tessera.composed_lora(
+        y, x, list(stack.lora_a), list(stack.lora_b), stack.scale, stack.ranks,
+        meta.token_slots, meta.token_gates, meta.sorted_entries, meta.slot_counts, meta.slot_starts,
+    )

@@ -1,0 +1,254 @@
+"""Triton paged attention: write_kv, a split-context decode kernel and a chunked-prefill kernel.
+
+Both attention kernels give one program the query heads that share a KV head (GQA), stacked as rows
+of one tile, so every K/V cache block is read once per (sequence, KV head, query tile) instead of once
+per query head. Scores, the running max and the running sum stay in fp32 (online softmax, exp2).
+
+    decode   grid (num_seqs, num_kv_heads, num_splits): one query token per sequence; the context is
+             cut into `num_splits` partitions (flash-decoding) whose partial (max, sum, acc) a small
+             reduce kernel merges. One split writes `out` directly.
+    prefill  grid (num_seqs, num_kv_heads, query tiles): BLOCK_M rows = BLOCK_M // group query tokens
+             x group heads; causal over the cached context, decode rows (n_i = 1) included.
+
+Grids come from host values already in AttentionMeta (num_seqs, max_query_len, max_seq_len); a
+program with no work exits. For CUDA-graph capture, set max_seq_len to the largest context the graph
+will replay with (it sizes the decode splits). The decode partials live in a grow-only cache.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.paged_attention import AttentionMeta
+
+__all__ = ["paged_attention", "write_kv"]
+
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: exp2 never sees inf - inf
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    # Grid (num_tokens,). Reads one token's k and v rows (kv_heads * head_dim each), writes them once.
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    offs = tl.arange(0, BLOCK)
+    mask = offs < ROW
+    k = tl.load(k_ptr + t * stride_k + offs, mask=mask)
+    v = tl.load(v_ptr + t * stride_v + offs, mask=mask)
+    tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, lo, hi, window,
+            stride_cb, stride_ct, stride_ch, qk_scale, head_dim,
+            BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fold context positions [lo, hi) into the online softmax of the rows of q ([rows, BLOCK_D])."""
+    offs_t = tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    for start in range((lo // BLOCK_SIZE) * BLOCK_SIZE, hi, BLOCK_SIZE):
+        block = tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64)
+        k_pos = start + offs_t  # [BLOCK_SIZE]
+        kv_mask = ((k_pos >= lo) & (k_pos < hi))[:, None] & d_mask[None, :]
+        kv_off = block * stride_cb + offs_t[:, None] * stride_ct + kv_head * stride_ch + offs_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_SIZE, BLOCK_D]
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [rows, BLOCK_SIZE], log2 units
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & ((k_pos >= lo) & (k_pos < hi))[None, :]
+        if window > 0:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _prefill_kernel(
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, cu_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_tab, stride_cb, stride_ct, stride_ch,
+    qk_scale, window, head_dim,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Per program: BLOCK_M // GROUP queries x GROUP heads of q read once, the causal (windowed) part of
+    # the context read once per KV head (K and V, block by block), out written once.
+    seq, kv_head, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    QUERIES: tl.constexpr = BLOCK_M // GROUP
+    q_start = tl.load(cu_ptr + seq)
+    n = tl.load(cu_ptr + seq + 1) - q_start
+    if tile * QUERIES >= n:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    rows = tl.arange(0, BLOCK_M)
+    qi = tile * QUERIES + rows // GROUP  # query index inside the sequence
+    valid = (rows < QUERIES * GROUP) & (qi < n)
+    head = kv_head * GROUP + rows % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = valid[:, None] & (offs_d < head_dim)[None, :]
+    token = (q_start + qi).to(tl.int64)
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
+    q_pos = seq_len - n + qi
+    hi = seq_len - n + tl.minimum(tile * QUERIES + QUERIES, n)
+    lo = tl.where(window > 0, tl.maximum(seq_len - n + tile * QUERIES - window + 1, 0), 0)
+    m_i = tl.full((BLOCK_M,), _NEG, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_i, l_i, acc = _attend(q.to(k_cache_ptr.dtype.element_ty), m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
+                            tables_ptr + seq * stride_tab, kv_head, q_pos, lo, hi, window,
+                            stride_cb, stride_ct, stride_ch, qk_scale, head_dim, BLOCK_SIZE, BLOCK_D)
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_off = token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _decode_kernel(
+    out_ptr, part_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, cu_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_tab, stride_cb, stride_ct, stride_ch,
+    qk_scale, window, head_dim, partition, num_heads, num_splits,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    # Per program: the GROUP query heads of one KV head read once; K and V of one context partition
+    # read once; writes GROUP rows of out (or of the fp32 partials, plus max and sum, when split).
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(cu_ptr + seq)
+    if tl.load(cu_ptr + seq + 1) == q_start:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    rows = tl.arange(0, BLOCK_H)
+    head = kv_head * GROUP + rows
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = (rows < GROUP)[:, None] & (offs_d < head_dim)[None, :]
+    q = tl.load(q_ptr + q_start.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=io_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
+    q_pos = tl.full((BLOCK_H,), 0, tl.int32) + seq_len - 1
+    lo = split * partition
+    hi = tl.minimum(lo + partition, seq_len)
+    if window > 0:
+        lo = tl.maximum(lo, seq_len - window)
+    m_i = tl.full((BLOCK_H,), _NEG, tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    m_i, l_i, acc = _attend(q.to(k_cache_ptr.dtype.element_ty), m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
+                            tables_ptr + seq * stride_tab, kv_head, q_pos, lo, hi, window,
+                            stride_cb, stride_ct, stride_ch, qk_scale, head_dim, BLOCK_SIZE, BLOCK_D)
+    if SPLIT:
+        part = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [BLOCK_H]
+        tl.store(part_ptr + part[:, None] * (BLOCK_D + 2) + offs_d[None, :], acc, mask=io_mask)
+        tl.store(part_ptr + part * (BLOCK_D + 2) + BLOCK_D, m_i, mask=rows < GROUP)
+        tl.store(part_ptr + part * (BLOCK_D + 2) + BLOCK_D + 1, l_i, mask=rows < GROUP)
+    else:
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_off = q_start.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(out_ptr, part_ptr, cu_ptr, stride_ot, stride_oh, head_dim, num_heads, num_splits,
+                          BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Grid (num_seqs, num_heads). Reads num_splits x (BLOCK_D + 2) fp32 partials, writes one out row.
+    seq, head = tl.program_id(0), tl.program_id(1)
+    q_start = tl.load(cu_ptr + seq)
+    if tl.load(cu_ptr + seq + 1) == q_start:
+        return
+    splits = tl.arange(0, BLOCK_SPLITS)
+    s_mask = splits < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    part = ((seq.to(tl.int64) * num_heads + head) * num_splits + splits) * (BLOCK_D + 2)  # [BLOCK_SPLITS]
+    m = tl.load(part_ptr + part + BLOCK_D, mask=s_mask, other=_NEG)
+    l = tl.load(part_ptr + part + BLOCK_D + 1, mask=s_mask, other=0.0)
+    acc = tl.load(part_ptr + part[:, None] + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    w = tl.exp2(m - tl.max(m, 0))  # [BLOCK_SPLITS]
+    total = tl.sum(w * l, 0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_d
+    tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
+
+
+_PART_CACHE: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown partials stay alive: a captured CUDA graph may still use them
+_PARTITION = 256  # context tokens per decode split at least (a multiple of every block size)
+_TARGET_PROGRAMS = 512  # split the context until the decode grid has about this many programs
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """One program per token copies its k and v rows to their cache slot; negative slots are skipped."""
+    num_tokens = k.shape[0]
+    row = k.shape[1] * k.shape[2]
+    if num_tokens == 0:
+        return
+    if k.stride(2) != 1 or k.stride(1) != k.shape[2] or v.stride(2) != 1 or v.stride(1) != v.shape[2]:
+        raise ValueError("k and v rows must be contiguous over [num_kv_heads, head_dim]")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    _write_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                                    ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+def _num_splits(meta: AttentionMeta, num_kv_heads: int) -> int:
+    """Host arithmetic only: enough context partitions to fill the GPU, each at least _PARTITION long."""
+    by_length = triton.cdiv(max(meta.max_seq_len, 1), _PARTITION)
+    by_occupancy = triton.cdiv(_TARGET_PROGRAMS, meta.num_seqs * num_kv_heads)
+    return max(1, min(by_length, by_occupancy))
+
+
+def _decode(out, q, k_cache, v_cache, meta, common: dict, group: int, block_d: int) -> None:
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    num_splits = _num_splits(meta, num_kv_heads)
+    block_size = k_cache.shape[1]
+    partition = triton.cdiv(triton.cdiv(max(meta.max_seq_len, 1), num_splits), block_size) * block_size
+    part = out
+    if num_splits > 1:
+        numel = meta.num_seqs * num_heads * num_splits * (block_d + 2)  # fp32 [seqs, heads, splits, D + 2]
+        part = _PART_CACHE.get(q.device)
+        if part is None or part.numel() < numel:
+            _RETIRED.extend([part] if part is not None else [])
+            part = _PART_CACHE[q.device] = torch.empty(numel, dtype=torch.float32, device=q.device)
+    _decode_kernel[(meta.num_seqs, num_kv_heads, num_splits)](
+        out, part, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_query_lens,
+        **common, partition=partition, num_heads=num_heads, num_splits=num_splits,
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, BLOCK_D=block_d,
+        SPLIT=num_splits > 1,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(meta.num_seqs, num_heads)](
+            out, part, meta.cu_query_lens, out.stride(0), out.stride(1), q.shape[2], num_heads, num_splits,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        )
+
+
+def paged_attention(out, q, k_cache, v_cache, meta: AttentionMeta, scale: float, sliding_window=None) -> None:
+    """Decode kernel when every sequence has one query token, else the chunked-prefill kernel."""
+    if meta.num_seqs == 0:
+        return
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1 or q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("k_cache and v_cache must share strides; head_dim must be the contiguous axis")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_heads // k_cache.shape[2]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    common = dict(
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_tab=meta.block_tables.stride(0), stride_cb=k_cache.stride(0), stride_ct=k_cache.stride(1),
+        stride_ch=k_cache.stride(2), qk_scale=scale * math.log2(math.e), window=sliding_window or 0,
+        head_dim=head_dim,
+    )
+    if meta.max_query_len == 1:
+        _decode(out, q, k_cache, v_cache, meta, common, group, block_d)
+        return
+    block_m = max(64, triton.next_power_of_2(group))
+    grid = (meta.num_seqs, k_cache.shape[2], triton.cdiv(meta.max_query_len, block_m // group))
+    _prefill_kernel[grid](
+        out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_query_lens, **common,
+        GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=k_cache.shape[1], BLOCK_D=block_d,
+    )

@@ -1,0 +1,152 @@
+"""Triton paged attention and write_kv against the plain-torch oracle.
+
+On CPU the kernels run in Triton's interpreter (tests/kernels/conftest.py) on small shapes; the `gpu`
+cases use Llama-3-8B attention shapes, bf16, and a decode step replayed from a CUDA graph.
+"""
+
+import math
+
+import pytest
+import torch
+
+from kernels.paged_attention import AttentionMeta
+from kernels.paged_attention import reference
+from kernels.paged_attention import triton as backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _make_case(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype, seed=0):
+    """Random caches with each sequence's blocks scattered over the pool (spare blocks stay random)."""
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(per_seq) + 3
+    order = torch.randperm(num_blocks, generator=gen).int()
+    tables = torch.zeros(len(seq_lens) + 2, max(per_seq) + 1, dtype=torch.int32)
+    first = 0
+    for i, count in enumerate(per_seq):
+        tables[i, :count] = order[first : first + count]
+        first += count
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    v_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    cu = torch.zeros(len(seq_lens) + 3, dtype=torch.int32)
+    cu[1 : len(seq_lens) + 1] = torch.tensor(query_lens).cumsum(0)
+    cu[len(seq_lens) + 1 :] = cu[len(seq_lens)]
+    seq_lens_t = torch.zeros(len(seq_lens) + 2, dtype=torch.int32)
+    seq_lens_t[: len(seq_lens)] = torch.tensor(seq_lens)
+    meta = AttentionMeta(tables.to(DEVICE), seq_lens_t.to(DEVICE), cu.to(DEVICE), len(seq_lens),
+                         max(query_lens), max(seq_lens))
+    q = torch.randn(sum(query_lens) + 2, heads, head_dim, generator=gen).to(DEVICE, dtype)
+    return q, k_cache, v_cache, meta
+
+
+def _check(q, k_cache, v_cache, meta, window, atol):
+    num_live = int(meta.cu_query_lens[meta.num_seqs])
+    scale = 1 / math.sqrt(q.shape[-1])
+    expected = torch.full_like(q, 7.0)
+    reference.paged_attention(expected, q, k_cache, v_cache, meta, scale, window)
+    out = torch.full_like(q, 7.0)
+    backend.paged_attention(out, q, k_cache, v_cache, meta, scale, window)
+    torch.testing.assert_close(out[:num_live].float(), expected[:num_live].float(), atol=atol, rtol=atol)
+    assert torch.all(out[num_live:] == 7.0), "rows past the live tokens were written"
+
+
+@pytest.fixture
+def small_partitions(monkeypatch):
+    """Force several decode splits on short contexts."""
+    monkeypatch.setattr(backend, "_PARTITION", 32)
+    monkeypatch.setattr(backend, "_TARGET_PROGRAMS", 1 << 20)
+
+
+DECODE = [  # heads, kv_heads, head_dim, block_size, window
+    (4, 4, 64, 16, None),
+    (8, 2, 128, 32, None),
+    (16, 2, 64, 16, 20),
+    (8, 1, 64, 32, None),
+]
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("shape", DECODE, ids=lambda s: f"h{s[0]}-kv{s[1]}-d{s[2]}-b{s[3]}-w{s[4]}")
+def test_decode(shape, split, request):
+    if split:
+        request.getfixturevalue("small_partitions")
+    heads, kv_heads, head_dim, block_size, window = shape
+    seq_lens = [37, 1, 70, 16]
+    case = _make_case(seq_lens, [1] * 4, heads, kv_heads, head_dim, block_size, torch.float32)
+    _check(*case, window, atol=1e-4)
+
+
+PREFILL = [  # seq_lens, query_lens, heads, kv_heads, head_dim, block_size, window
+    ([70, 9], [70, 9], 4, 4, 64, 16, None),  # fresh prefill, two query tiles
+    ([50, 40], [7, 18], 8, 2, 64, 16, None),  # chunked prefill over cached blocks
+    ([33, 5, 47, 2], [1, 5, 12, 1], 8, 1, 128, 32, None),  # mixed: decode rows among chunks
+    ([60, 23], [20, 23], 16, 2, 64, 32, 13),  # sliding window
+]
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("case", PREFILL, ids=["fresh", "chunked", "mixed", "window"])
+def test_prefill(case, block_size):
+    seq_lens, query_lens, heads, kv_heads, head_dim, _, window = case
+    data = _make_case(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, torch.float32)
+    _check(*data, window, atol=1e-4)
+
+
+@pytest.mark.parametrize("max_query_len", [1, 6])
+def test_fp16(max_query_len):
+    data = _make_case([29, 40], [1, max_query_len], 8, 2, 64, 16, torch.float16, seed=3)
+    _check(*data, None, atol=2e-2)
+
+
+def test_write_kv_matches_reference_and_skips_padding():
+    gen = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(6, 16, 2, 64, generator=gen).to(DEVICE)
+    v_cache = torch.randn(6, 16, 2, 64, generator=gen).to(DEVICE)
+    k = torch.randn(9, 2, 64, generator=gen).to(DEVICE)
+    v = torch.randn(9, 2, 64, generator=gen).to(DEVICE)
+    slots = torch.tensor([3, 17, 95, -1, 40, 0, -1, 64, 50, 11], dtype=torch.int64).to(DEVICE)
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    reference.write_kv(k, v, *caches[0], slots)
+    backend.write_kv(k, v, *caches[1], slots)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    assert not torch.equal(caches[1][0], k_cache)
+
+
+GPU_SHAPES = [(32, 8, 128, 16), (32, 32, 64, 32), (32, 4, 128, 16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"h{s[0]}-kv{s[1]}-d{s[2]}-b{s[3]}")
+@pytest.mark.parametrize("kind", ["decode", "prefill", "chunked", "mixed"])
+@pytest.mark.parametrize("window", [None, 256])
+def test_attention_gpu_bf16(shape, kind, window):
+    heads, kv_heads, head_dim, block_size = shape
+    seq_lens, query_lens = {
+        "decode": ([1, 700, 4099, 33] * 4, [1] * 16),
+        "prefill": ([513, 100, 1024], [513, 100, 1024]),
+        "chunked": ([1500, 700], [256, 300]),
+        "mixed": ([900, 17, 4000, 64], [1, 17, 128, 1]),
+    }[kind]
+    data = _make_case(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, torch.bfloat16)
+    _check(*data, window, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph_replays_new_lengths():
+    q, k_cache, v_cache, meta = _make_case([300, 2000, 77, 1000], [1] * 4, 32, 8, 128, 16, torch.bfloat16)
+    out = torch.zeros_like(q)
+    scale = 1 / math.sqrt(128)
+    backend.paged_attention(out, q, k_cache, v_cache, meta, scale)  # warm up: compile, cache partials
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        backend.paged_attention(out, q, k_cache, v_cache, meta, scale)
+    for lengths in ([299, 1999, 2, 1000], [1, 64, 77, 513]):
+        meta.seq_lens[:4].copy_(torch.tensor(lengths, dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        expected = torch.zeros_like(q)
+        reference.paged_attention(expected, q, k_cache, v_cache, meta, scale)
+        torch.testing.assert_close(out[:4].float(), expected[:4].float(), atol=2e-2, rtol=2e-2)
