@@ -30,16 +30,22 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per EngineConfig field (`max_num_seqs` -> `--max-num-seqs`), its docstring as help."""
     docs = field_docs(EngineConfig)
     hints = typing.get_type_hints(EngineConfig)
+    group = parser.add_argument_group("engine", "fields of EngineConfig")
     for field in dataclasses.fields(EngineConfig):
         if field.name in skip:
             continue
         kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), hints[field.name])
         required = field.default is dataclasses.MISSING
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"), dest=field.name, type=kind, required=required,
-            default=None if required else field.default, help=docs.get(field.name, ""),
+        help_text = docs.get(field.name, "").replace("%", "%%")
+        if not required and field.default is not None:
+            help_text += " (default: %(default)s)"
+        options = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        group.add_argument(
+            "--" + field.name.replace("_", "-"), dest=field.name, required=required,
+            default=None if required else field.default, help=help_text, **options,
         )
 
 
@@ -80,7 +86,9 @@ def _run(config: EngineConfig, args: argparse.Namespace, banner: str | None = No
         _fail(f"--model {config.model}: not a Hugging Face model directory (no config.json)")
     try:
         engine = Engine(config)
-    except (LibraryError, ValueError, FileNotFoundError) as error:
+    except LibraryError as error:
+        _fail(f"--library {config.library}: {error}")
+    except (ValueError, OSError) as error:
         _fail(str(error))
     if banner:
         print(banner, flush=True)
@@ -110,7 +118,6 @@ def main(argv: list[str] | None = None) -> None:
         from server.demo import ensure_demo
 
         model_dir, library_dir = ensure_demo(args.cache_dir)
-        logging.getLogger("tessera.demo").warning("demo modules are RANDOM (untrained): outputs are noise")
         _run(_engine_config(args, model=str(model_dir), library=str(library_dir)), args, _demo_banner(args))
 
 

@@ -37,22 +37,38 @@ def _build(root: Path) -> None:
 
     model_dir = write_checkpoint(root / DEMO_MODEL, DEMO_BACKBONE)
     fingerprint = fingerprint_from_hf_config(AutoConfig.from_pretrained(str(model_dir)))
-    library = random_library(fingerprint, num_modules=6, tasks=DEMO_TASKS, ranks=8, std=0.1, seed=7)
+    library = random_library(fingerprint, num_modules=6, tasks=DEMO_TASKS, rank=8, std=0.1, seed=7)
     library.write(root / "library")
 
 
+def _complete(target: Path) -> bool:
+    return (target / "library" / "library.json").is_file() and (target / DEMO_MODEL / "config.json").is_file()
+
+
 def ensure_demo(cache_dir: Path | None = None) -> tuple[Path, Path]:
-    """(model dir, library dir) of the demo, built into `cache_dir` on first use and reused after."""
-    target = (cache_dir or default_cache_dir()) / DEMO_VERSION
-    if not (target / "library" / "library.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        logger.info("building the demo backbone and library in %s (once)", target)
-        staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_VERSION}-", dir=target.parent))
-        try:
-            _build(staging)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    """(model dir, library dir) of the demo, built into `cache_dir` on first use and reused after.
+
+    The build happens in a temporary sibling directory renamed into place, so a cache entry is either
+    complete or absent; when two processes build at once, the first rename wins and the other is dropped.
+    """
+    logger.warning("the demo's modules are RANDOM (untrained): tagged outputs differ from the backbone's "
+                   "but are noise until training/ provides a trained demo library")
+    target = Path(cache_dir or default_cache_dir()).expanduser() / DEMO_VERSION
+    if _complete(target):
+        logger.info("reusing the demo backbone and library in %s", target)
+        return target / DEMO_MODEL, target / "library"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        logger.warning("removing the incomplete demo cache entry %s", target)
+        shutil.rmtree(target)
+    logger.info("building the demo backbone and library in %s (once)", target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_VERSION}-", dir=target.parent))
+    try:
+        _build(staging)
+        os.rename(staging, target)
+    except OSError:
+        if not _complete(target):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target / DEMO_MODEL, target / "library"

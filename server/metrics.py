@@ -17,21 +17,28 @@ _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 def task_label(composition: Composition) -> str:
+    """The `task` label of a request: its task, `explicit` for explicit weights, else `backbone`."""
     if composition.task is not None:
         return composition.task
     return "explicit" if composition.source == "explicit" else "backbone"
 
 
 class Metrics:
+    """Every metric of one app; `observe_step` is the engine's step observer."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("tessera_requests", "Finished requests", ["task", "status"], registry=r)
-        self.prompt_tokens = Counter("tessera_prompt_tokens", "Prompt tokens processed", ["task"], registry=r)
-        self.generation_tokens = Counter("tessera_generation_tokens", "Tokens generated", ["task"], registry=r)
-        self.ttft = Histogram("tessera_time_to_first_token_seconds", "Time to first token", ["task"], buckets=_LATENCY, registry=r)
-        self.tpot = Histogram("tessera_time_per_output_token_seconds", "Time per output token after the first", ["task"], buckets=_PER_TOKEN, registry=r)
-        self.e2e = Histogram("tessera_e2e_request_latency_seconds", "End-to-end request latency", ["task"], buckets=_LATENCY, registry=r)
+        self.registry = r = CollectorRegistry()
+        task, latency = ["task"], {"buckets": _LATENCY, "registry": r}
+        self.requests = Counter("tessera_requests", "Finished engine requests by task and finish reason "
+                                "(stop, length, abort, error)", ["task", "status"], registry=r)
+        self.rejected = Counter("tessera_requests_rejected", "Calls answered with an error, by HTTP status "
+                                "and error code", ["status", "code"], registry=r)
+        self.prompt_tokens = Counter("tessera_prompt_tokens", "Prompt tokens processed", task, registry=r)
+        self.generation_tokens = Counter("tessera_generation_tokens", "Tokens generated", task, registry=r)
+        self.ttft = Histogram("tessera_time_to_first_token_seconds", "Time to first token", task, **latency)
+        self.tpot = Histogram("tessera_time_per_output_token_seconds", "Time per output token after the first",
+                              task, buckets=_PER_TOKEN, registry=r)
+        self.e2e = Histogram("tessera_e2e_request_latency_seconds", "End-to-end request latency", task, **latency)
         self.running = Gauge("tessera_requests_running", "Requests holding KV blocks", registry=r)
         self.waiting = Gauge("tessera_requests_waiting", "Requests waiting for admission", registry=r)
         self.kv_used = Gauge("tessera_kv_blocks_used", "KV-cache blocks in use", registry=r)
@@ -51,6 +58,10 @@ class Metrics:
             self.batch_tokens.observe(stats.num_tokens)
         if stats.num_preempted:
             self.preemptions.inc(stats.num_preempted)
+
+    def observe_error(self, error) -> None:
+        """Count one call the API answered with an `APIError` (its status and code)."""
+        self.rejected.labels(str(error.status), error.code or "").inc()
 
     def observe_request(self, task: str, status: str, timing: "RequestTiming") -> None:
         self.requests.labels(task, status).inc()

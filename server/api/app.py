@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api import translate
-from server.api.errors import APIError, error_response, install_handlers
+from server.api.auth import APIKeyMiddleware
+from server.api.errors import install_handlers
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.responses import collect, composition_header, stream
-from server.api.serving import Call, Runner
+from server.api.serving import Call, Runner, until_disconnected
 from server.metrics import Metrics
 
-OPEN_PATHS = {"/health"}
+CLIENT_CLOSED = 499
+"""Status logged for a non-streaming request whose client left before the answer (nginx's convention)."""
 
 
 def create_app(engine, api_key: str | None = None) -> FastAPI:
-    """An app serving `engine`; with `api_key`, every route but /health needs `Authorization: Bearer KEY`."""
+    """An app serving `engine`; with `api_key`, every route but /health needs `Authorization: Bearer KEY`.
+
+    The app's lifespan starts the engine's step loop and shuts it down. Metrics live in a registry of
+    the app's own (`app.state.metrics.registry`), fed by the engine's step observer.
+    """
     metrics = Metrics()
     engine.step_observer = metrics.observe_step
     metrics.observe_step(engine.stats())
@@ -37,9 +42,9 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="Tessera", lifespan=lifespan)
     app.state.engine, app.state.metrics = engine, metrics
     runner = Runner(engine, metrics)
-    install_handlers(app)
+    install_handlers(app, metrics.observe_error)
     if api_key:
-        _require_key(app, api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=metrics.observe_error)
 
     @app.get("/health")
     async def health():
@@ -51,7 +56,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": _model_cards(engine)}
+        return {"object": "list", "data": model_cards(engine)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
@@ -67,6 +72,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
 
 
 async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], request: Request):
+    """Resolve the composition and sampling params of every choice, then stream or collect them."""
     engine = runner.engine
     composition = translate.resolve_composition(
         body, request.headers.get(translate.TASK_HEADER), engine.model_name, engine.library, engine.config.max_k
@@ -77,35 +83,29 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
         for i, p in enumerate(prompts)
     ]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    call = Call(kind, body.model, prompts, params, composition, include_usage)
+    call = Call(kind, body.model, prompts, params, composition, body.n, include_usage)
     headers = composition_header(call)
     if body.stream:
         return StreamingResponse(stream(runner, call), media_type="text/event-stream", headers=headers)
-    return JSONResponse(await collect(runner, call), headers=headers)
+    result = await until_disconnected(request, collect(runner, call))
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(result, headers=headers)
 
 
-def _model_cards(engine) -> list[dict]:
-    created = int(time.time())
-    card = {"object": "model", "created": created, "owned_by": "tessera"}
-    cards = [card | {"id": engine.model_name, "tessera": {"kind": "backbone"}, "max_model_len": engine.max_model_len}]
+def model_cards(engine) -> list[dict]:
+    """/v1/models: the backbone, then every task and every module, each with its `tessera.kind`."""
+    card = {"object": "model", "created": int(time.time()), "owned_by": "tessera"}
+    backbone = engine.model_name
+    cards = [card | {"id": backbone, "root": backbone, "parent": None, "max_model_len": engine.max_model_len,
+                     "tessera": {"kind": "backbone"}}]
     library = engine.library
-    if library is not None:
-        for task in library.tasks.values():
-            cards.append(card | {"id": task.name, "root": engine.model_name, "parent": engine.model_name,
-                                 "tessera": {"kind": "task", "description": task.description}})
-        for module in library.modules.values():
-            cards.append(card | {"id": module.name, "root": engine.model_name, "parent": engine.model_name,
-                                 "tessera": {"kind": "module", "rank": module.rank, "description": module.description}})
+    if library is None:
+        return cards
+    child = card | {"root": backbone, "parent": backbone, "max_model_len": engine.max_model_len}
+    for task in library.tasks.values():
+        cards.append(child | {"id": task.name, "tessera": {"kind": "task", "description": task.description}})
+    for module in library.modules.values():
+        info = {"kind": "module", "rank": module.rank, "description": module.description}
+        cards.append(child | {"id": module.name, "tessera": info})
     return cards
-
-
-def _require_key(app: FastAPI, api_key: str) -> None:
-    expected = f"Bearer {api_key}".encode()
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return error_response(APIError(401, "invalid or missing API key", None, "invalid_api_key"))
-        return await call_next(request)

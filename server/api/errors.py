@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +14,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from router.errors import CompositionError, LibraryError, UnknownModuleError, UnknownTaskError
 
 logger = logging.getLogger(__name__)
+
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 class APIError(Exception):
@@ -26,52 +31,77 @@ class APIError(Exception):
 
     @property
     def type(self) -> str:
-        return {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}.get(
-            self.status, "server_error"
-        )
+        if self.status >= 500:
+            return "server_error"
+        return {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def error_response(error: APIError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+ROUTER_ERRORS = (UnknownTaskError, UnknownModuleError, CompositionError, LibraryError)
+"""What `router.compose` raises for a request it cannot serve."""
 
 
 def from_router(error: Exception, param: str) -> APIError:
-    """Map router errors onto HTTP: unknown names are 404, bad compositions 400."""
+    """Map one of ROUTER_ERRORS onto HTTP: unknown names are 404, bad compositions 400."""
     if isinstance(error, UnknownTaskError):
         return APIError(404, str(error), param, "model_not_found")
     if isinstance(error, UnknownModuleError):
         return APIError(404, str(error), param, "module_not_found")
-    if isinstance(error, (CompositionError, LibraryError)):
-        return APIError(400, str(error), param, "invalid_composition")
-    raise error
+    return APIError(400, str(error), param, "invalid_composition")
 
 
-def _validation_param(error: RequestValidationError) -> tuple[str, str]:
+def _param_path(location) -> str | None:
+    """`messages.0.content` from pydantic's location, without `body` and union-branch tags like `list[int]`."""
+    parts = [str(part) for part in location[1:] if isinstance(part, int) or _is_field(str(part))]
+    return ".".join(parts) or None
+
+
+def _is_field(part: str) -> bool:
+    return bool(_FIELD.fullmatch(part)) and part not in _TYPE_TAGS
+
+
+def _from_validation(error: RequestValidationError) -> APIError:
+    """A 400 naming the first invalid parameter (None when the body as a whole is wrong)."""
     first = error.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
-    message = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":
-        return None, "request body is not valid JSON"
-    return param, f"{param}: {message}" if param else message
+        reason = first.get("ctx", {}).get("error", "parse error")
+        return APIError(400, f"request body is not valid JSON: {reason}", None, "invalid_json")
+    location = tuple(first.get("loc", ()))
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    if location == ("body",):
+        return APIError(400, f"request body: {message}", None, "invalid_value")
+    param = _param_path(location)
+    return APIError(400, f"{param}: {message}" if param else message, param, "invalid_value")
 
 
-def install_handlers(app) -> None:
+def install_handlers(app, on_error: Callable[[APIError], None] = lambda error: None) -> None:
+    """Answer every error in OpenAI's shape; `on_error` sees each one (metrics)."""
+
+    def respond(error: APIError) -> JSONResponse:
+        on_error(error)
+        return error_response(error)
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError):
-        return error_response(error)
+        return respond(error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError):
-        param, message = _validation_param(error)
-        return error_response(APIError(400, message, param, "invalid_value"))
+        return respond(_from_validation(error))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, error: StarletteHTTPException):
-        return error_response(APIError(error.status_code, str(error.detail), None, None))
+    async def _http(request: Request, error: StarletteHTTPException):
+        if error.status_code == 404:
+            return respond(APIError(404, f"no route {request.method} {request.url.path}", None, "not_found"))
+        return respond(APIError(error.status_code, str(error.detail), None, None))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, error: Exception):
         logger.exception("unhandled error", exc_info=error)
-        return error_response(APIError(500, f"internal error: {type(error).__name__}", None, "internal_error"))
+        return respond(APIError(500, f"internal error: {type(error).__name__}", None, "internal_error"))

@@ -1,14 +1,15 @@
 """Request bodies of the OpenAI-compatible endpoints, with Tessera's extensions `task` and `modules`.
 
 Unknown fields are ignored, as OpenAI-compatible servers do; fields Tessera cannot honour (penalties,
-echo, suffix) are rejected with a 400 naming them rather than silently dropped.
+logit bias, tools, structured output, echo, suffix) are rejected with a 400 naming them rather than
+silently dropped. Every check is a field validator, so the error's location names the parameter.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -47,6 +48,7 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     user: str | None = None
     task: str | None = Field(default=None, min_length=1)
@@ -74,11 +76,26 @@ class _Common(BaseModel):
             raise ValueError("penalties are not supported; leave at 0")
         return value
 
-    @model_validator(mode="after")
-    def _usage_needs_stream(self):
-        if self.stream_options is not None and not self.stream:
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value):
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _usage_needs_stream(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed with stream=true")
-        return self
+        return value
+
+    @field_validator("modules")
+    @classmethod
+    def _some_modules(cls, value):
+        if value is not None and not value:
+            raise ValueError("must name at least one module, as {name: weight}")
+        return value
 
 
 class ChatCompletionRequest(_Common):
@@ -86,12 +103,29 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict] | None = None
+    response_format: dict | None = None
 
-    @model_validator(mode="after")
-    def _top_logprobs_needs_logprobs(self):
-        if self.top_logprobs is not None and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs=true")
-        return self
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value):
+        if value:
+            raise ValueError("tool calling is not supported")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError("only response_format {\"type\": \"text\"} is supported")
+        return value
 
     @property
     def output_limit(self) -> int | None:

@@ -22,7 +22,7 @@ async def collect(runner: Runner, call: Call) -> dict:
     n = len(call.prompts)
     texts, logprobs, reasons = [""] * n, [[] for _ in range(n)], [None] * n
     text_lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
-    completion_tokens, prompt_tokens = [0] * n, [len(p) for p in call.prompts]
+    completion_tokens = [0] * n
     async for index, output in runner.outputs(call):
         if call.params[index].logprobs is not None:
             if call.kind == "chat":
@@ -44,18 +44,18 @@ async def collect(runner: Runner, call: Call) -> dict:
             choices.append({"index": i, "text": texts[i], "logprobs": text_lp[i] if wants else None,
                             "finish_reason": reasons[i]})
     body = call.envelope(stream=False)
-    body.update(choices=choices, usage=usage(sum(prompt_tokens), sum(completion_tokens)), tessera=_tessera(call))
+    body.update(choices=choices, usage=usage(call.num_prompt_tokens, sum(completion_tokens)), tessera=_tessera(call))
     return body
 
 
-def _chunk(call: Call, runner: Runner, index: int, output) -> dict:
+def _chunk(call: Call, runner: Runner, index: int, output, text_offset: int) -> dict:
     if call.kind == "chat":
         choice = {"index": index, "delta": {"content": output.text} if output.text else {},
                   "logprobs": {"content": runner.chat_logprobs(output)} if output.logprobs is not None else None,
                   "finish_reason": output.finish_reason}
     else:
         choice = {"index": index, "text": output.text,
-                  "logprobs": runner.text_logprobs(output, 0) if output.logprobs is not None else None,
+                  "logprobs": runner.text_logprobs(output, text_offset) if output.logprobs is not None else None,
                   "finish_reason": output.finish_reason}
     chunk = call.envelope(stream=True) | {"choices": [choice]}
     if output.finished:
@@ -69,16 +69,17 @@ async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
         for i in range(len(call.prompts)):
             first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             yield sse(call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)})
-    completion_tokens = [0] * len(call.prompts)
+    completion_tokens, text_offsets = [0] * len(call.prompts), [0] * len(call.prompts)
     try:
         async for index, output in runner.outputs(call):
             completion_tokens[index] = output.num_output_tokens
             if output.text or output.finished or output.logprobs:
-                yield sse(_chunk(call, runner, index, output))
+                yield sse(_chunk(call, runner, index, output, text_offsets[index]))
+            text_offsets[index] += len(output.text)
     except APIError as error:
-        yield sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
+        yield sse(error.body())
         return
     if call.include_usage:
-        total = usage(sum(len(p) for p in call.prompts), sum(completion_tokens))
+        total = usage(call.num_prompt_tokens, sum(completion_tokens))
         yield sse(call.envelope(stream=True) | {"choices": [], "usage": total, "tessera": _tessera(call)})
     yield sse("[DONE]")

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from router.composition import Composition
 from server.api.errors import APIError
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.metrics import Metrics, RequestTiming, task_label
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,9 +27,10 @@ class Call:
     kind: str
     model: str
     prompts: list[list[int]]
-    """One prompt per choice."""
+    """One prompt per choice: each distinct prompt repeated `n` times in a row."""
     params: list[SamplingParams]
     composition: Composition
+    n: int = 1
     include_usage: bool = False
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
@@ -33,10 +39,18 @@ class Call:
     def object_id(self) -> str:
         return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.call_id
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens of the call, each distinct prompt counted once however many choices it has."""
+        return sum(len(p) for p in self.prompts[:: self.n])
+
     def envelope(self, stream: bool) -> dict:
         kind = {"chat": "chat.completion", "text": "text_completion"}[self.kind]
-        return {"id": self.object_id, "object": kind + (".chunk" if stream and self.kind == "chat" else ""),
+        body = {"id": self.object_id, "object": kind + (".chunk" if stream and self.kind == "chat" else ""),
                 "created": self.created, "model": self.model}
+        if stream and self.include_usage:
+            body["usage"] = None
+        return body
 
 
 class Runner:
@@ -61,6 +75,7 @@ class Runner:
                 if output.finished:
                     status = output.finish_reason or "stop"
         except Exception as error:  # noqa: BLE001 - reported to the client through the sink
+            logger.exception("request %s failed", request.request_id)
             status = "error"
             await sink.put((index, error))
         finally:
@@ -108,6 +123,25 @@ class Runner:
             offsets.append(offset)
             offset += len(token)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def until_disconnected(request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None (with `work` cancelled) if the client disconnects first."""
+    job = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not job.done():
+            job.cancel()
+        await asyncio.gather(job, watch, return_exceptions=True)
+    return None if job.cancelled() else job.result()
+
+
+async def _disconnected(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

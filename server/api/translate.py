@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from router.compose import compose
 from router.composition import Composition
-from server.api.errors import APIError, from_router
+from server.api.errors import ROUTER_ERRORS, APIError, from_router
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.engine.request import SamplingParams
 
@@ -12,18 +12,17 @@ TASK_HEADER = "x-tessera-task"
 
 
 def _task_from_model(model: str, backbone: str, library) -> tuple[str | None, str | None]:
-    """(task, module) that the `model` field names; 404 if it names nothing served."""
+    """(task, module) that the `model` field names: the backbone, `backbone:NAME` or NAME; 404 otherwise."""
     if model == backbone:
         return None, None
     prefix, sep, rest = model.partition(":")
-    if sep and prefix == backbone and rest:
-        return rest, None
-    if library is not None and model in library.tasks:
-        return model, None
-    if library is not None and model in library.modules:
-        return None, model
-    raise APIError(404, f"model {model!r} does not exist: name the backbone {backbone!r}, a task or a module "
-                        f"(GET /v1/models lists them)", "model", "model_not_found")
+    name = rest if sep and prefix == backbone and rest else model
+    if library is not None and name in library.tasks:
+        return name, None
+    if library is not None and name in library.modules:
+        return None, name
+    raise APIError(404, f"model {model!r} does not exist: name the backbone {backbone!r}, a task or a module, "
+                        f"alone or as {backbone!r}:NAME (GET /v1/models lists them)", "model", "model_not_found")
 
 
 def resolve_composition(body, header_task: str | None, backbone: str, library, max_k: int) -> Composition:
@@ -36,11 +35,12 @@ def resolve_composition(body, header_task: str | None, backbone: str, library, m
     modules = body.modules
     if model_module is not None:
         if modules is not None or task is not None:
-            raise APIError(400, f"model {body.model!r} is a module; do not also give task or modules", "model")
+            raise APIError(400, f"model {body.model!r} is a module; do not also give task or modules",
+                           "modules" if modules is not None else "task", "conflicting_tags")
         modules = {model_module: 1.0}
     try:
         return compose(library, task=task, modules=modules, max_k=max_k)
-    except Exception as error:  # noqa: BLE001 - mapped to 404/400, anything else re-raised
+    except ROUTER_ERRORS as error:
         raise from_router(error, "modules" if modules is not None else "task") from error
 
 

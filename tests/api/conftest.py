@@ -1,0 +1,89 @@
+"""A real uvicorn server over a real engine on a tiny checkpoint and a random module library.
+
+`serve(engine)` runs uvicorn in a background thread on a socket bound to a free port of 127.0.0.1;
+test modules wrap it in module-scoped fixtures, so each module starts one server.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import openai
+import pytest
+import uvicorn
+from transformers import AutoConfig
+
+from router.library import ModuleLibrary, fingerprint_from_hf_config, random_library
+from server.api.app import create_app
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+
+MAX_MODEL_LEN = 256
+TASKS = ("reverse", "uppercase", "summarize")
+
+
+@dataclass
+class Served:
+    """A running server: its base URL and the engine behind it."""
+
+    url: str
+    engine: Engine
+
+    @property
+    def backbone(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def library(self) -> ModuleLibrary:
+        return self.engine.library
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+@contextmanager
+def serve(engine: Engine, api_key: str | None = None) -> Iterator[Served]:
+    """Serve `engine` with uvicorn on a fresh port until the block ends."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(engine, api_key), log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield Served(f"http://127.0.0.1:{port}", engine)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def library_dir(tiny_llama, tmp_path_factory) -> str:
+    """A random (untrained) library for the tiny Llama: 4 modules, 3 tasks, large enough to change outputs."""
+    fingerprint = fingerprint_from_hf_config(AutoConfig.from_pretrained(tiny_llama))
+    library = random_library(fingerprint, num_modules=4, tasks=TASKS, rank=8, std=0.2, seed=0)
+    return str(library.write(tmp_path_factory.mktemp("library") / "lib"))
+
+
+def make_engine(model: str, library: str | None) -> Engine:
+    return Engine(EngineConfig(model=model, library=library, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN,
+                               max_num_seqs=8, max_num_batched_tokens=256, seed=0))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, library_dir) -> Iterator[Served]:
+    """One server per test module."""
+    with serve(make_engine(tiny_llama, library_dir)) as served:
+        yield served

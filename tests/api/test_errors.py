@@ -1,0 +1,158 @@
+"""Every error in OpenAI's shape, with the right status and `param`; API-key checks on a second server."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.api.conftest import MAX_MODEL_LEN, make_engine, serve
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MESSAGES = [{"role": "user", "content": "hello"}]
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    """The `error` object of an OpenAI-shaped error response, after checking its status and keys."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def chat_body(server, **fields) -> dict:
+    return {"model": server.backbone, "messages": MESSAGES, "max_tokens": 4} | fields
+
+
+@pytest.mark.parametrize("fields, header, param, code", [
+    ({"model": "no-such-task"}, None, "model", "model_not_found"),
+    ({"model": "BACKBONE:no-such-task"}, None, "model", "model_not_found"),
+    ({"task": "no-such-task"}, None, "task", "model_not_found"),
+    ({}, "no-such-task", "task", "model_not_found"),
+    ({"modules": {"m0": 0.5, "no-such-module": 0.5}}, None, "modules", "module_not_found"),
+])
+def test_unknown_task_or_module_is_404_never_the_backbone(server, http, fields, header, param, code):
+    body = chat_body(server, **fields)
+    body["model"] = body["model"].replace("BACKBONE", server.backbone)
+    headers = {"X-Tessera-Task": header} if header else {}
+    error = error_of(http.post(CHAT, json=body, headers=headers), 404)
+    assert (error["param"], error["code"], error["type"]) == (param, code, "not_found_error")
+    assert "no-such" in error["message"]
+
+
+@pytest.mark.parametrize("fields, header, param", [
+    ({"model": "reverse", "task": "uppercase"}, None, "task"),
+    ({"task": "reverse"}, "uppercase", "task"),
+    ({"model": "m0", "task": "reverse"}, None, "task"),
+    ({"model": "m0", "modules": {"m1": 1.0}}, None, "modules"),
+    ({"task": "reverse", "modules": {"m1": 1.0}}, None, "modules"),
+    ({"modules": {"m0": -1.0}}, None, "modules"),
+])
+def test_conflicting_or_invalid_tags_are_400(server, http, fields, header, param):
+    headers = {"X-Tessera-Task": header} if header else {}
+    error = error_of(http.post(CHAT, json=chat_body(server, **fields), headers=headers), 400)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_k": 0}, "top_k"),
+    ({"n": 0}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"logit_bias": {"12": 5}}, "logit_bias"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stop": ["a"] * 9}, "stop"),
+    ({"modules": {}}, "modules"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"model": ""}, "model"),
+    ({"model": None}, "model"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_invalid_chat_parameters_are_400_naming_the_parameter(server, http, fields, param):
+    error = error_of(http.post(CHAT, json=chat_body(server, **fields)), 400)
+    assert error["param"] == param, error
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [-1, 3]}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"logprobs": 50}, "logprobs"),
+    ({"echo": True}, "echo"),
+    ({"prompt": list(range(10)) * (MAX_MODEL_LEN // 10 + 1)}, "prompt"),
+    ({"max_tokens": MAX_MODEL_LEN}, "max_tokens"),
+])
+def test_invalid_completion_parameters_are_400(server, http, fields, param):
+    body = {"model": server.backbone, "prompt": "hello", "max_tokens": 4} | fields
+    error = error_of(http.post(COMPLETIONS, json=body), 400)
+    assert error["param"] == param, error
+
+
+def test_context_overflow_names_the_length_parameter(server, http):
+    error = error_of(http.post(CHAT, json=chat_body(server, max_completion_tokens=MAX_MODEL_LEN)), 400)
+    assert (error["param"], error["code"]) == ("max_completion_tokens", "context_length_exceeded")
+    assert str(MAX_MODEL_LEN) in error["message"]
+    long_messages = [{"role": "user", "content": "hello " * MAX_MODEL_LEN}]
+    error = error_of(http.post(CHAT, json=chat_body(server, messages=long_messages, max_tokens=None)), 400)
+    assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"model": "x",', b"[1, 2]", b'"text"', b""])
+def test_malformed_json_is_400(http, content):
+    response = http.post(CHAT, content=content, headers={"Content-Type": "application/json"})
+    error = error_of(response, 400)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_unknown_route_and_method_use_the_error_shape(http):
+    assert error_of(http.get("/v1/nothing-here"), 404)["code"] == "not_found"
+    error_of(http.get(CHAT), 405)
+
+
+def test_health(http):
+    response = http.get("/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_llama):
+    """A second server, backbone only, that requires an API key."""
+    with serve(make_engine(tiny_llama, None), api_key=KEY) as served:
+        yield served
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/models"), ("POST", CHAT), ("POST", COMPLETIONS), ("GET", "/metrics"), ("GET", "/nowhere"),
+])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", KEY, f"Bearer {KEY}x", "Basic abc"])
+def test_api_key_required_everywhere_but_health(keyed, method, path, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    response = httpx.request(method, keyed.url + path, headers=headers, json={}, timeout=30)
+    error = error_of(response, 401)
+    assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+
+
+def test_api_key_accepted(keyed):
+    assert httpx.get(keyed.url + "/health", timeout=30).status_code == 200
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(keyed.url + "/metrics", headers=headers, timeout=30).status_code == 200
+    assert [m.id for m in keyed.client(KEY).models.list()] == [keyed.backbone]
+    response = keyed.client(KEY).chat.completions.create(model=keyed.backbone, messages=MESSAGES, max_tokens=3)
+    assert response.usage.completion_tokens >= 1
+    with pytest.raises(Exception) as caught:
+        keyed.client("wrong").models.list()
+    assert type(caught.value).__name__ == "AuthenticationError"

@@ -1,0 +1,82 @@
+"""/metrics after real traffic, and clients that leave early: the engine must abort their requests."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+MESSAGES = [{"role": "user", "content": "count the letters"}]
+LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}
+
+
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, from GET /metrics."""
+    response = httpx.get(server.url + "/metrics", timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def chat(server, **fields) -> httpx.Response:
+    body = {"model": "reverse", "messages": MESSAGES, "max_tokens": 5, "temperature": 0} | fields
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+
+
+def test_metrics_count_requests_tokens_latency_and_steps(server):
+    before = scrape(server)
+    responses = [chat(server), chat(server), chat(server, model="no-such-task")]
+    usage = [r.json()["usage"] for r in responses[:2]]
+    after = scrape(server)
+
+    def delta(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("tessera_requests_total", task="reverse", status="length") == 2
+    assert delta("tessera_prompt_tokens_total", task="reverse") == sum(u["prompt_tokens"] for u in usage)
+    assert delta("tessera_generation_tokens_total", task="reverse") == sum(u["completion_tokens"] for u in usage)
+    assert delta("tessera_requests_rejected_total", status="404", code="model_not_found") == 1
+    assert delta("tessera_time_to_first_token_seconds_count", task="reverse") == 2
+    assert delta("tessera_time_per_output_token_seconds_count", task="reverse") == 2
+    assert delta("tessera_e2e_request_latency_seconds_count", task="reverse") == 2
+    assert delta("tessera_batch_size_count") >= 5, "one observation per engine step"
+    assert after[("tessera_kv_blocks_total", ())] == server.engine.stats().kv_blocks_total > 0
+    for gauge in ("tessera_requests_running", "tessera_requests_waiting", "tessera_kv_blocks_used"):
+        assert after[(gauge, ())] == 0
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def assert_engine_idle_after_abort(server, aborted_before: float) -> None:
+    """The API saw the abort, and the engine holds nothing once a short request has run after it."""
+    key = ("tessera_requests_total", (("status", "abort"), ("task", "reverse")))
+    wait_for(lambda: scrape(server).get(key, 0.0) == aborted_before + 1)
+    assert chat(server, max_tokens=2).status_code == 200
+    stats = server.engine.stats()
+    assert (stats.num_running, stats.num_waiting, stats.kv_blocks_used) == (0, 0, 0), stats
+    assert scrape(server)[("tessera_requests_running", ())] == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_the_request(server, stream):
+    aborted_before = scrape(server).get(("tessera_requests_total", (("status", "abort"), ("task", "reverse"))), 0.0)
+    body = {"model": "reverse", "messages": MESSAGES, "stream": stream} | LONG
+    if stream:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if '"content"' in line and '"role"' not in line)
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.15))
+    assert_engine_idle_after_abort(server, aborted_before)

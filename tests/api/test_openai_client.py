@@ -1,0 +1,160 @@
+"""The official `openai` client against a real server: chat and completions, streamed and not, every tagging route."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from router.compose import compose
+
+MESSAGES = [{"role": "user", "content": "reverse the letters of this string: hello world"}]
+PROMPT = "the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(server):
+    return AutoTokenizer.from_pretrained(server.engine.config.model)
+
+
+def chat(client, model, **kwargs):
+    """A greedy chat call; returns (parsed response, composition header as a dict)."""
+    kwargs = {"max_tokens": 8, "temperature": 0} | kwargs
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES, **kwargs)
+    return raw.parse(), json.loads(raw.headers["x-tessera-composition"])
+
+
+def test_models_lists_backbone_tasks_and_modules(server, client):
+    cards = {m.id: m.to_dict() for m in client.models.list()}
+    assert cards[server.backbone]["tessera"]["kind"] == "backbone"
+    for task in server.library.tasks.values():
+        assert cards[task.name]["tessera"] == {"kind": "task", "description": task.description}
+    for module in server.library.modules:
+        assert cards[module]["tessera"]["kind"] == "module"
+    assert {card["owned_by"] for card in cards.values()} == {"tessera"}
+    assert len(cards) == 1 + len(server.library.tasks) + len(server.library.modules)
+
+
+def test_backbone_chat_usage_and_echo(server, client, tokenizer):
+    response, header = chat(client, server.backbone)
+    text = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    choice = response.choices[0]
+    assert response.object == "chat.completion" and response.model == server.backbone
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert response.usage.prompt_tokens == len(prompt_ids)
+    if choice.finish_reason == "length":
+        assert response.usage.completion_tokens == 8
+    else:
+        assert response.usage.completion_tokens < 8
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+    assert header == response.to_dict()["tessera"]["composition"] == {"modules": {}, "source": "none", "task": None}
+
+
+@pytest.mark.parametrize("route", ["model", "backbone:task", "body", "header"])
+def test_task_tag_routes_are_equivalent(server, client, route):
+    backbone, task = server.backbone, "reverse"
+    kwargs = {
+        "model": {"model": task},
+        "backbone:task": {"model": f"{backbone}:{task}"},
+        "body": {"model": backbone, "extra_body": {"task": task}},
+        "header": {"model": backbone, "extra_headers": {"X-Tessera-Task": task}},
+    }[route]
+    response, header = chat(client, **kwargs)
+    expected = compose(server.library, task=task).as_dict()
+    assert header == response.to_dict()["tessera"]["composition"] == expected
+    assert expected["source"] == "tag" and expected["modules"]
+    tagged_text = response.choices[0].message.content
+    backbone_text = chat(client, backbone)[0].choices[0].message.content
+    assert tagged_text != backbone_text, "random modules must change the greedy output"
+    assert tagged_text == chat(client, task)[0].choices[0].message.content
+
+
+def test_explicit_modules_and_module_as_model(server, client):
+    by_body, header = chat(client, server.backbone, extra_body={"modules": {"m1": 1.0}})
+    assert header == {"modules": {"m1": 1.0}, "source": "explicit", "task": None}
+    by_model, model_header = chat(client, "m1")
+    assert model_header == header
+    assert by_model.choices[0].message.content == by_body.choices[0].message.content
+    two, two_header = chat(client, server.backbone, extra_body={"modules": {"m0": 0.5, "m2": 0.5}})
+    assert two_header["modules"] == {"m0": 0.5, "m2": 0.5}
+    assert two.choices[0].message.content != by_body.choices[0].message.content
+
+
+def test_chat_stream_matches_non_stream_and_reports_usage(server, client):
+    full, _ = chat(client, "reverse")
+    raw = client.chat.completions.with_raw_response.create(
+        model="reverse", messages=MESSAGES, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert json.loads(raw.headers["x-tessera-composition"])["task"] == "reverse"
+    chunks = list(raw.parse())
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].to_dict()["tessera"]["composition"]["task"] == "reverse"
+    content = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in content) == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in content][-1] == full.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in content[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.to_dict() == full.usage.to_dict()
+
+
+def test_n_with_seed_is_reproducible_and_uses_seed_plus_index(server, client):
+    sampled = {"model": "uppercase", "temperature": 1.0, "max_tokens": 8, "seed": 123}
+    both, _ = chat(client, n=2, **sampled)
+    assert [c.index for c in both.choices] == [0, 1]
+    texts = [c.message.content for c in both.choices]
+    assert texts == [c.message.content for c in chat(client, n=2, **sampled)[0].choices]
+    assert texts[0] == chat(client, **sampled)[0].choices[0].message.content
+    assert texts[1] == chat(client, **(sampled | {"seed": 124}))[0].choices[0].message.content
+    assert texts[0] != texts[1]
+    single = chat(client, **sampled)[0].usage
+    assert both.usage.prompt_tokens == single.prompt_tokens, "a prompt shared by n choices counts once"
+    assert single.completion_tokens < both.usage.completion_tokens <= 2 * 8
+    assert both.usage.total_tokens == both.usage.prompt_tokens + both.usage.completion_tokens
+
+
+def test_chat_logprobs(client):
+    response, _ = chat(client, "summarize", logprobs=True, top_logprobs=3)
+    entries = response.choices[0].logprobs.content
+    assert len(entries) == response.usage.completion_tokens
+    for entry in entries:
+        tops = [top.logprob for top in entry.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True)
+        assert entry.logprob <= 0 and entry.logprob == pytest.approx(tops[0], abs=1e-4)
+    assert chat(client, "summarize")[0].choices[0].logprobs is None
+
+
+def test_completions_string_and_token_prompts(server, client, tokenizer):
+    ids = tokenizer.encode(PROMPT)
+    by_text = client.completions.create(model="reverse", prompt=PROMPT, max_tokens=6, temperature=0)
+    by_ids = client.completions.create(model="reverse", prompt=ids, max_tokens=6, temperature=0)
+    assert by_text.object == "text_completion"
+    assert by_text.usage.prompt_tokens == len(ids) == by_ids.usage.prompt_tokens
+    assert by_text.choices[0].text == by_ids.choices[0].text
+    assert by_text.choices[0].finish_reason in ("stop", "length")
+    assert by_text.to_dict()["tessera"]["composition"]["task"] == "reverse"
+    backbone = client.completions.create(model=server.backbone, prompt=PROMPT, max_tokens=6, temperature=0)
+    assert backbone.choices[0].text != by_text.choices[0].text
+
+
+def test_completions_stream_logprobs_and_several_prompts(client):
+    kwargs = {"model": "reverse", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    full = client.completions.create(prompt=PROMPT, **kwargs)
+    logprobs = full.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == full.usage.completion_tokens
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    chunks = list(client.completions.create(prompt=PROMPT, stream=True, stream_options={"include_usage": True},
+                                            **kwargs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    several = client.completions.create(prompt=[PROMPT, "hello"], n=2, **(kwargs | {"logprobs": None}))
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    assert several.choices[0].text == several.choices[1].text == full.choices[0].text
