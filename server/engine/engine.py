@@ -119,6 +119,7 @@ class Engine:
                 self._add(payload, sink)
             else:
                 self._finish(payload, "abort")
+                self._publish_stats(self._stats(0, 0, 0.0))
 
     def _add(self, request: Request, sink) -> None:
         if request.request_id in self._sinks:
@@ -137,9 +138,12 @@ class Engine:
         changed = self.scheduler.update(plan, result)
         for state in changed:
             self._emit(state)
-        self._last_stats = self._stats(len(plan.num_scheduled_tokens), plan.num_tokens, time.perf_counter() - started)
+        self._publish_stats(self._stats(len(plan.num_scheduled_tokens), plan.num_tokens, time.perf_counter() - started))
+
+    def _publish_stats(self, stats: StepStats) -> None:
+        self._last_stats = stats
         if self.step_observer is not None:
-            self.step_observer(self._last_stats)
+            self.step_observer(stats)
 
     def _emit(self, state: RequestState) -> None:
         request_id = state.request_id
