@@ -1,0 +1,140 @@
+"""The engine on its own thread, driven through asyncio as the API drives it: concurrency, seeds, stops,
+preemption and abort give the same tokens and free everything."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from transformers import AutoConfig
+
+from router.composition import Composition
+from router.library import fingerprint_from_hf_config, random_library
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.request import Request, SamplingParams
+
+COMPOSITIONS = [
+    Composition(("m0",), (1.0,), "explicit"),
+    Composition(("m1", "m2"), (0.6, 0.4), "explicit"),
+    Composition(),
+    Composition(("m2", "m0", "m1"), (0.2, 0.5, 0.3), "explicit"),
+]
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34], [40, 41, 42, 43, 44, 45, 46]]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoints, tmp_path_factory):
+    model_dir = tiny_checkpoints("llama")
+    library = random_library(fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir)), num_modules=3, std=0.2)
+    path = tmp_path_factory.mktemp("lib") / "lib"
+    library.write(path)
+    return model_dir, str(path)
+
+
+def _engine(setup, **overrides) -> Engine:
+    model_dir, library = setup
+    values = dict(model=model_dir, library=library, device="cpu", block_size=4, max_num_batched_tokens=16,
+                  num_kv_blocks=64, max_loaded_modules=3)
+    return Engine(EngineConfig(**(values | overrides)))
+
+
+def _requests(sampling: SamplingParams, prefix: str = "r") -> list[Request]:
+    return [Request(f"{prefix}{i}", p, sampling, c) for i, (p, c) in enumerate(zip(PROMPTS, COMPOSITIONS))]
+
+
+def _tokens(outputs) -> list[int]:
+    return [t for o in outputs for t in o.token_ids]
+
+
+async def _collect(engine: Engine, request: Request) -> list:
+    return [output async for output in engine.generate(request)]
+
+
+def _run_concurrently(engine: Engine, requests: list[Request]) -> dict[str, list]:
+    async def main():
+        results = await asyncio.gather(*(_collect(engine, r) for r in requests))
+        return {r.request_id: out for r, out in zip(requests, results)}
+
+    engine.start()
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_concurrent_streams_equal_the_inline_batch_and_seeded_sampling_is_reproducible(setup):
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    inline = _engine(setup).generate_batch(_requests(greedy))
+    streamed = _run_concurrently(_engine(setup), _requests(greedy))
+    assert {k: _tokens(v) for k, v in streamed.items()} == {k: _tokens(v) for k, v in inline.items()}
+    for outputs in streamed.values():
+        assert outputs[-1].finished and outputs[-1].finish_reason == "length"
+        assert [o.num_output_tokens for o in outputs][-1] == 8 and not any(o.finished for o in outputs[:-1])
+
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=123, ignore_eos=True)
+    together = _run_concurrently(_engine(setup), _requests(seeded))
+    alone = _engine(setup).generate_batch([_requests(seeded)[1]])
+    assert _tokens(together["r1"]) == _tokens(alone["r1"])
+    other_seed = SamplingParams(max_tokens=8, temperature=1.0, seed=124, ignore_eos=True)
+    assert _tokens(_engine(setup).generate_batch([_requests(other_seed)[1]])["r1"]) != _tokens(alone["r1"])
+
+
+def test_preemption_by_recompute_gives_the_same_tokens(setup):
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    roomy = _engine(setup).generate_batch(_requests(greedy))
+    tight = _engine(setup, num_kv_blocks=8)  # 32 token slots for 4 requests of up to 21 tokens
+    preempted = []
+    tight.step_observer = lambda stats: preempted.append(stats.num_preempted)
+    outputs = tight.generate_batch(_requests(greedy))
+    assert sum(preempted) > 0, "the pool was meant to run out"
+    assert {k: _tokens(v) for k, v in outputs.items()} == {k: _tokens(v) for k, v in roomy.items()}
+    assert tight.scheduler.blocks.num_used == 0
+
+
+def test_stops_and_logprobs(setup):
+    engine = _engine(setup)
+    free = engine.generate_batch([Request("free", PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.0,
+                                                                               ignore_eos=True))])["free"]
+    ids = _tokens(free)
+    stop_id = ids[3]
+    first = ids.index(stop_id)
+    by_id = engine.generate_batch([Request("id", PROMPTS[0], SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_id,), logprobs=2))])["id"]
+    assert _tokens(by_id) == ids[: first + 1] and by_id[-1].finish_reason == "stop"
+    logprobs = [lp for o in by_id for lp in o.logprobs]
+    assert [lp.token_id for lp in logprobs] == _tokens(by_id)
+    assert all(len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in logprobs)  # greedy: the best one
+
+    text = "".join(o.text for o in free)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    by_text = engine.generate_batch([Request("text", PROMPTS[0], SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True, stop=(stop,)))])["text"]
+    assert "".join(o.text for o in by_text) == text[: text.index(stop)]
+    assert by_text[-1].finish_reason == "stop" and engine.scheduler.blocks.num_used == 0
+
+
+def test_leaving_a_stream_early_aborts_and_frees_blocks(setup):
+    engine = _engine(setup)
+    request = Request("long", PROMPTS[0], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
+                      COMPOSITIONS[1])
+
+    async def main():
+        seen = 0
+        async for _ in engine.generate(request):
+            seen += 1
+            if seen == 3:
+                break
+        for _ in range(200):
+            stats = engine.stats()
+            if (stats.num_running, stats.kv_blocks_used) == (0, 0):
+                return seen
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"blocks not freed after the abort: {engine.stats()}")
+
+    engine.start()
+    try:
+        assert asyncio.run(main()) == 3
+        assert engine.scheduler.modules.num_pinned == 0
+    finally:
+        engine.shutdown()

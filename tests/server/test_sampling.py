@@ -1,0 +1,79 @@
+"""Sampling on random logits: greedy, temperature, top-k, top-p, per-request seeds, logprobs."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.request import SamplingParams
+from server.engine.sampling import logprobs_of, sample
+
+VOCAB = 50
+
+
+def _logits(rows: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 2  # [rows, vocab]
+
+
+def _draws(logits_row: torch.Tensor, params: SamplingParams, n: int, seed: int = 0) -> torch.Tensor:
+    """n independent draws from one row, with one generator advancing across draws."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = logits_row.expand(n, VOCAB).contiguous()  # [n, vocab]
+    return torch.tensor([sample(batch[i : i + 1], [params], [generator])[0] for i in range(n)])
+
+
+def test_greedy_and_degenerate_filters_pick_the_argmax():
+    logits = _logits(6)
+    argmax = logits.argmax(dim=-1).tolist()
+    assert sample(logits, [SamplingParams(temperature=0.0)] * 6, [None] * 6) == argmax
+    generators = [torch.Generator().manual_seed(i) for i in range(6)]
+    assert sample(logits, [SamplingParams(temperature=1.0, top_k=1)] * 6, generators) == argmax
+    assert sample(logits, [SamplingParams(temperature=1.0, top_p=1e-6)] * 6, generators) == argmax
+
+
+def test_draws_follow_the_filtered_distribution():
+    row = _logits(1, seed=3)[0]
+    n = 4000
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
+                   SamplingParams(temperature=1.0, top_p=0.6)):
+        probs = torch.softmax(row / params.temperature, dim=-1)
+        order = probs.argsort(descending=True)
+        keep = torch.zeros(VOCAB, dtype=torch.bool)
+        if params.top_k > 0:
+            keep[order[: params.top_k]] = True
+        else:
+            before = probs[order].cumsum(0) - probs[order]
+            keep[order[before < params.top_p]] = True
+        expected = torch.where(keep, probs, 0.0)
+        expected /= expected.sum()
+        counts = torch.bincount(_draws(row, params, n), minlength=VOCAB).float() / n
+        assert counts[~keep].sum() == 0, f"{params}: drew a token outside the kept set"
+        assert (counts - expected).abs().max() < 0.03, f"{params}: frequencies off by {(counts - expected).abs().max()}"
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_its_neighbours():
+    logits = _logits(4, seed=1)
+    params = SamplingParams(temperature=1.0, seed=7)
+    alone = sample(logits[2:3], [params], [torch.Generator().manual_seed(7)])[0]
+    neighbours = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5, top_k=3), params,
+                  SamplingParams(temperature=0.9)]
+    generators = [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(7), None]
+    together = sample(logits, neighbours, generators)
+    assert together[2] == alone
+    assert together[0] == int(logits[0].argmax())
+    first = _draws(logits[0], params, 30, seed=11)
+    assert torch.equal(first, _draws(logits[0], params, 30, seed=11))
+    assert not torch.equal(first, _draws(logits[0], params, 30, seed=12))
+
+
+def test_logprobs_are_of_the_unmodified_distribution_with_sorted_alternatives():
+    logits = _logits(3, seed=2)
+    params = [SamplingParams(temperature=0.5, top_k=2, logprobs=3), SamplingParams(), SamplingParams(logprobs=0)]
+    tokens = [7, 4, 9]
+    out = logprobs_of(logits, tokens, params)
+    logp = torch.log_softmax(logits, dim=-1)
+    assert out[1] is None
+    assert out[0].token_id == 7 and abs(out[0].logprob - float(logp[0, 7])) < 1e-6
+    assert [t for t, _ in out[0].top] == logp[0].topk(3).indices.tolist()
+    values = [v for _, v in out[0].top]
+    assert values == sorted(values, reverse=True)
+    assert out[2].top == () and abs(out[2].logprob - float(logp[2, 9])) < 1e-6
