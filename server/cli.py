@@ -1,4 +1,4 @@
-"""The `tessera` command: `serve` a model with a module library, or run the offline `demo`.
+"""The `tessera` command: `serve` a model with a module library, run the offline `demo`, manage a `library`.
 
 Engine flags are generated from `EngineConfig`'s fields and their docstrings, in one place.
 """
@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 
 from server.engine.config import EngineConfig
+from server.library_cli import add_library_parser, run_library
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -56,7 +57,8 @@ def _engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="default: info when serving, warning for library commands")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a Hugging Face model directory with a module library")
     demo = commands.add_parser("demo", help="build (once) and serve a small offline demo")
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(serve)
     _add_engine_flags(demo, skip=("model", "library"))
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the demo is built (default ~/.cache/tessera)")
+    add_library_parser(commands)
     return parser
 
 
@@ -82,8 +85,12 @@ def _run(config: EngineConfig, args: argparse.Namespace, banner: str | None = No
     from server.api.app import create_app
     from server.engine.engine import Engine
 
-    if not (Path(config.model) / "config.json").is_file():
-        _fail(f"--model {config.model}: not a Hugging Face model directory (no config.json)")
+    from server.model.loader import resolve_model_dir
+
+    try:
+        resolve_model_dir(config.model)
+    except FileNotFoundError as error:
+        _fail(f"--model {config.model}: {error}")
     try:
         engine = Engine(config)
     except LibraryError as error:
@@ -111,9 +118,15 @@ def _demo_banner(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.log_level = args.log_level or ("warning" if args.command == "library" else "info")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         _run(_engine_config(args), args)
+    elif args.command == "library":
+        try:
+            print(run_library(args))
+        except (ValueError, LookupError, OSError) as error:
+            _fail(str(error).strip("'\""))
     else:
         from server.demo import ensure_demo
 

@@ -10,7 +10,7 @@ class EngineConfig:
     """How the engine loads the backbone and the library and how it batches."""
 
     model: str
-    """Hugging Face model directory (config.json, safetensors, tokenizer)."""
+    """Hugging Face model directory (config.json, safetensors, tokenizer), or a Hub id (org/name)."""
     library: str | None = None
     """Module library directory; none serves the backbone alone."""
     dtype: str = "auto"

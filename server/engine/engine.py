@@ -38,7 +38,8 @@ class Engine:
         self.scheduler = parts.scheduler
         self.runner = parts.runner
         self.max_model_len = parts.max_model_len
-        self.model_name = Path(config.model.rstrip("/")).name
+        local = Path(config.model).expanduser()
+        self.model_name = local.name if local.is_dir() else config.model  # a Hub id is served by its id
         self._rng = random.Random(config.seed)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()

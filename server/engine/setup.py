@@ -13,7 +13,7 @@ from server.engine.module_pool import ModulePool
 from server.engine.runner import ModelRunner, RunnerConfig
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.model.backbone import Backbone
-from server.model.loader import BackboneConfig, load_backbone
+from server.model.loader import BackboneConfig, load_backbone, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +28,14 @@ class EngineParts:
     max_model_len: int
 
 
-def _load_library(config: EngineConfig):
+def _load_library(config: EngineConfig, model_dir: str):
     if config.library is None:
         return None
     from transformers import AutoConfig
 
     from router.library import ModuleLibrary, fingerprint_from_hf_config
 
-    expect = fingerprint_from_hf_config(AutoConfig.from_pretrained(config.model))
+    expect = fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
     return ModuleLibrary.load(config.library, expect=expect)
 
 
@@ -69,11 +69,12 @@ def build_parts(config: EngineConfig) -> EngineParts:
     from transformers import AutoTokenizer
 
     device = config.resolved_device()
-    library = _load_library(config)
+    model_dir = str(resolve_model_dir(config.model))
+    library = _load_library(config, model_dir)
     max_rank = config.max_rank or max((m.rank for m in library.modules.values()), default=8) if library else 8
     num_slots = min(config.max_loaded_modules, len(library.modules)) if library else 0
-    model = load_backbone(config.model, BackboneConfig(config.dtype, device, num_slots, max_rank))
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    model = load_backbone(model_dir, BackboneConfig(config.dtype, device, num_slots, max_rank))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     num_blocks = _num_kv_blocks(config, model, device)
     max_model_len = min(config.max_model_len or model.max_position_embeddings, num_blocks * config.block_size)
     max_blocks_per_seq = -(-max_model_len // config.block_size)
@@ -81,7 +82,7 @@ def build_parts(config: EngineConfig) -> EngineParts:
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
         BlockPool(num_blocks, config.block_size),
         ModulePool(num_slots),
-        _eos_ids(tokenizer, config.model),
+        _eos_ids(tokenizer, model_dir),
     )
     runner_config = RunnerConfig(
         config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks, config.block_size

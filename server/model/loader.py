@@ -31,6 +31,33 @@ _FUSED = {
     "mlp.up_proj": ("mlp.gate_up_proj", "up_proj"),
 }
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+"""What serving needs from a Hub repository: configs, safetensors weights, tokenizer, chat template."""
+
+
+def resolve_model_dir(model: str) -> Path:
+    """The local directory of `model`: a Hugging Face model directory as given, or a Hub id.
+
+    A Hub id (`org/name`) is fetched with huggingface_hub into its usual cache, only the files serving
+    needs (no pickled weights); offline (HF_HUB_OFFLINE=1) it resolves from that cache alone.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{model} is not a Hugging Face model directory (no config.json)")
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise FileNotFoundError(f"{model} is neither a model directory nor a Hugging Face Hub id (org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(repo_id=model, allow_patterns=_HUB_FILES))
+    except Exception as error:  # noqa: BLE001 - network, auth, validation: all mean "cannot get it"
+        raise FileNotFoundError(f"{model}: no such local directory, and the Hugging Face Hub gave no snapshot "
+                                f"({type(error).__name__}: {error})") from error
+    if not (local / "config.json").is_file():
+        raise FileNotFoundError(f"Hub repository {model} has no config.json")
+    return local
 
 
 @dataclass(frozen=True)
