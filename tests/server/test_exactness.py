@@ -3,6 +3,7 @@ for each request alone with its composition merged into the weights (W + sum_j g
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -36,14 +37,17 @@ def _merged_generate(model_dir, library, composition, prompt, num_tokens):
     return out[0, len(prompt) :].tolist()
 
 
-def test_mixed_batch_equals_merged_weights_alone(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_mixed_batch_equals_merged_weights_alone(tiny_checkpoints, tmp_path, device):
+    """On CUDA the same check runs the Triton composed_lora and paged-attention kernels (fp32)."""
     model_dir = tiny_checkpoints("llama")
     library = random_library(
         fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir)), num_modules=4, ranks=(4, 8, 8, 4), std=0.2
     )
     library.write(tmp_path / "lib")
     config = EngineConfig(
-        model=model_dir, library=str(tmp_path / "lib"), device="cpu", block_size=4,
+        model=model_dir, library=str(tmp_path / "lib"), device=device, dtype="float32",
+        block_size=4 if device == "cpu" else 16,
         max_num_batched_tokens=16, num_kv_blocks=64, max_loaded_modules=4,
     )
     engine = Engine(config)

@@ -96,3 +96,24 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path, tiny_llama):
         save_file(edited, str(target / "model.safetensors"))
         with pytest.raises(ValueError, match=message):
             load_backbone(str(target))
+
+
+@pytest.mark.parametrize(
+    "device,dtype",
+    [("cpu", "bfloat16"), ("cpu", "float16"),
+     pytest.param("cuda", "bfloat16", marks=pytest.mark.gpu), pytest.param("cuda", "float16", marks=pytest.mark.gpu)],
+)
+def test_half_precision_tracks_fp32_transformers(tiny_checkpoints, device, dtype):
+    """bf16/fp16 weights and activations (fp32 accumulation where the kernels do it) stay near fp32 logits;
+    on CUDA this runs the Triton attention path, prefill then decode."""
+    model_dir = tiny_checkpoints("qwen3")
+    ids = [5, 17, 42, 99, 7, 256, 300, 12, 64, 3, 88]
+    expected = _hf_logits(model_dir, ids)
+    backbone = load_backbone(model_dir, BackboneConfig(dtype=dtype, device=device))
+    paged = PagedSequences(backbone)
+    out = [_step(backbone, paged, [(0, ids[:7])])]
+    out += [_step(backbone, paged, [(0, [ids[t]])]) for t in range(7, len(ids))]
+    logits = torch.cat(out).float().cpu()  # [len(ids), vocab]
+    assert {p.dtype for p in backbone.parameters()} == {getattr(torch, dtype)}
+    scale = expected.abs().max()
+    assert (logits - expected).abs().max() < 0.03 * scale, f"{dtype}: {(logits - expected).abs().max()} vs {scale}"
