@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One command for a GPU session (the device machine has torch, triton, transformers, peft; no network):
+#   1. the `gpu`-marked tests (kernels against their references on CUDA, CUDA-graph replay, engine exactness),
+#   2. the kernel benchmarks, ours vs vLLM's LoRA kernels (when .peer/ was carried) vs torch vs the floor.
+# Prepare here:  ../shared/tools/vllm_lora_peer/prepare.sh .peer
+#                python3 -m pip download -q -d .wheels pytest pytest-timeout pluggy iniconfig packaging
+# Run there:     bash benchmarks/gpu_session.sh   (with carry [".peer", ".wheels"]); results land in $OUT.
+set -uo pipefail
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+if [ -d .wheels ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl; fi
+if [ -d .peer ]; then
+  tar -xzf .peer/vllm_py.tgz -C .peer
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .peer/whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD/.peer:${PYTHONPATH:-}"
+else
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+git rev-parse HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/server 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+python3 benchmarks/kernels/bench_paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -40
+python3 benchmarks/kernels/bench_composed_lora.py --out "$OUT/composed_lora.json" 2>&1 | tail -80
