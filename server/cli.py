@@ -1,4 +1,4 @@
-"""The `tessera` command: `serve` a model with a module library, or run the offline `demo`.
+"""The `tessera` command: `serve` a model with a module library, run the offline `demo`, or `bench` a server.
 
 Engine flags are generated from `EngineConfig`'s fields and their docstrings, in one place.
 """
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(serve)
     _add_engine_flags(demo, skip=("model", "library"))
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the demo is built (default ~/.cache/tessera)")
+    from benchmarks.serving.cli import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser("bench", help="measure latency and throughput of any OpenAI-compatible server")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -112,6 +116,10 @@ def _demo_banner(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "bench":
+        from benchmarks.serving.cli import run as run_bench
+
+        raise SystemExit(run_bench(args))
     if args.command == "serve":
         _run(_engine_config(args), args)
     else:
