@@ -136,7 +136,7 @@ class BenchConfig:
     api_key: str | None = None
     """Sent as `Authorization: Bearer KEY`."""
     timeout: float = 600.0
-    """Seconds one request may take before it counts as failed."""
+    """Seconds a request may wait for the connection or for its next bytes before it counts as failed."""
     progress: bool = True
     """Show a progress bar while a run goes."""
 

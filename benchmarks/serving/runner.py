@@ -158,7 +158,8 @@ def results(config: BenchConfig, runs: list[Run]) -> dict:
     """The JSON document of a benchmark: its config and, per run, summaries, failures and every request."""
     slos = config.slos
     return {
-        "config": dataclasses.asdict(config) | {"rate": [_rate_json(r) for r in config.rate]},
+        "config": dataclasses.asdict(config) | {"rate": [_rate_json(r) for r in config.rate],
+                                                "api_key": "<redacted>" if config.api_key else None},
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "runs": [{"name": run.name, "rate": _rate_json(run.rate), "burstiness": config.burstiness if run.rate else None,
                   "concurrency": run.concurrency, **summarize_run(run.records, run.duration, slos),

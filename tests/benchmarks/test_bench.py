@@ -11,7 +11,7 @@ import pytest
 from benchmarks.serving.config import BenchConfig
 from benchmarks.serving.runner import benchmark
 from server.cli import main
-from tests.api.conftest import TASKS
+from tests.api.conftest import TASKS, make_engine, serve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LATENCIES = ("ttft", "tpot", "itl", "e2e")
@@ -138,3 +138,20 @@ def test_cli_names_a_bad_dataset_line(server, tmp_path, capsys):
               "--dataset", str(dataset)])
     assert exit_.value.code == 2
     assert f"{dataset}:2: expected a `conversations` (ShareGPT) or `messages` (OpenAI) list" in capsys.readouterr().err
+
+
+def test_api_key_is_sent_and_kept_out_of_the_results(tiny_llama, library_dir, tmp_path, capsys):
+    with serve(make_engine(tiny_llama, library_dir), api_key="sekret") as served:
+        flags = ["bench", "--base-url", served.url, "--model", served.backbone, "--rate", "inf",
+                 "--num-requests", "2", "--input-len", "5", "--output-len", "2", "--no-progress"]
+        with pytest.raises(SystemExit) as exit_:
+            main([*flags, "--api-key", "wrong"])
+        assert exit_.value.code == 2
+        assert f"GET {served.url}/v1/models answered 401" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_:
+            main([*flags, "--api-key", "sekret", "--out", str(tmp_path)])
+        assert exit_.value.code == 0
+    text = (tmp_path / "results.json").read_text()
+    document = json.loads(text)
+    assert "sekret" not in text and document["config"]["api_key"] == "<redacted>"
+    assert document["config"]["rate"] == ["inf"] and document["runs"][0]["summary"]["num_succeeded"] == 2
