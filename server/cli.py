@@ -1,4 +1,5 @@
-"""The `tessera` command: `serve` a model with a module library, run the offline `demo`, manage a `library`.
+"""The `tessera` command: `serve` a model with a module library, run the offline `demo`, manage a `library`,
+or `bench` any OpenAI-compatible server.
 
 Engine flags are generated from `EngineConfig`'s fields and their docstrings, in one place.
 """
@@ -58,7 +59,7 @@ def _engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
-                        help="default: info when serving, warning for library commands")
+                        help="default: info when serving, warning otherwise")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a Hugging Face model directory with a module library")
     demo = commands.add_parser("demo", help="build (once) and serve a small offline demo")
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(demo, skip=("model", "library"))
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the demo is built (default ~/.cache/tessera)")
     add_library_parser(commands)
+    from benchmarks.serving.cli import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser("bench", help="measure latency and throughput of any OpenAI-compatible server")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -118,8 +123,12 @@ def _demo_banner(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.log_level = args.log_level or ("warning" if args.command == "library" else "info")
+    args.log_level = args.log_level or ("info" if args.command in ("serve", "demo") else "warning")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "bench":
+        from benchmarks.serving.cli import run as run_bench
+
+        raise SystemExit(run_bench(args))
     if args.command == "serve":
         _run(_engine_config(args), args)
     elif args.command == "library":

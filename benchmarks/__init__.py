@@ -1,0 +1,1 @@
+"""Benchmarks: kernels (GPU scripts), serving latency against any OpenAI-compatible server."""

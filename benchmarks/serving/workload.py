@@ -1,0 +1,163 @@
+"""What each request asks for: its prompt, its output length and its task tag.
+
+Prompts come from a JSONL dataset or are random words. Dataset lines are one of
+  ShareGPT:        {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}
+  OpenAI messages: {"messages": [{"role": "user", "content": "..."}, ...], "task": "..."}   (task optional)
+The latter is the training data format (`training/` writes it). The prompt is every message before the
+first assistant turn; the rest of the conversation (the reference answer) is not sent.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.serving.config import BenchConfig, LengthDist, popularity
+
+TASK_HEADER = "X-Tessera-Task"
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "system": "system"}
+_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there been one all we their has would when if so no will more time about can "
+    "what some other into could two my first than then its them only new people like these any may well "
+    "model task module server request token batch memory layer weight answer reverse sort count letter word"
+).split()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One conversation's prompt, and the task it is tagged with in the dataset (if any)."""
+
+    messages: tuple[dict, ...]
+    """OpenAI chat messages up to (not including) the first assistant turn."""
+    task: str | None = None
+    """The dataset's `task` field."""
+
+
+@dataclass
+class BenchRequest:
+    """One request to send: its body, extra headers, and the label its metrics are grouped under."""
+
+    label: str
+    """The task name, `explicit` for a module composition, `none` for an untagged request."""
+    body: dict
+    """The JSON body, streaming with usage."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra headers (the task header when tagging by header)."""
+
+
+def _messages(record: dict, where: str) -> list[dict]:
+    if "conversations" in record:
+        messages = []
+        for turn in record["conversations"]:
+            role = _SHAREGPT_ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
+            if role is None or not isinstance(turn.get("value"), str):
+                raise ValueError(f"{where}: a ShareGPT turn needs `from` (human, gpt or system) and a string `value`")
+            messages.append({"role": role, "content": turn["value"]})
+        return messages
+    if "messages" in record and isinstance(record["messages"], list):
+        for message in record["messages"]:
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+                raise ValueError(f"{where}: every message needs a `role` and a string `content`")
+        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    raise ValueError(f"{where}: expected a `conversations` (ShareGPT) or `messages` (OpenAI) list")
+
+
+def load_dataset(path: str | Path) -> list[Prompt]:
+    """Every usable prompt of a JSONL file; a malformed line is an error naming its line number."""
+    prompts = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            messages = _messages(record, where)
+            first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+            prompt = messages[:first_answer]
+            if not prompt or prompt[-1]["role"] != "user":
+                raise ValueError(f"{where}: the conversation must open with a user turn before any answer")
+            task = record.get("task")
+            if task is not None and (not isinstance(task, str) or not task):
+                raise ValueError(f"{where}: `task` must be a non-empty string")
+            prompts.append(Prompt(tuple(prompt), task))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def random_prompt(rng: random.Random, dist: LengthDist) -> Prompt:
+    """Random words; the server's usage reports how many tokens they make."""
+    return Prompt(({"role": "user", "content": " ".join(rng.choices(_WORDS, k=dist.sample(rng)))},))
+
+
+def _pick(rng: random.Random, names: tuple[str, ...], weights: list[float], k: int) -> list[str]:
+    """`k` distinct names drawn by weight, one after another without replacement."""
+    pool, chosen = list(zip(names, weights)), []
+    for _ in range(k):
+        index = rng.choices(range(len(pool)), weights=[w for _, w in pool])[0]
+        chosen.append(pool.pop(index)[0])
+    return chosen
+
+
+class Workload:
+    """An endless, seeded stream of requests for one config (`modules`: names for --modules-k)."""
+
+    def __init__(self, config: BenchConfig, modules: tuple[str, ...] = ()):
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.prompts = load_dataset(config.dataset) if config.dataset else None
+        self.order: list[int] = []
+        self.modules = config.modules or modules
+        if config.modules_k is not None and config.modules_k > len(self.modules):
+            raise ValueError(f"--modules-k {config.modules_k} but the server lists {len(self.modules)} modules")
+        self.task_weights = popularity(config.task_dist, max(1, len(config.tasks)))
+        self.module_weights = popularity(config.task_dist, max(1, len(self.modules)))
+
+    def _prompt(self) -> Prompt:
+        if self.prompts is None:
+            return random_prompt(self.rng, self.config.input_dist)
+        if not self.order:
+            self.order = list(range(len(self.prompts)))
+            self.rng.shuffle(self.order)
+        return self.prompts[self.order.pop()]
+
+    def _tag(self, prompt: Prompt, body: dict, headers: dict[str, str]) -> str:
+        config = self.config
+        if config.modules_k is not None:
+            names = _pick(self.rng, self.modules, self.module_weights, config.modules_k)
+            body["modules"] = {name: round(self.rng.uniform(0.1, 1.0), 3) for name in names}
+            return "explicit"
+        task = _pick(self.rng, config.tasks, self.task_weights, 1)[0] if config.tasks else prompt.task
+        if task is None:
+            return "none"
+        if config.tag_via == "model":
+            body["model"] = task
+        elif config.tag_via == "header":
+            headers[TASK_HEADER] = task
+        else:
+            body["task"] = task
+        return task
+
+    def sample(self) -> BenchRequest:
+        """The next request."""
+        config, prompt = self.config, self._prompt()
+        body: dict = {"model": config.model, "max_tokens": config.output_dist.sample(self.rng), "stream": True,
+                      "stream_options": {"include_usage": True}}
+        if config.endpoint == "chat":
+            body["messages"] = list(prompt.messages)
+        else:
+            body["prompt"] = "\n\n".join(m["content"] for m in prompt.messages)
+        if config.ignore_eos:
+            body["ignore_eos"] = True
+        headers: dict[str, str] = {}
+        label = self._tag(prompt, body, headers)
+        return BenchRequest(label, body, headers)
