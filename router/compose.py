@@ -28,8 +28,6 @@ def compose(
     if task == AUTO:
         if library is None:
             raise NoTextRouterError(f"{NO_LIBRARY}, so {AUTO!r} cannot route prompts")
-        if text is None:
-            raise CompositionError(f"task {AUTO!r} routes by the prompt, and none was given")
         return library.controller.route_text(text)
     if task is not None:
         if library is None:

@@ -45,4 +45,4 @@ def prompts(per_task: int, seed: int) -> tuple[list[str], list[str]]:
 def trained_head(hidden: int = 32):
     """(head over TASKS, held-out accuracy), trained once per process on 40 prompts of each kind."""
     texts, labels = prompts(40, seed=0)
-    return fit_text_router(texts, labels, TASKS, TextRouterConfig(hidden=hidden, steps=200, seed=0))
+    return fit_text_router(texts, labels, TASKS, TextRouterConfig(hidden=hidden, steps=100, seed=0))
