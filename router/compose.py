@@ -1,4 +1,4 @@
-"""Composition rules: a request's task tag (or `auto` and its prompt), explicit weights, or nothing -> a `Composition`."""
+"""Composition rules: a task tag (or `auto` and the prompt), explicit weights, or nothing -> a `Composition`."""
 
 from __future__ import annotations
 

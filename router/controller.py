@@ -72,8 +72,7 @@ class Controller:
         self.modules = list(modules)
         self.logits = logits.detach().float().cpu()  # [num_tasks, num_modules]
         self.settings = settings
-        self.text_router = text_router
-        """Prompt -> task, for requests tagged `auto`; None when the library has none."""
+        self.text_router = text_router  # prompt -> task for requests tagged `auto`; None without one
 
     def check(self, tasks: list[str], modules: list[str]) -> None:
         """Raise LibraryError unless the controller covers exactly these tasks and modules, in order."""

@@ -153,7 +153,9 @@ class ModuleLibrary:
             "controller": self.controller.settings_json(),
         }
 
-    def with_text_router(self, head: TextRouterHead, settings: TextRouterSettings = TextRouterSettings()) -> "ModuleLibrary":
+    def with_text_router(
+        self, head: TextRouterHead, settings: TextRouterSettings = TextRouterSettings()
+    ) -> "ModuleLibrary":
         """A new library whose controller routes untagged prompts with `head` (one output per task, in order).
 
         The head is checked (shapes against the tasks and the encoder, finite values) and copied.

@@ -133,7 +133,7 @@ class TextEncoder:
         if not texts:
             return torch.empty(0, self.embed_dim)  # [0, embed_dim]
         size = self.config.batch_size
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.no_grad():
             self._load_locked()
             parts = [self._embed(texts[i : i + size]) for i in range(0, len(texts), size)]
         return torch.cat(parts)  # [n, embed_dim]
@@ -174,7 +174,9 @@ class TextRouterHead:
     `from_tensors` for a checked fp32 copy.
     """
 
-    def __init__(self, w2: torch.Tensor, b2: torch.Tensor, w1: torch.Tensor | None = None, b1: torch.Tensor | None = None):
+    def __init__(
+        self, w2: torch.Tensor, b2: torch.Tensor, w1: torch.Tensor | None = None, b1: torch.Tensor | None = None
+    ):
         if (w1 is None) != (b1 is None):
             raise LibraryError("text router head: give both w1 and b1 (an MLP) or neither (a linear head)")
         self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
@@ -286,6 +288,8 @@ def text_router_from_files(meta: object, tensors: Mapping[str, torch.Tensor], nu
             f"which embeds into {ENCODERS[settings.encoder]}"
         )
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
-        raise LibraryError(f"library.json: text_router hidden must be an integer >= 0 (0: a linear head), got {hidden!r}")
+        raise LibraryError(
+            f"library.json: text_router hidden must be an integer >= 0 (0: a linear head), got {hidden!r}"
+        )
     head = TextRouterHead.from_tensors(tensors, num_tasks, embed_dim, hidden)
     return TextRouter(head, settings, num_tasks)

@@ -120,7 +120,10 @@ def text_router(engine):
 
 
 def model_cards(engine) -> list[dict]:
-    """/v1/models: the backbone, every task, every module, and `auto` with a text router; each with its `tessera.kind`."""
+    """/v1/models: the backbone, every task, every module, and `auto` if the library has a text router.
+
+    Every card says what it is in `tessera.kind`.
+    """
     card = {"object": "model", "created": int(time.time()), "owned_by": "tessera"}
     backbone = engine.model_name
     cards = [card | {"id": backbone, "root": backbone, "parent": None, "max_model_len": engine.max_model_len,

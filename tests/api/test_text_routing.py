@@ -1,4 +1,4 @@
-"""`model: "auto"`: untagged prompts routed by the library's text router, through a real server and the openai client."""
+"""`model: "auto"`: untagged prompts routed by the library's text router, via a real server and the openai client."""
 
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ def requests_finished(served: Served, task: str) -> float:
 
 def test_metrics_label_the_predicted_task(routed, client):
     before = requests_finished(routed, "arithmetic")
-    client.completions.create(model="auto", prompt=ARITHMETIC, max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    client.completions.create(model="auto", prompt=ARITHMETIC, max_tokens=3, temperature=0,
+                              extra_body={"ignore_eos": True})
     assert requests_finished(routed, "arithmetic") == before + 1
 
 

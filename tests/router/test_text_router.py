@@ -64,7 +64,8 @@ def test_head_predicts_probabilities_and_round_trips(hidden):
 
 @pytest.mark.parametrize("hidden", [0, 8])
 def test_library_round_trip_with_text_router(fingerprint, tmp_path, hidden):
-    library = random_library(fingerprint, tasks=TASKS).with_text_router(random_head(hidden), TextRouterSettings(min_confidence=0.25))
+    settings = TextRouterSettings(min_confidence=0.25)
+    library = random_library(fingerprint, tasks=TASKS).with_text_router(random_head(hidden), settings)
     loaded = ModuleLibrary.load(library.write(tmp_path / "lib"), expect=fingerprint)
     meta = loaded.to_json()["controller"]["text_router"]
     assert meta == {"encoder": "all-MiniLM-L6-v2", "embed_dim": 384, "hidden": hidden, "min_confidence": 0.25}
@@ -98,17 +99,23 @@ JSON_CASES = {
     "embed_dim": (lambda m: _router(m).update(embed_dim=768), "embed_dim 768 does not match the encoder .* 384"),
     "hidden negative": (lambda m: _router(m).update(hidden=-1), "hidden must be an integer >= 0 .* got -1"),
     "hidden bool": (lambda m: _router(m).update(hidden=True), "hidden must be an integer >= 0 .* got True"),
-    "hidden mismatch": (lambda m: _router(m).update(hidden=16), r"text_router.w1: shape \[8, 384\], expected \[16, 384\]"),
+    "hidden mismatch": (
+        lambda m: _router(m).update(hidden=16), r"text_router.w1: shape \[8, 384\], expected \[16, 384\]"
+    ),
     "linear but MLP tensors": (lambda m: _router(m).update(hidden=0), (
         r"unexpected text router tensors \['text_router.b1', 'text_router.w1'\] \(hidden 0 needs"
     )),
-    "min_confidence high": (lambda m: _router(m).update(min_confidence=1.0), r"min_confidence must be a number in \[0, 1\), got 1.0"),
+    "min_confidence high": (
+        lambda m: _router(m).update(min_confidence=1.0), r"min_confidence must be a number in \[0, 1\), got 1.0"
+    ),
     "min_confidence type": (lambda m: _router(m).update(min_confidence="0.5"), "min_confidence must be a number"),
     "task without a head output": (
-        lambda m: m["tasks"].append({"name": "extra"}), r"text_router.w2: shape \[3, 8\], expected \[4, 8\] \[num_tasks, hidden\]"
+        lambda m: m["tasks"].append({"name": "extra"}),
+        r"text_router.w2: shape \[3, 8\], expected \[4, 8\] \[num_tasks, hidden\]",
     ),
     "tensors without settings": (
-        lambda m: m["controller"].pop("text_router"), "holds text router tensors .* but library.json's controller has no text_router"
+        lambda m: m["controller"].pop("text_router"),
+        "holds text router tensors .* but library.json's controller has no text_router",
     ),
 }
 
@@ -126,12 +133,25 @@ def _set(key, value):
 
 
 TENSOR_CASES = {
-    "w1 shape": (_set("text_router.w1", torch.zeros(8, 383)), r"controller text_router.w1: shape \[8, 383\], expected \[8, 384\] \[hidden, embed_dim\]"),
+    "w1 shape": (
+        _set("text_router.w1", torch.zeros(8, 383)),
+        r"controller text_router.w1: shape \[8, 383\], expected \[8, 384\] \[hidden, embed_dim\]",
+    ),
     "b1 shape": (_set("text_router.b1", torch.zeros(9)), r"text_router.b1: shape \[9\], expected \[8\] \[hidden\]"),
-    "b2 shape": (_set("text_router.b2", torch.zeros(3, 1)), r"text_router.b2: shape \[3, 1\], expected \[3\] \[num_tasks\]"),
-    "NaN": (_set("text_router.w2", lambda t: t.index_fill(1, torch.tensor([0]), float("nan"))), "text_router.w2: contains NaN or Inf"),
-    "Inf": (_set("text_router.b1", lambda t: t.index_fill(0, torch.tensor([2]), float("inf"))), "text_router.b1: contains NaN or Inf"),
-    "integer dtype": (_set("text_router.w1", lambda t: t.to(torch.int64)), "text_router.w1: expected a floating-point tensor"),
+    "b2 shape": (
+        _set("text_router.b2", torch.zeros(3, 1)), r"text_router.b2: shape \[3, 1\], expected \[3\] \[num_tasks\]"
+    ),
+    "NaN": (
+        _set("text_router.w2", lambda t: t.index_fill(1, torch.tensor([0]), float("nan"))),
+        "text_router.w2: contains NaN or Inf",
+    ),
+    "Inf": (
+        _set("text_router.b1", lambda t: t.index_fill(0, torch.tensor([2]), float("inf"))),
+        "text_router.b1: contains NaN or Inf",
+    ),
+    "integer dtype": (
+        _set("text_router.w1", lambda t: t.to(torch.int64)), "text_router.w1: expected a floating-point tensor"
+    ),
     "missing": (lambda t: t.pop("text_router.b1"), r"text router tensor text_router.b1 is missing \(hidden 8 needs"),
     "extra": (_set("text_router.scale", torch.ones(1)), r"unexpected text router tensors \['text_router.scale'\]"),
 }
@@ -171,7 +191,8 @@ def test_fit_rejects_bad_input():
         fit_text_router(ok[0][:3], ok[1][:3], ["reverse", "add"])
     with pytest.raises(ValueError, match="every prompt must be a non-empty string"):
         fit_text_router([" ", *ok[0][1:]], ok[1], ["reverse", "add"])
-    with pytest.raises(ValueError, match=r"steps must be an integer >= 1, got 0; holdout_fraction must be in \(0, 1\), got 1.0"):
+    message = r"steps must be an integer >= 1, got 0; holdout_fraction must be in \(0, 1\), got 1.0"
+    with pytest.raises(ValueError, match=message):
         fit_text_router(*ok, ["reverse", "add"], TextRouterConfig(holdout_fraction=1.0, steps=0))
 
 
