@@ -4,8 +4,12 @@ Pure CPU: this package never batches, never allocates device memory and never im
 """
 
 from router.composition import NO_COMPOSITION, Composition
-from router.errors import CompositionError, LibraryError, UnknownModuleError, UnknownTaskError
+from router.errors import (
+    CompositionError, LibraryError, LowConfidenceError, NoTextRouterError, RoutingError, UnknownModuleError,
+    UnknownTaskError,
+)
 
 __all__ = [
-    "Composition", "CompositionError", "LibraryError", "NO_COMPOSITION", "UnknownModuleError", "UnknownTaskError",
+    "Composition", "CompositionError", "LibraryError", "LowConfidenceError", "NO_COMPOSITION", "NoTextRouterError",
+    "RoutingError", "UnknownModuleError", "UnknownTaskError",
 ]

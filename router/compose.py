@@ -1,4 +1,4 @@
-"""Composition rules: a request's task tag, explicit weights, or nothing -> a `Composition`."""
+"""Composition rules: a task tag (or `auto` and the prompt), explicit weights, or nothing -> a `Composition`."""
 
 from __future__ import annotations
 
@@ -6,21 +6,29 @@ import math
 from collections.abc import Mapping
 
 from router.composition import NO_COMPOSITION, Composition
-from router.errors import CompositionError, UnknownModuleError, UnknownTaskError
+from router.errors import CompositionError, NoTextRouterError, UnknownModuleError, UnknownTaskError
+from router.text import AUTO
 
 NO_LIBRARY = "no module library is loaded"
 
 
 def compose(
-    library, task: str | None = None, modules: Mapping[str, float] | None = None, max_k: int = 4
+    library, task: str | None = None, modules: Mapping[str, float] | None = None, max_k: int = 4,
+    text: str | None = None,
 ) -> Composition:
     """The composition of one request: exactly one of `task` and `modules`, or neither.
 
     A task goes through the library's controller (an unknown task is an error, never a silent fallback
-    to the backbone); explicit `modules` weights are the gates as given; neither is the backbone alone.
+    to the backbone); the task `auto` routes `text` (the prompt) through the controller's text router,
+    which blocks on the sentence encoder; explicit `modules` weights are the gates as given; neither is
+    the backbone alone.
     """
     if task is not None and modules is not None:
         raise CompositionError("give either a task or explicit module weights, not both")
+    if task == AUTO:
+        if library is None:
+            raise NoTextRouterError(f"{NO_LIBRARY}, so {AUTO!r} cannot route prompts")
+        return library.controller.route_text(text)
     if task is not None:
         if library is None:
             raise UnknownTaskError(task, [], NO_LIBRARY)

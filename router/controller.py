@@ -5,13 +5,17 @@ controller.safetensors as `task_gate_logits` [num_tasks, num_modules]. Gates are
 sigmoid(logit / temperature); the top_k largest are kept, those under the threshold dropped, and the
 rest rescaled to sum to one when `renormalize` is set.
 
+Untagged prompts: the controller may carry a `TextRouter` (router/text.py; library.json's
+`controller.text_router`, tensors `text_router.*`). `route_text` predicts the prompt's task and returns
+that task's gates with source `inferred`; a prompt under `min_confidence` is refused, never guessed.
+
 Seam for richer controllers: library.json names the controller `type`, and `controller_from_files`
-dispatches on it. Text routing of untagged prompts (trained by `training/`, producing compositions with
-source `inferred`) will be a further type with its own tensors; nothing else in the library changes.
+dispatches on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -19,7 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from router.composition import Composition
-from router.errors import LibraryError, UnknownTaskError
+from router.errors import CompositionError, LibraryError, LowConfidenceError, NoTextRouterError, UnknownTaskError
+from router.text import PREFIX, TextRouter, text_router_from_files
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +63,16 @@ class ControllerSettings:
 class Controller:
     """Task tag -> `Composition`, from a gate-logit matrix over the library's modules."""
 
-    def __init__(self, tasks: list[str], modules: list[str], logits: torch.Tensor, settings: ControllerSettings):
+    def __init__(
+        self, tasks: list[str], modules: list[str], logits: torch.Tensor, settings: ControllerSettings,
+        text_router: TextRouter | None = None,
+    ):
         settings.check()
         self.tasks = list(tasks)
         self.modules = list(modules)
         self.logits = logits.detach().float().cpu()  # [num_tasks, num_modules]
         self.settings = settings
+        self.text_router = text_router  # prompt -> task for requests tagged `auto`; None without one
 
     def check(self, tasks: list[str], modules: list[str]) -> None:
         """Raise LibraryError unless the controller covers exactly these tasks and modules, in order."""
@@ -79,20 +88,32 @@ class Controller:
             )
         if not torch.isfinite(self.logits).all():
             raise LibraryError(f"controller {LOGITS_KEY} contains NaN or Inf")
+        if self.text_router is not None and self.text_router.head.num_tasks != len(tasks):
+            raise LibraryError(
+                f"controller text router predicts {self.text_router.head.num_tasks} tasks, the library has {len(tasks)}"
+            )
 
     def settings_json(self) -> dict:
         """The `controller` object of library.json."""
-        return {"type": "task-gates", **asdict(self.settings)}
+        meta = {"type": "task-gates", **asdict(self.settings)}
+        if self.text_router is not None:
+            meta["text_router"] = self.text_router.settings_json()
+        return meta
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What controller.safetensors holds."""
-        return {LOGITS_KEY: self.logits.contiguous()}
+        router = self.text_router.tensors() if self.text_router is not None else {}
+        return {LOGITS_KEY: self.logits.contiguous(), **router}
+
+    def with_text_router(self, text_router: TextRouter | None) -> "Controller":
+        """This controller with `text_router` attached (None: detached)."""
+        return Controller(self.tasks, self.modules, self.logits, self.settings, text_router)
 
     def with_module_column(self, module: str, logit: float) -> "Controller":
         """A controller with one more module, `module`, whose logit is `logit` for every task."""
         column = torch.full((len(self.tasks), 1), float(logit))  # [num_tasks, 1]
         logits = torch.cat([self.logits, column], dim=1)  # [num_tasks, num_modules + 1]
-        return Controller(self.tasks, [*self.modules, module], logits, self.settings)
+        return Controller(self.tasks, [*self.modules, module], logits, self.settings, self.text_router)
 
     def gates_for_task(self, task: str) -> Composition:
         """The composition the controller gives `task`, modules ordered by gate, largest first."""
@@ -109,6 +130,25 @@ class Controller:
             chosen = [(m, g / total) for m, g in chosen]
         return Composition(tuple(m for m, _ in chosen), tuple(g for _, g in chosen), "tag", task)
 
+    def route_text(self, text: str) -> Composition:
+        """The composition of an untagged prompt: its predicted task's gates, with source `inferred`.
+
+        Raises NoTextRouterError without a text router, LowConfidenceError when the top task's
+        probability is under the router's `min_confidence`, CompositionError for a blank prompt.
+        Blocking (runs the sentence encoder): call it off the event loop.
+        """
+        if self.text_router is None:
+            raise NoTextRouterError("the module library has no text router, so 'auto' cannot route prompts; tag a task")
+        if not isinstance(text, str) or not text.strip():
+            raise CompositionError("text routing needs a non-empty prompt")
+        index, confidence = self.text_router.classify([text])[0]
+        task = self.tasks[index]
+        floor = self.text_router.settings.min_confidence
+        if confidence < floor:
+            raise LowConfidenceError(task, confidence, floor)
+        logger.debug("routed a %d-character prompt to task %r (p=%.3f)", len(text), task, confidence)
+        return dataclasses.replace(self.gates_for_task(task), source="inferred")
+
 
 def controller_from_files(
     meta: dict, tensors: dict[str, torch.Tensor], tasks: list[str], modules: list[str]
@@ -119,15 +159,24 @@ def controller_from_files(
     kind = meta.get("type")
     if kind not in CONTROLLER_TYPES:
         raise LibraryError(f"library.json: controller type {kind!r} is not supported; supported: {CONTROLLER_TYPES}")
-    if set(tensors) != {LOGITS_KEY}:
+    router_tensors = {k: v for k, v in tensors.items() if k.startswith(PREFIX)}
+    if set(tensors) - set(router_tensors) != {LOGITS_KEY}:
         raise LibraryError(f"controller.safetensors must hold exactly {LOGITS_KEY}, has {sorted(tensors)}")
     logits = tensors[LOGITS_KEY]
     if not logits.is_floating_point():
         raise LibraryError(f"controller {LOGITS_KEY} has dtype {logits.dtype}, expected a floating dtype")
-    unknown = set(meta) - {"type", "top_k", "threshold", "temperature", "renormalize"}
+    unknown = set(meta) - {"type", "top_k", "threshold", "temperature", "renormalize", "text_router"}
     if unknown:
         raise LibraryError(f"library.json: unknown controller settings {sorted(unknown)}")
-    settings = ControllerSettings(**{k: v for k, v in meta.items() if k != "type"})
-    controller = Controller(tasks, modules, logits, settings)
+    text_router = None
+    if "text_router" in meta:
+        text_router = text_router_from_files(meta["text_router"], router_tensors, len(tasks))
+    elif router_tensors:
+        raise LibraryError(
+            f"controller.safetensors holds text router tensors {sorted(router_tensors)}, "
+            "but library.json's controller has no text_router"
+        )
+    settings = ControllerSettings(**{k: v for k, v in meta.items() if k not in ("type", "text_router")})
+    controller = Controller(tasks, modules, logits, settings, text_router)
     controller.check(tasks, modules)
     return controller

@@ -39,3 +39,34 @@ class UnknownModuleError(_Unknown):
 
 class CompositionError(ValueError):
     """Explicit module weights that cannot form a composition."""
+
+
+class RoutingError(LookupError):
+    """Text routing (`auto`) could not pick a task for a prompt; the base of the two cases below."""
+
+
+class NoTextRouterError(RoutingError):
+    """`auto` was asked for, but the library has no text router (or no library is loaded).
+
+    The API answers 404 (`model_not_found`): the model `auto` does not exist on this server, exactly as
+    an unknown task name does not, and GET /v1/models does not list it.
+    """
+
+
+class LowConfidenceError(RoutingError):
+    """The text router's top task probability is under the library's `min_confidence`.
+
+    The API answers 400 (`low_routing_confidence`), not 404: the model `auto` exists and the body is
+    well formed, but this prompt does not say clearly enough which task it is, and the server refuses
+    to guess (never a silent fallback). The client fixes it by changing the request, e.g. by tagging a
+    task, which is what 400 means; a 404 would wrongly tell clients that `auto` is missing.
+    """
+
+    def __init__(self, task: str, confidence: float, min_confidence: float):
+        self.task = task
+        self.confidence = confidence
+        self.min_confidence = min_confidence
+        super().__init__(
+            f"text routing is not confident enough: the best task {task!r} has probability {confidence:.3f}, "
+            f"under the library's min_confidence {min_confidence}; tag the task explicitly"
+        )

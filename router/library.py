@@ -3,7 +3,7 @@
     library/
       library.json          format, version, backbone fingerprint, targets, modules, tasks, controller
       modules.safetensors   "{module}.layers.{i}.{target}.lora_A" [rank, in] and ".lora_B" [out, rank]
-      controller.safetensors  "task_gate_logits" [num_tasks, num_modules]
+      controller.safetensors  "task_gate_logits" [num_tasks, num_modules], optional "text_router.*"
 
 Loading validates everything before returning: shapes against the fingerprint, ranks, targets, layer
 indices, NaN/Inf, missing or extra tensors, and that every file resolves inside the library root.
@@ -26,6 +26,7 @@ from router.controller import Controller, ControllerSettings, controller_from_fi
 from router.errors import LibraryError, UnknownModuleError
 from router.fingerprint import TARGETS, BackboneFingerprint, fingerprint_from_hf_config
 from router.info import ModuleInfo, ModuleWeights, TaskInfo, check_name
+from router.text import AUTO, TextRouter, TextRouterHead, TextRouterSettings
 from router.validate import (
     FILES, FORMAT, VERSION, check_module_weights, parse_modules, parse_tasks, read_json, read_tensors,
     resolve_inside, take_module_tensors, tensor_key,
@@ -62,6 +63,9 @@ class ModuleLibrary:
         for name, task in self.tasks.items():
             if name != task.name:
                 raise LibraryError(f"task registered as {name!r} is named {task.name!r}")
+        if AUTO in self.tasks or AUTO in self.modules:
+            kind = "task" if AUTO in self.tasks else "module"
+            raise LibraryError(f"{kind} name {AUTO!r} is reserved: requests use it to ask for text routing")
         if set(self.weights) != set(self.modules):
             raise LibraryError(
                 f"weights are given for modules {sorted(self.weights)}, the library declares {sorted(self.modules)}"
@@ -148,6 +152,19 @@ class ModuleLibrary:
             "tasks": [t.to_json() for t in self.tasks.values()],
             "controller": self.controller.settings_json(),
         }
+
+    def with_text_router(
+        self, head: TextRouterHead, settings: TextRouterSettings = TextRouterSettings()
+    ) -> "ModuleLibrary":
+        """A new library whose controller routes untagged prompts with `head` (one output per task, in order).
+
+        The head is checked (shapes against the tasks and the encoder, finite values) and copied.
+        """
+        router = TextRouter(head, settings, len(self.tasks))
+        return ModuleLibrary(
+            self.backbone, dict(self.modules), dict(self.tasks), self.controller.with_text_router(router),
+            dict(self.weights),
+        )
 
     def with_module(self, info: ModuleInfo, weights: ModuleWeights, task_logit: float = -10.0) -> "ModuleLibrary":
         """A new library with one more module; its controller logit is `task_logit` for every task.

@@ -112,6 +112,9 @@ def _with_task(library: ModuleLibrary, task: TaskInfo, module: str) -> ModuleLib
     """`library` with one more task whose controller row selects `module` alone."""
     if task.name in library.tasks:
         raise ValueError(f"task {task.name!r} already exists in {sorted(library.tasks)}")
+    if library.controller.text_router is not None:
+        raise ValueError("the library's text router predicts its current tasks; a new task needs a new router "
+                         "(fit one with training.text_router and attach it), so --task is refused here")
     row = torch.full((1, len(library.modules)), -TAG_LOGIT)  # [1, num_modules]
     row[0, list(library.modules).index(module)] = TAG_LOGIT
     old = library.controller

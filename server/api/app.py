@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router.text import AUTO
 
 from server.api import translate
 from server.api.auth import APIKeyMiddleware
@@ -17,6 +21,8 @@ from server.api.responses import collect, composition_header, stream
 from server.api.serving import Call, Runner, until_disconnected
 from server.metrics import Metrics
 
+logger = logging.getLogger(__name__)
+
 CLIENT_CLOSED = 499
 """Status logged for a non-streaming request whose client left before the answer (nginx's convention)."""
 
@@ -24,7 +30,9 @@ CLIENT_CLOSED = 499
 def create_app(engine, api_key: str | None = None) -> FastAPI:
     """An app serving `engine`; with `api_key`, every route but /health needs `Authorization: Bearer KEY`.
 
-    The app's lifespan starts the engine's step loop and shuts it down. Metrics live in a registry of
+    The app's lifespan loads the library's text encoder (if it has a text router, so a missing encoder
+    fails at start-up, not on the first `auto` request), starts the engine's step loop and shuts it
+    down. Metrics live in a registry of
     the app's own (`app.state.metrics.registry`), fed by the engine's step observer.
     """
     metrics = Metrics()
@@ -33,6 +41,9 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        router = text_router(engine)
+        if router is not None:
+            await asyncio.to_thread(router.encoder.load)
         engine.start()
         try:
             yield
@@ -74,9 +85,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
 async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], request: Request):
     """Resolve the composition and sampling params of every choice, then stream or collect them."""
     engine = runner.engine
-    composition = translate.resolve_composition(
-        body, request.headers.get(translate.TASK_HEADER), engine.model_name, engine.library, engine.config.max_k
-    )
+    composition = await _composition(engine, body, request)
     default_max = None if kind == "chat" else 16
     params = [
         translate.sampling_params(body, len(p), engine.max_model_len, i % body.n, default_max)
@@ -93,8 +102,28 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
     return JSONResponse(result, headers=headers)
 
 
+async def _composition(engine, body, request: Request):
+    """The request's composition; text routing (`auto`) runs its blocking encoder in a worker thread."""
+    tags = translate.requested_tags(body, request.headers.get(translate.TASK_HEADER), engine.model_name,
+                                    engine.library)
+    if tags.task != AUTO or text_router(engine) is None:
+        return translate.compose_tags(tags, engine.library, engine.config.max_k)
+    text = translate.routing_text(body, engine.tokenizer)
+    composition = await asyncio.to_thread(translate.compose_tags, tags, engine.library, engine.config.max_k, text)
+    logger.debug("auto routed request to task %r", composition.task)
+    return composition
+
+
+def text_router(engine):
+    """The engine's library's text router, or None."""
+    return engine.library.controller.text_router if engine.library is not None else None
+
+
 def model_cards(engine) -> list[dict]:
-    """/v1/models: the backbone, then every task and every module, each with its `tessera.kind`."""
+    """/v1/models: the backbone, every task, every module, and `auto` if the library has a text router.
+
+    Every card says what it is in `tessera.kind`.
+    """
     card = {"object": "model", "created": int(time.time()), "owned_by": "tessera"}
     backbone = engine.model_name
     cards = [card | {"id": backbone, "root": backbone, "parent": None, "max_model_len": engine.max_model_len,
@@ -108,4 +137,9 @@ def model_cards(engine) -> list[dict]:
     for module in library.modules.values():
         info = {"kind": "module", "rank": module.rank, "description": module.description}
         cards.append(child | {"id": module.name, "tessera": info})
+    router = text_router(engine)
+    if router is not None:
+        info = {"kind": "router", "encoder": router.settings.encoder, "tasks": list(library.tasks),
+                "min_confidence": router.settings.min_confidence}
+        cards.append(child | {"id": AUTO, "tessera": info})
     return cards

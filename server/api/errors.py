@@ -11,7 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.errors import CompositionError, LibraryError, UnknownModuleError, UnknownTaskError
+from router.errors import (
+    CompositionError, LibraryError, LowConfidenceError, NoTextRouterError, RoutingError, UnknownModuleError,
+    UnknownTaskError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +46,22 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-ROUTER_ERRORS = (UnknownTaskError, UnknownModuleError, CompositionError, LibraryError)
+ROUTER_ERRORS = (UnknownTaskError, UnknownModuleError, CompositionError, LibraryError, RoutingError)
 """What `router.compose` raises for a request it cannot serve."""
 
 
 def from_router(error: Exception, param: str) -> APIError:
-    """Map one of ROUTER_ERRORS onto HTTP: unknown names are 404, bad compositions 400."""
-    if isinstance(error, UnknownTaskError):
+    """Map one of ROUTER_ERRORS onto HTTP: unknown names are 404, bad compositions 400.
+
+    `auto` without a text router is an unknown model (404); a prompt routed under the library's
+    `min_confidence` is a request to change (400; see router.errors.LowConfidenceError).
+    """
+    if isinstance(error, (UnknownTaskError, NoTextRouterError)):
         return APIError(404, str(error), param, "model_not_found")
     if isinstance(error, UnknownModuleError):
         return APIError(404, str(error), param, "module_not_found")
+    if isinstance(error, LowConfidenceError):
+        return APIError(400, str(error), param, "low_routing_confidence")
     return APIError(400, str(error), param, "invalid_composition")
 
 

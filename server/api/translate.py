@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from router.compose import compose
 from router.composition import Composition
+from router.text import AUTO
 from server.api.errors import ROUTER_ERRORS, APIError, from_router
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.engine.request import SamplingParams
@@ -11,12 +14,30 @@ from server.engine.request import SamplingParams
 TASK_HEADER = "x-tessera-task"
 
 
+@dataclass(frozen=True)
+class Tags:
+    """What a request asks for, before the router turns it into a composition."""
+
+    task: str | None
+    """The task tag from any route (model, body `task`, header); `auto` asks for text routing."""
+    modules: dict[str, float] | None
+    """Explicit module weights (body `modules`, or a module named as the model)."""
+    param: str
+    """The request parameter a routing error points at."""
+
+
 def _task_from_model(model: str, backbone: str, library) -> tuple[str | None, str | None]:
-    """(task, module) that the `model` field names: the backbone, `backbone:NAME` or NAME; 404 otherwise."""
+    """(task, module) that the `model` field names: the backbone, `backbone:NAME` or NAME; 404 otherwise.
+
+    `auto` (or `backbone:auto`) is the task AUTO whether or not the library can route text; the router
+    answers 404 when it cannot.
+    """
     if model == backbone:
         return None, None
     prefix, sep, rest = model.partition(":")
     name = rest if sep and prefix == backbone and rest else model
+    if name == AUTO:
+        return AUTO, None
     if library is not None and name in library.tasks:
         return name, None
     if library is not None and name in library.modules:
@@ -25,8 +46,19 @@ def _task_from_model(model: str, backbone: str, library) -> tuple[str | None, st
                         f"alone or as {backbone!r}:NAME (GET /v1/models lists them)", "model", "model_not_found")
 
 
-def resolve_composition(body, header_task: str | None, backbone: str, library, max_k: int) -> Composition:
-    """The composition a request asks for, by any of the equivalent tagging routes."""
+def resolve_composition(
+    body, header_task: str | None, backbone: str, library, max_k: int, text: str | None = None
+) -> Composition:
+    """The composition a request asks for, by any of the equivalent tagging routes.
+
+    With the task `auto`, `text` (see `routing_text`) is routed by the library's text router, which
+    blocks on the sentence encoder: call this in a worker thread then.
+    """
+    return compose_tags(requested_tags(body, header_task, backbone, library), library, max_k, text)
+
+
+def requested_tags(body, header_task: str | None, backbone: str, library) -> Tags:
+    """The task or modules a request names, with conflicting tags rejected (400)."""
     model_task, model_module = _task_from_model(body.model, backbone, library)
     tasks = {t for t in (model_task, body.task, header_task) if t}
     if len(tasks) > 1:
@@ -38,10 +70,32 @@ def resolve_composition(body, header_task: str | None, backbone: str, library, m
             raise APIError(400, f"model {body.model!r} is a module; do not also give task or modules",
                            "modules" if modules is not None else "task", "conflicting_tags")
         modules = {model_module: 1.0}
+    param = "modules" if modules is not None else "model" if model_task is not None else "task"
+    return Tags(task, modules, param)
+
+
+def compose_tags(tags: Tags, library, max_k: int, text: str | None = None) -> Composition:
+    """The router's composition for `tags` (`text` is the prompt, for the task `auto`), errors as HTTP."""
     try:
-        return compose(library, task=task, modules=modules, max_k=max_k)
+        return compose(library, task=tags.task, modules=tags.modules, max_k=max_k, text=text)
     except ROUTER_ERRORS as error:
-        raise from_router(error, "modules" if modules is not None else "task") from error
+        raise from_router(error, tags.param) from error
+
+
+def routing_text(body, tokenizer) -> str:
+    """The text that `auto` routes: a chat's last user message, or a completion's one prompt (decoded if ids)."""
+    if isinstance(body, ChatCompletionRequest):
+        users = [m for m in body.messages if m.role == "user"]
+        if not users:
+            raise APIError(400, f"model {AUTO!r} routes by the last user message, and there is none", "messages")
+        return users[-1].text()
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise APIError(400, f"model {AUTO!r} routes one prompt per request, got {len(prompt)}; send them "
+                                "separately or tag a task", "prompt")
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=True)
 
 
 def chat_prompt(body: ChatCompletionRequest, tokenizer) -> list[int]:
