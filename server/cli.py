@@ -1,4 +1,4 @@
-"""The `tessera` command: `serve` a model with a module library, or run the offline `demo`.
+"""The `tessera` command: `serve` a model with a module library, run the offline `demo`, or `train` a library.
 
 Engine flags are generated from `EngineConfig`'s fields and their docstrings, in one place.
 """
@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 
 from server.engine.config import EngineConfig
+from training.cli import add_train_arguments, run_train
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(serve)
     _add_engine_flags(demo, skip=("model", "library"))
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the demo is built (default ~/.cache/tessera)")
+    train = commands.add_parser("train", help="train a module library on a frozen Hugging Face model")
+    add_train_arguments(train)
     return parser
 
 
@@ -112,7 +115,9 @@ def _demo_banner(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
+    if args.command == "train":
+        run_train(args)
+    elif args.command == "serve":
         _run(_engine_config(args), args)
     else:
         from server.demo import ensure_demo
