@@ -101,14 +101,14 @@ def _init_library(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> None:
     """Run `tessera train` with parsed arguments; expected failures exit with status 2 and one line."""
+    config = _config(args)
+    if not (args.model / "config.json").is_file():
+        _fail(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
     from router.errors import LibraryError
     from training.checkpoint import CheckpointError
     from training.data import DataError, load_examples
     from training.trainer import check_output, train_library
 
-    config = _config(args)
-    if not (args.model / "config.json").is_file():
-        _fail(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
     try:
         check_output(args.out, args.overwrite)
         examples = load_examples(args.data)
