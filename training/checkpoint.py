@@ -93,7 +93,8 @@ def load(path: Path, signature: str, params: dict[str, torch.nn.Parameter],
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is unreadable ({error}); delete it to start over") from error
-    if meta.get("format") != FORMAT or meta.get("signature") != signature:
+    missing = [name for name in params if f"params.{name}" not in tensors] + ["relation"] * ("relation" not in tensors)
+    if meta.get("format") != FORMAT or meta.get("signature") != signature or missing:
         raise CheckpointError(
             f"checkpoint {path} belongs to a different training run (other data, config, points or init); "
             "rerun with the same arguments to resume, or delete it to start over"

@@ -9,8 +9,9 @@ Labels: the conversation is rendered once with the tokenizer's chat template. Fo
 the template is rendered twice more, for messages[:i] with the generation prompt and for messages[:i+1];
 both must be prefixes of the full rendering (a template that rewrites earlier turns is rejected), and the
 characters between their ends are the assistant's: its content plus the template's end-of-turn text, so
-the model learns to stop. Tokens whose first character falls in such a span get their own id as label,
-all others -100. No `{% generation %}` support is needed.
+the model learns to stop (a conversation opening with the assistant has no earlier turns to render: its
+first span starts where its content does). Tokens whose first character falls in such a span get their
+own id as label, all others -100. No `{% generation %}` support is needed.
 
 Truncation: the token sequence is cut to its first `max_seq_len` tokens (the start of a conversation is
 kept; the end is what a long example loses). An example left with no labelled token is dropped by the
@@ -112,7 +113,11 @@ def load_examples(path: str | Path) -> list[Example]:
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as error:  # noqa: BLE001 - templates raise anything (jinja errors, raise_exception)
+        raise DataError(f"the chat template cannot render {len(messages)} turn(s) of this conversation "
+                        f"({type(error).__name__}: {error})") from error
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -124,8 +129,11 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:index], generation_prompt=True) if index else ""
         through = _render(tokenizer, messages[: index + 1])
+        if index:
+            before = _render(tokenizer, messages[:index], generation_prompt=True)
+        else:  # transformers renders no empty conversation: the turn starts where its content does
+            before = through[: through.rfind(message["content"])]
         if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
             raise DataError(
                 f"the chat template is not prefix-stable at message {index}: rendering the conversation up to "

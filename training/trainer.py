@@ -133,8 +133,13 @@ class Trainer:
     def _encode(self) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
         index = {t.name: i for i, t in enumerate(self.tasks)}
         rows, row_tasks, dropped = [], [], 0
-        for example in self.examples:
-            ids, labels = encode(self.tokenizer, example, self.config.max_seq_len)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DataError(f"{self.tokenizer.name_or_path}: the tokenizer has no chat template; training needs one")
+        for number, example in enumerate(self.examples, 1):
+            try:
+                ids, labels = encode(self.tokenizer, example, self.config.max_seq_len)
+            except DataError as error:
+                raise DataError(f"example {number} (task {example.task}): {error}") from error
             if all(label == IGNORE for label in labels[1:]):
                 dropped += 1
                 continue

@@ -99,3 +99,15 @@ def test_collate_pads_right_with_masks():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, IGNORE, IGNORE]]
     assert torch.equal(batch["task_ids"], torch.tensor([1, 0]))
+
+
+def test_a_conversation_may_open_with_the_assistant(tokenizer):
+    ids, labels = encode(tokenizer, Example("rev", [ASSISTANT, USER]), max_seq_len=64)
+    assert tokenizer.decode([label for label in labels if label != IGNORE]) == "cba<|im_end|>\n"
+
+
+def test_a_template_that_raises_is_a_data_error(tokenizer):
+    strict = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    strict.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}x"
+    with pytest.raises(DataError, match="chat template cannot render 2 turn.*user first"):
+        encode(strict, Example("rev", [ASSISTANT, USER]), max_seq_len=64)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoConfig
 
+from router.library import fingerprint_from_hf_config
 from training.modules import ModuleBank, ModuleSpec, target_linear
 from tests.training.helpers import PROMPTS, backbone, merged
 
@@ -71,3 +73,18 @@ def test_forward_without_gates_and_bad_points_are_errors(tiny_llama, fingerprint
         bank.install(model)
     with pytest.raises(ValueError, match="layer out of range; the model has 2 layers"):
         target_linear(model, (2, "q_proj"))
+
+
+@pytest.mark.parametrize("architecture", ["mistral", "qwen2", "qwen3"])
+def test_every_supported_architecture_names_its_targets_alike(tiny_checkpoints, architecture):
+    path = tiny_checkpoints(architecture)
+    model = backbone(path)
+    before = model(PROMPTS).logits
+    bank = _bank(fingerprint_from_hf_config(AutoConfig.from_pretrained(path)))
+    bank.install(model)
+    with torch.no_grad():
+        bank.adapters[0].b.fill_(0.1)
+    with bank.gating(torch.ones(2, 3)):
+        assert not torch.allclose(model(PROMPTS).logits, before)
+    bank.uninstall()
+    assert torch.equal(model(PROMPTS).logits, before)

@@ -13,7 +13,7 @@ from router.controller import ControllerSettings
 from router.errors import LibraryError
 from router.fingerprint import TARGETS
 from router.info import TaskInfo
-from router.library import ModuleLibrary
+from router.library import ModuleLibrary, random_library
 from router.peft_io import import_peft
 from training.checkpoint import CheckpointError, checkpoint_dir
 from training.losses import task_loss
@@ -132,3 +132,18 @@ def test_run_arguments_are_checked(tiny_llama, examples, small_config, fingerpri
         Trainer(tiny_llama, examples, small_config, points=[(0, "q_proj"), (1, "v_proj")])
     with pytest.raises(ValueError, match=r"relation must be \[num_tasks, num_tasks\] = \[2, 2\]"):
         Trainer(tiny_llama, examples, small_config, relation=torch.zeros(3, 3))
+
+
+def test_fine_tuning_an_init_library_starts_from_its_function(tiny_llama, examples, small_config, fingerprint):
+    init = random_library(fingerprint, num_modules=3, tasks=("upper", "other"), rank=(2, 4, 2), std=0.2)
+    trainer = Trainer(tiny_llama, examples, small_config, init=init)
+    assert [t.name for t in trainer.tasks] == ["upper", "other", "reverse"]
+    assert torch.equal(trainer.controller.logits[:2].detach(), init.controller.logits)
+    composition = init.controller.gates_for_task("upper")
+    gates = torch.zeros(2, 3)  # [batch, N]
+    for name, gate in zip(composition.module_ids, composition.gates):
+        gates[:, list(init.modules).index(name)] = gate
+    with torch.no_grad(), trainer.bank.gating(gates):
+        got = trainer.model(PROMPTS).logits
+    want = merged(tiny_llama, composition_deltas(init, composition))(PROMPTS).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
