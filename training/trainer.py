@@ -173,10 +173,9 @@ class Trainer:
         settings = ControllerSettings(cfg.top_k, cfg.gate_threshold, cfg.gate_temperature, True)
         controller = TaskController(len(self.tasks), self.bank.num_modules, settings, cfg.straight_through)
         controller.init_random(cfg.controller_init_std, cfg.seed + 1)
-        if self.init is not None:
+        if self.init is not None:  # the library's tasks are the first rows, in its order
             with torch.no_grad():
-                for row, name in enumerate(self.init.controller.tasks):
-                    controller.logits[row] = self.init.controller.logits[row]
+                controller.logits[: len(self.init.tasks)] = self.init.controller.logits
         return controller
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
