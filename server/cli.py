@@ -1,5 +1,5 @@
-"""The `tessera` command: `serve` a model with a module library, run the offline `demo`, manage a `library`,
-or `bench` any OpenAI-compatible server.
+"""The `tessera` command: `serve` a model with a module library, run the offline `demo`, `train` a library,
+manage a `library`, or `bench` any OpenAI-compatible server.
 
 Engine flags are generated from `EngineConfig`'s fields and their docstrings, in one place.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from server.engine.config import EngineConfig
 from server.library_cli import add_library_parser, run_library
+from training.cli import add_train_arguments, run_train
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(serve)
     _add_engine_flags(demo, skip=("model", "library"))
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the demo is built (default ~/.cache/tessera)")
+    train = commands.add_parser("train", help="train a module library on a frozen Hugging Face model")
+    add_train_arguments(train)
     add_library_parser(commands)
     from benchmarks.serving.cli import add_arguments as add_bench_arguments
 
@@ -123,13 +126,15 @@ def _demo_banner(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.log_level = args.log_level or ("info" if args.command in ("serve", "demo") else "warning")
+    args.log_level = args.log_level or ("info" if args.command in ("serve", "demo", "train") else "warning")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "bench":
         from benchmarks.serving.cli import run as run_bench
 
         raise SystemExit(run_bench(args))
-    if args.command == "serve":
+    if args.command == "train":
+        run_train(args)
+    elif args.command == "serve":
         _run(_engine_config(args), args)
     elif args.command == "library":
         try:

@@ -1,0 +1,125 @@
+"""`TrainConfig`: every knob of `tessera train`, one documented field each.
+
+The defaults are provisional: they are reasonable starting points for a 0.5B-8B Llama-family backbone
+and a few thousand chat examples, and the sweeps in `benchmarks/quality` are what justify (or replace)
+them. The CLI builds one flag per field from the docstrings below (training.cli).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from router.fingerprint import TARGETS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a module library is trained on a frozen backbone (see training.trainer)."""
+
+    num_modules: int = 8
+    """N, modules in the bank. 8 lets top-2 compositions cover 28 pairs, plenty for tens of tasks."""
+    rank: int = 8
+    """r, the rank of every new module (A is [r, in], B is [out, r]). 8 is the common LoRA default."""
+    alpha: float = 16.0
+    """LoRA alpha; a module's update is (alpha / r) * B A. alpha = 2r is the common LoRA default."""
+    targets: tuple[str, ...] = TARGETS
+    """Projections adapted in every layer when no placement is given (names of router.fingerprint.TARGETS).
+    All seven by default: the placement search, not this default, is what narrows them."""
+    top_k: int = 2
+    """Modules a task's composition keeps at export (ControllerSettings.top_k), and in the forward pass of
+    training with straight_through. 2 keeps serving cost at two modules per request."""
+    gate_temperature: float = 1.0
+    """T in gates = sigmoid(logits / T), in training and in the exported controller. 1 = plain sigmoid."""
+    gate_threshold: float = 0.05
+    """Gates below this are dropped after top-k (ControllerSettings.threshold), in training with
+    straight_through and at export. 0.05 drops modules a task barely uses."""
+    straight_through: bool = True
+    """True: the forward pass uses the exported gates (top-k, threshold, renormalised), so training sees
+    exactly what is served, while gradients reach every gate through the soft sigmoid (straight-through
+    estimator). False: soft sigmoid gates over all N modules in training (served top-k then differs)."""
+    controller_init_std: float = 1.0
+    """Std of the random initial gate logits, in logit units. 1 gives each task a different initial top-k,
+    which breaks the symmetry between modules that all start at B = 0."""
+    lambda_decouple: float = 0.01
+    """Weight of the decoupling loss (squared cosines between module outputs; training.losses)."""
+    lambda_align: float = 0.1
+    """Weight of the alignment loss (KL from the composed model to one sampled module alone); 0 skips its
+    extra forward pass."""
+    lambda_sparse: float = 0.001
+    """Weight of the sparsity loss (mean insertion gate); pushes unneeded insertion points to zero."""
+    lambda_prior: float = 0.001
+    """Weight of the task-relation prior (related tasks get similar gate vectors)."""
+    relation_batches: int = 2
+    """Batches per task used to estimate the task-relation matrix R from gradient similarity, when R is
+    not given. 2 is enough for a cosine between mean gradients on small data; more costs one
+    forward/backward each."""
+    insertion_gate_init: float = 0.9
+    """Initial value (in (0, 1)) of every insertion gate sigmoid(logit). 0.9 starts nearly open, so points
+    are pruned only when the sparsity loss wins over the task loss."""
+    prune_threshold: float = 0.1
+    """At export, insertion points whose gate is below this are removed (whole layers or targets, see
+    training.export); 0 disables pruning."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the module weights A and B. 1e-4 is the common LoRA rate."""
+    gate_learning_rate: float = 5e-3
+    """AdamW learning rate of the controller logits and insertion-gate logits; logits must move by O(1),
+    so they get a larger rate than the weights."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the module weights (never of logits). 0, the common LoRA default."""
+    steps: int = 1000
+    """Optimiser steps. Data is walked in seeded shuffled epochs, so steps * batch_size / examples epochs."""
+    batch_size: int = 8
+    """Examples per optimiser step."""
+    max_seq_len: int = 1024
+    """Tokens kept per example; longer conversations are cut at the end (training.data.encode)."""
+    seed: int = 0
+    """Seeds module and controller init, data order and the alignment's module sample."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints in the sibling directory OUT.ckpt; a rerun resumes from the last one."""
+    stop_after_steps: int | None = None
+    """Stop (after writing a checkpoint) once this many steps are done, without exporting: a planned
+    preemption. None runs to the end."""
+    device: str = "auto"
+    """Torch device: auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """Backbone dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16. Module,
+    gate and controller parameters are always float32."""
+    train_modules: bool = True
+    """False: keep every module's weights frozen and train the controller only (with --init-library over
+    imported modules, e.g. PEFT adapters)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        positive_ints = ("num_modules", "rank", "top_k", "steps", "batch_size", "max_seq_len",
+                         "checkpoint_every", "relation_batches")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("alpha", "gate_temperature", "learning_rate", "gate_learning_rate"):
+            self._check_float(name, low=0.0, low_open=True)
+        for name in ("lambda_decouple", "lambda_align", "lambda_sparse", "lambda_prior", "weight_decay",
+                     "controller_init_std"):
+            self._check_float(name, low=0.0)
+        self._check_float("gate_threshold", low=0.0, high=1.0)
+        self._check_float("prune_threshold", low=0.0, high=1.0)
+        self._check_float("insertion_gate_init", low=0.0, high=1.0, low_open=True)
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"TrainConfig.targets must be distinct names from {TARGETS}, got {list(self.targets)}")
+        if self.stop_after_steps is not None and (isinstance(self.stop_after_steps, bool) or self.stop_after_steps < 1):
+            raise ValueError(f"TrainConfig.stop_after_steps must be None or >= 1, got {self.stop_after_steps!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"TrainConfig.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def _check_float(self, name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < low or (low_open and value == low) or value >= high:
+            bound = f"({low}, {high})" if low_open else f"[{low}, {high})"
+            raise ValueError(f"TrainConfig.{name} must be a finite number in {bound}, got {value!r}")

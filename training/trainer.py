@@ -1,0 +1,286 @@
+"""`train_library`: a frozen Hugging Face causal LM + task-tagged chat data -> a module library.
+
+    examples --encode--> rows;  model (frozen) + ModuleBank (hooks) + TaskController
+    per step: gates = controller(task ids) -> forward with the bank -> task loss + regularisers
+              (training.losses) -> AdamW on module weights, insertion-gate logits and gate logits
+    checkpoints in OUT.ckpt every `checkpoint_every` steps; a rerun with the same arguments resumes
+    end: prune insertion points (training.export), fold insertion gates into B, write the library
+
+With `init` (an existing library) the bank holds its modules instead of new ones and its controller
+rows seed the task logits; library tasks come first, tasks new in the data after them. With
+`train_modules=False` the module weights and insertion gates are frozen and only the controller trains,
+so the written modules are bit-identical to `init`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from router.controller import ControllerSettings
+from router.errors import LibraryError
+from router.info import TaskInfo
+from router.library import ModuleLibrary, fingerprint_from_hf_config
+from training import checkpoint
+from training.config import TrainConfig
+from training.controller import TaskController
+from training.data import IGNORE, DataError, Example, collate, encode
+from training.export import build_library, check_grid, prune
+from training.modules import ModuleBank, ModuleSpec, Point
+from training.relation import check_relation, estimate_relation
+from training.step import StepRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What a training run did."""
+
+    steps: int
+    """Optimiser steps done in total (including those before a resume)."""
+    finished: bool
+    """False when the run stopped at `stop_after_steps` (a checkpoint holds it; nothing was exported)."""
+    losses: dict[str, float]
+    """Each loss term (unweighted) and the weighted total at the last step of this run."""
+    task_loss_history: tuple[float, ...]
+    """The task loss of every step this run took (not those before a resume)."""
+    tokens_per_second: float
+    """Non-padding tokens per second of training forward and backward (alignment passes included)."""
+    kept_points: dict[str, tuple[Point, ...]]
+    """Module name -> insertion points it keeps after pruning; empty when not finished."""
+    resumed_from: int
+    """The checkpoint step this run started from; 0 for a fresh run."""
+    path: Path | None
+    """The written library, or None when not finished."""
+
+
+def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """The torch device and backbone dtype that config.device and config.dtype ask for."""
+    cuda = torch.cuda.is_available()
+    if config.device.startswith("cuda") and not cuda:
+        raise ValueError(f"device {config.device!r} was asked for, but CUDA is not available")
+    device = torch.device("cuda" if config.device == "auto" and cuda else "cpu" if config.device == "auto"
+                          else config.device)
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, config.dtype)
+
+
+def _task_infos(examples: Sequence[Example], init: ModuleLibrary | None,
+                descriptions: Mapping[str, str]) -> list[TaskInfo]:
+    """Library tasks first (with their descriptions), then tasks new in the data, in order of appearance."""
+    counts: dict[str, int] = {}
+    for example in examples:
+        counts[example.task] = counts.get(example.task, 0) + 1
+    infos = list(init.tasks.values()) if init is not None else []
+    known = {info.name for info in infos}
+    infos += [TaskInfo(t, descriptions.get(t, f"trained on {n} examples")) for t, n in counts.items() if t not in known]
+    return [TaskInfo(i.name, descriptions.get(i.name, i.description)) for i in infos]
+
+
+def _bank_specs(config: TrainConfig, num_layers: int, points: Sequence[Point] | None,
+                init: ModuleLibrary | None) -> list[ModuleSpec]:
+    if init is not None:
+        if points is not None:
+            raise ValueError("points cannot be given with an init library: its modules bring their own points")
+        return [ModuleSpec(m.name, m.rank, m.alpha, tuple((layer, t) for layer in m.layers for t in m.targets))
+                for m in init.modules.values()]
+    chosen = [tuple(p) for p in points] if points is not None else [
+        (layer, t) for layer in range(num_layers) for t in config.targets]
+    if not chosen:
+        raise ValueError("points is empty: there is nowhere to insert modules")
+    check_grid(chosen, "points")
+    return [ModuleSpec(f"m{j}", config.rank, config.alpha, tuple(chosen)) for j in range(config.num_modules)]
+
+
+class Trainer:
+    """One training run: the frozen model, the installed bank, the controller, data and optimiser."""
+
+    def __init__(self, model_dir: str | Path, examples: Sequence[Example], config: TrainConfig, *,
+                 points: Sequence[Point] | None = None, relation: torch.Tensor | None = None,
+                 init: ModuleLibrary | None = None, descriptions: Mapping[str, str] | None = None):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        if not examples:
+            raise DataError("no training examples")
+        if not config.train_modules and init is None:
+            raise ValueError("train_modules=False trains the controller only, over the modules of an init library; "
+                             "give one (--init-library)")
+        self.config, self.examples, self.points_arg, self.init = config, list(examples), points, init
+        self.device, self.dtype = resolve_device(config)
+        self.backbone = fingerprint_from_hf_config(AutoConfig.from_pretrained(str(model_dir)))
+        if init is not None:
+            init.backbone.check_compatible(self.backbone)
+        self.tasks = _task_infos(examples, init, descriptions or {})
+        self.relation_arg = None if relation is None else check_relation(relation, [t.name for t in self.tasks])
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.rows, self.row_tasks = self._encode()
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.bank = self._build_bank(points)
+        self.controller = self._build_controller().to(self.device)
+        self.optimizer = self._build_optimizer()
+        self.step = 0
+
+    def _encode(self) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+        index = {t.name: i for i, t in enumerate(self.tasks)}
+        rows, row_tasks, dropped = [], [], 0
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DataError(f"{self.tokenizer.name_or_path}: the tokenizer has no chat template; training needs one")
+        for number, example in enumerate(self.examples, 1):
+            try:
+                ids, labels = encode(self.tokenizer, example, self.config.max_seq_len)
+            except DataError as error:
+                raise DataError(f"example {number} (task {example.task}): {error}") from error
+            if all(label == IGNORE for label in labels[1:]):
+                dropped += 1
+                continue
+            rows.append((ids, labels))
+            row_tasks.append(index[example.task])
+        if dropped:
+            logger.warning("dropped %d examples with no assistant token within max_seq_len=%d",
+                           dropped, self.config.max_seq_len)
+        if not rows:
+            raise DataError(f"no example keeps an assistant token within max_seq_len={self.config.max_seq_len}")
+        return rows, row_tasks
+
+    def _build_bank(self, points: Sequence[Point] | None) -> ModuleBank:
+        cfg, init = self.config, self.init
+        bank = ModuleBank(_bank_specs(cfg, self.backbone.num_layers, points, init), self.backbone,
+                          cfg.insertion_gate_init)
+        bank.init_new(cfg.seed)
+        bank.set_insertion_gates(cfg.train_modules)
+        if init is not None:  # B / ig_init makes the gated start equal init's modules; frozen B stays bit-exact
+            for index, spec in enumerate(bank.specs):
+                for point, (a, b) in init.module_weights(spec.name).items():
+                    bank.load_pair(index, point, a, b / cfg.insertion_gate_init if cfg.train_modules else b)
+        if not cfg.train_modules:
+            bank.freeze_modules()
+        bank.to(self.device)
+        bank.install(self.model)
+        return bank
+
+    def _build_controller(self) -> TaskController:
+        cfg = self.config
+        settings = ControllerSettings(cfg.top_k, cfg.gate_threshold, cfg.gate_temperature, True)
+        controller = TaskController(len(self.tasks), self.bank.num_modules, settings, cfg.straight_through)
+        controller.init_random(cfg.controller_init_std, cfg.seed + 1)
+        if self.init is not None:  # the library's tasks are the first rows, in its order
+            with torch.no_grad():
+                controller.logits[: len(self.init.tasks)] = self.init.controller.logits
+        return controller
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        groups = [{"params": [self.controller.logits, *[p for p in self.bank.gate_parameters() if p.requires_grad]],
+                   "lr": cfg.gate_learning_rate, "weight_decay": 0.0}]
+        if cfg.train_modules:
+            groups.append({"params": self.bank.module_parameters(), "lr": cfg.learning_rate,
+                           "weight_decay": cfg.weight_decay})
+        return torch.optim.AdamW(groups)
+
+    def parameters_by_name(self) -> dict[str, torch.nn.Parameter]:
+        """Every bank and controller parameter, by a stable name (what checkpoints hold)."""
+        named = {f"bank.{n}": p for n, p in self.bank.named_parameters()}
+        return named | {f"controller.{n}": p for n, p in self.controller.named_parameters()}
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The collated batch of the encoded rows at `indices`."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return collate([self.rows[i] for i in indices], [self.row_tasks[i] for i in indices], pad)
+
+    def _relation(self) -> torch.Tensor:
+        """R: the given one, zeros when the prior is off, else estimated from gradients (training.relation)."""
+        num_tasks = len(self.tasks)
+        if self.relation_arg is not None:
+            return self.relation_arg
+        if self.config.lambda_prior == 0 or num_tasks < 2:
+            return torch.zeros(num_tasks, num_tasks)
+        size, per_task = self.config.batch_size, []
+        for task in range(num_tasks):
+            mine = [i for i, t in enumerate(self.row_tasks) if t == task][: size * self.config.relation_batches]
+            per_task.append([self.batch(mine[i: i + size]) for i in range(0, len(mine), size)])
+        return estimate_relation(self.model, self.bank, per_task, self.device)
+
+    def run(self, checkpoints: Path, progress: bool = True) -> TrainReport:
+        """Train to config.steps (or stop_after_steps), resuming from `checkpoints` if it holds this run."""
+        cfg = self.config
+        signature = checkpoint.run_signature(cfg, self.examples, self.points_arg, self.relation_arg, self.init)
+        resumed_from, relation = 0, None
+        if checkpoints.exists():
+            resumed_from, relation = checkpoint.load(checkpoints, signature, self.parameters_by_name(), self.optimizer)
+        relation = (relation if relation is not None else self._relation()).to(self.device)
+        runner = StepRunner(self, relation)
+        end = min(cfg.steps, cfg.stop_after_steps or cfg.steps)
+        self.step = resumed_from
+        history, terms, tokens, seconds = [], {}, 0, 0.0
+        with tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", unit="step") as bar:
+            while self.step < end:
+                start = time.perf_counter()
+                terms, step_tokens = runner.step(self.step)
+                seconds += time.perf_counter() - start
+                tokens += step_tokens
+                self.step += 1
+                history.append(terms["task"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['total']:.4f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+                if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                    checkpoint.save(checkpoints, self.step, signature, self.parameters_by_name(), self.optimizer,
+                                    relation)
+        return TrainReport(self.step, self.step >= cfg.steps, terms, tuple(history),
+                           tokens / seconds if seconds else 0.0, {}, resumed_from, None)
+
+    def export(self) -> tuple[ModuleLibrary, dict[str, tuple[Point, ...]]]:
+        """Prune the bank (it then computes what the library serves) and build the library."""
+        threshold = self.config.prune_threshold if self.config.train_modules else 0.0
+        kept = prune(self.bank, threshold)
+        if self.init is not None:
+            notes = [m.description for m in self.init.modules.values()]
+        else:
+            notes = [f"tessera train: {self.step} steps over tasks {[t.name for t in self.tasks]}"] * len(kept)
+        library = build_library(self.bank, self.controller, self.backbone, self.tasks, kept, notes)
+        return library, {self.bank.specs[j].name: tuple(points) for j, points in kept.items()}
+
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """`out` as an absolute path; LibraryError if it exists (and is not an empty directory) unless `overwrite`."""
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LibraryError(f"{out} already exists; choose another output or pass overwrite=True (--overwrite)")
+    return out
+
+
+def train_library(
+    model_dir: str | Path, examples: Sequence[Example], out: str | Path, config: TrainConfig = TrainConfig(), *,
+    points: Sequence[Point] | None = None, relation: torch.Tensor | None = None, init: ModuleLibrary | None = None,
+    progress: bool = True, overwrite: bool = False, descriptions: Mapping[str, str] | None = None,
+) -> TrainReport:
+    """Train a module library on `model_dir` from `examples` and write it atomically to `out`.
+
+    Refuses an existing non-empty `out` unless `overwrite`. Checkpoints go to the sibling `OUT.ckpt`
+    (removed once the library is written); rerunning with the same arguments resumes there.
+    `descriptions` maps task names to the descriptions the library records.
+    """
+    out = check_output(out, overwrite)
+    trainer = Trainer(model_dir, examples, config, points=points, relation=relation, init=init,
+                      descriptions=descriptions)
+    checkpoints = checkpoint.checkpoint_dir(out)
+    report = trainer.run(checkpoints, progress)
+    if not report.finished:
+        logger.info("stopped after %d steps; rerun with the same arguments to resume from %s", report.steps,
+                    checkpoints)
+        return report
+    library, kept = trainer.export()
+    path = library.write(out, overwrite=overwrite)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    logger.info("wrote module library %s (%d modules, %d tasks)", path, len(library.modules), len(library.tasks))
+    return TrainReport(report.steps, True, report.losses, report.task_loss_history, report.tokens_per_second,
+                       kept, report.resumed_from, path)
