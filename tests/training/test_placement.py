@@ -15,6 +15,7 @@ from training.placement import (
     search_placement, select_points, sketch_gradients, spectral_clusters, target_linear, two_opt,
 )
 from training.placement import sketch as sketch_module
+from training.placement.gain import fit_gain, probe_choice
 from training.placement.sketch import PRIME, point_hash
 
 VOCAB = 48
@@ -215,6 +216,24 @@ def test_selection_input_errors():
         two_opt(greedy_select([1.0], [3], [0], 3), [1.0], [3], [0], 2)
 
 
+def test_gain_fit_recovers_a_linear_law_and_loo_exposes_noise():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.rand(24, 4, generator=generator, dtype=torch.float64)  # [P, F]
+    law = torch.tensor([2.0, -1.0, 0.5, 3.0], dtype=torch.float64)  # [F]
+    fit = fit_gain(features, features @ law, ridge=1e-8)
+    assert torch.allclose(fit.weights, law, atol=1e-4)
+    assert fit.r2 > 0.999 and fit.loo_r2 > 0.999
+    noise = fit_gain(features, torch.randn(24, generator=generator, dtype=torch.float64), ridge=1e-3)
+    assert noise.loo_r2 < noise.r2 and noise.loo_r2 < 0.3
+
+
+def test_probe_choice_spreads_over_the_energy_ranking():
+    points = [(0, t) for t in TARGETS]
+    energy = torch.tensor([5.0, 1.0, 7.0, 3.0, 2.0, 6.0, 4.0])  # [num_points]
+    assert probe_choice(energy, points, 3) == [(0, "k_proj"), (0, "v_proj"), (0, "down_proj")]
+    assert probe_choice(energy, points, 20) == points
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="exactly one of"):
         PlacementConfig(budget_params=100, budget_fraction=0.5)
@@ -250,6 +269,7 @@ def test_search_returns_valid_points_within_budget(searched):
     assert len(placement.block_clusters) == len(placement.blocks) == len(enumerate_blocks(model.config, 16))
     assert set(placement.probes) <= set(costs) and len(placement.probes) == SEARCH.probe_points
     assert all(score >= 0 for score in placement.scores.values())
+    assert all(drop > 0 for drop in placement.probes.values())
     report = json.loads(json.dumps(placement.to_json()))
     assert report["points"] == [list(p) for p in placement.points] and report["budget"] == placement.budget
 

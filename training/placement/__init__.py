@@ -39,6 +39,8 @@ The frozen backbone's gradients on each task decide where low-rank modules pay o
    prediction is w . F_p with F_p = sum_{b in p} f_b (block gains add up); w is the ridge least-squares fit
    of y on F over the probes (columns scaled to unit RMS, ridge * P * I added). Point score
    max(0, w . F_p): a trained module does not raise the training loss, so negative predictions are noise.
+   The report carries the in-sample R^2 and the leave-one-out R^2; with fewer probes than features only the
+   latter says anything about accuracy.
 
 5. Selection. Point cost = rank * (in + out) * num_modules. Each point's cluster is the one holding most of
    its blocks' energy. Greedy: first the best gain/cost point of every cluster that fits (coverage), then

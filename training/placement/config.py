@@ -32,7 +32,7 @@ class PlacementConfig:
     """Modules that will be placed at each chosen point (the cost scales with it)."""
     seed: int = 0
     """Seed of the sketch hashes, the probe adapters and k-means; the search is deterministic given it."""
-    probe_points: int = 6
+    probe_points: int = 8
     """Points where a short adapter training measures the loss drop the gain predictor is fitted to."""
     probe_steps: int = 4
     """Adam steps of each probe adapter (full batch over the task's batches)."""
@@ -93,7 +93,9 @@ class Placement:
     probes: dict[Point, float]
     """Measured loss drop (summed over tasks) at the probed points."""
     fit_r2: float
-    """Coefficient of determination of the gain predictor on the probes."""
+    """Coefficient of determination of the gain predictor on the probes it was fitted to."""
+    fit_loo_r2: float
+    """Leave-one-out R^2 of the gain predictor on the probes (its honest accuracy; can be negative)."""
 
     def to_json(self) -> dict:
         """A JSON-ready report (points as "layer:target" strings in the maps)."""
@@ -111,6 +113,7 @@ class Placement:
             "point_clusters": {key(p): c for p, c in self.point_clusters.items()},
             "probes": {key(p): d for p, d in self.probes.items()},
             "fit_r2": self.fit_r2,
+            "fit_loo_r2": self.fit_loo_r2,
             "block_clusters": list(self.block_clusters),
             "blocks": [list(block) for block in self.blocks],
         }

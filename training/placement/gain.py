@@ -25,6 +25,8 @@ class GainFit:
     """[num_features] coefficients w: predicted block gain = w . f_b, point gain = w . sum_b f_b."""
     r2: float
     """Coefficient of determination on the probes (0 when the probes all measured the same drop)."""
+    loo_r2: float
+    """Leave-one-out R^2: each probe predicted by a fit on the others (honest when features >= probes)."""
 
 
 def block_features(
@@ -100,18 +102,27 @@ def probe_drops(
     return drops
 
 
-def fit_gain(features: torch.Tensor, targets: torch.Tensor, ridge: float) -> GainFit:
-    """Ridge least squares of targets [P] on point features [P, F], columns scaled to unit RMS first.
-
-    Solves (X^T X + ridge * P * I) v = X^T y with X = features / rms(features), then w = v / rms.
-    """
-    features, targets = features.double(), targets.double()
+def _ridge(features: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
+    """[F] ridge least-squares weights, columns scaled to unit RMS: (X^T X + ridge * P * I) v = X^T y, w = v / rms."""
     rms = features.square().mean(dim=0).sqrt()  # [F]
     rms = torch.where(rms > 0, rms, torch.ones_like(rms))
     scaled = features / rms  # [P, F]
     gram = scaled.T @ scaled + ridge * features.shape[0] * torch.eye(features.shape[1], dtype=torch.float64)  # [F, F]
-    weights = torch.linalg.solve(gram, scaled.T @ targets) / rms  # [F]
-    residual = targets - features @ weights  # [P]
+    return torch.linalg.solve(gram, scaled.T @ targets) / rms
+
+
+def _r2(targets: torch.Tensor, predictions: torch.Tensor) -> float:
+    """1 - SS_res / SS_tot (0 when the targets are all equal)."""
     total = (targets - targets.mean()).square().sum()
-    r2 = float(1 - residual.square().sum() / total) if total > 0 else 0.0
-    return GainFit(weights, r2)
+    return float(1 - (targets - predictions).square().sum() / total) if total > 0 else 0.0
+
+
+def fit_gain(features: torch.Tensor, targets: torch.Tensor, ridge: float) -> GainFit:
+    """Ridge fit of probe targets [P] on point features [P, F], with in-sample and leave-one-out R^2."""
+    features, targets = features.double(), targets.double()
+    weights = _ridge(features, targets, ridge)  # [F]
+    held_out = torch.stack([
+        features[i] @ _ridge(torch.cat([features[:i], features[i + 1 :]]), torch.cat([targets[:i], targets[i + 1 :]]), ridge)
+        for i in range(features.shape[0])
+    ])  # [P]
+    return GainFit(weights, _r2(targets, features @ weights), _r2(targets, held_out))

@@ -60,8 +60,8 @@ def search_placement(
     clusters = dominant_clusters(blocks, labels, sketch.energy.sum(dim=1), points, config.num_clusters)
     budget = config.budget(sum(costs.values()))
     selection = select_points(scores, [costs[p] for p in points], clusters, budget)
-    logger.info("placement: %d of %d points, cost %d of budget %d, probe fit R^2 %.3f",
-                len(selection.chosen), len(points), selection.cost, budget, fit.r2)
+    logger.info("placement: %d of %d points, cost %d of budget %d, probe fit R^2 %.3f (leave-one-out %.3f)",
+                len(selection.chosen), len(points), selection.cost, budget, fit.r2, fit.loo_r2)
     return Placement(
         points=[points[i] for i in selection.chosen],
         total_cost=selection.cost,
@@ -74,4 +74,5 @@ def search_placement(
         point_clusters=dict(zip(points, clusters)),
         probes=drops,
         fit_r2=fit.r2,
+        fit_loo_r2=fit.loo_r2,
     )
