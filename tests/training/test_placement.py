@@ -180,6 +180,14 @@ def test_two_opt_beats_greedy_where_greedy_is_suboptimal():
     assert improved.chosen == (1, 2) and improved.gain == 10.0 and improved.cost == 10
 
 
+def test_two_opt_keeps_a_sole_cluster_representative():
+    gains, costs, clusters = [7.0, 5.0, 5.0, 1.0], [6, 5, 5, 4], [0, 0, 0, 1]
+    greedy = greedy_select(gains, costs, clusters, budget=14)
+    assert greedy.chosen == (0, 3) and greedy.gain == 8.0
+    # swapping item 3 for item 1 would gain 12 but leave cluster 1 empty; 0 -> {1, 2} keeps it (gain 11)
+    assert two_opt(greedy, gains, costs, clusters, budget=14).chosen == (1, 2, 3)
+
+
 def _best_subset(gains, costs, clusters, budget) -> float:
     """Highest gain of any in-budget subset covering every cluster (brute force)."""
     best = float("-inf")

@@ -121,8 +121,8 @@ def fit_gain(features: torch.Tensor, targets: torch.Tensor, ridge: float) -> Gai
     """Ridge fit of probe targets [P] on point features [P, F], with in-sample and leave-one-out R^2."""
     features, targets = features.double(), targets.double()
     weights = _ridge(features, targets, ridge)  # [F]
+    rows = torch.arange(features.shape[0])  # [P]
     held_out = torch.stack([
-        features[i] @ _ridge(torch.cat([features[:i], features[i + 1 :]]), torch.cat([targets[:i], targets[i + 1 :]]), ridge)
-        for i in range(features.shape[0])
+        features[i] @ _ridge(features[rows != i], targets[rows != i], ridge) for i in range(features.shape[0])
     ])  # [P]
     return GainFit(weights, _r2(targets, features @ weights), _r2(targets, held_out))

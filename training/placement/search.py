@@ -10,9 +10,9 @@ from torch import nn
 
 from training.placement.blocks import Block, enumerate_blocks, point_costs
 from training.placement.config import Placement, PlacementConfig, Point
-from training.placement.gain import block_features, fit_gain, point_sums, probe_choice, probe_drops
+from training.placement.gain import GainFit, block_features, fit_gain, point_sums, probe_choice, probe_drops
 from training.placement.select import select_points
-from training.placement.sketch import sketch_gradients
+from training.placement.sketch import GradientSketch, sketch_gradients
 from training.placement.spectral import knn_graph, spectral_clusters, task_profiles
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,21 @@ def dominant_clusters(
     return torch.where(has_mass, mass.argmax(dim=1), count.argmax(dim=1)).tolist()
 
 
+def _score_points(
+    model: nn.Module, task_batches: Mapping[str, Sequence[Mapping]], sketch: GradientSketch,
+    blocks: Sequence[Block], labels: torch.Tensor, config: PlacementConfig,
+) -> tuple[list[float], dict[Point, float], GainFit]:
+    """Predicted gain of every point (from a fit to probes), the probes' measured drops, and the fit."""
+    points = list(dict.fromkeys(b.point for b in blocks))
+    features = point_sums(
+        block_features(sketch, blocks, labels, config.num_clusters, model.config.num_hidden_layers), blocks, points
+    )  # [num_points, num_features]
+    probed = probe_choice(features[:, : len(sketch.tasks)].sum(dim=1), points, config.probe_points)
+    drops = probe_drops(model, task_batches, sketch, probed, config)
+    fit = fit_gain(features[[points.index(p) for p in probed]], torch.tensor([drops[p] for p in probed]), config.ridge)
+    return (features @ fit.weights).clamp_min(0.0).tolist(), drops, fit
+
+
 def search_placement(
     model: nn.Module, task_batches: Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
     config: PlacementConfig = PlacementConfig(),
@@ -38,9 +53,8 @@ def search_placement(
     `model` is a Hugging Face Llama-family causal LM (left frozen and unchanged); `task_batches` maps each
     task to its batches, each a dict of `input_ids`, `attention_mask` and `labels` [batch, seq] tensors.
     """
-    hf_config = model.config
-    blocks = enumerate_blocks(hf_config, config.block_width)
-    costs = point_costs(hf_config, config.rank, config.num_modules)
+    blocks = enumerate_blocks(model.config, config.block_width)
+    costs = point_costs(model.config, config.rank, config.num_modules)
     points = list(costs)
     if config.num_clusters > len(blocks):
         raise ValueError(f"num_clusters={config.num_clusters} exceeds the {len(blocks)} blocks of this model")
@@ -50,29 +64,15 @@ def search_placement(
     labels = spectral_clusters(
         knn_graph(task_profiles(sketch.sketches), config.knn), config.num_clusters, config.seed, config.kmeans_restarts
     )
-    features = point_sums(
-        block_features(sketch, blocks, labels, config.num_clusters, hf_config.num_hidden_layers), blocks, points
-    )  # [num_points, num_features]
-    probed = probe_choice(features[:, : len(sketch.tasks)].sum(dim=1), points, config.probe_points)
-    drops = probe_drops(model, task_batches, sketch, probed, config)
-    fit = fit_gain(features[[points.index(p) for p in probed]], torch.tensor([drops[p] for p in probed]), config.ridge)
-    scores = (features @ fit.weights).clamp_min(0.0).tolist()
+    scores, drops, fit = _score_points(model, task_batches, sketch, blocks, labels, config)
     clusters = dominant_clusters(blocks, labels, sketch.energy.sum(dim=1), points, config.num_clusters)
     budget = config.budget(sum(costs.values()))
     selection = select_points(scores, [costs[p] for p in points], clusters, budget)
     logger.info("placement: %d of %d points, cost %d of budget %d, probe fit R^2 %.3f (leave-one-out %.3f)",
                 len(selection.chosen), len(points), selection.cost, budget, fit.r2, fit.loo_r2)
     return Placement(
-        points=[points[i] for i in selection.chosen],
-        total_cost=selection.cost,
-        budget=budget,
-        predicted_gain=selection.gain,
-        scores=dict(zip(points, scores)),
-        costs=costs,
-        block_clusters=labels.tolist(),
-        blocks=[(b.layer, b.target, b.index) for b in blocks],
-        point_clusters=dict(zip(points, clusters)),
-        probes=drops,
-        fit_r2=fit.r2,
-        fit_loo_r2=fit.loo_r2,
+        points=[points[i] for i in selection.chosen], total_cost=selection.cost, budget=budget,
+        predicted_gain=selection.gain, scores=dict(zip(points, scores)), costs=costs,
+        block_clusters=labels.tolist(), blocks=[(b.layer, b.target, b.index) for b in blocks],
+        point_clusters=dict(zip(points, clusters)), probes=drops, fit_r2=fit.r2, fit_loo_r2=fit.loo_r2,
     )

@@ -74,7 +74,7 @@ def count_sketch(
 
 @contextmanager
 def frozen_except(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Eval mode with gradients only for `params`; restores training mode, flags and .grad afterwards."""
+    """Eval mode with gradients only for `params`; clears every .grad, restores modes and flags afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     keep = {id(p) for p in params}
@@ -99,12 +99,12 @@ def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], where: str) 
         raise ValueError(f"{where}: batch lacks {missing}; every batch needs {list(BATCH_KEYS)}")
     shapes = {key: tuple(batch[key].shape) for key in BATCH_KEYS}
     if len(set(shapes.values())) != 1 or len(shapes["input_ids"]) != 2:
-        raise ValueError(f"{where}: input_ids, attention_mask and labels must share one [batch, seq] shape, got {shapes}")
+        raise ValueError(f"{where}: input_ids, attention_mask and labels must share one [batch, seq] shape: {shapes}")
     if not (batch["labels"][:, 1:] != -100).any():
         raise ValueError(f"{where}: no label after the first position is != -100, so the loss is undefined")
     device = next(model.parameters()).device
     inputs = {key: batch[key].to(device) for key in BATCH_KEYS}
-    loss = model(**inputs).loss
+    loss = model(**inputs, use_cache=False).loss
     if not torch.isfinite(loss):
         raise ValueError(f"{where}: the loss is {loss.item()}")
     return loss
@@ -136,6 +136,31 @@ def _row_owner(blocks: Sequence[Block], first: int, count: int, device: torch.de
     return torch.repeat_interleave(torch.arange(count, device=device), sizes)  # [rows]
 
 
+class _Accumulator:
+    """Per-task running sketches and energies, filled by one post-accumulate hook per weight."""
+
+    def __init__(self, blocks: Sequence[Block], num_tasks: int, config, device: torch.device):
+        self.blocks, self.config, self.device, self.task = blocks, config, device, 0
+        self.layout = _point_layout(blocks)
+        self.sketches = torch.zeros(len(blocks), num_tasks, config.sketch_dim, device=device)  # [blocks, tasks, s]
+        self.energy = torch.zeros(len(blocks), num_tasks, device=device)  # [blocks, tasks]
+
+    def hook(self, point: Point):
+        """The hook of `point`'s weight: sketch its gradient into the current task's rows, then free it."""
+        axis, first, count = self.layout[point]
+        owner = _row_owner(self.blocks, first, count, self.device)
+        coeffs, scale = point_hash(self.config.seed, point), 1.0 / self.config.batches_per_task
+
+        def accumulate(weight: nn.Parameter) -> None:
+            grad = weight.grad if axis == 0 else weight.grad.t()  # [rows, cols], blocks are row ranges
+            sketch, block_energy = count_sketch(grad, owner, count, self.config.sketch_dim, coeffs)
+            self.sketches[first : first + count, self.task] += sketch * scale
+            self.energy[first : first + count, self.task] += block_energy * scale
+            weight.grad = None
+
+        return accumulate
+
+
 def sketch_gradients(
     model: nn.Module, task_batches: Mapping[str, Sequence[Mapping]], blocks: Sequence[Block], config
 ) -> GradientSketch:
@@ -146,34 +171,14 @@ def sketch_gradients(
     """
     check_task_batches(task_batches, config.batches_per_task)
     tasks, per_task = tuple(task_batches), config.batches_per_task
-    layout = _point_layout(blocks)
-    linears = {point: target_linear(model, *point) for point in layout}
-    device = next(model.parameters()).device
-    sketches = torch.zeros(len(blocks), len(tasks), config.sketch_dim, device=device)  # [blocks, tasks, s]
-    energy = torch.zeros(len(blocks), len(tasks), device=device)  # [blocks, tasks]
+    accumulator = _Accumulator(blocks, len(tasks), config, next(model.parameters()).device)
+    linears = {point: target_linear(model, *point) for point in accumulator.layout}
     losses = torch.zeros(len(tasks))  # [tasks]
-    current = {"task": 0}
-
-    def make_hook(point: Point):
-        axis, first, count = layout[point]
-        owner = _row_owner(blocks, first, count, device)
-        coeffs = point_hash(config.seed, point)
-
-        def hook(weight: nn.Parameter) -> None:
-            grad = weight.grad if axis == 0 else weight.grad.t()  # [rows, cols], blocks are row ranges
-            sketch, block_energy = count_sketch(grad, owner, count, config.sketch_dim, coeffs)
-            sketches[first : first + count, current["task"]] += sketch / per_task
-            energy[first : first + count, current["task"]] += block_energy / per_task
-            weight.grad = None
-
-        return hook
-
-    weights = [linear.weight for linear in linears.values()]
-    with frozen_except(model, weights):
-        handles = [linears[p].weight.register_post_accumulate_grad_hook(make_hook(p)) for p in linears]
+    with frozen_except(model, [linear.weight for linear in linears.values()]):
+        handles = [lin.weight.register_post_accumulate_grad_hook(accumulator.hook(p)) for p, lin in linears.items()]
         try:
             for t, task in enumerate(tasks):
-                current["task"] = t
+                accumulator.task = t
                 for i, batch in enumerate(task_batches[task][:per_task]):
                     loss = batch_loss(model, batch, f"task {task!r} batch {i}")
                     loss.backward()
@@ -182,4 +187,4 @@ def sketch_gradients(
             for handle in handles:
                 handle.remove()
     logger.info("sketched %d blocks over %d tasks; base losses %s", len(blocks), len(tasks), losses.tolist())
-    return GradientSketch(tasks, sketches.cpu(), energy.cpu(), losses)
+    return GradientSketch(tasks, accumulator.sketches.cpu(), accumulator.energy.cpu(), losses)
