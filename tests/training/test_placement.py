@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -188,6 +189,11 @@ def test_two_opt_keeps_a_sole_cluster_representative():
     assert two_opt(greedy, gains, costs, clusters, budget=14).chosen == (1, 2, 3)
 
 
+def test_coverage_skips_a_cluster_whose_gains_are_all_zero():
+    selection = select_points([0.0, 0.0, 3.0, 1.0], [1, 1, 4, 4], [0, 0, 1, 1], budget=5)
+    assert selection.chosen == (2,)
+
+
 def _best_subset(gains, costs, clusters, budget) -> float:
     """Highest gain of any in-budget subset covering every cluster (brute force)."""
     best = float("-inf")
@@ -294,3 +300,20 @@ def test_search_is_deterministic(searched):
     again = search_placement(model, batches, SEARCH)
     assert again.points == placement.points and again.scores == placement.scores
     assert again.block_clusters == placement.block_clusters
+
+
+def test_points_an_adapter_cannot_affect_score_zero_and_are_not_chosen():
+    """Layer 0's o_proj and down_proj are zero, so whatever an adapter adds to its q/k/v/gate/up is multiplied
+    by zero before it reaches the residual stream: those points cannot change the loss at all."""
+    model = tiny_model(seed=3)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    batches = {"stride1": task_batches(1), "stride7": task_batches(7, seed=1)}
+    placement = search_placement(model, batches, replace(SEARCH, budget_fraction=0.6))
+    dead = [(0, t) for t in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+    assert all(placement.scores[p] == 0.0 for p in dead)
+    assert not set(dead) & set(placement.points)
+    assert all(abs(drop) < 1e-6 for p, drop in placement.probes.items() if p in dead)
+    assert any(p in dead for p in placement.probes)  # the lowest-energy probe lands on a dead point
+    assert len(placement.points) >= 4 and placement.total_cost <= placement.budget

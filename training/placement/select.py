@@ -46,9 +46,9 @@ def _make(chosen: set[int], gains: Sequence[float], costs: Sequence[int]) -> Sel
 def greedy_select(gains: Sequence[float], costs: Sequence[int], clusters: Sequence[int], budget: int) -> Selection:
     """Cover clusters first, then add items by gain/cost while they fit.
 
-    Coverage: clusters in order of their best gain/cost ratio; each gets its best-ratio item that still
-    fits (a cluster none of whose items fits stays uncovered). Then every item with gain > 0 in order of
-    gain/cost (ties by index) is added when it fits.
+    Coverage: clusters in order of their best gain/cost ratio; each gets its best-ratio item with gain > 0
+    that still fits (a cluster none of whose items fits, or whose gains are all 0, stays uncovered). Then
+    every item with gain > 0 in order of gain/cost (ties by index) is added when it fits.
     """
     _check(gains, costs, clusters, budget)
     ratio = [g / c for g, c in zip(gains, costs)]
@@ -57,7 +57,7 @@ def greedy_select(gains: Sequence[float], costs: Sequence[int], clusters: Sequen
     spent = 0
     covered: set[int] = set()
     for i in by_ratio:
-        if clusters[i] not in covered and spent + costs[i] <= budget:
+        if gains[i] > 0 and clusters[i] not in covered and spent + costs[i] <= budget:
             chosen.add(i)
             covered.add(clusters[i])
             spent += costs[i]
