@@ -86,10 +86,10 @@ def _best_move(chosen: list[int], gains: torch.Tensor, costs: torch.Tensor, clus
             best = max(best, (float(g[j]), None, (int(idx[j]),)), key=lambda m: m[0])
     for o in chosen:
         room, need = slack + int(costs[o]), int(clusters[o]) if counts[clusters[o]] == 1 else None
-        single = (c <= room) & ((cl == need) if need is not None else True)
-        pair = pair_ok & (pair_c <= room)
+        single, pair = c <= room, pair_ok & (pair_c <= room)
         if need is not None:
-            pair &= (cl[:, None] == need) | (cl[None, :] == need)
+            single = single & (cl == need)
+            pair = pair & ((cl[:, None] == need) | (cl[None, :] == need))
         if single.any():
             j = int(torch.where(single, g, -torch.inf).argmax())
             best = max(best, (float(g[j] - gains[o]), o, (int(idx[j]),)), key=lambda m: m[0])
