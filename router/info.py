@@ -44,10 +44,15 @@ class ModuleInfo:
     """Targets it adapts, a subset of TARGETS."""
     layers: tuple[int, ...] = ()
     """Decoder layer indices it adapts."""
+    points: tuple[tuple[int, str], ...] | None = None
+    """The (layer, target) points it adapts when they are not the whole `layers` x `targets` grid (a pruned
+    or searched placement); every layer and target above appears in some point. None: the whole grid."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "layers", tuple(self.layers))
+        if self.points is not None:
+            object.__setattr__(self, "points", tuple((layer, target) for layer, target in self.points))
         check_name("module", self.name)
         where = f"module {self.name}"
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -64,6 +69,26 @@ class ModuleInfo:
             raise LibraryError(f"{where}: layers must be non-empty and distinct, got {list(self.layers)}")
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
             raise LibraryError(f"{where}: layer indices must be integers >= 0, got {list(self.layers)}")
+        if self.points is not None:
+            self._check_points(where)
+
+    def _check_points(self, where: str) -> None:
+        points = set(self.points)
+        if len(points) != len(self.points):
+            raise LibraryError(f"{where}: points repeat a (layer, target)")
+        outside = [p for p in self.points if p[0] not in self.layers or p[1] not in self.targets]
+        if outside:
+            raise LibraryError(f"{where}: point {list(outside[0])} is outside its layers x targets")
+        unused = [t for t in self.targets if all(t != target for _, target in points)]
+        unused += [i for i in self.layers if all(i != layer for layer, _ in points)]
+        if unused:
+            raise LibraryError(f"{where}: {unused[0]!r} is declared but used by no point")
+
+    @property
+    def all_points(self) -> list[tuple[int, str]]:
+        """Every (layer, target) it adapts, in (layer, TARGETS) order."""
+        grid = [(layer, target) for layer in sorted(self.layers) for target in TARGETS if target in self.targets]
+        return grid if self.points is None else [p for p in grid if p in set(self.points)]
 
     @property
     def scale(self) -> float:
@@ -75,7 +100,7 @@ class ModuleInfo:
         return {
             "name": self.name, "rank": self.rank, "alpha": self.alpha, "description": self.description,
             "targets": list(self.targets), "layers": list(self.layers),
-        }
+        } | ({} if self.points is None else {"points": [[layer, target] for layer, target in self.all_points]})
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 Import: one PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) becomes one module.
 PEFT's scale (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA) is kept as an equivalent alpha. A
 non-uniform rank_pattern / alpha_pattern is represented exactly: ranks are zero-padded to the largest,
-each pair's scale is folded into its B, and the module's alpha equals its rank (scale 1).
+each pair's scale is folded into its B, and the module's alpha equals its rank (scale 1). An adapter on
+some layers' targets only (layers_to_transform, per-layer patterns) keeps exactly its (layer, target)
+points (ModuleInfo.points): nothing is padded with zero pairs.
 
 Export: a composition becomes one PEFT LoRA of rank R = sum_j r_j ("cat" merge), exact by construction:
 
@@ -66,7 +68,7 @@ def _check_config(config: dict, where: str) -> None:
         raise LibraryError(f"{where}: adapters that train biases are not supported (bias={config['bias']!r})")
     targets = config.get("target_modules")
     if isinstance(targets, list):
-        outside = [t for t in targets if t not in TARGETS]
+        outside = [t for t in targets if t.rsplit(".", 1)[-1] not in TARGETS]  # PEFT matches name suffixes
         if outside:
             raise LibraryError(f"{where}: target_modules {outside} are outside the adaptable targets {TARGETS}")
     for key in ("r", "lora_alpha"):
@@ -169,17 +171,15 @@ def _as_module(
     rank = max(ranks)
     alpha = alphas.pop() if uniform else rank
     weights: ModuleWeights = {}
-    for layer in layers:
-        for target in targets:
-            in_features, out_features = backbone.shape(target)
-            a = torch.zeros(rank, in_features)  # [rank, in]
-            b = torch.zeros(out_features, rank)  # [out, rank]
-            if (layer, target) in found:
-                pair_a, pair_b, pair_rank, pair_alpha = found[(layer, target)]
-                a[:pair_rank] = pair_a
-                b[:, :pair_rank] = pair_b if uniform else pair_b * (pair_alpha / pair_rank)
-            weights[(layer, target)] = (a, b)
-    return ModuleInfo(name, rank, alpha, description, targets, layers), weights
+    for (layer, target), (pair_a, pair_b, pair_rank, pair_alpha) in found.items():
+        in_features, out_features = backbone.shape(target)
+        a = torch.zeros(rank, in_features)  # [rank, in]
+        b = torch.zeros(out_features, rank)  # [out, rank]
+        a[:pair_rank] = pair_a
+        b[:, :pair_rank] = pair_b if uniform else pair_b * (pair_alpha / pair_rank)
+        weights[(layer, target)] = (a, b)
+    grid = len(found) == len(layers) * len(targets)
+    return ModuleInfo(name, rank, alpha, description, targets, layers, None if grid else tuple(found)), weights
 
 
 def _stacked(library, composition: Composition, layer: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:

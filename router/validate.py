@@ -82,9 +82,11 @@ def parse_modules(meta: dict, backbone: BackboneFingerprint) -> list[ModuleInfo]
             info = ModuleInfo(
                 name=entry["name"], rank=entry["rank"], alpha=entry["alpha"],
                 description=str(entry.get("description", "")), targets=tuple(entry["targets"]),
-                layers=tuple(entry["layers"]),
+                layers=tuple(entry["layers"]), points=_points(entry),
             )
-        except (KeyError, TypeError, AttributeError) as error:
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            if isinstance(error, LibraryError):
+                raise
             raise LibraryError(f"library.json: malformed module entry {entry!r} ({error!r})") from error
         missing = [t for t in info.targets if t not in declared]
         if missing:
@@ -93,6 +95,20 @@ def parse_modules(meta: dict, backbone: BackboneFingerprint) -> list[ModuleInfo]
         modules.append(info)
     _check_unique("module", [m.name for m in modules])
     return modules
+
+
+def _points(entry: dict) -> tuple[tuple[int, str], ...] | None:
+    """The optional `points` of a module entry: a list of [layer, target] pairs."""
+    if "points" not in entry:
+        return None
+    points = entry["points"]
+    ok = isinstance(points, list) and all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+        and isinstance(p[1], str) for p in points
+    )
+    if not ok or not points:
+        raise LibraryError(f"module {entry.get('name')!r}: points must be a non-empty list of [layer, target]")
+    return tuple((layer, target) for layer, target in points)
 
 
 def parse_tasks(meta: dict) -> list[TaskInfo]:
@@ -128,15 +144,14 @@ def check_module_info(info: ModuleInfo, backbone: BackboneFingerprint) -> None:
 def take_module_tensors(info: ModuleInfo, tensors: dict[str, torch.Tensor]) -> ModuleWeights:
     """Remove `info`'s tensors from the flat dict of modules.safetensors; missing ones are an error."""
     weights: ModuleWeights = {}
-    for layer in info.layers:
-        for target in info.targets:
-            pair = []
-            for part in ("lora_A", "lora_B"):
-                key = tensor_key(info.name, layer, target, part)
-                if key not in tensors:
-                    raise LibraryError(f"module {info.name}, layer {layer}, target {target}: tensor {key} is missing")
-                pair.append(tensors.pop(key))
-            weights[(layer, target)] = (pair[0], pair[1])
+    for layer, target in info.all_points:
+        pair = []
+        for part in ("lora_A", "lora_B"):
+            key = tensor_key(info.name, layer, target, part)
+            if key not in tensors:
+                raise LibraryError(f"module {info.name}, layer {layer}, target {target}: tensor {key} is missing")
+            pair.append(tensors.pop(key))
+        weights[(layer, target)] = (pair[0], pair[1])
     return weights
 
 
@@ -156,12 +171,12 @@ def _checked_tensor(where: str, tensor: object, shape: tuple[int, int], meaning:
 def check_module_weights(info: ModuleInfo, backbone: BackboneFingerprint, weights: ModuleWeights) -> ModuleWeights:
     """Shapes, dtypes and values of one module's weights; returns them as contiguous fp32 CPU tensors."""
     check_module_info(info, backbone)
-    expected_keys = {(layer, target) for layer in info.layers for target in info.targets}
-    extra = sorted(set(weights) - expected_keys)
+    expected = info.all_points
+    extra = sorted(set(weights) - set(expected))
     if extra:
         raise LibraryError(f"module {info.name}: weights for (layer, target) {extra[0]} it does not declare")
     checked: ModuleWeights = {}
-    for layer, target in sorted(expected_keys, key=lambda k: (k[0], TARGETS.index(k[1]))):
+    for layer, target in expected:
         where = f"module {info.name}, layer {layer}, target {target}"
         if (layer, target) not in weights:
             raise LibraryError(f"{where}: weights are missing")
