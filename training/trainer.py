@@ -32,7 +32,7 @@ from training import checkpoint
 from training.config import TrainConfig
 from training.controller import TaskController
 from training.data import IGNORE, DataError, Example, collate, encode
-from training.export import build_library, check_grid, prune
+from training.export import build_library, prune
 from training.modules import ModuleBank, ModuleSpec, Point
 from training.relation import check_relation, estimate_relation
 from training.step import StepRunner
@@ -91,13 +91,13 @@ def _bank_specs(config: TrainConfig, num_layers: int, points: Sequence[Point] | 
     if init is not None:
         if points is not None:
             raise ValueError("points cannot be given with an init library: its modules bring their own points")
-        return [ModuleSpec(m.name, m.rank, m.alpha, tuple((layer, t) for layer in m.layers for t in m.targets))
-                for m in init.modules.values()]
+        return [ModuleSpec(m.name, m.rank, m.alpha, tuple(m.all_points)) for m in init.modules.values()]
     chosen = [tuple(p) for p in points] if points is not None else [
         (layer, t) for layer in range(num_layers) for t in config.targets]
     if not chosen:
         raise ValueError("points is empty: there is nowhere to insert modules")
-    check_grid(chosen, "points")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError("points repeat a (layer, target)")
     return [ModuleSpec(f"m{j}", config.rank, config.alpha, tuple(chosen)) for j in range(config.num_modules)]
 
 

@@ -1,4 +1,4 @@
-"""Export: grid checks, grid-granular pruning, and the library computing exactly what the pruned bank does."""
+"""Export: per-point pruning, and the library computing exactly what the pruned bank does."""
 
 from __future__ import annotations
 
@@ -8,19 +8,11 @@ import torch
 from router.controller import ControllerSettings
 from router.info import TaskInfo
 from training.controller import TaskController
-from training.export import build_library, check_grid, grid_closure, prune
+from training.export import build_library, prune
 from training.modules import ModuleBank, ModuleSpec
 from tests.training.helpers import PROMPTS, backbone, composition_deltas, merged
 
 GRID = ((0, "q_proj"), (0, "v_proj"), (1, "q_proj"), (1, "v_proj"))
-
-
-def test_grid_closure_and_check():
-    points = [(1, "v_proj"), (0, "q_proj")]
-    assert grid_closure(points) == list(GRID)
-    check_grid(GRID, "points")
-    with pytest.raises(ValueError, match=r"must form a layers x targets grid.*missing \[\(0, 'v_proj'\), \(1, 'q_proj'\)\]"):
-        check_grid(points, "points")
 
 
 def _trained_bank(fingerprint, gates: dict) -> ModuleBank:
@@ -36,8 +28,9 @@ def _trained_bank(fingerprint, gates: dict) -> ModuleBank:
 
 @pytest.mark.parametrize("gates, expected", [
     ({(0, "q_proj"): 0.9, (0, "v_proj"): 0.05, (1, "q_proj"): 0.05, (1, "v_proj"): 0.02}, [(0, "q_proj")]),
-    # (0, v) and (1, q) are under the threshold, but their layer and target survive: kept, gate folded in
-    ({(0, "q_proj"): 0.9, (0, "v_proj"): 0.05, (1, "q_proj"): 0.05, (1, "v_proj"): 0.6}, list(GRID)),
+    # a diagonal: not a grid, kept exactly (the library records the two points, nothing padded)
+    ({(0, "q_proj"): 0.9, (0, "v_proj"): 0.05, (1, "q_proj"): 0.05, (1, "v_proj"): 0.6}, [(0, "q_proj"), (1, "v_proj")]),
+    ({(0, "q_proj"): 0.9, (0, "v_proj"): 0.5, (1, "q_proj"): 0.3, (1, "v_proj"): 0.6}, list(GRID)),
     ({(0, "q_proj"): 0.05, (0, "v_proj"): 0.3, (1, "q_proj"): 0.01, (1, "v_proj"): 0.2}, [(0, "v_proj"), (1, "v_proj")]),
 ])
 def test_pruned_library_serves_what_the_pruned_bank_computes(tiny_llama, fingerprint, gates, expected):
@@ -50,7 +43,9 @@ def test_pruned_library_serves_what_the_pruned_bank_computes(tiny_llama, fingerp
     library = build_library(bank, controller, fingerprint, tasks, kept, ["d0", "d1", "d2"])
     info = library.modules["m1"]
     assert (info.rank, info.alpha, info.description) == (2, 4.0, "d1")
-    assert [(layer, t) for layer in info.layers for t in info.targets] == expected
+    is_grid = len(expected) == len({layer for layer, _ in expected}) * len({t for _, t in expected})
+    assert info.all_points == expected and (info.points is None) == is_grid
+    assert sorted(library.module_weights("m1")) == sorted(expected)
     model = backbone(tiny_llama)
     bank.install(model)
     for row, task in enumerate(("reverse", "upper")):

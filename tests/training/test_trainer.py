@@ -128,8 +128,8 @@ def test_run_arguments_are_checked(tiny_llama, examples, small_config, fingerpri
     no_init = dataclasses.replace(small_config, train_modules=False)
     with pytest.raises(ValueError, match="trains the controller only, over the modules of an init library"):
         train_library(tiny_llama, examples, tmp_path / "lib", no_init, progress=False)
-    with pytest.raises(ValueError, match="must form a layers x targets grid"):
-        Trainer(tiny_llama, examples, small_config, points=[(0, "q_proj"), (1, "v_proj")])
+    with pytest.raises(ValueError, match="points repeat"):
+        Trainer(tiny_llama, examples, small_config, points=[(0, "q_proj"), (0, "q_proj")])
     with pytest.raises(ValueError, match=r"relation must be \[num_tasks, num_tasks\] = \[2, 2\]"):
         Trainer(tiny_llama, examples, small_config, relation=torch.zeros(3, 3))
 
@@ -147,3 +147,12 @@ def test_fine_tuning_an_init_library_starts_from_its_function(tiny_llama, exampl
         got = trainer.model(PROMPTS).logits
     want = merged(tiny_llama, composition_deltas(init, composition))(PROMPTS).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_searched_points_that_are_no_grid_are_written_exactly(tiny_llama, examples, small_config, fingerprint, tmp_path):
+    points = [(0, "q_proj"), (1, "v_proj"), (1, "down_proj")]
+    config = dataclasses.replace(small_config, prune_threshold=0.0)
+    report = train_library(tiny_llama, examples, tmp_path / "lib", config, points=points, progress=False)
+    library = ModuleLibrary.load(report.path, expect=fingerprint)
+    for info in library.modules.values():
+        assert info.all_points == points and sorted(library.module_weights(info.name)) == sorted(points)
