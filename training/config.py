@@ -60,8 +60,16 @@ class TrainConfig:
     """Initial value (in (0, 1)) of every insertion gate sigmoid(logit). 0.9 starts nearly open, so points
     are pruned only when the sparsity loss wins over the task loss."""
     prune_threshold: float = 0.1
-    """At export, insertion points whose gate is below this are removed (whole layers or targets, see
+    """At export, insertion points whose gate is below this are removed from the library (per point, see
     training.export); 0 disables pruning."""
+    placement: str = "all"
+    """Where modules go when no points are given: `all` (every layer x `targets`) or `search` (the
+    gradient-clustering placement search of training.placement, under `placement_budget`)."""
+    placement_budget: float = 0.25
+    """With placement=search: the share (0, 1] of the all-points parameter cost the chosen points may use."""
+    text_router: bool = True
+    """Fit a text router (training.text_router) on each example's first user message, so untagged (`auto`)
+    requests are routed; needs two or more tasks with two or more examples each."""
     learning_rate: float = 1e-4
     """AdamW learning rate of the module weights A and B. 1e-4 is the common LoRA rate."""
     gate_learning_rate: float = 5e-3
@@ -112,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.targets must be distinct names from {TARGETS}, got {list(self.targets)}")
         if self.stop_after_steps is not None and (isinstance(self.stop_after_steps, bool) or self.stop_after_steps < 1):
             raise ValueError(f"TrainConfig.stop_after_steps must be None or >= 1, got {self.stop_after_steps!r}")
+        if self.placement not in ("all", "search"):
+            raise ValueError(f"TrainConfig.placement must be all or search, got {self.placement!r}")
+        self._check_float("placement_budget", low=0.0, high=1.0 + 1e-9, low_open=True)
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -177,3 +177,15 @@ def collate(rows: list[tuple[list[int], list[int]]], task_ids: list[int], pad_id
         "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
         "task_ids": torch.tensor(task_ids, dtype=torch.long),  # [batch]
     }
+
+
+def routing_prompt(example: Example) -> str:
+    """The text a request would be routed by: the last user message before the first assistant turn (what
+    the server embeds for a chat request tagged `auto`)."""
+    prompt = ""
+    for message in example.messages:
+        if message["role"] == "assistant":
+            break
+        if message["role"] == "user":
+            prompt = message["content"]
+    return prompt

@@ -31,7 +31,7 @@ from router.library import ModuleLibrary, fingerprint_from_hf_config
 from training import checkpoint
 from training.config import TrainConfig
 from training.controller import TaskController
-from training.data import IGNORE, DataError, Example, collate, encode
+from training.data import IGNORE, DataError, Example, collate, encode, routing_prompt
 from training.export import build_library, prune
 from training.modules import ModuleBank, ModuleSpec, Point
 from training.relation import check_relation, estimate_relation
@@ -60,6 +60,8 @@ class TrainReport:
     """The checkpoint step this run started from; 0 for a fresh run."""
     path: Path | None
     """The written library, or None when not finished."""
+    routing_accuracy: float | None = None
+    """Held-out task accuracy of the text router fitted on the prompts; None when none was fitted."""
 
 
 def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -125,10 +127,28 @@ class Trainer:
         self.rows, self.row_tasks = self._encode()
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype).to(self.device).eval()
         self.model.requires_grad_(False)
+        if points is None and init is None and config.placement == "search":
+            points = self._search_points()
         self.bank = self._build_bank(points)
         self.controller = self._build_controller().to(self.device)
         self.optimizer = self._build_optimizer()
         self.step = 0
+
+    def _search_points(self) -> list[Point]:
+        """Insertion points from the gradient-clustering placement search (training.placement)."""
+        from training.placement import PlacementConfig, search_placement
+
+        cfg, size = self.config, self.config.batch_size
+        task_batches = {}
+        for index, task in enumerate(self.tasks):
+            mine = [i for i, t in enumerate(self.row_tasks) if t == index][: 2 * size]
+            if mine:
+                task_batches[task.name] = [self.batch(mine[i: i + size]) for i in range(0, len(mine), size)]
+        placement = search_placement(self.model, task_batches, PlacementConfig(
+            rank=cfg.rank, num_modules=cfg.num_modules, budget_fraction=cfg.placement_budget, seed=cfg.seed))
+        logger.info("placement search chose %d points (cost %d of budget %d): %s", len(placement.points),
+                    placement.total_cost, placement.budget, placement.points)
+        return list(placement.points)
 
     def _encode(self) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
         index = {t.name: i for i, t in enumerate(self.tasks)}
@@ -279,8 +299,29 @@ def train_library(
                     checkpoints)
         return report
     library, kept = trainer.export()
+    library, accuracy = _attach_text_router(library, examples, config)
     path = library.write(out, overwrite=overwrite)
     shutil.rmtree(checkpoints, ignore_errors=True)
     logger.info("wrote module library %s (%d modules, %d tasks)", path, len(library.modules), len(library.tasks))
     return TrainReport(report.steps, True, report.losses, report.task_loss_history, report.tokens_per_second,
-                       kept, report.resumed_from, path)
+                       kept, report.resumed_from, path, accuracy)
+
+
+def _attach_text_router(library: ModuleLibrary, examples: Sequence[Example],
+                        config: TrainConfig) -> tuple[ModuleLibrary, float | None]:
+    """`library` with a text router fitted on each example's first user message, when config asks and the data
+    allows (two or more tasks, two or more prompts each); and its held-out accuracy."""
+    from training.text_router import TextRouterConfig, fit_text_router
+
+    if not config.text_router:
+        return library, None
+    prompts = [(routing_prompt(e), e.task) for e in examples]
+    counts = {task: sum(1 for _, t in prompts if t == task) for task in library.tasks}
+    if len(counts) < 2 or min(counts.values()) < 2:
+        logger.warning("no text router: it needs two or more tasks with two or more examples each, got %s", counts)
+        return library, None
+    router_config = TextRouterConfig(seed=config.seed)
+    head, accuracy = fit_text_router([p for p, _ in prompts], [t for _, t in prompts], list(library.tasks),
+                                     router_config)
+    logger.info("text router: held-out task accuracy %.3f", accuracy)
+    return library.with_text_router(head, router_config.settings), accuracy

@@ -58,8 +58,8 @@ def fingerprint(tiny_llama):
 
 @pytest.fixture(scope="session")
 def small_config() -> TrainConfig:
-    """4 modules of rank 4, a few steps with large learning rates, every loss term on."""
+    """4 modules of rank 4, a few steps with large learning rates, every loss term on; no text router."""
     return TrainConfig(num_modules=4, rank=4, alpha=8.0, steps=6, batch_size=4, learning_rate=1e-2,
                        gate_learning_rate=5e-2, checkpoint_every=2, max_seq_len=64, device="cpu",
                        lambda_decouple=0.01, lambda_align=0.1, lambda_sparse=0.01, lambda_prior=0.01,
-                       relation_batches=1)
+                       relation_batches=1, text_router=False)

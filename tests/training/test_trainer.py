@@ -156,3 +156,20 @@ def test_searched_points_that_are_no_grid_are_written_exactly(tiny_llama, exampl
     library = ModuleLibrary.load(report.path, expect=fingerprint)
     for info in library.modules.values():
         assert info.all_points == points and sorted(library.module_weights(info.name)) == sorted(points)
+
+
+def test_searched_placement_and_text_router_end_to_end(tiny_llama, examples, small_config, fingerprint, tmp_path):
+    """placement=search picks points under the budget; the written library routes untagged prompts."""
+    config = dataclasses.replace(small_config, placement="search", placement_budget=0.3, text_router=True,
+                                 prune_threshold=0.0)
+    report = train_library(tiny_llama, examples, tmp_path / "lib", config, progress=False)
+    library = ModuleLibrary.load(report.path, expect=fingerprint)
+    points = library.modules["m0"].all_points
+    all_points = [(layer, t) for layer in range(fingerprint.num_layers) for t in TARGETS]
+    cost = {p: sum(fingerprint.shape(p[1])) for p in all_points}
+    assert 0 < len(points) < len(all_points)
+    assert sum(cost[p] for p in points) <= 0.3 * sum(cost.values())
+    assert report.routing_accuracy is not None and report.routing_accuracy >= 0.9
+    routed = library.controller.route_text("reverse qwxyz")
+    assert (routed.source, routed.task) == ("inferred", "reverse")
+    assert routed.module_ids == library.controller.gates_for_task("reverse").module_ids
