@@ -69,6 +69,7 @@ def build_parts(config: EngineConfig) -> EngineParts:
     from transformers import AutoTokenizer
 
     device = config.resolved_device()
+    graph_mode = config.graph_mode()  # a bad value fails here, before the weights load
     model_dir = str(resolve_model_dir(config.model))
     library = _load_library(config, model_dir)
     max_rank = config.max_rank or max((m.rank for m in library.modules.values()), default=8) if library else 8
@@ -85,7 +86,8 @@ def build_parts(config: EngineConfig) -> EngineParts:
         _eos_ids(tokenizer, model_dir),
     )
     runner_config = RunnerConfig(
-        config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks, config.block_size
+        config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks,
+        config.block_size, max_model_len, graph_mode, config.cuda_graph_max_batch,
     )
     runner = ModelRunner(model, runner_config, _module_loader(library))
     logger.info("KV cache: %d blocks of %d tokens; max_model_len %d; module slots %d", num_blocks, config.block_size, max_model_len, num_slots)
