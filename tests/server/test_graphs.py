@@ -7,10 +7,8 @@ the same steps replay captured graphs while compositions change between replays.
 from __future__ import annotations
 
 import pytest
-from transformers import AutoConfig
 
 from router.composition import Composition
-from router.library import fingerprint_from_hf_config, random_library
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.graphs import decode_buckets
@@ -25,15 +23,6 @@ COMPOSITIONS = [
 ]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34], [40, 41, 42, 43, 44, 45, 46], [50, 51]]
 MAX_TOKENS = [3, 14, 6, 9, 11]  # the decode batch shrinks 5 -> 4 -> 3 -> 2 -> 1 (padded to 8, 4, 4, 2, 1)
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_checkpoints, tmp_path_factory):
-    model_dir = tiny_checkpoints("llama")
-    library = random_library(fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir)), num_modules=3, std=0.2)
-    path = tmp_path_factory.mktemp("lib") / "lib"
-    library.write(path)
-    return model_dir, str(path)
 
 
 def _run(setup, device: str, **overrides) -> tuple[dict[str, list[int]], Engine]:
