@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-
 from router.composition import Composition
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
