@@ -70,6 +70,10 @@ class ModelRunner:
         model.bind_kv_cache(self.kv_caches)
         self.held: dict[str, _Held] = {}
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes of every layer's key and value caches."""
+        return sum(t.numel() * t.element_size() for cache in self.kv_caches for t in cache)
+
     def run(self, plan: StepPlan) -> StepResult:
         """Apply the plan's deltas, run one forward pass, sample the requests that sample."""
         self._apply(plan)
