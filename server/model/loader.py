@@ -200,7 +200,8 @@ def backbone_from_state_dict(
     """Build the backbone from tensors already in memory, named as in a checkpoint (a transformers model's
     `state_dict()`), with the same checks as `load_backbone`. The tensors are copied, never shared."""
     backbone = _empty_backbone(hf_config, config)
-    _fill(backbone, ((name, name, functools.partial(state.__getitem__, name)) for name in state), "state dict")
+    tensors = (("state dict", name, functools.partial(state.__getitem__, name)) for name in state)
+    _fill(backbone, tensors, "state dict")
     backbone.eval()
     logger.info(
         "built %s (%d layers, hidden %d) from a state dict as %s on %s",
