@@ -188,11 +188,13 @@ def _write_json(path: str, document: dict) -> None:
 
 
 class Results:
-    """Runs so far, and the JSON document they make (written after every run)."""
+    """Runs so far, and the JSON document they make (ratios recomputed and the file rewritten after every
+    run, so a run stopped by a time limit leaves every finished system and its ratios)."""
 
-    def __init__(self, settings: BenchSettings, document: dict):
+    def __init__(self, settings: BenchSettings, document: dict, workloads: list[Workload]):
         self.settings = settings
         self.document = document
+        self.workloads = workloads
         self.runs: dict[tuple[str, str], Run] = {}
 
     def add(self, run: Run) -> None:
@@ -204,6 +206,7 @@ class Results:
         self.save()
 
     def save(self) -> None:
+        self.document["ratios"] = _ratios(self.settings, self.runs, self.workloads)
         _write_json(self.settings.out, self.document)
 
 
@@ -294,26 +297,28 @@ def _vllm_comparable(settings: BenchSettings) -> bool:
     return same_setup and not settings.quick
 
 
-def _throughput(settings: BenchSettings, results: Results, system: str, workload: Workload) -> float | None:
+def _throughput(settings: BenchSettings, runs: dict, system: str, workload: Workload) -> float | None:
     if system == "vllm_published":
         return VLLM_PUBLISHED_TOKENS_PER_S.get(workload.name) if _vllm_comparable(settings) else None
-    run = results.runs.get((system, workload.name))
+    run = runs.get((system, workload.name))
     return None if run is None else run.tokens_per_s
 
 
-def _ratios(settings: BenchSettings, results: Results, workloads: list[Workload]) -> None:
+def _ratios(settings: BenchSettings, runs: dict[tuple[str, str], Run], workloads: list[Workload]) -> list[dict]:
     """b/a, c/a, d/a, b/peft, a/hf and (Llama-3-8B shape on CUDA in bf16 only) a/vLLM's published number."""
     wanted = [("tessera_b", "tessera_a"), ("tessera_c", "tessera_a"), ("tessera_d", "tessera_a"),
               ("tessera_b", "peft_mixed"), ("tessera_a", "hf_generate"), ("tessera_a", "vllm_published")]
+    ratios = []
     for workload in workloads:
         for numerator, denominator in wanted:
-            top = _throughput(settings, results, numerator, workload)
-            bottom = _throughput(settings, results, denominator, workload)
+            top = _throughput(settings, runs, numerator, workload)
+            bottom = _throughput(settings, runs, denominator, workload)
             if top is not None and bottom is not None:
-                results.document["ratios"].append({
+                ratios.append({
                     "workload": workload.name, "numerator": numerator, "denominator": denominator,
                     "numerator_tokens_per_s": top, "denominator_tokens_per_s": bottom, "value": top / bottom,
                 })
+    return ratios
 
 
 def _print_summary(document: dict) -> None:
@@ -361,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(settings.threads)
     workloads = _workloads(settings)
     shape = SHAPES[settings.config]
-    results = Results(settings, _document(settings, workloads))
+    results = Results(settings, _document(settings, workloads), workloads)
     dtype = getattr(torch, settings.dtype)
     started = time.perf_counter()
     hf_model = random_hf_model(shape, dtype, settings.device, settings.seed)
@@ -376,7 +381,6 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = {w.name: w.prompts(shape.vocab_size, settings.seed + 2) for w in workloads}
     _tessera(settings, results, hf_model, library, workloads, prompts)
     _baselines(settings, results, hf_model, library, workloads, prompts)
-    _ratios(settings, results, workloads)
     _cross_checks(settings, results, workloads)
     results.document["total_seconds"] = time.perf_counter() - started
     results.save()

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from benchmarks.serving.bench_engine import (
-    FULL_WORKLOADS, QUICK_WORKLOADS, SYSTEMS, CrossCheckError, Results, _cross_checks, _document, _parse, _ratios,
-    main,
+    FULL_WORKLOADS, QUICK_WORKLOADS, SYSTEMS, CrossCheckError, Results, _cross_checks, _document, _parse, main,
 )
 from benchmarks.serving.engine_systems import VARIANTS, Run, agreement, left_padded
 
@@ -103,7 +102,7 @@ def _run(system: str, tokens: list[list[int]]) -> Run:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_cross_check_mismatch_fails_in_fp32_and_is_reported_in_bf16(tmp_path, dtype):
     settings = _parse(["--config", "tiny", "--quick", "--dtype", dtype, "--out", str(tmp_path / "e.json")])
-    results = Results(settings, _document(settings, list(QUICK_WORKLOADS[:1])))
+    results = Results(settings, _document(settings, list(QUICK_WORKLOADS[:1])), list(QUICK_WORKLOADS[:1]))
     results.add(_run("tessera_a", [[1, 2], [3, 4]]))
     results.add(_run("hf_generate", [[1, 2], [3, 5]]))
     if dtype == "float32":
@@ -147,8 +146,7 @@ def test_the_vllm_ratio_needs_the_published_setup(tmp_path):
                            (["--config", "tiny", "--dtype", "bfloat16"], None)):
         on_cpu = _parse(argv + ["--out", str(tmp_path / "e.json")])
         settings = dataclasses.replace(on_cpu, device="cuda")  # as the GPU run parses it
-        results = Results(settings, _document(on_cpu, list(FULL_WORKLOADS)))
-        results.runs[(run.system, run.workload.name)] = run
-        _ratios(settings, results, list(FULL_WORKLOADS))
+        results = Results(settings, _document(on_cpu, list(FULL_WORKLOADS)), list(FULL_WORKLOADS))
+        results.add(run)
         found = [r["value"] for r in results.document["ratios"] if r["denominator"] == "vllm_published"]
         assert found == ([] if expected is None else [pytest.approx(expected)]), argv
