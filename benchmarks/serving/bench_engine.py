@@ -1,7 +1,7 @@
 """Offline engine throughput: Tessera's engine vs transformers `generate` vs PEFT's mixed-adapter batch.
 
     python benchmarks/serving/bench_engine.py --out results/bench_engine.json           # GPU: Llama-3-8B shape
-    python benchmarks/serving/bench_engine.py --config tiny --quick --out /tmp/e.json   # CPU: every code path
+    python benchmarks/serving/bench_engine.py --config tiny --quick --out results/tiny.json  # CPU: every path
 
 A Llama-3-8B-shaped backbone (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256) with
 random weights is built in memory (bf16 on CUDA; no download, no checkpoint on disk). Each workload is
