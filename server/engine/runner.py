@@ -82,6 +82,10 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.meta, max_batch, config.max_model_len,
                                        capture=config.graph_mode == "capture")
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes of every layer's key and value caches."""
+        return sum(t.numel() * t.element_size() for cache in self.kv_caches for t in cache)
+
     def run(self, plan: StepPlan) -> StepResult:
         """Apply the plan's deltas, run one forward pass, sample the requests that sample."""
         self._apply(plan)
