@@ -92,6 +92,8 @@ class BenchSettings:
     """Seed of the weights, the modules and the prompts."""
     threads: int | None
     """torch CPU threads (None: torch's default)."""
+    cuda_graphs: str = "auto"
+    """Tessera's decode steps: auto (CUDA graphs on CUDA), off (eager), padded (graph shapes, eager)."""
 
 
 def _parse(argv: list[str] | None) -> BenchSettings:
@@ -111,6 +113,8 @@ def _parse(argv: list[str] | None) -> BenchSettings:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "off", "padded"],
+                        help="Tessera's decode steps: CUDA graphs on CUDA (auto), eager (off), or padded")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda: no CUDA device is available")
@@ -124,6 +128,7 @@ def _parse(argv: list[str] | None) -> BenchSettings:
     return BenchSettings(
         args.config, args.quick, tuple(args.workloads), tuple(dict.fromkeys(args.systems)), args.out, args.device,
         dtype, args.warmup_tokens, args.max_num_batched_tokens, args.block_size, args.seed, args.threads,
+        args.cuda_graphs,
     )
 
 
@@ -148,6 +153,7 @@ def _engine_settings(settings: BenchSettings, workloads: list[Workload], num_mod
         max_slots=num_modules,
         max_rank=MODULE_RANK,
         max_k=max(v.k for v in VARIANTS),
+        cuda_graphs=settings.cuda_graphs,
     )
 
 

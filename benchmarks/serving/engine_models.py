@@ -171,6 +171,8 @@ class EngineSettings:
     """Largest module rank the pool holds."""
     max_k: int
     """Modules per request at most."""
+    cuda_graphs: str = "auto"
+    """EngineConfig.cuda_graphs: decode steps from CUDA graphs (auto, on CUDA), eager (off) or padded."""
 
 
 def tessera_engine(
@@ -192,6 +194,7 @@ def tessera_engine(
         max_loaded_modules=settings.max_slots,
         max_rank=settings.max_rank,
         max_k=settings.max_k,
+        cuda_graphs=settings.cuda_graphs,
     )
     parts = assemble_parts(config, backbone, tokenizer, library, eos_ids=set())
     return Engine(config, step_observer=observer, parts=parts)
