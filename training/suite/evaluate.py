@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -62,24 +63,39 @@ def exact_match(model: torch.nn.Module, tokenizer, items: Sequence[Item]) -> flo
     """Share of `items` whose greedy reply equals the answer exactly (0.0 for no items)."""
     if not items:
         return 0.0
-    longest = max(len(tokenizer(item.answer, add_special_tokens=False)["input_ids"]) for item in items)
-    replies = generate_answers(model, tokenizer, [item.prompt for item in items], longest + 2)
+    replies = generate_answers(model, tokenizer, [item.prompt for item in items], _max_new_tokens(tokenizer, items))
     return sum(reply == item.answer for reply, item in zip(replies, items)) / len(items)
 
 
-def library_exact_match(model_dir: str, library: ModuleLibrary, items: Sequence[Item]) -> dict[str, float]:
-    """Held-out exact match per task of `items`, each task served with its controller composition
-    (a composite "a+b" with the union of both tasks' compositions, gates summed)."""
+def _max_new_tokens(tokenizer, items: Sequence[Item]) -> int:
+    """Room for the longest answer, its end-of-turn token and one more."""
+    return max(len(tokenizer(item.answer, add_special_tokens=False)["input_ids"]) for item in items) + 2
+
+
+def library_replies(model_dir: str | Path, library: ModuleLibrary, items: Sequence[Item]) -> list[str]:
+    """The greedy reply to every item, in order, each task served with its controller composition (a
+    composite "a+b" with the union of both tasks' compositions, gates summed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    scores = {}
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    replies: dict[int, str] = {}
     for task in dict.fromkeys(item.task for item in items):
-        composition = task_composition(library, [t for t in task.split("+")])
-        merged = merge_composition(model, library, composition)
-        scores[task] = exact_match(merged, tokenizer, [item for item in items if item.task == task])
-    return scores
+        indices = [i for i, item in enumerate(items) if item.task == task]
+        merged = merge_composition(model, library, task_composition(library, task.split("+")))
+        mine = [items[i] for i in indices]
+        answers = generate_answers(merged, tokenizer, [item.prompt for item in mine], _max_new_tokens(tokenizer, mine))
+        replies.update(zip(indices, answers))
+    return [replies[i] for i in range(len(items))]
+
+
+def library_exact_match(model_dir: str | Path, library: ModuleLibrary, items: Sequence[Item]) -> dict[str, float]:
+    """Held-out exact match per task of `items` (see library_replies), in order of first appearance."""
+    replies = library_replies(model_dir, library, items)
+    correct: dict[str, list[bool]] = {}
+    for item, reply in zip(items, replies):
+        correct.setdefault(item.task, []).append(reply == item.answer)
+    return {task: sum(hits) / len(hits) for task, hits in correct.items()}
 
 
 def task_composition(library: ModuleLibrary, tasks: Sequence[str]) -> Composition:
