@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.config import TrainConfig
-from training.suite.backbone import default_cache_dir
+from training.suite.backbone import default_cache_dir, torch_threads
 from training.suite.data import SuiteConfig
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,8 @@ def ensure_demo(cache_dir: Path | None = None, setting: str = "small") -> tuple[
                 target, DEMO_SETTINGS[setting].expected_seconds)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
     try:
-        _build(staging, cache, setting)
+        with torch_threads(1):  # the models are tiny: one thread is fastest under load (torch_threads' NOTE)
+            _build(staging, cache, setting)
         os.rename(staging, target)
     except OSError:
         if not _complete(target):

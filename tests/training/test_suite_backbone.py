@@ -122,3 +122,55 @@ def test_suite_items_encode_on_the_tiny_backbone(tiny_backbone):
         ids, labels = encode(tokenizer, example, 256)
         assert tokenizer.unk_token_id not in ids
         assert sum(label != IGNORE for label in labels) == len(item.answer) + 2  # the answer, <|im_end|>, "\n"
+
+
+def test_merged_composition_matches_the_training_module_bank(tiny_backbone):
+    """evaluate.merge_composition (weights merged) computes what training's hooked ModuleBank computes."""
+    import torch
+
+    from router.library import fingerprint_from_hf_config, random_library
+    from training.modules import ModuleBank, ModuleSpec
+    from training.suite.evaluate import merge_composition, task_composition
+
+    _, path, _ = tiny_backbone
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    fingerprint = fingerprint_from_hf_config(model.config)
+    library = random_library(fingerprint, num_modules=3, tasks=("reverse", "uppercase"), rank=4, std=0.2, seed=1)
+    composition = task_composition(library, ["reverse", "uppercase"])
+    single = [library.controller.gates_for_task(t) for t in ("reverse", "uppercase")]
+    expected_gates = {}
+    for one in single:
+        for name, gate in zip(one.module_ids, one.gates):
+            expected_gates[name] = expected_gates.get(name, 0.0) + gate
+    assert dict(zip(composition.module_ids, composition.gates)) == pytest.approx(expected_gates)
+    specs = [ModuleSpec(name, info.rank, info.alpha, tuple(library.module_weights(name)))
+             for name, info in library.modules.items()]
+    bank = ModuleBank(specs, fingerprint, gate_init=0.5)
+    bank.set_insertion_gates(False)
+    for index, spec in enumerate(specs):
+        for point, (a, b) in library.module_weights(spec.name).items():
+            bank.load_pair(index, point, a, b)
+    gates = torch.zeros(1, len(specs))  # [batch, num_modules]
+    for name, gate in zip(composition.module_ids, composition.gates):
+        gates[0, [s.name for s in specs].index(name)] = gate
+    ids = torch.tensor([[2, 10, 11, 12, 13, 3]])  # [batch, seq]
+    with torch.no_grad():
+        merged = merge_composition(model, library, composition)(input_ids=ids).logits
+        plain = model(input_ids=ids).logits
+        bank.install(model)
+        with bank.gating(gates):
+            hooked = model(input_ids=ids).logits
+    assert not torch.allclose(merged, plain, atol=1e-3)
+    torch.testing.assert_close(merged, hooked, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_greedy_replies_equal_one_by_one(tiny_backbone):
+    from training.suite.evaluate import generate_answers
+
+    _, path, _ = tiny_backbone
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    prompts = [item.prompt for item in make_items(list(TASKS), 2, "test")]
+    batched = generate_answers(model, tokenizer, prompts, max_new_tokens=6, batch_size=12)
+    assert batched == [generate_answers(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert tokenizer.padding_side == "right", "the tokenizer's padding side is restored"
