@@ -13,7 +13,9 @@ import httpx
 import openai
 import pytest
 
-from server.demo import DEMO_MODEL, DEMO_VERSION, ensure_demo
+from server.demo import DEMO_MODEL, DEMO_VERSION, ensure_demo, load_record
+from training.suite.backbone import SETTINGS, config_hash
+from training.suite.tasks import TASKS, prompt_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,28 +75,49 @@ def wait_until_healthy(process: subprocess.Popen, url: str, timeout: float) -> N
 
 
 @pytest.mark.slow
-def test_demo_starts_and_answers_a_tagged_chat(tmp_path):
-    port, log = free_port(), tmp_path / "demo.log"
+def test_demo_starts_and_answers_a_tagged_and_an_untagged_chat(tmp_path):
+    """The tiny demo setting: built (backbone pretraining and library training included) and served in well
+    under a minute; a tagged chat echoes its composition, an untagged one is routed by the text router."""
+    port, log, cache = free_port(), tmp_path / "demo.log", tmp_path / "cache"
     started = time.monotonic()
     with open(log, "w") as out:
-        process = cli("demo", "--port", str(port), "--cache-dir", str(tmp_path / "cache"), stdout=out, stderr=out)
+        process = cli("demo", "--setting", "tiny", "--port", str(port), "--cache-dir", str(cache),
+                      stdout=out, stderr=out)
         try:
             wait_until_healthy(process, f"http://127.0.0.1:{port}", timeout=110)
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-            response = client.chat.completions.create(
-                model="reverse", messages=[{"role": "user", "content": "hello world"}], max_tokens=8
-            )
+            tagged = client.chat.completions.create(
+                model=DEMO_MODEL, messages=[{"role": "user", "content": prompt_for(["reverse"], "hello")}],
+                max_tokens=8, temperature=0, extra_body={"task": "reverse"})
+            untagged = client.chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": prompt_for(["uppercase"], "hello")}],
+                max_tokens=8, temperature=0)
         finally:
             process.terminate()
             process.wait(timeout=30)
     assert time.monotonic() - started < 120
-    assert response.usage.completion_tokens >= 1
-    assert response.to_dict()["tessera"]["composition"]["task"] == "reverse"
+    assert tagged.usage.completion_tokens >= 1
+    composition = tagged.to_dict()["tessera"]["composition"]
+    assert composition["task"] == "reverse" and composition["source"] == "tag" and composition["modules"]
+    assert untagged.to_dict()["tessera"]["composition"] | {"modules": None} == {
+        "modules": None, "source": "inferred", "task": "uppercase"}
     text = log.read_text()
-    assert "RANDOM" in text and "curl" in text and '"task": "reverse"' in text
-    library_json = tmp_path / "cache" / DEMO_VERSION / "library" / "library.json"
+    assert "RANDOM" not in text and "held-out exact match per task" in text
+    assert '"task": "' in text and '"model": "auto"' in text and text.count("curl -s") == 2
+    entry = cache / f"{DEMO_VERSION}-tiny"
+    record = load_record(entry / DEMO_MODEL)
+    assert set(record["exact_match"]) == set(TASKS) and record["setting"] == "tiny"
+    library_json = entry / "library" / "library.json"
     built = library_json.stat().st_mtime_ns
-    model_dir, library_dir = ensure_demo(tmp_path / "cache")
-    assert (model_dir.name, library_dir) == (DEMO_MODEL, library_json.parent)
+    model_dir, library_dir = ensure_demo(cache, "tiny")
+    assert (model_dir, library_dir) == (entry / DEMO_MODEL, library_json.parent)
     assert library_json.stat().st_mtime_ns == built, "a second start reuses the cache"
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [DEMO_VERSION], "no staging left behind"
+    backbone = f"suite-backbone-{config_hash(SETTINGS['tiny'])}"
+    assert {p.name for p in cache.iterdir()} == {backbone, entry.name}, "no staging left behind"
+
+
+def test_demo_rejects_an_unknown_setting(tmp_path):
+    with pytest.raises(ValueError, match="unknown demo setting 'huge'"):
+        ensure_demo(tmp_path, "huge")
+    result = run_cli("demo", "--setting", "huge")
+    assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
