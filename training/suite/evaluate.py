@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from router.compose import compose
 from router.composition import Composition
+from router.controller import TASK_JOIN
 from router.library import ModuleLibrary
 from training.modules import target_linear
 from training.suite.data import Item
@@ -99,10 +101,5 @@ def library_exact_match(model_dir: str | Path, library: ModuleLibrary, items: Se
 
 
 def task_composition(library: ModuleLibrary, tasks: Sequence[str]) -> Composition:
-    """The controller composition of one task, or of several tasks' union with gates summed."""
-    gates: dict[str, float] = {}
-    for task in tasks:
-        composition = library.controller.gates_for_task(task)
-        for name, gate in zip(composition.module_ids, composition.gates):
-            gates[name] = gates.get(name, 0.0) + gate
-    return Composition(tuple(gates), tuple(gates.values()), "tag", "+".join(tasks))
+    """The controller composition of one task, or of several (`router.compose`'s composite tag `a+b`)."""
+    return compose(library, task=TASK_JOIN.join(tasks), max_k=max(len(library.modules), 1))
