@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 
 from router.composition import NO_COMPOSITION, Composition
+from router.controller import TASK_JOIN
 from router.errors import CompositionError, NoTextRouterError, UnknownModuleError, UnknownTaskError
 from router.text import AUTO
 
@@ -19,7 +20,8 @@ def compose(
     """The composition of one request: exactly one of `task` and `modules`, or neither.
 
     A task goes through the library's controller (an unknown task is an error, never a silent fallback
-    to the backbone); the task `auto` routes `text` (the prompt) through the controller's text router,
+    to the backbone); several tasks joined by `+` (`reverse+uppercase`) compose each task's modules at full
+    strength (Controller.gates_for_tasks); the task `auto` routes `text` (the prompt) through the controller's text router,
     which blocks on the sentence encoder; explicit `modules` weights are the gates as given; neither is
     the backbone alone.
     """
@@ -32,10 +34,21 @@ def compose(
     if task is not None:
         if library is None:
             raise UnknownTaskError(task, [], NO_LIBRARY)
-        return library.controller.gates_for_task(task)
+        return library.controller.gates_for_tasks(split_tags(task), max_k)
     if modules is not None:
         return explicit(library, modules, max_k)
     return NO_COMPOSITION
+
+
+def split_tags(task: str) -> list[str]:
+    """The task tags of `task`: one name, or several joined by `+` (`reverse+uppercase`) for a composite.
+
+    Task names never contain `+` (router.info.NAME), so the split is unambiguous.
+    """
+    parts = task.split(TASK_JOIN)
+    if len(parts) > 1 and not all(parts):
+        raise CompositionError(f"composite task tag {task!r} has an empty part; join task names with {TASK_JOIN!r}")
+    return parts
 
 
 def explicit(library, modules: Mapping[str, float], max_k: int) -> Composition:

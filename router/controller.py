@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CONTROLLER_TYPES = ("task-gates",)
 LOGITS_KEY = "task_gate_logits"
+TASK_JOIN = "+"  # joins the task tags of a composite request: `reverse+uppercase`
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,29 @@ class Controller:
             total = sum(g for _, g in chosen)
             chosen = [(m, g / total) for m, g in chosen]
         return Composition(tuple(m for m, _ in chosen), tuple(g for _, g in chosen), "tag", task)
+
+    def gates_for_tasks(self, tasks: Sequence[str], max_k: int) -> Composition:
+        """The composition of several task tags at once (a composite request such as `reverse+uppercase`).
+
+        Each task's own composition (`gates_for_task`) is applied at full strength, so the module deltas
+        add as in LoRA arithmetic: a module chosen by two tasks gets the sum of its gates. Modules are
+        ordered by that summed gate, largest first, and at most `max_k` are kept (CompositionError when
+        the union is larger, never a silent cut). One task is exactly `gates_for_task`.
+        """
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise CompositionError(f"a composite tag names each task once, got {list(tasks)}")
+        if len(tasks) == 1:
+            return self.gates_for_task(tasks[0])
+        summed: dict[str, float] = {}
+        for part in (self.gates_for_task(task) for task in tasks):
+            for module, gate in zip(part.module_ids, part.gates):
+                summed[module] = summed.get(module, 0.0) + gate
+        if len(summed) > max_k:
+            raise CompositionError(
+                f"tasks {list(tasks)} together use {len(summed)} modules, more than the {max_k} a request may use"
+            )
+        chosen = sorted(summed.items(), key=lambda item: -item[1])
+        return Composition(tuple(m for m, _ in chosen), tuple(g for _, g in chosen), "tag", TASK_JOIN.join(tasks))
 
     def route_text(self, text: str) -> Composition:
         """The composition of an untagged prompt: its predicted task's gates, with source `inferred`.

@@ -1,6 +1,7 @@
 """`tessera train`: flags built from TrainConfig's fields and docstrings, and the run itself.
 
     tessera train --model DIR --data FILE.jsonl --out LIBRARY [--init-library DIR] [--overwrite]
+                  [--relation R.json] [--task-descriptions D.json]
                   [--num-modules N --rank R ... one flag per TrainConfig field]
 
 Every expected failure (bad data with its line number, a backbone that does not fit --init-library, an
@@ -65,6 +66,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="module library directory to write")
     parser.add_argument("--init-library", type=Path, default=None,
                         help="start from this library's modules and controller (e.g. imported PEFT adapters)")
+    parser.add_argument("--relation", type=Path, default=None,
+                        help="JSON {task: {other task: weight}} giving the task-relation prior's R (pairs not named "
+                             "are 0, a pair named once counts both ways); default: estimated from gradients")
+    parser.add_argument("--task-descriptions", type=Path, default=None,
+                        help="JSON {task: description} recorded in the library (shown by GET /v1/models)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar (default: on)")
@@ -99,6 +105,31 @@ def _init_library(args: argparse.Namespace):
         _fail(f"--init-library {args.init_library}: {error}")
 
 
+def _json_file(path: Path | None, flag: str):
+    """The JSON object in `path` (None without one); a one-line error for a missing file or bad JSON."""
+    import json
+
+    if path is None:
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        _fail(f"{flag} {path}: {error.strerror or error}")
+    except json.JSONDecodeError as error:
+        _fail(f"{flag} {path}: not valid JSON ({error})")
+    if not isinstance(value, dict):
+        _fail(f"{flag} {path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _descriptions(path: Path | None) -> dict[str, str] | None:
+    descriptions = _json_file(path, "--task-descriptions")
+    bad = [task for task, text in (descriptions or {}).items() if not isinstance(text, str)]
+    if bad:
+        _fail(f"--task-descriptions {path}: the description of task {bad[0]!r} is not a string")
+    return descriptions
+
+
 def run_train(args: argparse.Namespace) -> None:
     """Run `tessera train` with parsed arguments; expected failures exit with status 2 and one line."""
     config = _config(args)
@@ -114,7 +145,8 @@ def run_train(args: argparse.Namespace) -> None:
         examples = load_examples(args.data)
         init = _init_library(args)
         report = train_library(args.model, examples, args.out, config, init=init, progress=args.progress,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, relation=_json_file(args.relation, "--relation"),
+                               descriptions=_descriptions(args.task_descriptions))
     except (DataError, LibraryError, CheckpointError, ValueError, FloatingPointError) as error:
         _fail(str(error))
     if report.finished:

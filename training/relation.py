@@ -15,6 +15,8 @@ at the very start of training, and the estimate costs one forward and backward p
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,34 @@ def check_relation(relation: torch.Tensor, tasks: list[str]) -> torch.Tensor:
     if not torch.isfinite(relation).all() or (relation < 0).any():
         raise ValueError("relation must hold finite values >= 0")
     return relation.clone()
+
+
+def relation_from_mapping(mapping: Mapping[str, Mapping[str, float]], tasks: list[str]) -> torch.Tensor:
+    """R [num_tasks, num_tasks] from {task: {other task: weight}}, as `tessera train --relation` reads it.
+
+    Pairs not named are 0; a named pair is set both ways (the prior is symmetric in t and u), so naming
+    it once is enough, and naming it twice with different weights is an error.
+    """
+    if not isinstance(mapping, Mapping):
+        raise ValueError("relation must be an object {task: {other task: weight}}")
+    relation = torch.zeros(len(tasks), len(tasks))  # [num_tasks, num_tasks]
+    given: dict[tuple[int, int], float] = {}
+    for task, row in mapping.items():
+        if not isinstance(row, Mapping):
+            raise ValueError(f"relation[{task!r}] must be an object {{other task: weight}}, got {row!r}")
+        for other, weight in row.items():
+            unknown = [name for name in (task, other) if name not in tasks]
+            if unknown:
+                raise ValueError(f"relation names unknown task {unknown[0]!r}; the tasks are {tasks}")
+            ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+            if not ok or weight < 0 or task == other:
+                raise ValueError(f"relation[{task!r}][{other!r}] must be a finite weight >= 0 between two "
+                                 f"different tasks, got {weight!r}")
+            key = tuple(sorted((tasks.index(task), tasks.index(other))))
+            if given.setdefault(key, float(weight)) != float(weight):
+                raise ValueError(f"relation gives {task!r} and {other!r} two different weights")
+            relation[key[0], key[1]] = relation[key[1], key[0]] = float(weight)
+    return relation
 
 
 def estimate_relation(model, bank: ModuleBank, task_batches: list[list[dict]], device: torch.device) -> torch.Tensor:

@@ -34,7 +34,7 @@ from training.controller import TaskController
 from training.data import IGNORE, DataError, Example, collate, encode, routing_prompt
 from training.export import build_library, prune
 from training.modules import ModuleBank, ModuleSpec, Point
-from training.relation import check_relation, estimate_relation
+from training.relation import check_relation, estimate_relation, relation_from_mapping
 from training.step import StepRunner
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ class Trainer:
     """One training run: the frozen model, the installed bank, the controller, data and optimiser."""
 
     def __init__(self, model_dir: str | Path, examples: Sequence[Example], config: TrainConfig, *,
-                 points: Sequence[Point] | None = None, relation: torch.Tensor | None = None,
+                 points: Sequence[Point] | None = None,
+                 relation: torch.Tensor | Mapping[str, Mapping[str, float]] | None = None,
                  init: ModuleLibrary | None = None, descriptions: Mapping[str, str] | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -122,7 +123,10 @@ class Trainer:
         if init is not None:
             init.backbone.check_compatible(self.backbone)
         self.tasks = _task_infos(examples, init, descriptions or {})
-        self.relation_arg = None if relation is None else check_relation(relation, [t.name for t in self.tasks])
+        names = [t.name for t in self.tasks]
+        if isinstance(relation, Mapping):
+            relation = relation_from_mapping(relation, names)
+        self.relation_arg = None if relation is None else check_relation(relation, names)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.rows, self.row_tasks = self._encode()
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype).to(self.device).eval()
@@ -280,14 +284,17 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
 
 def train_library(
     model_dir: str | Path, examples: Sequence[Example], out: str | Path, config: TrainConfig = TrainConfig(), *,
-    points: Sequence[Point] | None = None, relation: torch.Tensor | None = None, init: ModuleLibrary | None = None,
+    points: Sequence[Point] | None = None, relation: torch.Tensor | Mapping[str, Mapping[str, float]] | None = None,
+    init: ModuleLibrary | None = None,
     progress: bool = True, overwrite: bool = False, descriptions: Mapping[str, str] | None = None,
 ) -> TrainReport:
     """Train a module library on `model_dir` from `examples` and write it atomically to `out`.
 
     Refuses an existing non-empty `out` unless `overwrite`. Checkpoints go to the sibling `OUT.ckpt`
     (removed once the library is written); rerunning with the same arguments resumes there.
-    `descriptions` maps task names to the descriptions the library records.
+    `descriptions` maps task names to the descriptions the library records. `relation` is the prior's R,
+    as a [num_tasks, num_tasks] tensor in the library's task order or as {task: {other: weight}}
+    (training.relation.relation_from_mapping); None estimates it from gradients.
     """
     out = check_output(out, overwrite)
     trainer = Trainer(model_dir, examples, config, points=points, relation=relation, init=init,

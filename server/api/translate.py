@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from router.compose import compose
 from router.composition import Composition
+from router.controller import TASK_JOIN
 from router.text import AUTO
 from server.api.errors import ROUTER_ERRORS, APIError, from_router
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -38,8 +39,8 @@ def _task_from_model(model: str, backbone: str, library) -> tuple[str | None, st
     name = rest if sep and prefix == backbone and rest else model
     if name == AUTO:
         return AUTO, None
-    if library is not None and name in library.tasks:
-        return name, None
+    if library is not None and (name in library.tasks or TASK_JOIN in name):
+        return name, None  # a task, or a composite `a+b` whose parts the router checks (404 if unknown)
     if library is not None and name in library.modules:
         return None, name
     raise APIError(404, f"model {model!r} does not exist: name the backbone {backbone!r}, a task or a module, "

@@ -37,6 +37,7 @@ def chat_body(server, **fields) -> dict:
     ({"task": "no-such-task"}, None, "task", "model_not_found"),
     ({}, "no-such-task", "task", "model_not_found"),
     ({"modules": {"m0": 0.5, "no-such-module": 0.5}}, None, "modules", "module_not_found"),
+    ({"model": "reverse+no-such-task"}, None, "model", "model_not_found"),
 ])
 def test_unknown_task_or_module_is_404_never_the_backbone(server, http, fields, header, param, code):
     body = chat_body(server, **fields)
@@ -54,6 +55,7 @@ def test_unknown_task_or_module_is_404_never_the_backbone(server, http, fields, 
     ({"model": "m0", "modules": {"m1": 1.0}}, None, "modules"),
     ({"task": "reverse", "modules": {"m1": 1.0}}, None, "modules"),
     ({"modules": {"m0": -1.0}}, None, "modules"),
+    ({"task": "reverse+reverse"}, None, "task"),
 ])
 def test_conflicting_or_invalid_tags_are_400(server, http, fields, header, param):
     headers = {"X-Tessera-Task": header} if header else {}

@@ -87,6 +87,15 @@ def test_explicit_modules_and_module_as_model(server, client):
     assert two.choices[0].message.content != by_body.choices[0].message.content
 
 
+def test_composite_task_tag_composes_both_tasks(server, client):
+    response, header = chat(client, "reverse+uppercase")
+    expected = compose(server.library, task="reverse+uppercase").as_dict()
+    assert header == response.to_dict()["tessera"]["composition"] == expected
+    assert expected["task"] == "reverse+uppercase" and sum(expected["modules"].values()) == pytest.approx(2.0)
+    by_body, body_header = chat(client, server.backbone, extra_body={"task": "reverse+uppercase"})
+    assert body_header == header and by_body.choices[0].message.content == response.choices[0].message.content
+
+
 def test_chat_stream_matches_non_stream_and_reports_usage(server, client):
     full, _ = chat(client, "reverse")
     raw = client.chat.completions.with_raw_response.create(

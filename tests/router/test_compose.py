@@ -74,3 +74,33 @@ def test_no_library_loaded():
         compose(None, task="reverse")
     with pytest.raises(UnknownModuleError, match="unknown module 'm0'; no module library is loaded"):
         compose(None, modules={"m0": 1.0})
+
+
+def test_composite_tag_adds_each_tasks_composition(library):
+    first, second = (library.controller.gates_for_task(t) for t in ("reverse", "uppercase"))
+    composite = compose(library, task="reverse+uppercase")
+    expected: dict[str, float] = {}
+    for part in (first, second):
+        for module, gate in zip(part.module_ids, part.gates):
+            expected[module] = expected.get(module, 0.0) + gate
+    assert dict(zip(composite.module_ids, composite.gates)) == pytest.approx(expected)
+    assert list(composite.gates) == sorted(composite.gates, reverse=True)
+    assert composite.source == "tag" and composite.task == "reverse+uppercase"
+    assert sum(composite.gates) == pytest.approx(2.0)  # each task's renormalised gates at full strength
+
+
+@pytest.mark.parametrize("task, error, message", [
+    ("reverse+translate", UnknownTaskError, "unknown task 'translate'"),
+    ("reverse+", CompositionError, "empty part"),
+    ("reverse+reverse", CompositionError, "each task once"),
+])
+def test_bad_composite_tags(library, task, error, message):
+    with pytest.raises(error, match=message):
+        compose(library, task=task)
+
+
+def test_composite_over_max_k_is_an_error_not_a_cut(library):
+    union = {m for t in ("reverse", "uppercase", "summarize")
+             for m in library.controller.gates_for_task(t).module_ids}
+    with pytest.raises(CompositionError, match=f"together use {len(union)} modules, more than the 1"):
+        compose(library, task="reverse+uppercase+summarize", max_k=1)

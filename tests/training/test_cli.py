@@ -60,3 +60,23 @@ def test_init_library_for_another_backbone_and_bad_flags(tiny_llama, examples, f
     assert "library was made for num_layers=3, the backbone has num_layers=2" in line
     line = _error(_train("--model", tiny_llama, "--data", data, "--out", tmp_path / "lib", "--targets", "q_proj,x"))
     assert "TrainConfig.targets must be distinct names" in line
+
+
+def test_relation_and_task_descriptions_files(tiny_llama, examples, tmp_path):
+    data, out = tmp_path / "data.jsonl", tmp_path / "lib"
+    write_jsonl(data, examples[:6])
+    relation, descriptions = tmp_path / "relation.json", tmp_path / "descriptions.json"
+    relation.write_text(json.dumps({"reverse": {"upper": 1.0}}))
+    descriptions.write_text(json.dumps({"reverse": "reverse the letters", "upper": "uppercase the letters"}))
+    result = _train("--model", tiny_llama, "--data", data, "--out", out, "--relation", relation,
+                    "--task-descriptions", descriptions, *FAST)
+    assert result.returncode == 0, result.stderr
+    library = ModuleLibrary.load(out)
+    assert {t.name: t.description for t in library.tasks.values()} == json.loads(descriptions.read_text())
+    relation.write_text(json.dumps({"reverse": {"translate": 1.0}}))
+    line = _error(_train("--model", tiny_llama, "--data", data, "--out", tmp_path / "two", "--relation", relation,
+                         *FAST))
+    assert "relation names unknown task 'translate'" in line
+    relation.write_text("[1, 2")
+    assert f"--relation {relation}: not valid JSON" in _error(
+        _train("--model", tiny_llama, "--data", data, "--out", tmp_path / "two", "--relation", relation, *FAST))

@@ -134,6 +134,19 @@ def test_run_arguments_are_checked(tiny_llama, examples, small_config, fingerpri
         Trainer(tiny_llama, examples, small_config, relation=torch.zeros(3, 3))
 
 
+def test_relation_given_by_task_names(tiny_llama, examples, small_config):
+    trainer = Trainer(tiny_llama, examples, small_config, relation={"upper": {"reverse": 2.5}})
+    assert [t.name for t in trainer.tasks] == ["reverse", "upper"]
+    assert trainer._relation().tolist() == [[0.0, 2.5], [2.5, 0.0]]
+    bad = [({"upper": {"translate": 1.0}}, "unknown task 'translate'"),
+           ({"upper": {"reverse": -1.0}}, "finite weight >= 0"),
+           ({"upper": {"upper": 1.0}}, "two different tasks"),
+           ({"upper": {"reverse": 1.0}, "reverse": {"upper": 2.0}}, "two different weights")]
+    for relation, message in bad:
+        with pytest.raises(ValueError, match=message):
+            Trainer(tiny_llama, examples, small_config, relation=relation)
+
+
 def test_fine_tuning_an_init_library_starts_from_its_function(tiny_llama, examples, small_config, fingerprint):
     init = random_library(fingerprint, num_modules=3, tasks=("upper", "other"), rank=(2, 4, 2), std=0.2)
     trainer = Trainer(tiny_llama, examples, small_config, init=init)
