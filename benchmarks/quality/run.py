@@ -72,52 +72,51 @@ def system_entry(system: System, out: Path, evaluation: dict) -> dict:
             "info": system.info} | evaluation
 
 
+def _sweep_stage(config: QualityConfig, model_dir: Path, data: Data, systems: dict[str, System], seed: int,
+                 out: Path, serve_config: ServeConfig, max_tokens: int) -> dict[str, list[dict]]:
+    """The sweeps, with the main run's Tessera and per-task LoRA (scored on validation too) as their main point."""
+    main_point = {"seconds": 0.0, "train_seconds": {}}
+    for name in ("tessera", "per_task_lora"):
+        main_point[name] = base_means(systems[name], model_dir, data, serve_config, max_tokens)
+        main_point["train_seconds"][name] = systems[name].train_seconds
+    return run_sweeps(config, model_dir, seed, out / "sweeps", serve_config, main_point)
+
+
 def run(setting: str, out: Path, seed: int = 0, sweeps: bool = False, cache_dir: str | None = None,
         config: QualityConfig | None = None) -> dict:
     """The whole benchmark (module docstring); returns what results.json holds."""
-    started = time.perf_counter()
-    config = config or SETTINGS[setting]
+    config, out, walls = config or SETTINGS[setting], Path(out).absolute(), {}
     torch.set_num_threads(config.threads)
-    out = Path(out).absolute()
-    walls: dict[str, float] = {}
-    stage = time.perf_counter()
+    clock = time.perf_counter()
     model_dir = ensure_backbone(config.backbone, cache_dir)
-    walls["backbone"] = time.perf_counter() - stage
+    walls["backbone"], clock = time.perf_counter() - clock, time.perf_counter()
     logger.info("stage backbone: %s (%.1f s)", model_dir, walls["backbone"])
-    stage = time.perf_counter()
     data = make_data(config, seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     max_tokens = max_new_tokens(tokenizer, eval_items(data.test + data.val), config.answer_margin)
     serve_config = ServeConfig(device=resolved_device(config), answer_margin=config.answer_margin)
-    walls["data"] = time.perf_counter() - stage
+    walls["data"], clock = time.perf_counter() - clock, time.perf_counter()
     logger.info("stage data: %d train, %d validation, %d test items; max_tokens %d", len(data.train), len(data.val),
                 len(data.test), max_tokens)
-    stage = time.perf_counter()
     systems = train_systems(config, model_dir, data, seed, out / "systems")
-    walls["train"] = time.perf_counter() - stage
-    stage = time.perf_counter()
+    walls["train"], clock = time.perf_counter() - clock, time.perf_counter()
     entries = {name: system_entry(system, out, evaluate_system(system, model_dir, data, data.test, serve_config,
                                                                max_tokens)) for name, system in systems.items()}
-    walls["evaluate"] = time.perf_counter() - stage
+    walls["evaluate"], clock = time.perf_counter() - clock, time.perf_counter()
     logger.info("stage evaluate: %d systems in %.1f s", len(entries), walls["evaluate"])
     results = {
         "setting": setting, "config": dataclasses.asdict(config), "seed": seed, "git": git_state(Path(__file__).parent),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(serve_config.device),
-        "backbone": str(model_dir.name), "tasks": list(data.tasks), "composites": list(data.composites),
+        "backbone": model_dir.name, "tasks": list(data.tasks), "composites": list(data.composites),
         "max_tokens": max_tokens, "exact_match": "generated text == answer and finish reason stop (metrics.py)",
         "systems": entries, "wall_seconds": walls,
     }
     if sweeps:
-        stage = time.perf_counter()
-        main = {"tessera": base_means(systems["tessera"], model_dir, data, serve_config, max_tokens),
-                "per_task_lora": base_means(systems["per_task_lora"], model_dir, data, serve_config, max_tokens),
-                "train_seconds": {"tessera": systems["tessera"].train_seconds,
-                                  "per_task_lora": systems["per_task_lora"].train_seconds}, "seconds": 0.0}
-        results["sweeps"] = run_sweeps(config, model_dir, seed, out / "sweeps", serve_config, main)
+        results["sweeps"] = _sweep_stage(config, model_dir, data, systems, seed, out, serve_config, max_tokens)
         results["plots"] = [p.name for p in plot_sweeps(results["sweeps"], out)]
-        walls["sweeps"] = time.perf_counter() - stage
+        walls["sweeps"] = time.perf_counter() - clock
         logger.info("stage sweeps: %.1f s", walls["sweeps"])
-    walls["total"] = time.perf_counter() - started
+    walls["total"] = sum(walls.values())
     write_json(out / "results.json", results)
     write_text(out / "tables.md", markdown(results))
     logger.info("stage results: %s (total %.1f s)", out / "results.json", walls["total"])
@@ -149,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "router.atomic", "router.library", "router.peft_io", "server.model.loader",
-                  "server.engine.setup", "training.export", "training.trainer"):
+                  "server.engine.setup", "training.checkpoint", "training.export", "training.relation",
+                  "training.text_router", "training.trainer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     results = run(args.setting, args.out, args.seed, args.sweeps, args.backbone_cache)
     print(markdown(results))

@@ -83,6 +83,7 @@ def test_validation_items_are_unseen_in_training():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The tiny setting through the CLI, with sweeps (about 30 s, once per module; its tests are marked slow)."""
     out = tmp_path_factory.mktemp("quality")
     cache = tmp_path_factory.mktemp("backbones")
     assert main(["--setting", "tiny", "--out", str(out), "--sweeps", "--backbone-cache", str(cache)]) == 0
@@ -93,6 +94,7 @@ def _library(out, system) -> ModuleLibrary:
     return ModuleLibrary.load(out / system["library"])
 
 
+@pytest.mark.slow
 def test_every_system_and_task_is_scored_from_its_outcomes(tiny_run):
     out, results = tiny_run
     tasks, composites = results["tasks"], results["composites"]
@@ -115,6 +117,7 @@ def test_every_system_and_task_is_scored_from_its_outcomes(tiny_run):
     assert all(f"| {name} |" in tables for name in SYSTEMS)
 
 
+@pytest.mark.slow
 def test_parameter_counts_match_the_libraries_on_disk(tiny_run):
     out, results = tiny_run
     systems, num_tasks = results["systems"], len(results["tasks"])
@@ -136,6 +139,7 @@ def test_parameter_counts_match_the_libraries_on_disk(tiny_run):
     assert shared["params"]["trained"] == shared["params"]["library"] == equal_param_rank(trained["total"], 1, cost) * cost
 
 
+@pytest.mark.slow
 def test_utilisation_and_routing_match_their_definitions(tiny_run):
     out, results = tiny_run
     for name, system in results["systems"].items():
@@ -154,6 +158,7 @@ def test_utilisation_and_routing_match_their_definitions(tiny_run):
     assert untagged["routing_accuracy"] == sum(routed) / len(routed)
 
 
+@pytest.mark.slow
 def test_composites_use_both_tags_or_both_modules(tiny_run):
     out, results = tiny_run
     systems = results["systems"]
@@ -174,6 +179,7 @@ def test_composites_use_both_tags_or_both_modules(tiny_run):
         assert all(o["modules"] == [] for o in prompted)
 
 
+@pytest.mark.slow
 def test_sweeps_and_plots(tiny_run):
     out, results = tiny_run
     config = SETTINGS["tiny"]
