@@ -4,7 +4,7 @@ The backbone must know the chat format, the alphabet and how to copy, but none o
 that a module has something to learn and the backbone alone scores near zero. Its pretraining data
 (`pretraining_text`) is therefore generic, never a task's input -> output mapping:
 
-- copy conversations (share `copy_share`): a user message made of 2-4 instruction-like words drawn from a
+- copy conversations (share `copy_share`): a user message made of 1-3 instruction-like words drawn from a
   word list (which holds the task words too, "reverse", "sort", ..., so they carry no meaning) and a colon,
   then a random string; the assistant echoes the string unchanged;
 - raw strings (the rest): random words, numbers and "x+y" sums over ALPHABET, no chat format.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -70,31 +69,37 @@ but a copy."""
 class BackboneConfig:
     """Sizes of the suite's Llama backbone and how it is pretrained."""
 
-    hidden_size: int = 128
+    hidden_size: int = 64
     """Model width."""
-    num_layers: int = 4
-    """Decoder layers."""
+    num_layers: int = 2
+    """Decoder layers. NOTE: on the 2-core CPU budget, 4 layers of width 64 learned to copy as well in
+    twice the time, but rank-8 modules then learned the tasks worse in the same number of steps."""
     num_heads: int = 4
     """Attention (query) heads; head_dim = hidden_size / num_heads."""
     num_kv_heads: int = 2
     """Key/value heads (grouped-query attention when fewer than num_heads)."""
-    intermediate_size: int = 384
+    intermediate_size: int = 128
     """SwiGLU MLP width."""
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = 256
     """Context length the model is configured for (RoPE); pretraining uses at most seq_len."""
-    steps: int = 600
-    """Pretraining optimiser steps."""
+    steps: int = 1250
+    """Pretraining optimiser steps. NOTE: copying appears abruptly: with the defaults the held-out copy
+    exact match was 0.09 after 500 steps, 0.77 after 1000 and 0.98 after 1250."""
     batch_size: int = 32
     """Sequences per pretraining step."""
-    learning_rate: float = 3e-3
-    """Peak AdamW learning rate (linear warm-up over the first 5% of steps, then cosine decay to 10%)."""
-    seq_len: int = 96
-    """Longest pretraining sequence in tokens; copy strings and raw text are sized to fit it."""
-    max_string_len: int = 16
+    learning_rate: float = 5e-3
+    """Peak AdamW learning rate (warm-up over the first 5% of steps, constant, then linear decay to 10% over
+    the last 20%: the copy ability appears late, so the rate stays high until then)."""
+    seq_len: int = 64
+    """Longest pretraining sequence in tokens (longer ones are cut); fits a copy conversation of
+    max_string_len characters."""
+    max_string_len: int = 12
     """Longest random string in a copy conversation, in characters; cover the suite's input and answer
     lengths (SuiteConfig.max_len) so copying generalises to them."""
-    copy_share: float = 0.75
-    """Share of pretraining sequences that are copy conversations; the rest are raw strings."""
+    copy_share: float = 1.0
+    """Share of pretraining sequences that are copy conversations; the rest are raw repeated strings. 1 on
+    CPU: raw strings slowed the appearance of copying (0.41 copy exact match after 1500 steps with 10% raw
+    strings against 0.98 after 1250 without)."""
     seed: int = 0
     """Seeds the weights and the pretraining data."""
 
@@ -116,15 +121,15 @@ class BackboneConfig:
 
 
 SETTINGS: dict[str, BackboneConfig] = {
-    "tiny": BackboneConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                           max_position_embeddings=256, steps=120, batch_size=16, seq_len=80),
+    "tiny": BackboneConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                           steps=120, batch_size=16),
     "small": BackboneConfig(),
     "full": BackboneConfig(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1536,
                            max_position_embeddings=1024, steps=4000, batch_size=64, learning_rate=1e-3,
-                           seq_len=128, max_string_len=32),
+                           seq_len=128, max_string_len=32, copy_share=0.8),
 }
-"""Named backbones: "tiny" for tests (pretrains in seconds), "small" for the demo and the quality suite
-on CPU, "full" for one GPU."""
+"""Named backbones: "tiny" for tests (pretrains in seconds, does not learn to copy), "small" for the demo
+and the quality suite on CPU (about a minute on 2 cores), "full" for one GPU."""
 
 
 def write_char_tokenizer(path: str | Path) -> None:
@@ -165,7 +170,7 @@ def pretraining_text(rng: random.Random, config: BackboneConfig) -> tuple[str, s
     string and the end of the turn; raw strings have no context.
     """
     if rng.random() < config.copy_share:
-        instruction = " ".join(rng.choice(INSTRUCTION_WORDS) for _ in range(rng.randint(2, 4)))
+        instruction = " ".join(rng.choice(INSTRUCTION_WORDS) for _ in range(rng.randint(1, 3)))
         text = random_string(rng, rng.randint(1, config.max_string_len))
         return f"{IM_START}user\n{instruction}: {text}{IM_END}\n{IM_START}assistant\n", f"{text}{IM_END}\n"
     pieces, size = [], 0
@@ -193,11 +198,13 @@ def _batch(tokenizer, rng: random.Random, config: BackboneConfig) -> tuple[torch
 
 
 def _learning_rate(step: int, config: BackboneConfig) -> float:
-    warmup = max(1, config.steps // 20)
+    """Linear warm-up over the first 5% of steps, constant, then linear decay to 10% over the last 20%."""
+    warmup, decay_from = max(1, config.steps // 20), int(config.steps * 0.8)
     if step < warmup:
         return config.learning_rate * (step + 1) / warmup
-    progress = (step - warmup) / max(1, config.steps - warmup)
-    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if step < decay_from:
+        return config.learning_rate
+    return config.learning_rate * (1 - 0.9 * (step - decay_from) / max(1, config.steps - decay_from))
 
 
 def _build_model(tokenizer, config: BackboneConfig):
