@@ -39,6 +39,21 @@ class EngineConfig:
     """Modules per request at most."""
     seed: int = 0
     """Seed for requests that give none."""
+    cuda_graphs: str = "auto"
+    """Decode steps replayed from CUDA graphs per batch-size bucket: auto (on CUDA; off on the CPU), off, or
+    padded (the same bucketed fixed-shape decode run eagerly, without capture: for debugging and CPU tests)."""
+    cuda_graph_max_batch: int = 256
+    """Largest decode batch served by a graph; larger decode steps run eagerly."""
+
+    def graph_mode(self, device: str) -> str:
+        """`capture`, `padded` or `off`: how decode steps run on `device`."""
+        if self.cuda_graphs not in ("auto", "off", "padded"):
+            raise ValueError(f"cuda_graphs must be auto, off or padded, got {self.cuda_graphs!r}")
+        if self.cuda_graph_max_batch < 1 or self.cuda_graphs == "off":
+            return "off"
+        if self.cuda_graphs == "padded":
+            return "padded"
+        return "capture" if device.startswith("cuda") else "off"
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -28,10 +28,16 @@ logger = logging.getLogger(__name__)
 class Engine:
     """Owns the backbone, the library, the scheduler and the runner; see the module docstring."""
 
-    def __init__(self, config: EngineConfig, step_observer: Callable[[StepStats], None] | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        step_observer: Callable[[StepStats], None] | None = None,
+        parts: EngineParts | None = None,
+    ):
+        """Load everything `config` names, or run on `parts` already built (`setup.assemble_parts`)."""
         self.config = config
         self.step_observer = step_observer
-        parts: EngineParts = build_parts(config)
+        parts = parts if parts is not None else build_parts(config)
         self.tokenizer = parts.tokenizer
         self.library = parts.library
         self.model = parts.model

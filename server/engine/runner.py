@@ -13,6 +13,7 @@ import torch
 
 from kernels import NO_MODULE
 from kernels.composed_lora import ModuleBatchMeta
+from server.engine.graphs import DecodeGraphs
 from server.engine.plan import NewRequestData, StepPlan, StepResult
 from server.engine.sampling import logprobs_of, sample
 from server.model.backbone import Backbone, ModuleWeights
@@ -46,6 +47,12 @@ class RunnerConfig:
     """Blocks in each layer's KV cache."""
     block_size: int
     """Tokens per block."""
+    max_model_len: int = 0
+    """Longest context of a request; decode graphs are captured for it."""
+    graph_mode: str = "off"
+    """Decode steps: `capture` (CUDA graphs), `padded` (the graphs' bucketed shapes, run eagerly) or `off`."""
+    graph_max_batch: int = 0
+    """Largest decode batch a graph serves."""
 
 
 class ModelRunner:
@@ -69,6 +76,15 @@ class ModelRunner:
         ]
         model.bind_kv_cache(self.kv_caches)
         self.held: dict[str, _Held] = {}
+        self.graphs = None
+        if config.graph_mode != "off":
+            max_batch = min(config.graph_max_batch, config.max_num_seqs, config.max_num_batched_tokens)
+            self.graphs = DecodeGraphs(model, self.meta, max_batch, config.max_model_len,
+                                       capture=config.graph_mode == "capture")
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of every layer's key and value caches."""
+        return sum(t.numel() * t.element_size() for cache in self.kv_caches for t in cache)
 
     def run(self, plan: StepPlan) -> StepResult:
         """Apply the plan's deltas, run one forward pass, sample the requests that sample."""
@@ -77,6 +93,9 @@ class ModelRunner:
             return StepResult()
         order = list(plan.num_scheduled_tokens)
         sampling_rows = self._fill(plan, order)
+        if self.graphs is not None and self.graphs.is_decode(self.meta, len(sampling_rows)):
+            logits = self.graphs.logits(self.meta.num_seqs, self.meta.has_modules)
+            return self._sample(plan, order, sampling_rows, logits)
         with forward_context(self.meta):
             hidden = self.model(self.meta.input_ids[: self.meta.num_tokens], self.meta.positions[: self.meta.num_tokens])
             logits = self.model.compute_logits(hidden[self.meta.logits_indices[: len(sampling_rows)]])

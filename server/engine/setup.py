@@ -69,26 +69,54 @@ def build_parts(config: EngineConfig) -> EngineParts:
     from transformers import AutoTokenizer
 
     device = config.resolved_device()
+    config.graph_mode(device)  # a bad value fails here, before the weights load
     model_dir = str(resolve_model_dir(config.model))
     library = _load_library(config, model_dir)
     max_rank = config.max_rank or max((m.rank for m in library.modules.values()), default=8) if library else 8
     num_slots = min(config.max_loaded_modules, len(library.modules)) if library else 0
     model = load_backbone(model_dir, BackboneConfig(config.dtype, device, num_slots, max_rank))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    num_blocks = _num_kv_blocks(config, model, device)
+    return assemble_parts(config, model, tokenizer, library, _eos_ids(tokenizer, model_dir))
+
+
+def _check_library_fits(library, model: Backbone) -> None:
+    from router.library import fingerprint_from_hf_config
+
+    library.backbone.check_compatible(fingerprint_from_hf_config(model.hf_config))
+    if library.modules and model.max_slots == 0:
+        raise ValueError(f"the library has {len(library.modules)} modules but the backbone has no module pool slots")
+    too_big = [m.name for m in library.modules.values() if m.rank > model.max_rank]
+    if too_big:
+        raise ValueError(f"modules {too_big[:5]} have ranks above the module pool's max_rank {model.max_rank}")
+
+
+def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eos_ids: set[int]) -> EngineParts:
+    """KV cache, scheduler and runner around a backbone that is already built (from disk, or in memory).
+
+    The module pool has the backbone's `max_slots` slots; `config`'s model, library, dtype, device,
+    max_loaded_modules and max_rank are not read here (they chose how the backbone was built).
+    """
+    graph_mode = config.graph_mode(str(model.device))
+    if library is not None:
+        _check_library_fits(library, model)
+    num_blocks = _num_kv_blocks(config, model, str(model.device))
     max_model_len = min(config.max_model_len or model.max_position_embeddings, num_blocks * config.block_size)
     max_blocks_per_seq = -(-max_model_len // config.block_size)
     scheduler = Scheduler(
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
         BlockPool(num_blocks, config.block_size),
-        ModulePool(num_slots),
-        _eos_ids(tokenizer, model_dir),
+        ModulePool(model.max_slots),
+        eos_ids,
     )
     runner_config = RunnerConfig(
-        config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks, config.block_size
+        config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks,
+        config.block_size, max_model_len, graph_mode, config.cuda_graph_max_batch,
     )
     runner = ModelRunner(model, runner_config, _module_loader(library))
-    logger.info("KV cache: %d blocks of %d tokens; max_model_len %d; module slots %d", num_blocks, config.block_size, max_model_len, num_slots)
+    logger.info(
+        "KV cache: %d blocks of %d tokens; max_model_len %d; module slots %d",
+        num_blocks, config.block_size, max_model_len, model.max_slots,
+    )
     return EngineParts(tokenizer, library, model, scheduler, runner, max_model_len)
 
 

@@ -28,6 +28,7 @@ class Backbone(nn.Module):
         self.dtype = build.dtype
         self.device = build.device
         self.max_slots = build.max_slots
+        self.max_rank = build.max_rank
         self.embed_tokens = nn.Embedding(
             spec.vocab_size, spec.hidden_size, dtype=build.dtype, device=build.device
         ).requires_grad_(False)
@@ -68,6 +69,18 @@ class Backbone(nn.Module):
         """Bytes one KV block takes across all layers, keys and values."""
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes on the device: `weights` (parameters and buffers, each tensor once, so a tied embedding
+        counts once) and `module_pool` (every adapted linear's LoraStack: A, B, scales, ranks)."""
+        weights = sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
+        pool = 0
+        for _, linear in self.adapted_linears():
+            stack = linear.stack
+            if stack is not None:
+                tensors = (*stack.lora_a, *stack.lora_b, stack.scale, stack.ranks)
+                pool += sum(t.numel() * t.element_size() for t in tensors)
+        return {"weights": weights, "module_pool": pool}
 
     def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Give every layer its (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]."""

@@ -1,4 +1,4 @@
-"""Load a Hugging Face checkpoint directory into a `Backbone`.
+"""Load a Hugging Face checkpoint directory (or the same tensors from memory) into a `Backbone`.
 
 The config comes from transformers (`AutoConfig`); the weights are read straight from the safetensors
 files (single or sharded with an index), mapped onto the fused layers, and checked: every parameter
@@ -7,9 +7,11 @@ must be filled exactly once with the right shape, and no checkpoint tensor may b
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,32 +122,42 @@ def _target(backbone: Backbone, name: str) -> tuple[torch.Tensor, int, int] | No
     return param, 0, param.shape[0]
 
 
-def _load_weights(backbone: Backbone, files: list[Path]) -> None:
+_Tensors = Iterable[tuple[str, str, Callable[[], torch.Tensor]]]
+"""(where it comes from, checkpoint name, read it) for every tensor of a checkpoint."""
+
+
+def _fill(backbone: Backbone, tensors: _Tensors, kind: str) -> None:
+    """Copy every checkpoint tensor into its parameter; unknown, missing or misshapen ones fail."""
     filled: set[tuple[int, int]] = set()
     unexpected = []
+    for where, name, read in tensors:
+        target = _target(backbone, name)
+        if target is None:
+            if not _IGNORED.search(name):
+                unexpected.append(name)
+            continue
+        if name == "lm_head.weight" and backbone.spec.tie_word_embeddings:
+            continue
+        param, start, rows = target
+        tensor = read()
+        expected = (rows, *param.shape[1:])
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{where}: {name} has shape {list(tensor.shape)}, expected {list(expected)}")
+        param.data[start : start + rows].copy_(tensor)
+        filled.add((id(param), start))
+    if unexpected:
+        raise ValueError(f"{kind} has tensors this architecture does not use: {unexpected[:8]}")
+    _check_filled(backbone, filled, kind)
+
+
+def _file_tensors(files: list[Path]) -> _Tensors:
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
-                target = _target(backbone, name)
-                if target is None:
-                    if not _IGNORED.search(name):
-                        unexpected.append(name)
-                    continue
-                if name == "lm_head.weight" and backbone.spec.tie_word_embeddings:
-                    continue
-                param, start, rows = target
-                tensor = handle.get_tensor(name)
-                expected = (rows, *param.shape[1:])
-                if tuple(tensor.shape) != expected:
-                    raise ValueError(f"{file.name}: {name} has shape {list(tensor.shape)}, expected {list(expected)}")
-                param.data[start : start + rows].copy_(tensor)
-                filled.add((id(param), start))
-    if unexpected:
-        raise ValueError(f"checkpoint has tensors this architecture does not use: {unexpected[:8]}")
-    _check_filled(backbone, filled)
+                yield file.name, name, functools.partial(handle.get_tensor, name)
 
 
-def _check_filled(backbone: Backbone, filled: set[tuple[int, int]]) -> None:
+def _check_filled(backbone: Backbone, filled: set[tuple[int, int]], kind: str) -> None:
     missing = []
     for name, param in backbone.named_parameters():
         linear_name = name.rsplit(".", 1)[0]
@@ -155,7 +167,13 @@ def _check_filled(backbone: Backbone, filled: set[tuple[int, int]]) -> None:
             offsets = [owner.slice_offset(t)[0] for t in owner.targets]
         missing += [f"{name}[{o}:]" for o in offsets if (id(param), o) not in filled]
     if missing:
-        raise ValueError(f"checkpoint is missing tensors for: {missing[:8]}")
+        raise ValueError(f"{kind} is missing tensors for: {missing[:8]}")
+
+
+def _empty_backbone(hf_config, config: BackboneConfig) -> Backbone:
+    spec = ArchSpec.from_hf_config(hf_config)
+    build = LayerBuild(config.torch_dtype(), torch.device(config.device), config.max_slots, config.max_rank)
+    return Backbone(hf_config, spec, build)
 
 
 def load_backbone(model_dir: str, config: BackboneConfig = BackboneConfig()) -> Backbone:
@@ -165,14 +183,28 @@ def load_backbone(model_dir: str, config: BackboneConfig = BackboneConfig()) -> 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    hf_config = AutoConfig.from_pretrained(str(path))
-    spec = ArchSpec.from_hf_config(hf_config)
-    build = LayerBuild(config.torch_dtype(), torch.device(config.device), config.max_slots, config.max_rank)
-    backbone = Backbone(hf_config, spec, build)
-    _load_weights(backbone, _weight_files(path))
+    backbone = _empty_backbone(AutoConfig.from_pretrained(str(path)), config)
+    _fill(backbone, _file_tensors(_weight_files(path)), "checkpoint")
     backbone.eval()
     logger.info(
         "loaded %s (%d layers, hidden %d) from %s as %s on %s",
-        spec.architecture, spec.num_layers, spec.hidden_size, model_dir, build.dtype, build.device,
+        backbone.spec.architecture, backbone.num_layers, backbone.hidden_size, model_dir, backbone.dtype,
+        backbone.device,
+    )
+    return backbone
+
+
+def backbone_from_state_dict(
+    hf_config, state: Mapping[str, torch.Tensor], config: BackboneConfig = BackboneConfig()
+) -> Backbone:
+    """Build the backbone from tensors already in memory, named as in a checkpoint (a transformers model's
+    `state_dict()`), with the same checks as `load_backbone`. The tensors are copied, never shared."""
+    backbone = _empty_backbone(hf_config, config)
+    tensors = (("state dict", name, functools.partial(state.__getitem__, name)) for name in state)
+    _fill(backbone, tensors, "state dict")
+    backbone.eval()
+    logger.info(
+        "built %s (%d layers, hidden %d) from a state dict as %s on %s",
+        backbone.spec.architecture, backbone.num_layers, backbone.hidden_size, backbone.dtype, backbone.device,
     )
     return backbone

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-from transformers import AutoConfig
-
 from router.composition import Composition
-from router.library import fingerprint_from_hf_config, random_library
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import Request, SamplingParams
@@ -21,15 +17,6 @@ COMPOSITIONS = [
     Composition(("m2", "m0", "m1"), (0.2, 0.5, 0.3), "explicit"),
 ]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34], [40, 41, 42, 43, 44, 45, 46]]
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_checkpoints, tmp_path_factory):
-    model_dir = tiny_checkpoints("llama")
-    library = random_library(fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir)), num_modules=3, std=0.2)
-    path = tmp_path_factory.mktemp("lib") / "lib"
-    library.write(path)
-    return model_dir, str(path)
 
 
 def _engine(setup, **overrides) -> Engine:
