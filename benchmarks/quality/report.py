@@ -101,12 +101,12 @@ def sweep_table(results: dict) -> str:
     """Mean exact match (%) on the base tasks at every sweep point (test; validation in brackets)."""
     lines = []
     for sweep, points in results.get("sweeps", {}).items():
-        lines.append(f"\n{sweep}:\n\n| value | Tessera test (val) | per-task LoRA test (val) | train s |\n|---|---|---|---|")
+        lines.append(f"\n{sweep}:\n\n| value | Tessera test (val) | per-task LoRA test (val) | training s |\n|---|---|---|---|")
         for point in points:
             lora = point.get("per_task_lora")
             lora_text = "-" if lora is None else f"{_pct(lora['test'])} ({_pct(lora['val'])})"
             lines.append(f"| {point['value']} | {_pct(point['tessera']['test'])} ({_pct(point['tessera']['val'])}) "
-                         f"| {lora_text} | {point['seconds']:.0f} |")
+                         f"| {lora_text} | {sum(point['train_seconds'].values()):.0f} |")
     return "\n".join(lines)
 
 

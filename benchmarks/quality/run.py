@@ -1,7 +1,8 @@
 """`python -m benchmarks.quality.run --setting tiny|small|full --out DIR [--sweeps] [--seed N]`
 
 Stages (one log line each): backbone (pretrained once, cached), data, training of every system, serving
-and scoring every system through the engine, sweeps (with --sweeps), results.json, tables, plots.
+and scoring every system through the engine; with --sweeps also the per-task LoRA trained for `steps` steps
+per adapter (EQUAL_STEPS) and the sweeps; results.json, tables, plots.
 
     DIR/results.json     every number, the config, seed, git commit, wall times, per-item outcomes
     DIR/tables.md        the markdown tables (also printed)
@@ -39,6 +40,10 @@ from benchmarks.quality.systems import (
 
 logger = logging.getLogger("benchmarks.quality")
 
+EQUAL_STEPS = "per_task_lora_equal_steps"
+"""With --sweeps (and lora_steps `equal_data`): the per-task LoRA trained for `steps` steps per adapter, as a
+check that the main table's per-task LoRA is not limited by its share of the steps."""
+
 
 def resolved_device(config: QualityConfig) -> str:
     if config.device == "auto":
@@ -70,6 +75,17 @@ def system_entry(system: System, out: Path, evaluation: dict) -> dict:
     library = None if system.library is None else os.path.relpath(system.library, out)
     return {"kind": system.kind, "library": library, "train_seconds": system.train_seconds, "params": system.params,
             "info": system.info} | evaluation
+
+
+def equal_steps_lora(config: QualityConfig, model_dir: Path, data: Data, seed: int, out: Path) -> System:
+    """The stronger per-task LoRA baseline: each adapter trained for `steps` steps (num_tasks times the compute
+    of the main per-task LoRA when that one is `equal_data`)."""
+    train = config.train(seed)
+    rank = lora_ranks(fingerprint(model_dir), train, len(data.tasks))["per_task"]
+    system = train_per_task_lora(model_dir, data, out / EQUAL_STEPS, train, rank, config.steps, EQUAL_STEPS)
+    logger.info("stage baseline: per-task LoRA with %d steps per adapter in %.1f s", config.steps,
+                system.train_seconds)
+    return system
 
 
 def _sweep_stage(config: QualityConfig, model_dir: Path, data: Data, systems: dict[str, System], seed: int,
@@ -111,6 +127,11 @@ def run(setting: str, out: Path, seed: int = 0, sweeps: bool = False, cache_dir:
         "max_tokens": max_tokens, "exact_match": "generated text == answer and finish reason stop (metrics.py)",
         "systems": entries, "wall_seconds": walls,
     }
+    if sweeps and config.lora_steps == "equal_data":
+        strong = equal_steps_lora(config, model_dir, data, seed, out / "systems")
+        entries[EQUAL_STEPS] = system_entry(strong, out, evaluate_system(strong, model_dir, data, data.test,
+                                                                          serve_config, max_tokens))
+        walls["baseline_equal_steps"], clock = time.perf_counter() - clock, time.perf_counter()
     if sweeps:
         results["sweeps"] = _sweep_stage(config, model_dir, data, systems, seed, out, serve_config, max_tokens)
         results["plots"] = [p.name for p in plot_sweeps(results["sweeps"], out)]

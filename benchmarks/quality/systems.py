@@ -139,7 +139,7 @@ def lora_steps(config: QualityConfig, num_tasks: int) -> int:
 
 
 def train_per_task_lora(model_dir: Path, data: Data, out: Path, train: TrainConfig, rank: int,
-                        steps: int) -> System:
+                        steps: int, name: str = "per_task_lora") -> System:
     """One PEFT LoRA per base task on that task's items, imported into one library."""
     started = time.perf_counter()
     reports = {}
@@ -156,7 +156,7 @@ def train_per_task_lora(model_dir: Path, data: Data, out: Path, train: TrainConf
               "per_adapter": reports[data.tasks[0]].trainable_params}
     info = {"rank": rank, "alpha": reports[data.tasks[0]].alpha, "steps_per_adapter": steps,
             "final_loss": {t: r.task_loss_history[-1] for t, r in reports.items()}}
-    return System("per_task_lora", "lora", path, task_modules, seconds, params, info)
+    return System(name, "lora", path, task_modules, seconds, params, info)
 
 
 def train_shared_lora(model_dir: Path, data: Data, out: Path, train: TrainConfig, rank: int) -> System:

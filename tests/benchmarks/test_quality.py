@@ -13,13 +13,13 @@ from transformers import AutoConfig
 from benchmarks.quality.config import ABLATIONS, SETTINGS
 from benchmarks.quality.metrics import Outcome, exact_match, mean_accuracy, task_accuracy, utilisation
 from benchmarks.quality.params import all_points, equal_param_rank, library_params, rank_cost
-from benchmarks.quality.run import main
+from benchmarks.quality.run import EQUAL_STEPS, main
 from benchmarks.quality.systems import make_data
 from router.compose import compose
 from router.controller import ControllerSettings
 from router.library import ModuleLibrary, fingerprint_from_hf_config, random_library
 
-SYSTEMS = {"backbone", "per_task_lora", "shared_lora", "tessera", *ABLATIONS}
+SYSTEMS = {"backbone", "per_task_lora", "shared_lora", "tessera", *ABLATIONS, EQUAL_STEPS}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -132,9 +132,12 @@ def test_parameter_counts_match_the_libraries_on_disk(tiny_run):
         if system["library"] is not None:
             assert system["params"]["library"] == library_params(_library(out, system)), name
     assert systems["tessera"]["params"]["library"] <= trained["modules"]
-    lora = systems["per_task_lora"]
-    assert lora["info"]["rank"] == equal_param_rank(trained["total"], num_tasks, cost)
-    assert lora["params"]["trained"] == lora["params"]["library"] == num_tasks * lora["info"]["rank"] * cost
+    for name in ("per_task_lora", EQUAL_STEPS):
+        lora = systems[name]
+        assert lora["info"]["rank"] == equal_param_rank(trained["total"], num_tasks, cost)
+        assert lora["params"]["trained"] == lora["params"]["library"] == num_tasks * lora["info"]["rank"] * cost
+    assert systems["per_task_lora"]["info"]["steps_per_adapter"] == math.ceil(config.steps / num_tasks)
+    assert systems[EQUAL_STEPS]["info"]["steps_per_adapter"] == config.steps
     shared = systems["shared_lora"]
     assert shared["params"]["trained"] == shared["params"]["library"] == equal_param_rank(trained["total"], 1, cost) * cost
 
