@@ -1,0 +1,120 @@
+"""results.json (written atomically) and the markdown tables printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a fsynced temporary sibling renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, data: dict) -> Path:
+    """Write `data` as indented JSON to `path` atomically."""
+    return write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def git_state(root: Path) -> dict:
+    """The commit the code ran at and whether the work tree had uncommitted changes (None outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _rows(results: dict):
+    """(system, mode, record, system entry) for every evaluation, in results order."""
+    for name, system in results["systems"].items():
+        for mode, record in system["evaluations"].items():
+            yield name, mode, record, system
+
+
+def main_table(results: dict) -> str:
+    """Exact match (%) per base task, mean over base tasks and over composites; parameters; training time."""
+    tasks = results["tasks"]
+    head = ["system", "mode", *tasks, "mean", "composites", "trained params", "library params", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, mode, record, system in _rows(results):
+        params = system.get("params", {})
+        trained = params.get("trained")
+        trained = trained.get("total") if isinstance(trained, dict) else trained
+        cells = [name, mode, *(_pct(record["per_task"][t]["accuracy"]) for t in tasks), _pct(record["mean_base"]),
+                 _pct(record["mean_composite"]), f"{trained:,}" if trained else "0",
+                 f"{params.get('library', 0):,}", f"{system.get('train_seconds', 0.0):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def composite_table(results: dict) -> str:
+    """Exact match (%) per composite task for every mode that served composites."""
+    composites = results["composites"]
+    head = ["system", "mode", *composites, "mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, mode, record, _ in _rows(results):
+        if record["mean_composite"] is None:
+            continue
+        cells = [name, mode, *(_pct(record["per_task"][c]["accuracy"]) for c in composites),
+                 _pct(record["mean_composite"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tessera_table(results: dict) -> str:
+    """Utilisation and routing of every Tessera library."""
+    head = ["system", "modules used", "utilisation", "text routing accuracy (test prompts)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, system in results["systems"].items():
+        if "utilisation" not in system:
+            continue
+        use = system["utilisation"]
+        routing = system["evaluations"].get("untagged", {}).get("routing_accuracy")
+        lines.append(f"| {name} | {len(use['used_modules'])} of {use['num_modules']} | {_pct(use['utilisation'])} "
+                     f"| {_pct(routing)} |")
+    return "\n".join(lines)
+
+
+def sweep_table(results: dict) -> str:
+    """Mean exact match (%) on the base tasks at every sweep point (test; validation in brackets)."""
+    lines = []
+    for sweep, points in results.get("sweeps", {}).items():
+        lines.append(f"\n{sweep}:\n\n| value | Tessera test (val) | per-task LoRA test (val) | training s |\n|---|---|---|---|")
+        for point in points:
+            lora = point.get("per_task_lora")
+            lora_text = "-" if lora is None else f"{_pct(lora['test'])} ({_pct(lora['val'])})"
+            lines.append(f"| {point['value']} | {_pct(point['tessera']['test'])} ({_pct(point['tessera']['val'])}) "
+                         f"| {lora_text} | {sum(point['train_seconds'].values()):.0f} |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    """Every table of a run, with a heading each."""
+    parts = ["Exact match (%) on held-out base tasks:\n", main_table(results),
+             "\nExact match (%) on composite tasks (never trained on):\n", composite_table(results),
+             "\nTessera libraries:\n", tessera_table(results)]
+    if results.get("sweeps"):
+        parts += ["\nSweeps (mean exact match % over base tasks, Tessera tagged):", sweep_table(results)]
+    return "\n".join(parts) + "\n"

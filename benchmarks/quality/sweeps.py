@@ -1,0 +1,107 @@
+"""Sweeps: one knob at a time, Tessera retrained at every value and scored on held-out base-task items.
+
+    modules        TrainConfig.num_modules       N in QualityConfig.sweep_modules
+    learning_rate  TrainConfig.learning_rate     (the same rate for the per-task LoRA when it runs)
+    noise          SuiteConfig.noise             training inputs only; per-task LoRA alongside
+    max_len        SuiteConfig.max_len           train, validation and test inputs; per-task LoRA alongside
+
+Every point reports mean exact match over the base tasks on the test items (what the plots show) and
+on the validation items (what a choice of value may use; the test items never choose anything). A point
+whose value is the main run's reuses the main run's systems instead of training them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from benchmarks.quality.config import QualityConfig
+from benchmarks.quality.evaluate import ServeConfig, max_new_tokens
+from benchmarks.quality.scores import evaluate_system
+from benchmarks.quality.systems import (
+    Data, System, eval_items, fingerprint, lora_ranks, lora_steps, make_data, train_per_task_lora, train_tessera,
+)
+
+logger = logging.getLogger(__name__)
+
+SWEEPS = ("modules", "learning_rate", "noise", "max_len")
+
+
+def base_means(system: System, model_dir: Path, data: Data, serve_config: ServeConfig, max_tokens: int) -> dict:
+    """{"test": mean exact match over base tasks on the test items, "val": the same on the validation items}."""
+    base_test = [item for item in data.test if item.task in data.tasks]
+    means = {}
+    for split, items in (("test", base_test), ("val", data.val)):
+        result = evaluate_system(system, model_dir, data, items, serve_config, max_tokens, untagged=False,
+                                 keep_outcomes=False)
+        means[split] = next(iter(result["evaluations"].values()))["mean_base"]
+    return means
+
+
+def _grid(config: QualityConfig) -> dict[str, tuple[tuple, Callable[[object], tuple[dict, dict]], bool]]:
+    """Sweep -> (values, value -> (TrainConfig overrides, SuiteConfig overrides), per-task LoRA alongside)."""
+    return {
+        "modules": (config.sweep_modules, lambda n: ({"num_modules": n}, {}), False),
+        "learning_rate": (config.sweep_learning_rates, lambda lr: ({"learning_rate": lr}, {}), False),
+        "noise": (config.sweep_noise, lambda noise: ({}, {"noise": noise}), config.sweep_baseline),
+        "max_len": (config.sweep_max_len,
+                    lambda n: ({}, {"max_len": n, "min_len": min(config.min_len, n)}), config.sweep_baseline),
+    }
+
+
+def main_value(config: QualityConfig, sweep: str):
+    """The main run's value of a sweep's knob."""
+    return {"modules": config.num_modules, "learning_rate": config.learning_rate, "noise": config.noise,
+            "max_len": config.max_len}[sweep]
+
+
+def sweep_point(config: QualityConfig, model_dir: Path, seed: int, out: Path, serve_config: ServeConfig,
+                overrides: tuple[dict, dict], with_lora: bool) -> dict:
+    """Train Tessera (and per-task LoRA) with one knob changed and score both on validation and test items."""
+    started = time.perf_counter()
+    train_overrides, suite_overrides = overrides
+    data = make_data(config, seed, **suite_overrides)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    max_tokens = max_new_tokens(tokenizer, eval_items(data.test + data.val), config.answer_margin)
+    train = config.train(seed, text_router=False, **train_overrides)
+    tessera = train_tessera("tessera", model_dir, data, out / "tessera", train)
+    point = {"tessera": base_means(tessera, model_dir, data, serve_config, max_tokens),
+             "train_seconds": {"tessera": tessera.train_seconds}}
+    if with_lora:
+        rank = lora_ranks(fingerprint(model_dir), train, len(data.tasks))["per_task"]
+        lora = train_per_task_lora(model_dir, data, out / "per_task_lora", train, rank,
+                                   lora_steps(config, len(data.tasks)))
+        point["per_task_lora"] = base_means(lora, model_dir, data, serve_config, max_tokens)
+        point["train_seconds"]["per_task_lora"] = lora.train_seconds
+    point["seconds"] = time.perf_counter() - started
+    return point
+
+
+def _reused(main_point: dict, with_lora: bool) -> dict:
+    """The main run's point, without its per-task LoRA numbers where the sweep does not run the baseline."""
+    point = {key: value for key, value in main_point.items() if with_lora or key != "per_task_lora"}
+    seconds = {key: value for key, value in main_point["train_seconds"].items() if with_lora or key != "per_task_lora"}
+    return point | {"train_seconds": seconds, "reused_main": True}
+
+
+def run_sweeps(config: QualityConfig, model_dir: Path, seed: int, out: Path, serve_config: ServeConfig,
+               main_point: dict) -> dict[str, list[dict]]:
+    """Every sweep of the module docstring; `main_point` (same form as a point) stands in for main-run values."""
+    results: dict[str, list[dict]] = {}
+    for sweep, (values, overrides, with_lora) in _grid(config).items():
+        results[sweep] = []
+        for value in values:
+            if value == main_value(config, sweep) and (not with_lora or "per_task_lora" in main_point):
+                point = _reused(main_point, with_lora)
+            else:
+                logger.info("sweep %s = %s", sweep, value)
+                point = sweep_point(config, model_dir, seed, out / sweep / str(value), serve_config, overrides(value),
+                                    with_lora)
+            results[sweep].append({"value": value} | point)
+            logger.info("sweep %s = %s: Tessera test %.3f, val %.3f", sweep, value, point["tessera"]["test"],
+                        point["tessera"]["val"])
+    return results
