@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -74,3 +75,20 @@ def write_directory(target: str | Path, fill: Callable[[Path], None], overwrite:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("wrote %s", target)
     return target
+
+
+def write_file(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a fsynced temporary sibling renamed into place (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

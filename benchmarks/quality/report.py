@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 from pathlib import Path
+
+from router.atomic import write_file
 
 
 def write_text(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a fsynced temporary sibling renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `text` to `path` atomically (router.atomic.write_file)."""
+    return write_file(path, text)
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from router.atomic import write_file
 from training.data import Example
 from training.suite.tasks import ALPHABET, TASKS, answer_for, prompt_for, split_task
 
@@ -154,21 +153,6 @@ def to_examples(items: Sequence[Item]) -> list[Example]:
                                 {"role": "assistant", "content": item.answer}]) for item in items]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a fsynced temporary sibling renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_jsonl(items: Sequence[Item], path: str | Path) -> Path:
     """Write `items` atomically as `tessera train --data` JSONL (task + messages, one per line).
 
@@ -182,5 +166,5 @@ def write_jsonl(items: Sequence[Item], path: str | Path) -> Path:
     lines = [json.dumps({"task": e.task, "messages": e.messages}, ensure_ascii=False) + "\n"
              for e in to_examples(items)]
     path = Path(path)
-    _write_atomic(path, "".join(lines))
+    write_file(path, "".join(lines))
     return path
