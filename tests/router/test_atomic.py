@@ -96,9 +96,7 @@ def test_failing_fill_removes_its_temp_dir(tmp_path):
 
 
 def test_write_file_replaces_atomically_and_leaves_no_temporary(tmp_path):
-    from router.atomic import write_file
-
     target = tmp_path / "deep" / "out.txt"
-    assert write_file(target, "first") == target and target.read_text() == "first"
-    write_file(target, "second")
+    assert atomic.write_file(target, "first") == target and target.read_text() == "first"
+    atomic.write_file(target, "second")
     assert target.read_text() == "second" and sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]
