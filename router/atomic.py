@@ -92,3 +92,28 @@ def write_file(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def build_cache_entry(target: str | Path, build: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
+    """Build a cache entry `target` once: `build` fills a temporary sibling that is renamed into place.
+
+    An entry is complete or absent; an incomplete one (a crash of an older writer) is removed first.
+    When two processes build at once the first rename wins and the other's build is dropped.
+    """
+    target = Path(target)
+    if complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        logger.warning("removing the incomplete cache entry %s", target)
+        shutil.rmtree(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        os.rename(staging, target)
+    except OSError:
+        if not complete(target):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from router.atomic import build_cache_entry
 from training.config import TrainConfig
 from training.suite.backbone import default_cache_dir, torch_threads
 from training.suite.data import SuiteConfig
@@ -133,20 +132,12 @@ def ensure_demo(cache_dir: Path | None = None, setting: str = "small") -> tuple[
     if _complete(target):
         logger.info("reusing the demo backbone and library in %s", target)
         return target / DEMO_MODEL, target / "library"
-    cache.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        logger.warning("removing the incomplete demo cache entry %s", target)
-        shutil.rmtree(target)
     logger.info("building the demo %r into %s: this happens once and takes about %d s on 2 CPU cores", setting,
                 target, DEMO_SETTINGS[setting].expected_seconds)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
-    try:
+
+    def build(staging: Path) -> None:
         with torch_threads(1):  # the models are tiny: one thread is fastest under load (torch_threads' NOTE)
             _build(staging, cache, setting)
-        os.rename(staging, target)
-    except OSError:
-        if not _complete(target):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    build_cache_entry(target, build, _complete)
     return target / DEMO_MODEL, target / "library"

@@ -24,9 +24,7 @@ import json
 import logging
 import os
 import random
-import shutil
 import string
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -35,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from router.atomic import build_cache_entry
 from training.suite.tasks import ALPHABET
 
 logger = logging.getLogger(__name__)
@@ -337,18 +336,5 @@ def ensure_backbone(config: BackboneConfig | str, cache_dir: str | Path | None =
     if _complete(target):
         logger.debug("reusing the suite backbone %s", target)
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        logger.warning("removing the incomplete backbone cache entry %s", target)
-        shutil.rmtree(target)
     logger.info("pretraining the suite backbone into %s (once; %d steps)", target, config.steps)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
-        pretrain_backbone(staging, config, progress)
-        os.rename(staging, target)
-    except OSError:
-        if not _complete(target):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_cache_entry(target, lambda staging: pretrain_backbone(staging, config, progress), _complete)
