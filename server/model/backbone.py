@@ -56,9 +56,10 @@ class Backbone(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of one step's tokens."""
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions)
-        return self.norm(x)
+            x, residual = layer(x, positions, residual)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

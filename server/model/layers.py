@@ -7,21 +7,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.composed_lora import LoraStack, composed_lora
+from kernels.rms_norm import rms_norm
+from kernels.rotary import rotary
 from server.model.forward_context import get_forward_context
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in fp32 and cast back (as Hugging Face's Llama does)."""
+    """Root-mean-square norm, computed in fp32 and cast back (as Hugging Face's Llama does).
+
+    With `residual`, the residual add is fused in (vLLM's `hidden, residual = norm(x, residual)`): the
+    call returns (norm(x + residual), x + residual). `kernels.rms_norm` keeps HF's rounding points.
+    """
 
     def __init__(self, width: int, eps: float, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(width, dtype=dtype, device=device), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -42,7 +48,8 @@ def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, built once; applied with the rotate-half convention."""
+    """fp32 cos/sin tables for every position, built once; applied in place with the rotate-half convention
+    by `kernels.rotary` (cos/sin cast to the activations' dtype, then x * cos + rotate_half(x) * sin)."""
 
     def __init__(self, hf_config, head_dim: int, max_positions: int, device: torch.device | str):
         super().__init__()
@@ -53,13 +60,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (emb.cos() * attention_scaling).to(device), persistent=False)
         self.register_buffer("sin", (emb.sin() * attention_scaling).to(device), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [num_tokens, heads, head_dim] by each token's position."""
-        cos = self.cos[positions].to(x.dtype)[:, None, :]  # [num_tokens, 1, head_dim]
-        sin = self.sin[positions].to(x.dtype)[:, None, :]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+        """Rotate q [num_tokens, heads, head_dim] and k [num_tokens, kv_heads, head_dim] in place."""
+        rotary(q, k, positions, self.cos, self.sin)
 
 
 class AdaptedLinear(nn.Module):

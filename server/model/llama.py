@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.paged_attention import paged_attention, write_kv
+from kernels.silu_mul import silu_mul
 from server.model.forward_context import get_forward_context
 from server.model.layers import AdaptedLinear, RMSNorm, RotaryEmbedding
 
@@ -117,7 +117,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        self.rotary(q, k, positions)  # in place
         if self.kv_cache is None:
             raise RuntimeError("KV cache not bound: call Backbone.bind_kv_cache before the forward pass")
         ctx = get_forward_context()
@@ -136,8 +136,7 @@ class MLP(nn.Module):
         self.down_proj = build.linear(width, ("down_proj",), (spec.hidden_size,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -150,6 +149,18 @@ class DecoderLayer(nn.Module):
         )
         self.mlp = MLP(spec, build)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); the next norm adds the two.
+
+        HF's `h = r + attn(norm(r)); h + mlp(norm(h))` with each add fused into the norm after it: the
+        first layer gets residual None (x is the embedding), every later one the previous layer's pair.
+        """
+        if residual is None:
+            hidden, residual = self.input_layernorm(x), x
+        else:
+            hidden, residual = self.input_layernorm(x, residual)
+        hidden = self.self_attn(hidden, positions)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
