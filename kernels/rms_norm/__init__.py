@@ -30,7 +30,9 @@ __all__ = ["rms_norm"]
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
     """Shape and dtype checks on host metadata only (no device sync)."""
     if x.dim() not in (2, 3):
-        raise ValueError(f"rms_norm takes x of 2 or 3 dims ([rows, width] or [tokens, heads, width]), got {list(x.shape)}")
+        raise ValueError(
+            f"rms_norm takes x of 2 or 3 dims ([rows, width] or [tokens, heads, width]), got {list(x.shape)}"
+        )
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight has shape {list(weight.shape)}, rows of x have width {x.shape[-1]}")
     if weight.dtype != x.dtype:

@@ -8,10 +8,11 @@ load each), so the sum of squares never leaves registers; narrow rows (Qwen3's p
 wide) share a program so that each program still moves a few KB.
 
 Rounding follows HF exactly: s is rounded to x's dtype once (the fp32 sum of two fp16/bf16 values,
-cast to their dtype, is their correctly rounded sum: fp32 has over 2p + 2 bits), the normalised row is rounded to x's dtype once, and the
-product by weight is formed in fp32 (exact for two fp16/bf16 factors) and rounded once. Only the sum
-of squares (another summation order) and rsqrt (libdevice's; torch's CUDA kernel calls CUDA's
-rsqrtf) can differ from torch, by fp32 rounding noise before the single cast.
+cast to their dtype, is their correctly rounded sum: fp32 has at least 2p + 2 bits of their p), the
+normalised row is rounded to x's dtype once, and the product by weight is formed in fp32 (exact for
+two fp16/bf16 factors) and rounded once. Only the sum of squares (another summation order) and rsqrt
+(libdevice's; torch's CUDA kernel calls CUDA's rsqrtf) can differ from torch: fp32 rounding noise
+before the single cast, which flips a rare element by one ulp of x's dtype.
 """
 
 from __future__ import annotations
