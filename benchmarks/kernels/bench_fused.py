@@ -67,7 +67,7 @@ def _case(fused, eager, floor_bytes: int) -> OpCase:
     return OpCase(fused, eager, floor_bytes, lambda: (_tuple(fused()), _tuple(eager())))
 
 
-def _qkv(tokens: int, dtype):
+def _qkv(tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fused qkv output [T, (32 + 2 * 8) * 128] and q, k as strided views into it, like the model's."""
     qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda", dtype=dtype)
     return qkv, *_views(qkv)
@@ -80,7 +80,7 @@ def _views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, k
 
 
-def _norm_cases(tokens: int, dtype, element: int) -> dict[str, OpCase]:
+def _norm_cases(tokens: int, dtype: torch.dtype, element: int) -> dict[str, OpCase]:
     from kernels.rms_norm import triton as fused
 
     x = torch.randn(tokens, HIDDEN, device="cuda", dtype=dtype)  # [T, hidden]
@@ -99,7 +99,7 @@ def _norm_cases(tokens: int, dtype, element: int) -> dict[str, OpCase]:
     }
 
 
-def _rotary_case(tokens: int, dtype, element: int) -> OpCase:
+def _rotary_case(tokens: int, dtype: torch.dtype, element: int) -> OpCase:
     from kernels.rotary import triton as fused
 
     qkv, q, k = _qkv(tokens, dtype)
@@ -119,7 +119,7 @@ def _rotary_case(tokens: int, dtype, element: int) -> OpCase:
     return OpCase(lambda: fused.rotary(q, k, positions, cos, sin), eager, floor, outputs)
 
 
-def _silu_case(tokens: int, dtype, element: int) -> OpCase:
+def _silu_case(tokens: int, dtype: torch.dtype, element: int) -> OpCase:
     from kernels.silu_mul import triton as fused
 
     gate_up = torch.randn(tokens, 2 * INTERMEDIATE, device="cuda", dtype=dtype)  # [T, 2 * intermediate]
@@ -127,7 +127,7 @@ def _silu_case(tokens: int, dtype, element: int) -> OpCase:
                  3 * tokens * INTERMEDIATE * element)
 
 
-def _cases(tokens: int, dtype) -> dict[str, OpCase]:
+def _cases(tokens: int, dtype: torch.dtype) -> dict[str, OpCase]:
     element = torch.empty((), dtype=dtype).element_size()
     return {**_norm_cases(tokens, dtype, element), "rotary": _rotary_case(tokens, dtype, element),
             "silu_mul": _silu_case(tokens, dtype, element)}

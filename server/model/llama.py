@@ -3,7 +3,9 @@
 One implementation covers the family; the differences are switches read from the Hugging Face config:
 bias on q/k/v (Qwen2), per-head RMSNorm on q and k before rotary (Qwen3), a sliding attention window
 (Mistral), tied embeddings, and the RoPE variant. q/k/v and gate/up are fused into one adapted linear
-each, so a step runs one GEMM (and one composed_lora launch) per fused projection.
+each, so a step runs one GEMM (and one composed_lora launch) per fused projection. The elementwise work
+between them is one launch each: the residual add fused into the next RMSNorm (layers carry the residual
+stream, as vLLM's do), q and k rotated together in place, and silu(gate) * up from the fused gate_up.
 """
 
 from __future__ import annotations
