@@ -8,8 +8,8 @@ casts the table rows and writes the negated half, the rotated copy, two products
 
 Each half-product x * c and rotate_half(x) * s is formed in fp32 (exact for fp16/bf16 factors) and
 rounded to x's dtype, then their sum is formed in fp32 and rounded once (the correctly rounded sum):
-the three roundings of eager torch, bit for bit. fp32 launches with fp-fusion off, so the compiler
-does not contract x * c + r * s into an FMA that eager torch does not use.
+the three roundings of eager torch, bit for bit. The kernel compiles with fp-fusion off, so for fp32
+inputs the compiler does not contract x * c + r * s into an FMA that eager torch does not use.
 """
 
 from __future__ import annotations
