@@ -228,6 +228,7 @@ class Engine:
             self.scheduler.finish(request_id, "error")
             self._detok.pop(request_id, None)
             self._sinks.pop(request_id)(RuntimeError(f"engine step failed: {error}"))
+        self._publish_stats(self._stats(0, 0, 0.0))
 
     def _stats(self, num_seqs: int, num_tokens: int, seconds: float) -> StepStats:
         scheduler = self.scheduler
