@@ -10,6 +10,12 @@ placeholders, fed to N+1 on the device); then N's result is read, the scheduler 
 changed request gets its text. The CPU work of one step thus overlaps the device work of the next; at
 most one launched step waits to be read (`_pending`), and none once the engine is idle. The rules that
 keep the outputs identical to the synchronous loop are in `scheduler`'s docstring.
+
+No step needs a sync boundary (reading N before planning N+1): the one case that would (a request
+preempted while its token is in flight, readmitted at once) waits one step instead. Blocks and module
+slots freed while a launched step still uses them are safe to hand out again because every later write
+to them is queued behind that step on the same device stream. A step with nothing to run is read at
+once, together with the pending one.
 """
 
 from __future__ import annotations
