@@ -44,6 +44,9 @@ class EngineConfig:
     padded (the same bucketed fixed-shape decode run eagerly, without capture: for debugging and CPU tests)."""
     cuda_graph_max_batch: int = 256
     """Largest decode batch served by a graph; larger decode steps run eagerly."""
+    async_scheduling: str = "auto"
+    """Plan and launch step N+1 before step N's tokens are read back, so the CPU work between steps overlaps
+    the device's: auto (on CUDA; off on the CPU), on or off. Outputs are the same either way."""
 
     def graph_mode(self, device: str) -> str:
         """`capture`, `padded` or `off`: how decode steps run on `device`."""
@@ -54,6 +57,14 @@ class EngineConfig:
         if self.cuda_graphs == "padded":
             return "padded"
         return "capture" if device.startswith("cuda") else "off"
+
+    def async_scheduling_on(self, device: str) -> bool:
+        """Whether steps on `device` are scheduled asynchronously (overlapped with the previous step)."""
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
+        if self.async_scheduling == "auto":
+            return device.startswith("cuda")
+        return self.async_scheduling == "on"
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -3,6 +3,19 @@
 A step reads like this: the scheduler plans, the runner runs, the scheduler updates, and every request
 that changed gets its new text. The step loop runs on a dedicated thread because a forward pass is
 compute-bound; requests arrive and increments leave through thread-safe hand-offs to asyncio queues.
+
+With asynchronous scheduling (`EngineConfig.async_scheduling`) a step is pipelined: the scheduler plans
+step N+1 and the runner launches it while step N still runs on the device (its sampled tokens are
+placeholders, fed to N+1 on the device); then N's result is read, the scheduler updates and every
+changed request gets its text. The CPU work of one step thus overlaps the device work of the next; at
+most one launched step waits to be read (`_pending`), and none once the engine is idle. The rules that
+keep the outputs identical to the synchronous loop are in `scheduler`'s docstring.
+
+No step needs a sync boundary (reading N before planning N+1): the one case that would (a request
+preempted while its token is in flight, readmitted at once) waits one step instead. Blocks and module
+slots freed while a launched step still uses them are safe to hand out again because every later write
+to them is queued behind that step on the same device stream. A step with nothing to run is read at
+once, together with the pending one.
 """
 
 from __future__ import annotations
@@ -18,7 +31,9 @@ from pathlib import Path
 
 from server.engine.config import EngineConfig
 from server.engine.detokenize import Detokenizer
+from server.engine.plan import StepPlan
 from server.engine.request import Request, RequestOutput, StepStats
+from server.engine.runner import PendingStep
 from server.engine.scheduler import RequestState
 from server.engine.setup import EngineParts, build_parts
 
@@ -44,6 +59,8 @@ class Engine:
         self.scheduler = parts.scheduler
         self.runner = parts.runner
         self.max_model_len = parts.max_model_len
+        self.async_scheduling = config.async_scheduling_on(str(self.model.device))
+        self._pending: tuple[StepPlan, PendingStep] | None = None
         local = Path(config.model).expanduser()
         self.model_name = local.name if local.is_dir() else config.model  # a Hub id is served by its id
         self._rng = random.Random(config.seed)
@@ -106,15 +123,23 @@ class Engine:
     def _loop(self) -> None:
         while not self._stopping:
             self._drain_inbox()
-            if not self.scheduler.has_work():
+            if not self.has_work():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            try:
-                self.step()
-            except Exception as error:  # noqa: BLE001 - a failed step fails its requests, not the server
-                logger.exception("engine step failed")
-                self._fail_all(error)
+            self._guarded(self.step)
+        self._guarded(self._flush)
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as error:  # noqa: BLE001 - a failed step fails its requests, not the server
+            logger.exception("engine step failed")
+            self._fail_all(error)
+
+    def has_work(self) -> bool:
+        """Whether requests wait or run, or a launched step is still to be read."""
+        return self.scheduler.has_work() or self._pending is not None
 
     def _drain_inbox(self) -> None:
         while True:
@@ -138,14 +163,30 @@ class Engine:
         self.scheduler.add(request, seed)
 
     def step(self) -> None:
-        """One engine step: schedule, run, update, emit."""
+        """One engine step: schedule, launch, then read and emit this step (or, asynchronously, the previous one)."""
         started = time.perf_counter()
         plan = self.scheduler.schedule()
-        result = self.runner.run(plan)
-        changed = self.scheduler.update(plan, result)
-        for state in changed:
-            self._emit(state)
+        launched = self.runner.launch(plan)
+        if self.async_scheduling:
+            previous, self._pending = self._pending, (plan, launched)
+            if previous is not None:
+                self._collect(*previous)
+            if plan.is_empty:  # nothing runs: read it now, so an idle engine holds no pending step
+                self._flush()
+        else:
+            self._collect(plan, launched)
         self._publish_stats(self._stats(len(plan.num_scheduled_tokens), plan.num_tokens, time.perf_counter() - started))
+
+    def _collect(self, plan: StepPlan, launched: PendingStep) -> None:
+        """Read a launched step's tokens (the host sync), update the scheduler, emit what changed."""
+        for state in self.scheduler.update(plan, launched.result()):
+            self._emit(state)
+
+    def _flush(self) -> None:
+        """Read the pending step, if any."""
+        if self._pending is not None:
+            previous, self._pending = self._pending, None
+            self._collect(*previous)
 
     def _publish_stats(self, stats: StepStats) -> None:
         self._last_stats = stats
@@ -187,10 +228,13 @@ class Engine:
             )
 
     def _fail_all(self, error: Exception) -> None:
+        self._pending = None
+        self.scheduler.cancel_in_flight()
         for request_id in list(self._sinks):
             self.scheduler.finish(request_id, "error")
             self._detok.pop(request_id, None)
             self._sinks.pop(request_id)(RuntimeError(f"engine step failed: {error}"))
+        self._publish_stats(self._stats(0, 0, 0.0))
 
     def _stats(self, num_seqs: int, num_tokens: int, seconds: float) -> StepStats:
         scheduler = self.scheduler
@@ -214,7 +258,7 @@ class Engine:
         outputs: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
         for request in requests:
             self._add(request, outputs[request.request_id].append)
-        while self.scheduler.has_work():
+        while self.has_work():
             self._drain_inbox()
             self.step()
         return outputs

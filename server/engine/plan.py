@@ -3,6 +3,10 @@
 Requests new to the runner (first admission, or readmission after preemption) come in full; requests
 it already holds come as deltas: the tokens to run this step and any blocks added. The runner keeps its
 own copy of each request's token ids, appending what it samples, so deltas never repeat them.
+
+A token sampled by a step that is still running on the device is held as `PLACEHOLDER` (scheduler and
+runner alike) until the step's result is read: with asynchronous scheduling the next step is planned
+and launched before then, and the runner feeds such a token to that next step from the device.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from server.engine.request import SamplingParams, TokenLogprob
+
+PLACEHOLDER = -1
+"""Token id of a sampled token not read back yet; never sent to the runner in `NewRequestData`."""
 
 
 @dataclass
@@ -45,6 +52,8 @@ class RunningRequestData:
 class StepPlan:
     """One step: which requests run, with how many tokens each, and what changes in the pools."""
 
+    step_id: int = 0
+    """The scheduler's count of plans; results are applied (`Scheduler.update`) in this order."""
     new: list[NewRequestData] = field(default_factory=list)
     running: list[RunningRequestData] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)

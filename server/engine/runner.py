@@ -2,20 +2,28 @@
 
 It owns the static device buffers (`BatchMetadata`, `ModuleBatchMeta`, the KV caches), allocated once,
 and its own copy of every running request's token ids and block table, updated from the plan's deltas.
+
+A step is `launch`ed (deltas applied, buffers filled, forward and sampling queued on the device, no host
+sync) and its `PendingStep.result()` read later: the step's one sync. Until then each sampled token is a
+`PLACEHOLDER` in the runner's token ids; if the next step is launched before that (asynchronous
+scheduling), the rows that feed such a token are filled from the pending step's device tensor of sampled
+ids with an index copy into the static `input_ids` buffer, before the forward or graph replay reads it.
+`run` = launch + result, the synchronous step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kernels import NO_MODULE
 from kernels.composed_lora import ModuleBatchMeta
 from server.engine.graphs import DecodeGraphs
-from server.engine.plan import NewRequestData, StepPlan, StepResult
-from server.engine.sampling import logprobs_of, sample
+from server.engine.plan import PLACEHOLDER, NewRequestData, StepPlan, StepResult
+from server.engine.request import SamplingParams
+from server.engine.sampling import DeviceLogprobs, draw_seed, gather_logprobs, read_logprobs, sample_on_device
 from server.model.backbone import Backbone, ModuleWeights
 from server.model.forward_context import BatchMetadata, forward_context
 
@@ -29,6 +37,35 @@ class _Held:
     block_ids: list[int]
     num_computed_tokens: int
     generator: torch.Generator
+    pending: dict[int, tuple[PendingStep, int]] = field(default_factory=dict)
+    """Per placeholder in `token_ids`, by position: the launched step and the row that samples it."""
+
+
+@dataclass
+class PendingStep:
+    """A launched step; its sampled tokens stay on the device until `result()`."""
+
+    request_ids: list[str] = field(default_factory=list)
+    """The requests that sample, in row order."""
+    held: list[_Held] = field(default_factory=list)
+    """The runner's state of each, whose placeholder at `positions[row]` the result replaces."""
+    positions: list[int] = field(default_factory=list)
+    params: list[SamplingParams] = field(default_factory=list)
+    sampled: torch.Tensor | None = None
+    """Sampled token ids on the device: int64 [num_sampling]."""
+    logprobs: DeviceLogprobs | None = None
+    _result: StepResult | None = None
+
+    def result(self) -> StepResult:
+        """Read the sampled tokens back (the step's host sync) and put them into the runner's token ids."""
+        if self._result is None:
+            token_ids = self.sampled.tolist() if self.sampled is not None else []
+            for held, position, token_id in zip(self.held, self.positions, token_ids):
+                held.token_ids[position] = token_id
+                held.pending.pop(position, None)
+            logprobs = read_logprobs(self.logprobs, token_ids, self.params)
+            self._result = StepResult(list(self.request_ids), token_ids, logprobs)
+        return self._result
 
 
 @dataclass(frozen=True)
@@ -87,10 +124,14 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for cache in self.kv_caches for t in cache)
 
     def run(self, plan: StepPlan) -> StepResult:
-        """Apply the plan's deltas, run one forward pass, sample the requests that sample."""
+        """One synchronous step: launch it and wait for its result."""
+        return self.launch(plan).result()
+
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Apply the plan's deltas, queue one forward pass and the sampling of the requests that sample."""
         self._apply(plan)
         if plan.is_empty:
-            return StepResult()
+            return PendingStep()
         order = list(plan.num_scheduled_tokens)
         sampling_rows = self._fill(plan, order)
         if self.graphs is not None and self.graphs.is_decode(self.meta, len(sampling_rows)):
@@ -116,13 +157,16 @@ class ModelRunner:
     def _fill(self, plan: StepPlan, order: list[str]) -> list[int]:
         """Write the step into the static buffers; the batch positions of the sampling requests."""
         ids, positions, slots, cu, lens, logit_rows, sampling_rows = [], [], [], [0], [], [], []
-        token_slots, token_gates = [], []
+        token_slots, token_gates, late = [], [], []
         block_size = self.config.block_size
         tables = torch.zeros(len(order), self.config.max_blocks_per_seq, dtype=torch.int32)
         for i, request_id in enumerate(order):
             held = self.held[request_id]
             start, count = held.num_computed_tokens, plan.num_scheduled_tokens[request_id]
-            ids += held.token_ids[start : start + count]
+            chunk = held.token_ids[start : start + count]
+            if PLACEHOLDER in chunk:
+                late += [(len(ids) + j, held.pending[start + j]) for j, t in enumerate(chunk) if t == PLACEHOLDER]
+            ids += chunk
             span = range(start, start + count)
             positions += span
             slots += [held.block_ids[p // block_size] * block_size + p % block_size for p in span]
@@ -135,8 +179,22 @@ class ModelRunner:
                 logit_rows.append(cu[-1] - 1)
                 sampling_rows.append(i)
         self._copy_in(ids, positions, slots, cu, lens, logit_rows, tables)
+        self._fill_late_tokens(late)
         self._fill_modules(token_slots, token_gates)
         return sampling_rows
+
+    def _fill_late_tokens(self, late: list[tuple[int, tuple[PendingStep, int]]]) -> None:
+        """Copy tokens still on the device into their `input_ids` rows: (row, (pending step, its row))."""
+        by_step: dict[int, tuple[PendingStep, list[int], list[int]]] = {}
+        for row, (step, step_row) in late:
+            _, rows, step_rows = by_step.setdefault(id(step), (step, [], []))
+            rows.append(row)
+            step_rows.append(step_row)
+        device = self.meta.input_ids.device
+        for step, rows, step_rows in by_step.values():
+            rows_t = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)  # [num_late]
+            step_rows_t = torch.tensor(step_rows, dtype=torch.int64).to(device, non_blocking=True)  # [num_late]
+            self.meta.input_ids.index_copy_(0, rows_t, step.sampled.index_select(0, step_rows_t))
 
     def _padded(self, values: tuple, pad) -> list:
         return list(values) + [pad] * (self.config.max_k - len(values))
@@ -165,10 +223,20 @@ class ModelRunner:
         for request_id in order:
             self.held[request_id].num_computed_tokens += plan.num_scheduled_tokens[request_id]
         request_ids = [order[i] for i in sampling_rows]
-        params = [self.held[r].data.sampling for r in request_ids]
-        generators = [self.held[r].generator for r in request_ids]
-        token_ids = sample(logits, params, generators)
-        logprobs = logprobs_of(logits, token_ids, params)
-        for request_id, token_id in zip(request_ids, token_ids):
-            self.held[request_id].token_ids.append(token_id)
-        return StepResult(request_ids, token_ids, logprobs)
+        held = [self.held[r] for r in request_ids]
+        params = [h.data.sampling for h in held]
+        generators = [self._generator_for_next_token(h) for h in held]
+        sampled = sample_on_device(logits, params, generators)  # [num_sampling]
+        positions = [len(h.token_ids) for h in held]
+        step = PendingStep(request_ids, held, positions, params, sampled, gather_logprobs(logits, sampled, params))
+        for row, h in enumerate(held):
+            h.pending[len(h.token_ids)] = (step, row)
+            h.token_ids.append(PLACEHOLDER)
+        return step
+
+    @staticmethod
+    def _generator_for_next_token(held: _Held) -> torch.Generator | None:
+        """The request's generator, seeded for the token it samples next (`sampling.draw_seed`)."""
+        if held.data.sampling.temperature == 0.0:
+            return None
+        return held.generator.manual_seed(draw_seed(held.data.seed, len(held.token_ids)))

@@ -3,23 +3,37 @@
 Masks are built for the whole batch at once; the draw itself runs per row with that request's own
 generator (an exponential race, argmax of p / E with E ~ Exp(1)), so a seeded request draws the same
 tokens whatever else shares its batch.
+
+Sampling and logprob gathering stay on the logits' device (`sample_on_device`, `gather_logprobs`): no
+host sync, so a step can be launched while the previous one is still running. Reading the results back
+(`read_logprobs`, `.tolist()`) is the one sync point of a step.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from server.engine.request import SamplingParams, TokenLogprob
 
+_MASK64 = (1 << 64) - 1
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor, copied without a host sync (a plain `torch.tensor(...,
+    device=cuda)` waits for the stream)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
 
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature-scaled logits [S, vocab] with top-k and top-p applied (-inf outside)."""
     device = logits.device
-    temperature = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)
-    scaled = logits / temperature[:, None]
     vocab = logits.shape[1]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
+    temperature = _to_device([max(p.temperature, 1e-5) for p in params], torch.float32, device)  # [S]
+    top_k = _to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64, device)  # [S]
+    top_p = _to_device([p.top_p for p in params], torch.float32, device)  # [S]
+    scaled = logits / temperature[:, None]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [S, vocab]
     ranks = torch.arange(vocab, device=device)[None, :]
     probs = sorted_logits.softmax(dim=-1)
@@ -30,37 +44,86 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
 
 
-def sample(
+def sample_on_device(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
-    """One token id per row of `logits` [S, vocab] (fp32)."""
+) -> torch.Tensor:
+    """One token id per row of `logits` [S, vocab] (fp32), left on its device: int64 [S]. No host sync."""
     greedy = [p.temperature == 0.0 for p in params]
     chosen = logits.argmax(dim=-1)  # [S]
     if all(greedy):
-        return chosen.tolist()
+        return chosen
     probs = _filter(logits, params).softmax(dim=-1)  # [S, vocab]
     for row, generator in enumerate(generators):
         if greedy[row]:
             continue
-        race = torch.empty_like(probs[row]).exponential_(generator=generator)
+        race = torch.empty_like(probs[row]).exponential_(generator=generator)  # [vocab]
         chosen[row] = (probs[row] / race).argmax()
-    return chosen.tolist()
+    return chosen
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    """One token id per row of `logits` [S, vocab] (fp32)."""
+    return sample_on_device(logits, params, generators).tolist()
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The generator seed of the draw at token `position` of a request seeded with `seed` (splitmix64).
+
+    Seeding every draw from (seed, position) makes a seeded request's tokens independent of how its steps
+    were batched, preempted and recomputed, or overlapped.
+    """
+    x = (seed + 0x9E3779B97F4A7C15 * (position + 1)) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1  # 63 bits: manual_seed takes any non-negative int below 2**64
+
+
+@dataclass
+class DeviceLogprobs:
+    """Logprobs of a step's sampling rows, still on the device until `read_logprobs`."""
+
+    chosen: torch.Tensor
+    """Logprob of each row's sampled token: [S]."""
+    top_values: torch.Tensor
+    """Logprobs of the most likely tokens, best first: [S, most]."""
+    top_ids: torch.Tensor
+    """Their token ids: [S, most]."""
+
+
+def gather_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
+) -> DeviceLogprobs | None:
+    """Logprobs under the unmodified distribution of `token_ids` [S] (on the logits' device); None when no
+    row asks for them. No host sync."""
+    if all(p.logprobs is None for p in params):
+        return None
+    logp = torch.log_softmax(logits, dim=-1)  # [S, vocab]
+    chosen = logp.gather(1, token_ids[:, None]).squeeze(1)  # [S]
+    most = max(p.logprobs or 0 for p in params)
+    top_values, top_ids = logp.topk(most, dim=-1) if most else (logp[:, :0], logp[:, :0].long())  # [S, most]
+    return DeviceLogprobs(chosen, top_values, top_ids)
+
+
+def read_logprobs(
+    gathered: DeviceLogprobs | None, token_ids: list[int], params: list[SamplingParams]
+) -> list[TokenLogprob | None]:
+    """The host view of `gather_logprobs`'s result: per row, its TokenLogprob or None if not asked."""
+    if gathered is None:
+        return [None] * len(params)
+    chosen, top_values, top_ids = gathered.chosen.tolist(), gathered.top_values.tolist(), gathered.top_ids.tolist()
+    out: list[TokenLogprob | None] = []
+    for row, token_id in enumerate(token_ids):
+        n = params[row].logprobs
+        if n is None:
+            out.append(None)
+            continue
+        out.append(TokenLogprob(token_id, chosen[row], tuple(zip(top_ids[row][:n], top_values[row][:n]))))
+    return out
 
 
 def logprobs_of(logits: torch.Tensor, token_ids: list[int], params: list[SamplingParams]) -> list[TokenLogprob | None]:
     """The sampled token's logprob under the unmodified distribution, plus top alternatives, per row."""
-    wanted = [p.logprobs is not None for p in params]
-    if not any(wanted):
-        return [None] * len(params)
-    logp = torch.log_softmax(logits, dim=-1)  # [S, vocab]
-    most = max(p.logprobs or 0 for p in params)
-    top_values, top_ids = logp.topk(most, dim=-1) if most else (logp[:, :0], logp[:, :0].long())
-    out: list[TokenLogprob | None] = []
-    for row, token_id in enumerate(token_ids):
-        if not wanted[row]:
-            out.append(None)
-            continue
-        n = params[row].logprobs
-        top = tuple(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist()))
-        out.append(TokenLogprob(token_id, float(logp[row, token_id]), top))
-    return out
+    ids = torch.tensor(token_ids, dtype=torch.int64, device=logits.device)  # [S]
+    return read_logprobs(gather_logprobs(logits, ids, params), token_ids, params)

@@ -6,6 +6,18 @@ admission order; waiting ones are admitted first come, first served while the to
 sequence limit, free KV blocks and module slots allow. When a running request needs a block and none is
 free, the most recently admitted running request is preempted: its blocks and slots are freed and it
 waits at the front of the queue, to be recomputed from its prompt and output so far.
+
+`schedule` counts the tokens it gives a request as computed at once, and a request that samples gets a
+`PLACEHOLDER` token until `update` reads the step's result. So the next step can be planned while this
+one still runs (asynchronous scheduling), with these rules:
+
+- a request whose placeholder will certainly end it (max_tokens or max_model_len reached) is not
+  scheduled again; one that ends on the token's value (EOS, stop token, stop string, abort) was, and
+  that row's result is ignored: the request is finished, its blocks freed, the runner told to drop it;
+- placeholders are replaced in step order, also for requests preempted meanwhile (they sit in
+  `waiting`); a request holding a placeholder is never (re)admitted, so `NewRequestData` carries only
+  real token ids;
+- a finished request loses its unread placeholders, so its output is exactly its real tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from dataclasses import dataclass, field
 
 from server.engine.kv_pool import BlockPool
 from server.engine.module_pool import ModulePool
-from server.engine.plan import NewRequestData, RunningRequestData, StepPlan, StepResult
+from server.engine.plan import PLACEHOLDER, NewRequestData, RunningRequestData, StepPlan, StepResult
 from server.engine.request import Request, TokenLogprob
 
 
@@ -34,6 +46,9 @@ class RequestState:
     token_ids: list[int]
     seed: int
     num_computed_tokens: int = 0
+    """Tokens scheduled so far (their KV is in the cache once the steps that run them finish)."""
+    num_placeholders: int = 0
+    """Trailing entries of `token_ids` that are `PLACEHOLDER`s: sampled by steps not read back yet."""
     block_ids: list[int] = field(default_factory=list)
     module_slots: tuple[int, ...] | None = None
     status: Status = Status.WAITING
@@ -51,7 +66,15 @@ class RequestState:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """Generated tokens known so far (placeholders excluded)."""
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_placeholders]
+
+    def will_finish(self, max_model_len: int) -> bool:
+        """Whether the length limits end it once its placeholders are read, whatever their values."""
+        if self.num_placeholders == 0:
+            return False
+        num_outputs = len(self.token_ids) - self.num_prompt_tokens
+        return num_outputs >= self.request.sampling.max_tokens or len(self.token_ids) >= max_model_len
 
 
 @dataclass(frozen=True)
@@ -77,6 +100,9 @@ class Scheduler:
         self.states: dict[str, RequestState] = {}
         self._known_to_runner: set[str] = set()
         self._dropped: list[str] = []
+        self._in_flight: dict[int, dict[str, RequestState]] = {}
+        """Per planned step not updated yet: the requests that sample in it, in batch order."""
+        self._num_steps = 0
         self.num_preempted_last_step = 0
 
     def add(self, request: Request, seed: int) -> RequestState:
@@ -89,12 +115,14 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan(dropped=self._take_dropped())
+        self._num_steps += 1
+        plan = StepPlan(step_id=self._num_steps, dropped=self._take_dropped())
+        self._in_flight[plan.step_id] = {}
         budget = self.config.max_num_batched_tokens
         self.num_preempted_last_step = 0
         preempted = False
         for state in list(self.running):
-            if budget == 0 or state.status is not Status.RUNNING:
+            if budget == 0 or state.status is not Status.RUNNING or state.will_finish(self.config.max_model_len):
                 continue
             num_tokens = min(len(state.token_ids) - state.num_computed_tokens, budget)
             new_blocks = self._grow(state, num_tokens)
@@ -125,6 +153,8 @@ class Scheduler:
 
     def _admit(self, state: RequestState, budget: int, plan: StepPlan) -> int:
         """Admit the head of the queue if blocks and module slots allow; the tokens it got (0: none)."""
+        if state.num_placeholders:  # preempted while its last token was in flight: wait until it is read
+            return 0
         num_tokens = min(len(state.token_ids) - state.num_computed_tokens, budget)
         need = self.blocks.blocks_for(num_tokens)
         if need > self.blocks.num_free:
@@ -148,10 +178,16 @@ class Scheduler:
             plan.new.append(self._new_data(state))
             self._known_to_runner.add(state.request_id)
         plan.num_scheduled_tokens[state.request_id] = num_tokens
-        if state.num_computed_tokens + num_tokens == len(state.token_ids):
+        state.num_computed_tokens += num_tokens
+        if state.num_computed_tokens == len(state.token_ids):
             plan.samples.add(state.request_id)
+            self._in_flight[plan.step_id][state.request_id] = state
+            state.token_ids.append(PLACEHOLDER)
+            state.num_placeholders += 1
 
     def _new_data(self, state: RequestState) -> NewRequestData:
+        if state.num_placeholders:
+            raise RuntimeError(f"request {state.request_id!r} would reach the runner with unread placeholder tokens")
         composition = state.request.composition
         return NewRequestData(
             request_id=state.request_id,
@@ -189,17 +225,26 @@ class Scheduler:
         return dropped
 
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestState]:
-        """Count the computed tokens, append sampled ones; the requests that changed."""
-        for request_id, num_tokens in plan.num_scheduled_tokens.items():
-            state = self.states.get(request_id)
-            if state is not None and state.status is Status.RUNNING:
-                state.num_computed_tokens += num_tokens
+        """Read `plan`'s sampled tokens into its placeholders and check stops; the requests that changed.
+
+        Plans are updated in the order they were scheduled. Rows of requests finished since the plan was
+        made are ignored; requests preempted since then (waiting) still get their token.
+        """
+        if plan.step_id not in self._in_flight:
+            raise RuntimeError(f"step {plan.step_id} is not in flight (updated twice, or never scheduled)")
+        if min(self._in_flight) < plan.step_id:
+            raise RuntimeError(f"step {plan.step_id} updated before step {min(self._in_flight)}")
+        samplers = self._in_flight.pop(plan.step_id)
+        sampled = {r: (t, lp) for r, t, lp in zip(result.request_ids, result.sampled_token_ids, result.logprobs)}
         changed = []
-        for request_id, token_id, logprob in zip(result.request_ids, result.sampled_token_ids, result.logprobs):
-            state = self.states.get(request_id)
-            if state is None or state.status is not Status.RUNNING:
+        for request_id, state in samplers.items():
+            if request_id not in sampled:
+                raise RuntimeError(f"step {plan.step_id}'s result has no token for request {request_id!r}")
+            if state.status is Status.FINISHED:
                 continue
-            state.token_ids.append(token_id)
+            token_id, logprob = sampled[request_id]
+            state.token_ids[len(state.token_ids) - state.num_placeholders] = token_id
+            state.num_placeholders -= 1
             state.new_logprobs.append(logprob)
             reason = self._finish_reason(state, token_id)
             if reason is not None:
@@ -207,11 +252,16 @@ class Scheduler:
             changed.append(state)
         return changed
 
+    def cancel_in_flight(self) -> None:
+        """Forget every step not updated yet (after a failed step, whose requests were all finished)."""
+        self._in_flight.clear()
+
     def _finish_reason(self, state: RequestState, token_id: int) -> str | None:
         sampling = state.request.sampling
         if token_id in sampling.stop_token_ids or (token_id in self.eos_ids and not sampling.ignore_eos):
             return "stop"
-        if len(state.output_ids) >= sampling.max_tokens or len(state.token_ids) >= self.config.max_model_len:
+        num_known = len(state.token_ids) - state.num_placeholders
+        if len(state.output_ids) >= sampling.max_tokens or num_known >= self.config.max_model_len:
             return "length"
         return None
 
@@ -223,6 +273,9 @@ class Scheduler:
         if state.status is Status.WAITING:
             self.waiting.remove(state)
         self._release(state)
+        if state.num_placeholders:
+            del state.token_ids[-state.num_placeholders :]
+            state.num_placeholders = 0
         state.status = Status.FINISHED
         state.finish_reason = reason
         return state

@@ -69,7 +69,8 @@ def build_parts(config: EngineConfig) -> EngineParts:
     from transformers import AutoTokenizer
 
     device = config.resolved_device()
-    config.graph_mode(device)  # a bad value fails here, before the weights load
+    config.graph_mode(device)  # bad values fail here, before the weights load
+    config.async_scheduling_on(device)
     model_dir = str(resolve_model_dir(config.model))
     library = _load_library(config, model_dir)
     max_rank = config.max_rank or max((m.rank for m in library.modules.values()), default=8) if library else 8
@@ -97,6 +98,7 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     max_loaded_modules and max_rank are not read here (they chose how the backbone was built).
     """
     graph_mode = config.graph_mode(str(model.device))
+    config.async_scheduling_on(str(model.device))
     if library is not None:
         _check_library_fits(library, model)
     num_blocks = _num_kv_blocks(config, model, str(model.device))
