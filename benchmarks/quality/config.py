@@ -69,6 +69,9 @@ class QualityConfig:
     """Training-input noise levels of the noise sweep."""
     sweep_max_len: tuple[int, ...] = (6, 10, 14)
     """Longest input lengths of the length sweep (training and test items drawn with max_len set to each)."""
+    sweep_regulariser_scales: tuple[float, ...] = (0.1, 1.0, 10.0)
+    """Multiples of TrainConfig's default weight tried for each regulariser (lambda_decouple, lambda_align,
+    lambda_sparse, lambda_prior), one regulariser at a time; 0 is the main table's ablation of it."""
     sweep_baseline: bool = True
     """Also train and evaluate per-task LoRA at every point of the noise and length sweeps."""
 
@@ -77,6 +80,7 @@ class QualityConfig:
         object.__setattr__(self, "sweep_learning_rates", tuple(self.sweep_learning_rates))
         object.__setattr__(self, "sweep_noise", tuple(self.sweep_noise))
         object.__setattr__(self, "sweep_max_len", tuple(self.sweep_max_len))
+        object.__setattr__(self, "sweep_regulariser_scales", tuple(self.sweep_regulariser_scales))
         for name in ("train_per_task", "test_per_task", "val_per_task", "steps", "batch_size", "num_modules",
                      "rank", "max_seq_len", "answer_margin", "threads"):
             value = getattr(self, name)
@@ -88,6 +92,9 @@ class QualityConfig:
             raise ValueError(f"QualityConfig.device must be auto, cpu or cuda, got {self.device!r}")
         if not self.sweep_modules or min(self.sweep_modules) < 1:
             raise ValueError(f"QualityConfig.sweep_modules must be counts >= 1, got {self.sweep_modules}")
+        if not self.sweep_regulariser_scales or min(self.sweep_regulariser_scales) <= 0:
+            raise ValueError("QualityConfig.sweep_regulariser_scales must be multiples > 0, "
+                             f"got {self.sweep_regulariser_scales}")
         self.suite(0)  # SuiteConfig checks lengths and noise
 
     def suite(self, seed: int, **overrides) -> SuiteConfig:
@@ -120,7 +127,7 @@ SETTINGS: dict[str, QualityConfig] = {
     "tiny": QualityConfig(backbone="tiny", train_per_task=16, test_per_task=4, val_per_task=2, min_len=3, max_len=5,
                           steps=6, batch_size=4, learning_rate=1e-3, num_modules=4, rank=2, max_seq_len=64,
                           threads=1, sweep_modules=(2, 4), sweep_learning_rates=(1e-3, 3e-3), sweep_noise=(0.0, 0.2),
-                          sweep_max_len=(4, 5)),
+                          sweep_max_len=(4, 5), sweep_regulariser_scales=(1.0, 10.0)),
     "small": QualityConfig(backbone="small", train_per_task=400, test_per_task=50, val_per_task=25, min_len=3,
                            max_len=8, steps=1000, batch_size=16, learning_rate=3e-3, sweep_max_len=(5, 8, 11)),
     "full": QualityConfig(backbone="full", train_per_task=2000, test_per_task=200, val_per_task=100, min_len=3,

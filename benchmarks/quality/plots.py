@@ -9,6 +9,10 @@ LABELS = {
     "learning_rate": ("learning rate", True),
     "noise": ("training-input noise (share of characters replaced)", False),
     "max_len": ("longest input (characters)", False),
+    "lambda_decouple": ("decoupling weight lambda1", True),
+    "lambda_align": ("alignment weight lambda2", True),
+    "lambda_sparse": ("insertion-gate sparsity weight lambda3", True),
+    "lambda_prior": ("task-relation prior weight lambda4", True),
 }
 """Sweep -> (x-axis label, logarithmic x axis)."""
 

@@ -1,8 +1,9 @@
-"""`python -m benchmarks.quality.run --setting tiny|small|full --out DIR [--sweeps] [--seed N]`
+"""`python -m benchmarks.quality.run --setting tiny|small|full --out DIR [--sweeps [NAMES]] [--seed N]`
 
 Stages (one log line each): backbone (pretrained once, cached), data, training of every system, serving
 and scoring every system through the engine; with --sweeps also the per-task LoRA trained for `steps` steps
-per adapter (EQUAL_STEPS) and the sweeps; results.json, tables, plots.
+per adapter (EQUAL_STEPS) and the sweeps (all of benchmarks.quality.sweeps.SWEEPS, or the comma-separated
+NAMES); results.json, tables, plots.
 
     DIR/results.json     every number, the config, seed, git commit, wall times, per-item outcomes
     DIR/tables.md        the markdown tables (also printed)
@@ -20,6 +21,7 @@ import platform
 import sys
 import time
 from datetime import datetime, timezone
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ from benchmarks.quality.evaluate import ServeConfig, max_new_tokens
 from benchmarks.quality.plots import plot_sweeps
 from benchmarks.quality.report import git_state, markdown, write_json, write_text
 from benchmarks.quality.scores import evaluate_system
-from benchmarks.quality.sweeps import base_means, run_sweeps
+from benchmarks.quality.sweeps import SWEEPS, base_means, check_sweep_names, run_sweeps
 from benchmarks.quality.systems import (
     Data, System, eval_items, fingerprint, lora_ranks, lora_steps, make_data, train_per_task_lora, train_shared_lora,
     train_tessera,
@@ -89,18 +91,20 @@ def equal_steps_lora(config: QualityConfig, model_dir: Path, data: Data, seed: i
 
 
 def _sweep_stage(config: QualityConfig, model_dir: Path, data: Data, systems: dict[str, System], seed: int,
-                 out: Path, serve_config: ServeConfig, max_tokens: int) -> dict[str, list[dict]]:
+                 out: Path, serve_config: ServeConfig, max_tokens: int, names: Sequence[str]) -> dict[str, list[dict]]:
     """The sweeps, with the main run's Tessera and per-task LoRA (scored on validation too) as their main point."""
     main_point = {"seconds": 0.0, "train_seconds": {}}
     for name in ("tessera", "per_task_lora"):
         main_point[name] = base_means(systems[name], model_dir, data, serve_config, max_tokens)
         main_point["train_seconds"][name] = systems[name].train_seconds
-    return run_sweeps(config, model_dir, seed, out / "sweeps", serve_config, main_point)
+    return run_sweeps(config, model_dir, seed, out / "sweeps", serve_config, main_point, names)
 
 
-def run(setting: str, out: Path, seed: int = 0, sweeps: bool = False, cache_dir: str | None = None,
+def run(setting: str, out: Path, seed: int = 0, sweeps: bool | Sequence[str] = False, cache_dir: str | None = None,
         config: QualityConfig | None = None) -> dict:
-    """The whole benchmark (module docstring); returns what results.json holds."""
+    """The whole benchmark (module docstring); returns what results.json holds. `sweeps`: True for every
+    sweep, or the names of the ones to run."""
+    sweep_names = () if not sweeps else SWEEPS if sweeps is True else check_sweep_names(sweeps)
     config, out, walls = config or SETTINGS[setting], Path(out).absolute(), {}
     torch.set_num_threads(config.threads)
     clock = time.perf_counter()
@@ -127,13 +131,14 @@ def run(setting: str, out: Path, seed: int = 0, sweeps: bool = False, cache_dir:
         "max_tokens": max_tokens, "exact_match": "generated text == answer and finish reason stop (metrics.py)",
         "systems": entries, "wall_seconds": walls,
     }
-    if sweeps and config.lora_steps == "equal_data":
+    if sweep_names and config.lora_steps == "equal_data":
         strong = equal_steps_lora(config, model_dir, data, seed, out / "systems")
         entries[EQUAL_STEPS] = system_entry(strong, out, evaluate_system(strong, model_dir, data, data.test,
                                                                           serve_config, max_tokens))
         walls["baseline_equal_steps"], clock = time.perf_counter() - clock, time.perf_counter()
-    if sweeps:
-        results["sweeps"] = _sweep_stage(config, model_dir, data, systems, seed, out, serve_config, max_tokens)
+    if sweep_names:
+        results["sweeps"] = _sweep_stage(config, model_dir, data, systems, seed, out, serve_config, max_tokens,
+                                         sweep_names)
         results["plots"] = [p.name for p in plot_sweeps(results["sweeps"], out)]
         walls["sweeps"] = time.perf_counter() - clock
         logger.info("stage sweeps: %.1f s", walls["sweeps"])
@@ -157,8 +162,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", choices=sorted(SETTINGS), required=True,
                    help="tiny (test, under a minute), small (the CPU result), full (one GPU); see config.py")
     p.add_argument("--out", required=True, type=Path, help="output directory (results.json, tables.md, PNGs)")
-    p.add_argument("--sweeps", action="store_true", help="also run the module-count, learning-rate, noise and "
-                   "length sweeps and plot them")
+    p.add_argument("--sweeps", nargs="?", const=",".join(SWEEPS), default=None, metavar="NAMES",
+                   help="also run the sweeps and plot them: all of them, or the comma-separated NAMES "
+                   f"(from {', '.join(SWEEPS)})")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the training and the LoRA init (default 0)")
     p.add_argument("--backbone-cache", default=None, help="where the pretrained suite backbone is cached "
                    "(default: training.suite.backbone's default cache directory)")
@@ -172,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
                   "server.engine.setup", "training.checkpoint", "training.export", "training.relation",
                   "training.text_router", "training.trainer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    results = run(args.setting, args.out, args.seed, args.sweeps, args.backbone_cache)
+    try:
+        sweeps = () if args.sweeps is None else check_sweep_names([n.strip() for n in args.sweeps.split(",") if n.strip()])
+    except ValueError as error:
+        parser().error(str(error))
+    results = run(args.setting, args.out, args.seed, sweeps, args.backbone_cache)
     print(markdown(results))
     return 0
 

@@ -4,6 +4,9 @@
     learning_rate  TrainConfig.learning_rate     (the same rate for the per-task LoRA when it runs)
     noise          SuiteConfig.noise             training inputs only; per-task LoRA alongside
     max_len        SuiteConfig.max_len           train, validation and test inputs; per-task LoRA alongside
+    lambda_*       TrainConfig.lambda_decouple, lambda_align, lambda_sparse, lambda_prior: each regulariser's
+                   weight at QualityConfig.sweep_regulariser_scales times its default, the others at theirs
+                   (weight 0 is the main table's ablation of that regulariser)
 
 Every point reports mean exact match over the base tasks on the test items (what the plots show) and
 on the validation items (what a choice of value may use; the test items never choose anything). A point
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -28,7 +31,9 @@ from benchmarks.quality.systems import (
 
 logger = logging.getLogger(__name__)
 
-SWEEPS = ("modules", "learning_rate", "noise", "max_len")
+REGULARISERS = ("lambda_decouple", "lambda_align", "lambda_sparse", "lambda_prior")
+"""TrainConfig fields of the regularisers' weights, one sweep each."""
+SWEEPS = ("modules", "learning_rate", "noise", "max_len", *REGULARISERS)
 
 
 def base_means(system: System, model_dir: Path, data: Data, serve_config: ServeConfig, max_tokens: int) -> dict:
@@ -42,19 +47,33 @@ def base_means(system: System, model_dir: Path, data: Data, serve_config: ServeC
     return means
 
 
+def regulariser_values(config: QualityConfig, name: str) -> tuple[float, ...]:
+    """The weights a regulariser sweep tries: its default (TrainConfig's) times each sweep scale."""
+    default = getattr(config.train(0), name)
+    return tuple(scale * default for scale in config.sweep_regulariser_scales)
+
+
+def _regulariser_override(name: str) -> Callable[[object], tuple[dict, dict]]:
+    return lambda value: ({name: value}, {})
+
+
 def _grid(config: QualityConfig) -> dict[str, tuple[tuple, Callable[[object], tuple[dict, dict]], bool]]:
     """Sweep -> (values, value -> (TrainConfig overrides, SuiteConfig overrides), per-task LoRA alongside)."""
+    regularisers = {name: (regulariser_values(config, name), _regulariser_override(name), False)
+                    for name in REGULARISERS}
     return {
         "modules": (config.sweep_modules, lambda n: ({"num_modules": n}, {}), False),
         "learning_rate": (config.sweep_learning_rates, lambda lr: ({"learning_rate": lr}, {}), False),
         "noise": (config.sweep_noise, lambda noise: ({}, {"noise": noise}), config.sweep_baseline),
         "max_len": (config.sweep_max_len,
                     lambda n: ({}, {"max_len": n, "min_len": min(config.min_len, n)}), config.sweep_baseline),
-    }
+    } | regularisers
 
 
 def main_value(config: QualityConfig, sweep: str):
     """The main run's value of a sweep's knob."""
+    if sweep in REGULARISERS:
+        return getattr(config.train(0), sweep)
     return {"modules": config.num_modules, "learning_rate": config.learning_rate, "noise": config.noise,
             "max_len": config.max_len}[sweep]
 
@@ -88,11 +107,23 @@ def _reused(main_point: dict, with_lora: bool) -> dict:
     return point | {"train_seconds": seconds, "reused_main": True}
 
 
+def check_sweep_names(names: Sequence[str]) -> tuple[str, ...]:
+    """`names` as a tuple, or ValueError naming the unknown ones and the choices."""
+    unknown = [name for name in names if name not in SWEEPS]
+    if unknown or not names:
+        raise ValueError(f"unknown sweep {unknown[0] if unknown else '(none given)'!r}; choose from {', '.join(SWEEPS)}")
+    return tuple(names)
+
+
 def run_sweeps(config: QualityConfig, model_dir: Path, seed: int, out: Path, serve_config: ServeConfig,
-               main_point: dict) -> dict[str, list[dict]]:
-    """Every sweep of the module docstring; `main_point` (same form as a point) stands in for main-run values."""
+               main_point: dict, names: Sequence[str] = SWEEPS) -> dict[str, list[dict]]:
+    """The sweeps `names` of the module docstring (all by default), in that module's order; `main_point` (same
+    form as a point) stands in for main-run values."""
+    wanted = check_sweep_names(names)
     results: dict[str, list[dict]] = {}
     for sweep, (values, overrides, with_lora) in _grid(config).items():
+        if sweep not in wanted:
+            continue
         results[sweep] = []
         for value in values:
             if value == main_value(config, sweep) and (not with_lora or "per_task_lora" in main_point):

@@ -14,10 +14,12 @@ from benchmarks.quality.config import ABLATIONS, SETTINGS
 from benchmarks.quality.metrics import Outcome, exact_match, mean_accuracy, task_accuracy, utilisation
 from benchmarks.quality.params import all_points, equal_param_rank, library_params, rank_cost
 from benchmarks.quality.run import EQUAL_STEPS, main
+from benchmarks.quality.sweeps import REGULARISERS, SWEEPS, check_sweep_names
 from benchmarks.quality.systems import make_data
 from router.compose import compose
 from router.controller import ControllerSettings
 from router.library import ModuleLibrary, fingerprint_from_hf_config, random_library
+from training.config import TrainConfig
 
 SYSTEMS = {"backbone", "per_task_lora", "shared_lora", "tessera", *ABLATIONS, EQUAL_STEPS}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -188,6 +190,9 @@ def test_sweeps_and_plots(tiny_run):
     config = SETTINGS["tiny"]
     grids = {"modules": config.sweep_modules, "learning_rate": config.sweep_learning_rates,
              "noise": config.sweep_noise, "max_len": config.sweep_max_len}
+    defaults = TrainConfig()
+    for name in REGULARISERS:
+        grids[name] = tuple(scale * getattr(defaults, name) for scale in config.sweep_regulariser_scales)
     assert set(results["sweeps"]) == set(grids)
     for sweep, points in results["sweeps"].items():
         assert [p["value"] for p in points] == list(grids[sweep])
@@ -199,3 +204,15 @@ def test_sweeps_and_plots(tiny_run):
     for name in results["plots"]:
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) < 300_000
+
+
+def test_sweep_names_are_checked(tmp_path, capsys):
+    assert check_sweep_names(["lambda_align", "modules"]) == ("lambda_align", "modules")
+    assert set(REGULARISERS) < set(SWEEPS)
+    with pytest.raises(ValueError, match="unknown sweep 'lambda_x'; choose from modules"):
+        check_sweep_names(["modules", "lambda_x"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--setting", "tiny", "--out", str(tmp_path / "run"), "--sweeps", "modules,nope"])
+    assert exit_info.value.code == 2
+    assert "unknown sweep 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
