@@ -48,9 +48,10 @@ def base_means(system: System, model_dir: Path, data: Data, serve_config: ServeC
 
 
 def regulariser_values(config: QualityConfig, name: str) -> tuple[float, ...]:
-    """The weights a regulariser sweep tries: its default (TrainConfig's) times each sweep scale."""
+    """The weights a regulariser sweep tries: its default (TrainConfig's) times each sweep scale (rounded to 12
+    decimals, so 0.1 * 0.1 is recorded as 0.01)."""
     default = getattr(config.train(0), name)
-    return tuple(scale * default for scale in config.sweep_regulariser_scales)
+    return tuple(round(scale * default, 12) for scale in config.sweep_regulariser_scales)
 
 
 def _regulariser_override(name: str) -> Callable[[object], tuple[dict, dict]]:

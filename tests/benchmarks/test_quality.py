@@ -192,7 +192,7 @@ def test_sweeps_and_plots(tiny_run):
              "noise": config.sweep_noise, "max_len": config.sweep_max_len}
     defaults = TrainConfig()
     for name in REGULARISERS:
-        grids[name] = tuple(scale * getattr(defaults, name) for scale in config.sweep_regulariser_scales)
+        grids[name] = tuple(round(scale * getattr(defaults, name), 12) for scale in config.sweep_regulariser_scales)
     assert set(results["sweeps"]) == set(grids)
     for sweep, points in results["sweeps"].items():
         assert [p["value"] for p in points] == list(grids[sweep])
