@@ -94,6 +94,8 @@ class BenchSettings:
     """torch CPU threads (None: torch's default)."""
     cuda_graphs: str = "auto"
     """Tessera's decode steps: auto (CUDA graphs on CUDA), off (eager), padded (graph shapes, eager)."""
+    async_scheduling: str = "auto"
+    """Tessera's step loop: auto (step N+1 planned and launched while N runs, on CUDA), on, or off."""
 
 
 def _parse(argv: list[str] | None) -> BenchSettings:
@@ -115,6 +117,8 @@ def _parse(argv: list[str] | None) -> BenchSettings:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "off", "padded"],
                         help="Tessera's decode steps: CUDA graphs on CUDA (auto), eager (off), or padded")
+    parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                        help="Tessera's step loop: plan and launch step N+1 while N runs (auto: on CUDA)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda: no CUDA device is available")
@@ -128,7 +132,7 @@ def _parse(argv: list[str] | None) -> BenchSettings:
     return BenchSettings(
         args.config, args.quick, tuple(args.workloads), tuple(dict.fromkeys(args.systems)), args.out, args.device,
         dtype, args.warmup_tokens, args.max_num_batched_tokens, args.block_size, args.seed, args.threads,
-        args.cuda_graphs,
+        args.cuda_graphs, args.async_scheduling,
     )
 
 
@@ -154,6 +158,7 @@ def _engine_settings(settings: BenchSettings, workloads: list[Workload], num_mod
         max_rank=MODULE_RANK,
         max_k=max(v.k for v in VARIANTS),
         cuda_graphs=settings.cuda_graphs,
+        async_scheduling=settings.async_scheduling,
     )
 
 

@@ -173,6 +173,8 @@ class EngineSettings:
     """Modules per request at most."""
     cuda_graphs: str = "auto"
     """EngineConfig.cuda_graphs: decode steps from CUDA graphs (auto, on CUDA), eager (off) or padded."""
+    async_scheduling: str = "auto"
+    """EngineConfig.async_scheduling: plan and launch step N+1 while N runs (auto: on CUDA), on, or off."""
 
 
 def tessera_engine(
@@ -195,6 +197,7 @@ def tessera_engine(
         max_rank=settings.max_rank,
         max_k=settings.max_k,
         cuda_graphs=settings.cuda_graphs,
+        async_scheduling=settings.async_scheduling,
     )
     parts = assemble_parts(config, backbone, tokenizer, library, eos_ids=set())
     return Engine(config, step_observer=observer, parts=parts)

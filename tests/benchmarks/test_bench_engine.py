@@ -18,10 +18,13 @@ from benchmarks.serving.engine_systems import VARIANTS, Run, agreement, left_pad
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """The quick CPU run, with Tessera's asynchronous step loop forced on (it is on by default on CUDA only),
+    so the greedy cross-check against transformers and PEFT also covers the pipelined steps."""
     out = tmp_path_factory.mktemp("bench-engine") / "results" / "engine.json"
     threads = torch.get_num_threads()
     try:
-        document = main(["--config", "tiny", "--quick", "--out", str(out), "--threads", "1"])
+        document = main(["--config", "tiny", "--quick", "--out", str(out), "--threads", "1",
+                         "--async-scheduling", "on"])
     finally:
         torch.set_num_threads(threads)
     return document, out
