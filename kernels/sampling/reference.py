@@ -13,6 +13,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
+_CHUNK_TOKENS = 1 << 22
 
 
 def _signed(value: int) -> int:
@@ -50,8 +51,17 @@ def uniforms(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
     return (2 * top + 1).to(torch.float32) * 2.0**-24  # exact in fp32: 2k + 1 < 2**24
 
 
-def race_sample(probs: torch.Tensor, seeds: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
-    """argmax of p / E per row (E = -log U), or of p on greedy rows; int64 [S]."""
-    race = -torch.log(uniforms(seeds, probs.shape[1]))  # [S, V] fp32, Exp(1)
-    scores = torch.where(greedy[:, None], probs, probs / race)  # [S, V]
+def _race_rows(probs: torch.Tensor, seeds: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    race = -torch.log(uniforms(seeds, probs.shape[1]))  # [rows, V] fp32, Exp(1)
+    scores = torch.where(greedy[:, None], probs, probs / race)  # [rows, V]
     return scores.argmax(dim=-1)
+
+
+def race_sample(probs: torch.Tensor, seeds: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    """argmax of p / E per row (E = -log U), or of p on greedy rows; int64 [S].
+
+    Rows go in chunks of about 4M tokens, so the int64 temporaries of the hash stay near 32 MB each
+    (a batch of 256 Llama-3 rows would otherwise hold several 260 MB ones)."""
+    step = max(1, _CHUNK_TOKENS // probs.shape[1])
+    chunks = [_race_rows(probs[i : i + step], seeds[i : i + step], greedy[i : i + step]) for i in range(0, len(probs), step)]
+    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64, device=probs.device)

@@ -130,6 +130,15 @@ def test_masked_tokens_are_never_drawn(name):
     assert bool((probs.gather(1, tokens[:, None]) > 0).all()), "drew a masked token"
 
 
+def test_reference_chunks_rows_without_changing_tokens(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(9, 100, generator=gen), dim=-1)  # [9, 100]
+    seeds, greedy = _seeds(9, base=11).cpu(), torch.zeros(9, dtype=torch.bool)
+    whole = reference.race_sample(probs, seeds, greedy)
+    monkeypatch.setattr(reference, "_CHUNK_TOKENS", 250)  # chunks of 2 rows, the last one of 1
+    assert torch.equal(reference.race_sample(probs, seeds, greedy), whole)
+
+
 def test_reference_uniforms_are_splitmix64_bits():
     seeds = torch.tensor([0, 1, 123456789, (1 << 63) - 1, -(1 << 63)], dtype=torch.int64)
     bits = reference.splitmix64(seeds, torch.arange(50, dtype=torch.int64))  # [5, 50]
