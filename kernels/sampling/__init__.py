@@ -18,7 +18,7 @@ Semantics:
         reference (CPU path): U from splitmix64 of (seed, v): the v-th output of a splitmix64 stream
                               started at `seed` (`reference.splitmix64`), top 23 bits;
         triton (CUDA path):   U from Philox-4x32-10 (`tl.randint`) keyed by the seed, counter v, top 23
-                              bits; one launch for the batch, one program per row, no host sync.
+                              bits; one launch for the batch, no host sync.
 
 Shape:
     probs:  [S, V] fp32, last dim contiguous (row stride free)
@@ -42,11 +42,17 @@ def _check(probs: torch.Tensor, seeds: torch.Tensor, greedy: torch.Tensor) -> No
         raise ValueError("race_sample needs a vocabulary of at least one token, got V = 0")
     rows = probs.shape[0]
     if seeds.shape != (rows,) or seeds.dtype != torch.int64:
-        raise ValueError(f"seeds must be int64 [{rows}] (one per row of probs), got {list(seeds.shape)} {seeds.dtype}")
+        raise ValueError(
+            f"seeds must be int64 [{rows}] (one per row of probs), got {list(seeds.shape)} {seeds.dtype}"
+        )
     if greedy.shape != (rows,) or greedy.dtype != torch.bool:
-        raise ValueError(f"greedy must be bool [{rows}] (one per row of probs), got {list(greedy.shape)} {greedy.dtype}")
+        raise ValueError(
+            f"greedy must be bool [{rows}] (one per row of probs), got {list(greedy.shape)} {greedy.dtype}"
+        )
     if seeds.device != probs.device or greedy.device != probs.device:
-        raise ValueError(f"probs, seeds and greedy must share a device, got {probs.device}, {seeds.device}, {greedy.device}")
+        raise ValueError(
+            f"probs, seeds and greedy must share a device, got {probs.device}, {seeds.device}, {greedy.device}"
+        )
 
 
 def race_sample(probs: torch.Tensor, seeds: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:

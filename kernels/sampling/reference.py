@@ -63,5 +63,7 @@ def race_sample(probs: torch.Tensor, seeds: torch.Tensor, greedy: torch.Tensor) 
     Rows go in chunks of about 4M tokens, so the int64 temporaries of the hash stay near 32 MB each
     (a batch of 256 Llama-3 rows would otherwise hold several 260 MB ones)."""
     step = max(1, _CHUNK_TOKENS // probs.shape[1])
-    chunks = [_race_rows(probs[i : i + step], seeds[i : i + step], greedy[i : i + step]) for i in range(0, len(probs), step)]
+    chunks = [
+        _race_rows(probs[i : i + step], seeds[i : i + step], greedy[i : i + step]) for i in range(0, len(probs), step)
+    ]
     return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64, device=probs.device)

@@ -1,14 +1,15 @@
-"""Triton race_sample: the whole batch's draw in one launch, one program per row (see the contract).
+"""Triton race_sample: the whole batch's draw in one launch (see the contract).
 
-A program walks its row in blocks of BLOCK_V tokens: loads p (4 bytes a token), draws U from Philox
-keyed by the row's seed with the token index as counter (`tl.randint`: ten rounds of 32-bit mulhi, no
-memory traffic), scores p / -log(U) and keeps a per-lane running maximum with its index (strict `>`,
-so within a lane the earliest index wins); one reduction at the end picks the best lane, the lowest
-index among equal maxima. Traffic: S * V * 4 bytes read, 8 S written; at S = 256, V = 128256 that is
-131 MB, about 40 us at H100 bandwidth. Greedy rows skip the draw. The grid is (S,) and nothing is read
-back on the host, so the launch can sit in a CUDA graph and run ahead of the host.
+A program owns BLOCK_S whole rows (one for a Llama-3 row; small vocabularies pack several) and walks
+them in blocks of BLOCK_V tokens: loads p (4 bytes a token), draws U from Philox keyed by the row's
+seed with the token index as counter (`tl.randint`: ten rounds of 32-bit mulhi, no memory traffic, the
+same bits whatever the tile), scores p / -log(U) (p itself on greedy rows) and keeps a per-lane running
+maximum with its index (strict `>`, so within a lane the earliest index wins); one reduction at the end
+picks the best lane, the lowest index among equal maxima. Traffic: S * V * 4 bytes read, 8 S written;
+at S = 256, V = 128256 that is 131 MB, about 40 us at H100 bandwidth. The grid is static and nothing is
+read back on the host, so the launch can sit in a CUDA graph and run ahead of the host.
 
-The old path (a torch.Generator per row, reseeded per token) cost a handful of launches per row.
+It replaces a torch.Generator per row, reseeded per token: a handful of launches a row.
 """
 
 from __future__ import annotations

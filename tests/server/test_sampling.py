@@ -80,7 +80,8 @@ def test_logprobs_are_of_the_unmodified_distribution_with_sorted_alternatives():
 def test_greedy_rows_in_a_sampled_batch_take_the_first_argmax_of_their_logits():
     logits = _logits(3, seed=4)
     logits[0, [9, 31]] = logits[0].max() + 1.0  # an exact tie: torch.argmax's first index
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=4), SamplingParams(temperature=0.0)]
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=4),
+              SamplingParams(temperature=0.0)]
     for seeds in ([0, draw_seed(5, 0), 0], [draw_seed(1, 1), draw_seed(6, 0), draw_seed(2, 9)]):
         tokens = sample(logits, params, seeds)
         assert tokens[0] == 9 and tokens[2] == int(logits[2].argmax())
