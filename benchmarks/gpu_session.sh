@@ -2,7 +2,8 @@
 # One command for a GPU session (the device machine has torch, triton, transformers, peft; no network):
 #   1. the `gpu`-marked tests (kernels against their references on CUDA, CUDA-graph replay, engine exactness),
 #   2. the kernel benchmarks, ours vs vLLM's LoRA kernels (when .peer/ was carried) vs torch vs the floor,
-#      and the fused elementwise ops (rms_norm, rotary, silu_mul) vs the eager torch they replace,
+#      the fused elementwise ops (rms_norm, rotary, silu_mul) vs the eager torch they replace, and the
+#      seeded draw (race_sample, one launch) vs the per-row generator loop it replaced,
 #   3. the offline engine benchmark: Tessera (no modules, 8, k=2, 64 modules) vs transformers generate vs
 #      PEFT's mixed-adapter batch on a random Llama-3-8B-shaped model (JSON rewritten after every run, so a
 #      run cut short by its time limit still leaves the systems it finished).
@@ -26,4 +27,5 @@ python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/server 2>&1 
 python3 benchmarks/kernels/bench_paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -40
 python3 benchmarks/kernels/bench_composed_lora.py --out "$OUT/composed_lora.json" 2>&1 | tail -80
 python3 benchmarks/kernels/bench_fused.py --out "$OUT/fused.json" 2>&1 | tail -30
+python3 benchmarks/kernels/bench_sampling.py --out "$OUT/sampling.json" 2>&1 | tail -10
 timeout 300 python3 benchmarks/serving/bench_engine.py --out "$OUT/bench_engine.json" 2>&1 | tail -60

@@ -36,7 +36,6 @@ class _Held:
     token_ids: list[int]
     block_ids: list[int]
     num_computed_tokens: int
-    generator: torch.Generator
     pending: dict[int, tuple[PendingStep, int]] = field(default_factory=dict)
     """Per placeholder in `token_ids`, by position: the launched step and the row that samples it."""
 
@@ -149,8 +148,7 @@ class ModelRunner:
             weights, scale = self.load_module(module_id)
             self.model.write_module(slot, weights, scale)
         for data in plan.new:
-            generator = torch.Generator(device=self.model.device).manual_seed(data.seed)
-            self.held[data.request_id] = _Held(data, list(data.token_ids), list(data.block_ids), data.num_computed_tokens, generator)
+            self.held[data.request_id] = _Held(data, list(data.token_ids), list(data.block_ids), data.num_computed_tokens)
         for delta in plan.running:
             self.held[delta.request_id].block_ids += delta.new_block_ids
 
@@ -225,8 +223,8 @@ class ModelRunner:
         request_ids = [order[i] for i in sampling_rows]
         held = [self.held[r] for r in request_ids]
         params = [h.data.sampling for h in held]
-        generators = [self._generator_for_next_token(h) for h in held]
-        sampled = sample_on_device(logits, params, generators)  # [num_sampling]
+        seeds = [self._seed_for_next_token(h) for h in held]
+        sampled = sample_on_device(logits, params, seeds)  # [num_sampling]
         positions = [len(h.token_ids) for h in held]
         step = PendingStep(request_ids, held, positions, params, sampled, gather_logprobs(logits, sampled, params))
         for row, h in enumerate(held):
@@ -235,8 +233,8 @@ class ModelRunner:
         return step
 
     @staticmethod
-    def _generator_for_next_token(held: _Held) -> torch.Generator | None:
-        """The request's generator, seeded for the token it samples next (`sampling.draw_seed`)."""
+    def _seed_for_next_token(held: _Held) -> int:
+        """The seed of the request's draw of the token it samples next (`sampling.draw_seed`); 0 if greedy."""
         if held.data.sampling.temperature == 0.0:
-            return None
-        return held.generator.manual_seed(draw_seed(held.data.seed, len(held.token_ids)))
+            return 0
+        return draw_seed(held.data.seed, len(held.token_ids))

@@ -1,8 +1,10 @@
 """Choosing the next token of every sampling row: greedy, temperature, top-k, top-p, seeds, logprobs.
 
-Masks are built for the whole batch at once; the draw itself runs per row with that request's own
-generator (an exponential race, argmax of p / E with E ~ Exp(1)), so a seeded request draws the same
-tokens whatever else shares its batch.
+Masks are built for the whole batch at once, and so is the draw: `kernels.sampling.race_sample`, an
+exponential race (argmax of p / E with E ~ Exp(1)) whose uniforms are a counter-based function of each
+row's seed and token index (splitmix64 on CPU, Philox in one Triton launch on CUDA). Every draw's seed is
+`draw_seed(request seed, position)`, so a seeded request draws the same tokens whatever else shares its
+batch, on the same backend.
 
 Sampling and logprob gathering stay on the logits' device (`sample_on_device`, `gather_logprobs`): no
 host sync, so a step can be launched while the previous one is still running. Reading the results back
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.sampling import race_sample
 from server.engine.request import SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 64) - 1
@@ -44,32 +47,28 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
 
 
-def sample_on_device(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> torch.Tensor:
-    """One token id per row of `logits` [S, vocab] (fp32), left on its device: int64 [S]. No host sync."""
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int]) -> torch.Tensor:
+    """One token id per row of `logits` [S, vocab] (fp32), left on its device: int64 [S]. No host sync.
+
+    `seeds[row]` is the seed of that row's draw (`draw_seed(request seed, position)`, below 2**63); greedy
+    rows (temperature 0) take the argmax of their raw logits and ignore it."""
     greedy = [p.temperature == 0.0 for p in params]
-    chosen = logits.argmax(dim=-1)  # [S]
     if all(greedy):
-        return chosen
+        return logits.argmax(dim=-1)  # [S]
+    device = logits.device
+    greedy_rows = _to_device(greedy, torch.bool, device)  # [S]
     probs = _filter(logits, params).softmax(dim=-1)  # [S, vocab]
-    for row, generator in enumerate(generators):
-        if greedy[row]:
-            continue
-        race = torch.empty_like(probs[row]).exponential_(generator=generator)  # [vocab]
-        chosen[row] = (probs[row] / race).argmax()
-    return chosen
+    scores = torch.where(greedy_rows[:, None], logits, probs)  # [S, vocab]: greedy rows keep their logits
+    return race_sample(scores, _to_device(seeds, torch.int64, device), greedy_rows)
 
 
-def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
-    """One token id per row of `logits` [S, vocab] (fp32)."""
-    return sample_on_device(logits, params, generators).tolist()
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int]) -> list[int]:
+    """One token id per row of `logits` [S, vocab] (fp32); `seeds` as in `sample_on_device`."""
+    return sample_on_device(logits, params, seeds).tolist()
 
 
 def draw_seed(seed: int, position: int) -> int:
-    """The generator seed of the draw at token `position` of a request seeded with `seed` (splitmix64).
+    """The seed of the draw at token `position` of a request seeded with `seed` (splitmix64).
 
     Seeding every draw from (seed, position) makes a seeded request's tokens independent of how its steps
     were batched, preempted and recomputed, or overlapped.
@@ -77,7 +76,7 @@ def draw_seed(seed: int, position: int) -> int:
     x = (seed + 0x9E3779B97F4A7C15 * (position + 1)) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) >> 1  # 63 bits: manual_seed takes any non-negative int below 2**64
+    return (x ^ (x >> 31)) >> 1  # 63 bits: a non-negative int64
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from server.engine.request import SamplingParams
-from server.engine.sampling import logprobs_of, sample
+from server.engine.sampling import draw_seed, logprobs_of, sample
 
 VOCAB = 50
 
@@ -15,19 +15,18 @@ def _logits(rows: int, seed: int = 0) -> torch.Tensor:
 
 
 def _draws(logits_row: torch.Tensor, params: SamplingParams, n: int, seed: int = 0) -> torch.Tensor:
-    """n independent draws from one row, with one generator advancing across draws."""
-    generator = torch.Generator().manual_seed(seed)
+    """n independent draws from one row: the draws at positions 0..n-1 of a request seeded with `seed`."""
     batch = logits_row.expand(n, VOCAB).contiguous()  # [n, vocab]
-    return torch.tensor([sample(batch[i : i + 1], [params], [generator])[0] for i in range(n)])
+    return torch.tensor(sample(batch, [params] * n, [draw_seed(seed, i) for i in range(n)]))
 
 
 def test_greedy_and_degenerate_filters_pick_the_argmax():
     logits = _logits(6)
     argmax = logits.argmax(dim=-1).tolist()
-    assert sample(logits, [SamplingParams(temperature=0.0)] * 6, [None] * 6) == argmax
-    generators = [torch.Generator().manual_seed(i) for i in range(6)]
-    assert sample(logits, [SamplingParams(temperature=1.0, top_k=1)] * 6, generators) == argmax
-    assert sample(logits, [SamplingParams(temperature=1.0, top_p=1e-6)] * 6, generators) == argmax
+    assert sample(logits, [SamplingParams(temperature=0.0)] * 6, [0] * 6) == argmax
+    seeds = [draw_seed(i, 0) for i in range(6)]
+    assert sample(logits, [SamplingParams(temperature=1.0, top_k=1)] * 6, seeds) == argmax
+    assert sample(logits, [SamplingParams(temperature=1.0, top_p=1e-6)] * 6, seeds) == argmax
 
 
 def test_draws_follow_the_filtered_distribution():
@@ -53,11 +52,10 @@ def test_draws_follow_the_filtered_distribution():
 def test_a_seeded_row_draws_the_same_tokens_whatever_its_neighbours():
     logits = _logits(4, seed=1)
     params = SamplingParams(temperature=1.0, seed=7)
-    alone = sample(logits[2:3], [params], [torch.Generator().manual_seed(7)])[0]
+    alone = sample(logits[2:3], [params], [draw_seed(7, 5)])[0]
     neighbours = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5, top_k=3), params,
                   SamplingParams(temperature=0.9)]
-    generators = [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(7), None]
-    together = sample(logits, neighbours, generators)
+    together = sample(logits, neighbours, [0, draw_seed(1, 5), draw_seed(7, 5), draw_seed(3, 2)])
     assert together[2] == alone
     assert together[0] == int(logits[0].argmax())
     first = _draws(logits[0], params, 30, seed=11)
@@ -77,3 +75,14 @@ def test_logprobs_are_of_the_unmodified_distribution_with_sorted_alternatives():
     values = [v for _, v in out[0].top]
     assert values == sorted(values, reverse=True)
     assert out[2].top == () and abs(out[2].logprob - float(logp[2, 9])) < 1e-6
+
+
+def test_greedy_rows_in_a_sampled_batch_take_the_first_argmax_of_their_logits():
+    logits = _logits(3, seed=4)
+    logits[0, [9, 31]] = logits[0].max() + 1.0  # an exact tie: torch.argmax's first index
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=4),
+              SamplingParams(temperature=0.0)]
+    for seeds in ([0, draw_seed(5, 0), 0], [draw_seed(1, 1), draw_seed(6, 0), draw_seed(2, 9)]):
+        tokens = sample(logits, params, seeds)
+        assert tokens[0] == 9 and tokens[2] == int(logits[2].argmax())
+        assert tokens[1] in logits[1].topk(4).indices.tolist()
