@@ -9,6 +9,7 @@ import torch
 
 from kernels.rms_norm import reference, rms_norm
 from kernels.rms_norm import triton as backend
+from tests.kernels.tolerances import assert_elementwise_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -23,17 +24,6 @@ def _inputs(num_tokens: int, width: int, dtype: torch.dtype, seed: int):
     return tuple(t.to(DEVICE, dtype) for t in (x, residual, weight))
 
 
-def _assert_matches(out: torch.Tensor, expected: torch.Tensor) -> None:
-    """fp32: rounding noise; half types: mostly bit-equal, the rest within two ulps."""
-    assert out.shape == expected.shape and out.dtype == expected.dtype
-    if out.dtype == torch.float32:
-        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
-        return
-    two_ulps = 2 * torch.finfo(out.dtype).eps
-    torch.testing.assert_close(out.float(), expected.float(), atol=1e-5, rtol=two_ulps)
-    assert (out == expected).float().mean() > 0.99
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_tokens", [1, 7, 64])
 @pytest.mark.parametrize("width", [33, 128, 257])
@@ -41,12 +31,12 @@ def _assert_matches(out: torch.Tensor, expected: torch.Tensor) -> None:
 def test_rms_norm_matches_reference(dtype, num_tokens, width, with_residual):
     x, residual, weight = _inputs(num_tokens, width, dtype, seed=num_tokens * 1000 + width)
     if not with_residual:
-        _assert_matches(backend.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
+        assert_elementwise_close(backend.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
         return
     out, summed = backend.rms_norm(x, weight, 1e-5, residual)
     expected_out, expected_sum = reference.rms_norm(x, weight, 1e-5, residual)
     assert torch.equal(summed, expected_sum), "x + residual must round exactly as torch's add"
-    _assert_matches(out, expected_out)
+    assert_elementwise_close(out, expected_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -59,7 +49,7 @@ def test_per_head_norm_of_a_fused_projection_view(dtype):
     for view in (q, k):
         assert not view.is_contiguous()
         w = weight[:head_dim].contiguous()
-        _assert_matches(backend.rms_norm(view, w, 1e-6), reference.rms_norm(view, w, 1e-6))
+        assert_elementwise_close(backend.rms_norm(view, w, 1e-6), reference.rms_norm(view, w, 1e-6))
 
 
 def test_residual_may_be_a_strided_view():
@@ -68,7 +58,7 @@ def test_residual_may_be_a_strided_view():
     out, summed = backend.rms_norm(x, weight, 1e-6, wide[:, 40:])
     expected_out, expected_sum = reference.rms_norm(x, weight, 1e-6, residual)
     assert torch.equal(summed, expected_sum)
-    _assert_matches(out, expected_out)
+    assert_elementwise_close(out, expected_out)
 
 
 def test_bad_inputs_are_named():
@@ -95,11 +85,11 @@ def test_interpreter_runs_on_cpu():
 @pytest.mark.parametrize("width", [4096, 5120, 257])
 def test_rms_norm_matches_reference_gpu(dtype, num_tokens, width):
     x, residual, weight = _inputs(num_tokens, width, dtype, seed=num_tokens + width)
-    _assert_matches(rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5))
+    assert_elementwise_close(rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5))
     out, summed = rms_norm(x, weight, 1e-5, residual)
     expected_out, expected_sum = reference.rms_norm(x, weight, 1e-5, residual)
     assert torch.equal(summed, expected_sum)
-    _assert_matches(out, expected_out)
+    assert_elementwise_close(out, expected_out)
 
 
 @pytest.mark.gpu
@@ -117,4 +107,4 @@ def test_rms_norm_cuda_graph_replays_new_inputs():
         graph.replay()
         expected_out, expected_sum = reference.rms_norm(x, weight, 1e-5, residual)
         assert torch.equal(summed, expected_sum)
-        _assert_matches(out, expected_out)
+        assert_elementwise_close(out, expected_out)
