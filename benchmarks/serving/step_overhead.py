@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(settings.threads)
     engine, vocab_size = _engine(settings)
     rows = [measure(engine, vocab_size, settings, b) for b in settings.batch_sizes]
-    document = {"settings": asdict(settings), "environment": _environment(settings), "rows": rows,
-                "units": "milliseconds, median over decode steps"}
+    document = {"settings": asdict(settings) | {"batch_sizes": list(settings.batch_sizes)},
+                "environment": _environment(settings), "rows": rows, "units": "milliseconds, median over decode steps"}
     _write_json(settings.out, document)
     _print_table(rows)
     return document
