@@ -1,7 +1,9 @@
 """The model runner: turns a `StepPlan` into one forward pass and a `StepResult`.
 
 It owns the static device buffers (`BatchMetadata`, `ModuleBatchMeta`, the KV caches), allocated once,
-and its own copy of every running request's token ids and block table, updated from the plan's deltas.
+and its own copy of every running request's token ids and block table, updated from the plan's deltas;
+the block table and the padded module slots and gates also live in a host row per request (`HostRows`),
+so filling a step costs a few lookups per sequence, not work per token.
 
 A step is `launch`ed (deltas applied, buffers filled, forward and sampling queued on the device, no host
 sync) and its `PendingStep.result()` read later: the step's one sync. Until then each sampled token is a
