@@ -162,9 +162,10 @@ class ModelRunner:
             self._forget(data.request_id)
             self.held[data.request_id] = self._hold(data)
         for delta in plan.running:
-            held = self.held[delta.request_id]
-            self.host_rows.add_blocks(delta.request_id, held.row, delta.new_block_ids)
-            held.block_ids += delta.new_block_ids
+            if delta.new_block_ids:  # most decode steps add none
+                held = self.held[delta.request_id]
+                self.host_rows.add_blocks(delta.request_id, held.row, delta.new_block_ids)
+                held.block_ids += delta.new_block_ids
 
     def _hold(self, data: NewRequestData) -> _Held:
         """The runner's state of a request new to it, with its row of `host_rows` written."""
