@@ -151,10 +151,12 @@ class StepRows:
         return cls(index, count_arr, cu, starts + count_arr, tables, token_ids, positions, slots, seq_of_token,
                    all_decode)
 
-    def late_tokens(self, held: list[HeldRequest]) -> list[tuple[int, tuple]]:
-        """(row, (pending step, its row)) of every token still on the device, rows ascending."""
-        rows = np.flatnonzero(self.token_ids == PLACEHOLDER)
-        return [(int(r), held[self.seq_of_token[r]].pending[int(self.positions[r])]) for r in rows]
+    def late_tokens(self, held: list[HeldRequest]) -> tuple[np.ndarray, list[tuple]]:
+        """Rows whose token is still on the device (int64 [num_late], ascending) and, per row, the pending
+        step that samples it and its row there."""
+        rows = np.flatnonzero(self.token_ids == PLACEHOLDER)  # [num_late]
+        seqs, positions = self.seq_of_token[rows].tolist(), self.positions[rows].tolist()
+        return rows, [held[s].pending[p] for s, p in zip(seqs, positions)]
 
     def modules(self, host: HostRows) -> tuple[np.ndarray, np.ndarray] | None:
         """Per-token module slots and gates, [num_tokens, max_k] each; None when no token applies a module."""

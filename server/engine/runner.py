@@ -194,21 +194,21 @@ class ModelRunner:
         rows = StepRows.build(held, counts, self.host_rows, self.config.block_size)
         sampling_rows = [i for i, request_id in enumerate(order) if request_id in plan.samples]
         self._copy_in(rows, np.array(sampling_rows, dtype=np.int64))
-        self._fill_late_tokens(rows.late_tokens(held))
+        self._fill_late_tokens(*rows.late_tokens(held))
         self._fill_modules(rows)
         return sampling_rows
 
-    def _fill_late_tokens(self, late: list[tuple[int, tuple[PendingStep, int]]]) -> None:
-        """Copy tokens still on the device into their `input_ids` rows: (row, (pending step, its row))."""
-        by_step: dict[int, tuple[PendingStep, list[int], list[int]]] = {}
-        for row, (step, step_row) in late:
-            _, rows, step_rows = by_step.setdefault(id(step), (step, [], []))
-            rows.append(row)
-            step_rows.append(step_row)
+    def _fill_late_tokens(self, rows: np.ndarray, sources: list[tuple[PendingStep, int]]) -> None:
+        """Copy tokens still on the device into their `input_ids` rows; `sources[i]`: (pending step, its row)."""
+        if not sources:
+            return
+        steps = {id(step): step for step, _ in sources}
+        step_rows = np.array([step_row for _, step_row in sources], dtype=np.int64)  # [num_late]
         device = self.meta.input_ids.device
-        for step, rows, step_rows in by_step.values():
-            rows_t = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)  # [num_late]
-            step_rows_t = torch.tensor(step_rows, dtype=torch.int64).to(device, non_blocking=True)  # [num_late]
+        for key, step in steps.items():
+            mine = slice(None) if len(steps) == 1 else np.array([id(s) == key for s, _ in sources])
+            rows_t = torch.from_numpy(rows[mine]).to(device, non_blocking=True)  # [num_late of this step]
+            step_rows_t = torch.from_numpy(step_rows[mine]).to(device, non_blocking=True)  # [num_late of this step]
             self.meta.input_ids.index_copy_(0, rows_t, step.sampled.index_select(0, step_rows_t))
 
     def _copy_in(self, rows: StepRows, sampling_rows: np.ndarray) -> None:
