@@ -24,7 +24,6 @@ def quick(tmp_path_factory):
     return document, out
 
 
-@pytest.mark.slow
 def test_quick_run_reports_every_phase_of_every_decode_step(quick):
     document, out = quick
     assert json.loads(out.read_text()) == document
@@ -37,7 +36,6 @@ def test_quick_run_reports_every_phase_of_every_decode_step(quick):
         assert row["segments"] > 0 and row["emit"] > 0 and row["schedule"] > 0
 
 
-@pytest.mark.slow
 def test_timers_count_every_call_and_leave_the_engine_as_it_was():
     settings = _parse(["--quick", "--variant", "a", "--batch-sizes", "3", "--new-tokens", "4", "--out", "unused"])
     engine, vocab_size = _engine(settings)
