@@ -1,13 +1,49 @@
 """Incremental detokenization with stop strings.
 
-Text is re-decoded from the output ids each time (the only way that is exact for every tokenizer) and
-only the new part is released. A trailing replacement character (a UTF-8 sequence cut between tokens)
-and any tail that could still grow into a stop string are held back until they resolve.
+Each update releases only the new part of the output text. A trailing replacement character (a UTF-8
+sequence cut between tokens) and any tail that could still grow into a stop string are held back until
+they resolve; a finished request releases everything.
+
+The text comes one of two ways, with the same result:
+
+- Streamed (a Hugging Face fast tokenizer whose decode is the `tokenizers` backend's, without clean-up):
+  each new token goes through a `tokenizers.decoders.DecodeStream`, which decodes a window from the
+  previous release point and yields the new text once it no longer ends in a cut UTF-8 sequence: O(new
+  tokens) per update instead of a decode of the whole output. While the stream holds tokens back, their
+  text is decoded the stream's way (`_pending_text`) so hold-backs and stop strings see exactly what a
+  whole decode shows.
+- Re-decoded: the whole output each update (any other tokenizer, or after the stream raised).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+_REPLACEMENT = "\ufffd"
+
+
+def streaming_backend(tokenizer: object):
+    """The `tokenizers.Tokenizer` to stream with, or None where only a whole decode is exact."""
+    try:
+        import tokenizers.decoders
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    except ImportError:
+        return None
+    if not hasattr(tokenizers.decoders, "DecodeStream"):  # tokenizers < 0.21
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    cls = type(tokenizer)
+    plain_decode = (getattr(cls, "decode", None) is PreTrainedTokenizerBase.decode
+                    and getattr(cls, "_decode", None) is PreTrainedTokenizerFast._decode)
+    if (not getattr(tokenizer, "is_fast", False) or not isinstance(backend, Tokenizer) or not plain_decode
+            or getattr(tokenizer, "clean_up_tokenization_spaces", True)):
+        return None
+    return backend
 
 
 @dataclass
@@ -18,30 +54,81 @@ class Detokenizer:
     stop: tuple[str, ...]
     emitted: int = 0
     """Characters of the output text already released."""
+    stream: bool = True
+    """Stream the text where the tokenizer allows it (`streaming_backend`); False: re-decode every update."""
+    backend: object = field(default=None, init=False, repr=False)
+    """The `tokenizers.Tokenizer` streamed with; None: re-decode every update."""
+    _stream: object = field(default=None, init=False, repr=False)
+    _text: str = field(default="", init=False, repr=False)
+    """The stream's text so far: the decode of the output's first `_released` tokens."""
+    _fed: int = field(default=0, init=False, repr=False)
+    """Output tokens given to the stream."""
+    _released: int = field(default=0, init=False, repr=False)
+    """Tokens whose text the stream has yielded (its last release point)."""
+    _window: int = field(default=0, init=False, repr=False)
+    """The release point before that: where the stream's decode window starts."""
+
+    def __post_init__(self) -> None:
+        self.backend = streaming_backend(self.tokenizer) if self.stream else None
+        if self.backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(skip_special_tokens=True)
 
     def update(self, output_ids: list[int], finished: bool) -> tuple[str, bool]:
         """(new text to release, whether a stop string matched)."""
-        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        text = self._decode(output_ids)
         for stop in self.stop:
             at = text.find(stop, max(self.emitted - len(stop) + 1, 0))
             if at != -1:
-                return self._release(text[:at]), True
-        if not finished:
-            text = self._hold_back(text)
-        return self._release(text), False
+                return self._release(text, at), True
+        return self._release(text, len(text) if finished else self._held_back_end(text)), False
 
-    def _hold_back(self, text: str) -> str:
-        if text.endswith("\ufffd"):
-            text = text.rstrip("\ufffd")
+    def _decode(self, output_ids: list[int]) -> str:
+        """The whole decode of `output_ids` (skipping special tokens), streamed where possible."""
+        if self._stream is not None and len(output_ids) >= self._fed:
+            try:
+                return self._streamed(output_ids)
+            except Exception as error:  # noqa: BLE001 - the stream gave up on this output: re-decode from now on
+                logger.debug("streamed detokenization stopped (%s); decoding whole outputs", error)
+        self._stream = None
+        return self.tokenizer.decode(output_ids, skip_special_tokens=True)
+
+    def _streamed(self, output_ids: list[int]) -> str:
+        for token_id in output_ids[self._fed :]:
+            chunk = self._stream.step(self.backend, token_id)
+            self._fed += 1
+            if chunk is not None:
+                self._text += chunk
+                self._window, self._released = self._released, self._fed
+        if self._released == len(output_ids):
+            return self._text
+        pending = self._pending_text(output_ids)
+        if pending is None:
+            return self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        return self._text + pending
+
+    def _pending_text(self, output_ids: list[int]) -> str | None:
+        """Text of the tokens after the release point, decoded over the stream's window; None if inconsistent."""
+        window = output_ids[self._window :]
+        known = self.backend.decode(window[: self._released - self._window], skip_special_tokens=True)
+        grown = self.backend.decode(window, skip_special_tokens=True)
+        return grown[len(known) :] if grown.startswith(known) else None
+
+    def _held_back_end(self, text: str) -> int:
+        """Where the releasable text ends: before a trailing cut UTF-8 sequence and any stop string's prefix."""
+        end = len(text)
+        while end and text[end - 1] == _REPLACEMENT:
+            end -= 1
         for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:n]):
-                    text = text[:-n]
+            for n in range(min(len(stop) - 1, end), 0, -1):
+                if text.endswith(stop[:n], 0, end):
+                    end -= n
                     break
-        return text
+        return end
 
-    def _release(self, text: str) -> str:
-        if len(text) <= self.emitted:
+    def _release(self, text: str, end: int) -> str:
+        if end <= self.emitted:
             return ""
-        new, self.emitted = text[self.emitted :], len(text)
+        new, self.emitted = text[self.emitted : end], end
         return new

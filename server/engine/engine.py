@@ -196,12 +196,13 @@ class Engine:
     def _emit(self, state: RequestState) -> None:
         request_id = state.request_id
         finished = state.finish_reason is not None
-        text, stopped = self._detok[request_id].update(state.output_ids, finished)
+        output_ids = state.output_ids  # a copy: read once (finishing drops placeholders only, never outputs)
+        text, stopped = self._detok[request_id].update(output_ids, finished)
         if stopped and not finished:
             self.scheduler.finish(request_id, "stop")
             finished = True
         logprobs = tuple(state.new_logprobs) if state.request.sampling.logprobs is not None else None
-        new_ids = tuple(state.output_ids[len(state.output_ids) - len(state.new_logprobs) :])
+        new_ids = tuple(output_ids[len(output_ids) - len(state.new_logprobs) :])
         state.new_logprobs = []
         output = RequestOutput(
             request_id=request_id,
@@ -211,7 +212,7 @@ class Engine:
             finished=finished,
             finish_reason=state.finish_reason,
             num_prompt_tokens=state.num_prompt_tokens,
-            num_output_tokens=len(state.output_ids),
+            num_output_tokens=len(output_ids),
         )
         sink = self._sinks.pop(request_id) if finished else self._sinks[request_id]
         if finished:

@@ -1,7 +1,9 @@
 """The model runner: turns a `StepPlan` into one forward pass and a `StepResult`.
 
 It owns the static device buffers (`BatchMetadata`, `ModuleBatchMeta`, the KV caches), allocated once,
-and its own copy of every running request's token ids and block table, updated from the plan's deltas.
+and its own copy of every running request's token ids and block table, updated from the plan's deltas;
+the block table and the padded module slots and gates also live in a host row per request (`HostRows`),
+so filling a step costs a few lookups per sequence, not work per token.
 
 A step is `launch`ed (deltas applied, buffers filled, forward and sampling queued on the device, no host
 sync) and its `PendingStep.result()` read later: the step's one sync. Until then each sampled token is a
@@ -16,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from kernels import NO_MODULE
 from kernels.composed_lora import ModuleBatchMeta
 from server.engine.graphs import DecodeGraphs
+from server.engine.host_rows import HostRows, StepRows
 from server.engine.plan import PLACEHOLDER, NewRequestData, StepPlan, StepResult
 from server.engine.request import SamplingParams
 from server.engine.sampling import DeviceLogprobs, draw_seed, gather_logprobs, read_logprobs, sample_on_device
@@ -36,8 +39,14 @@ class _Held:
     token_ids: list[int]
     block_ids: list[int]
     num_computed_tokens: int
+    row: int
+    """This request's row in the runner's `HostRows` (block table, module slots and gates)."""
     pending: dict[int, tuple[PendingStep, int]] = field(default_factory=dict)
     """Per placeholder in `token_ids`, by position: the launched step and the row that samples it."""
+
+    @property
+    def request_id(self) -> str:
+        return self.data.request_id
 
 
 @dataclass
@@ -112,6 +121,7 @@ class ModelRunner:
         ]
         model.bind_kv_cache(self.kv_caches)
         self.held: dict[str, _Held] = {}
+        self.host_rows = HostRows(config.max_num_seqs, config.max_blocks_per_seq, config.max_k)
         self.graphs = None
         if config.graph_mode != "off":
             max_batch = min(config.graph_max_batch, config.max_num_seqs, config.max_num_batched_tokens)
@@ -143,79 +153,84 @@ class ModelRunner:
 
     def _apply(self, plan: StepPlan) -> None:
         for request_id in plan.dropped:
-            self.held.pop(request_id, None)
+            self._forget(request_id)
         for slot, module_id in plan.module_loads:
             weights, scale = self.load_module(module_id)
             self.model.write_module(slot, weights, scale)
         for data in plan.new:
-            self.held[data.request_id] = _Held(data, list(data.token_ids), list(data.block_ids), data.num_computed_tokens)
+            self._forget(data.request_id)
+            self.held[data.request_id] = self._hold(data)
         for delta in plan.running:
-            self.held[delta.request_id].block_ids += delta.new_block_ids
+            if delta.new_block_ids:  # most decode steps add none
+                held = self.held[delta.request_id]
+                self.host_rows.add_blocks(delta.request_id, held.row, delta.new_block_ids)
+                held.block_ids += delta.new_block_ids
+
+    def _hold(self, data: NewRequestData) -> _Held:
+        """The runner's state of a request new to it, with its row of `host_rows` written."""
+        row = self.host_rows.take(data.request_id, data.module_slots, data.gates)
+        try:
+            self.host_rows.add_blocks(data.request_id, row, data.block_ids)
+        except RuntimeError:
+            self.host_rows.release(row)
+            raise
+        return _Held(data, list(data.token_ids), list(data.block_ids), data.num_computed_tokens, row)
+
+    def _forget(self, request_id: str) -> None:
+        held = self.held.pop(request_id, None)
+        if held is not None:
+            self.host_rows.release(held.row)
 
     def _fill(self, plan: StepPlan, order: list[str]) -> list[int]:
-        """Write the step into the static buffers; the batch positions of the sampling requests."""
-        ids, positions, slots, cu, lens, logit_rows, sampling_rows = [], [], [], [0], [], [], []
-        token_slots, token_gates, late = [], [], []
-        block_size = self.config.block_size
-        tables = torch.zeros(len(order), self.config.max_blocks_per_seq, dtype=torch.int32)
-        for i, request_id in enumerate(order):
-            held = self.held[request_id]
-            start, count = held.num_computed_tokens, plan.num_scheduled_tokens[request_id]
-            chunk = held.token_ids[start : start + count]
-            if PLACEHOLDER in chunk:
-                late += [(len(ids) + j, held.pending[start + j]) for j, t in enumerate(chunk) if t == PLACEHOLDER]
-            ids += chunk
-            span = range(start, start + count)
-            positions += span
-            slots += [held.block_ids[p // block_size] * block_size + p % block_size for p in span]
-            cu.append(cu[-1] + count)
-            lens.append(start + count)
-            tables[i, : len(held.block_ids)] = torch.tensor(held.block_ids, dtype=torch.int32)
-            token_slots += [self._padded(held.data.module_slots, NO_MODULE)] * count
-            token_gates += [self._padded(held.data.gates, 0.0)] * count
-            if request_id in plan.samples:
-                logit_rows.append(cu[-1] - 1)
-                sampling_rows.append(i)
-        self._copy_in(ids, positions, slots, cu, lens, logit_rows, tables)
-        self._fill_late_tokens(late)
-        self._fill_modules(token_slots, token_gates)
+        """Write the step into the static buffers; the batch positions of the sampling requests.
+
+        The host arrays are built per sequence, not per token (`host_rows`): a decode row costs a few list
+        lookups, a prefill chunk's token rows are expanded by numpy; one host-to-device copy per buffer.
+        """
+        held = [self.held[r] for r in order]
+        counts = [plan.num_scheduled_tokens[r] for r in order]
+        rows = StepRows.build(held, counts, self.host_rows, self.config.block_size)
+        sampling_rows = [i for i, request_id in enumerate(order) if request_id in plan.samples]
+        self._copy_in(rows, np.array(sampling_rows, dtype=np.int64))
+        self._fill_late_tokens(*rows.late_tokens(held))
+        self._fill_modules(rows)
         return sampling_rows
 
-    def _fill_late_tokens(self, late: list[tuple[int, tuple[PendingStep, int]]]) -> None:
-        """Copy tokens still on the device into their `input_ids` rows: (row, (pending step, its row))."""
-        by_step: dict[int, tuple[PendingStep, list[int], list[int]]] = {}
-        for row, (step, step_row) in late:
-            _, rows, step_rows = by_step.setdefault(id(step), (step, [], []))
-            rows.append(row)
-            step_rows.append(step_row)
+    def _fill_late_tokens(self, rows: np.ndarray, sources: list[tuple[PendingStep, int]]) -> None:
+        """Copy tokens still on the device into their `input_ids` rows; `sources[i]`: (pending step, its row)."""
+        if not sources:
+            return
+        steps = {id(step): step for step, _ in sources}
+        step_rows = np.array([step_row for _, step_row in sources], dtype=np.int64)  # [num_late]
         device = self.meta.input_ids.device
-        for step, rows, step_rows in by_step.values():
-            rows_t = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)  # [num_late]
-            step_rows_t = torch.tensor(step_rows, dtype=torch.int64).to(device, non_blocking=True)  # [num_late]
+        for key, step in steps.items():
+            mine = slice(None) if len(steps) == 1 else np.array([id(s) == key for s, _ in sources])
+            rows_t = torch.from_numpy(rows[mine]).to(device, non_blocking=True)  # [num_late of this step]
+            step_rows_t = torch.from_numpy(step_rows[mine]).to(device, non_blocking=True)  # [num_late of this step]
             self.meta.input_ids.index_copy_(0, rows_t, step.sampled.index_select(0, step_rows_t))
 
-    def _padded(self, values: tuple, pad) -> list:
-        return list(values) + [pad] * (self.config.max_k - len(values))
-
-    def _copy_in(self, ids, positions, slots, cu, lens, logit_rows, tables) -> None:
-        meta, n, s = self.meta, len(ids), len(lens)
-        meta.input_ids[:n].copy_(torch.tensor(ids), non_blocking=True)
-        meta.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
-        meta.slot_mapping[:n].copy_(torch.tensor(slots), non_blocking=True)
-        meta.cu_query_lens[: s + 1].copy_(torch.tensor(cu, dtype=torch.int32), non_blocking=True)
-        meta.seq_lens[:s].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        meta.block_tables[:s].copy_(tables, non_blocking=True)
-        if logit_rows:
-            meta.logits_indices[: len(logit_rows)].copy_(torch.tensor(logit_rows), non_blocking=True)
+    def _copy_in(self, rows: StepRows, sampling_rows: np.ndarray) -> None:
+        meta, n, s = self.meta, rows.num_tokens, rows.num_seqs
+        meta.input_ids[:n].copy_(torch.from_numpy(rows.token_ids), non_blocking=True)
+        meta.positions[:n].copy_(torch.from_numpy(rows.positions), non_blocking=True)
+        meta.slot_mapping[:n].copy_(torch.from_numpy(rows.slots), non_blocking=True)
+        meta.cu_query_lens[: s + 1].copy_(torch.from_numpy(rows.cu.astype(np.int32)), non_blocking=True)
+        meta.seq_lens[:s].copy_(torch.from_numpy(rows.seq_lens.astype(np.int32)), non_blocking=True)
+        meta.block_tables[:s].copy_(torch.from_numpy(rows.tables), non_blocking=True)
+        if len(sampling_rows):
+            logit_rows = rows.cu[sampling_rows + 1] - 1  # [num_sampling]
+            meta.logits_indices[: len(logit_rows)].copy_(torch.from_numpy(logit_rows), non_blocking=True)
         meta.num_tokens, meta.num_seqs = n, s
-        meta.max_query_len = max(b - a for a, b in zip(cu, cu[1:]))
-        meta.max_seq_len = max(lens)
+        meta.max_query_len = int(rows.counts.max())
+        meta.max_seq_len = int(rows.seq_lens.max())
 
-    def _fill_modules(self, token_slots: list[list[int]], token_gates: list[list[float]]) -> None:
+    def _fill_modules(self, rows: StepRows) -> None:
         meta = self.meta
-        meta.has_modules = meta.modules is not None and any(s != NO_MODULE for row in token_slots for s in row)
-        if meta.has_modules:
-            meta.modules.fill(torch.tensor(token_slots, dtype=torch.int32), torch.tensor(token_gates, dtype=torch.float32))
+        entries = rows.modules(self.host_rows) if meta.modules is not None else None
+        meta.has_modules = entries is not None
+        if entries is not None:
+            slots, gates = entries  # [num_tokens, max_k] each
+            meta.modules.fill(torch.from_numpy(slots), torch.from_numpy(gates))
 
     def _sample(self, plan: StepPlan, order: list[str], sampling_rows: list[int], logits: torch.Tensor) -> StepResult:
         for request_id in order:
