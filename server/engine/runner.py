@@ -27,6 +27,7 @@ from server.engine.host_rows import HostRows, StepRows
 from server.engine.plan import PLACEHOLDER, NewRequestData, StepPlan, StepResult
 from server.engine.request import SamplingParams
 from server.engine.sampling import DeviceLogprobs, draw_seed, gather_logprobs, read_logprobs, sample_on_device
+from server.engine.transfer import copy_into, host_tensor, to_device
 from server.model.backbone import Backbone, ModuleWeights
 from server.model.forward_context import BatchMetadata, forward_context
 
@@ -205,21 +206,21 @@ class ModelRunner:
         device = self.meta.input_ids.device
         for key, step in steps.items():
             mine = slice(None) if len(steps) == 1 else np.array([id(s) == key for s, _ in sources])
-            rows_t = torch.from_numpy(rows[mine]).to(device, non_blocking=True)  # [num_late of this step]
-            step_rows_t = torch.from_numpy(step_rows[mine]).to(device, non_blocking=True)  # [num_late of this step]
+            rows_t = to_device(rows[mine], device)  # [num_late of this step]
+            step_rows_t = to_device(step_rows[mine], device)  # [num_late of this step]
             self.meta.input_ids.index_copy_(0, rows_t, step.sampled.index_select(0, step_rows_t))
 
     def _copy_in(self, rows: StepRows, sampling_rows: np.ndarray) -> None:
         meta, n, s = self.meta, rows.num_tokens, rows.num_seqs
-        meta.input_ids[:n].copy_(torch.from_numpy(rows.token_ids), non_blocking=True)
-        meta.positions[:n].copy_(torch.from_numpy(rows.positions), non_blocking=True)
-        meta.slot_mapping[:n].copy_(torch.from_numpy(rows.slots), non_blocking=True)
-        meta.cu_query_lens[: s + 1].copy_(torch.from_numpy(rows.cu.astype(np.int32)), non_blocking=True)
-        meta.seq_lens[:s].copy_(torch.from_numpy(rows.seq_lens.astype(np.int32)), non_blocking=True)
-        meta.block_tables[:s].copy_(torch.from_numpy(rows.tables), non_blocking=True)
+        copy_into(meta.input_ids[:n], rows.token_ids)
+        copy_into(meta.positions[:n], rows.positions)
+        copy_into(meta.slot_mapping[:n], rows.slots)
+        copy_into(meta.cu_query_lens[: s + 1], rows.cu.astype(np.int32))
+        copy_into(meta.seq_lens[:s], rows.seq_lens.astype(np.int32))
+        copy_into(meta.block_tables[:s], rows.tables)
         if len(sampling_rows):
             logit_rows = rows.cu[sampling_rows + 1] - 1  # [num_sampling]
-            meta.logits_indices[: len(logit_rows)].copy_(torch.from_numpy(logit_rows), non_blocking=True)
+            copy_into(meta.logits_indices[: len(logit_rows)], logit_rows)
         meta.num_tokens, meta.num_seqs = n, s
         meta.max_query_len = int(rows.counts.max())
         meta.max_seq_len = int(rows.seq_lens.max())
@@ -230,7 +231,8 @@ class ModelRunner:
         meta.has_modules = entries is not None
         if entries is not None:
             slots, gates = entries  # [num_tokens, max_k] each
-            meta.modules.fill(torch.from_numpy(slots), torch.from_numpy(gates))
+            device = meta.input_ids.device
+            meta.modules.fill(host_tensor(slots, device), host_tensor(gates, device))
 
     def _sample(self, plan: StepPlan, order: list[str], sampling_rows: list[int], logits: torch.Tensor) -> StepResult:
         for request_id in order:

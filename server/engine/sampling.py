@@ -19,14 +19,15 @@ import torch
 
 from kernels.sampling import race_sample
 from server.engine.request import SamplingParams, TokenLogprob
+from server.engine.transfer import to_device
 
 _MASK64 = (1 << 64) - 1
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor, copied without a host sync (a plain `torch.tensor(...,
-    device=cuda)` waits for the stream)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    device=cuda)` waits for the stream; `transfer.to_device` stages through pinned memory)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
