@@ -69,6 +69,14 @@ class QualityConfig:
     """Training-input noise levels of the noise sweep."""
     sweep_max_len: tuple[int, ...] = (6, 10, 14)
     """Longest input lengths of the length sweep (training and test items drawn with max_len set to each)."""
+    sweep_top_k: tuple[int, ...] = (1, 2, 3)
+    """Modules per task composition (TrainConfig.top_k) of the top-k sweep."""
+    sweep_ranks: tuple[int, ...] = (4, 8, 16)
+    """Module ranks r of the rank sweep (alpha = 2r throughout; trainable parameters scale with r)."""
+    sweep_gate_temperatures: tuple[float, ...] = (0.5, 1.0, 2.0)
+    """Gate temperatures T (TrainConfig.gate_temperature) of the temperature sweep."""
+    sweep_gate_thresholds: tuple[float, ...] = (0.0, 0.05, 0.2)
+    """Gate thresholds (TrainConfig.gate_threshold) of the threshold sweep."""
     sweep_regulariser_scales: tuple[float, ...] = (0.1, 1.0, 10.0)
     """Multiples of TrainConfig's default weight tried for each regulariser (lambda_decouple, lambda_align,
     lambda_sparse, lambda_prior), one regulariser at a time; 0 is the main table's ablation of it."""
@@ -81,6 +89,8 @@ class QualityConfig:
         object.__setattr__(self, "sweep_noise", tuple(self.sweep_noise))
         object.__setattr__(self, "sweep_max_len", tuple(self.sweep_max_len))
         object.__setattr__(self, "sweep_regulariser_scales", tuple(self.sweep_regulariser_scales))
+        for name in ("sweep_top_k", "sweep_ranks", "sweep_gate_temperatures", "sweep_gate_thresholds"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("train_per_task", "test_per_task", "val_per_task", "steps", "batch_size", "num_modules",
                      "rank", "max_seq_len", "answer_margin", "threads"):
             value = getattr(self, name)
@@ -127,7 +137,9 @@ SETTINGS: dict[str, QualityConfig] = {
     "tiny": QualityConfig(backbone="tiny", train_per_task=16, test_per_task=4, val_per_task=2, min_len=3, max_len=5,
                           steps=6, batch_size=4, learning_rate=1e-3, num_modules=4, rank=2, max_seq_len=64,
                           threads=1, sweep_modules=(2, 4), sweep_learning_rates=(1e-3, 3e-3), sweep_noise=(0.0, 0.2),
-                          sweep_max_len=(4, 5), sweep_regulariser_scales=(1.0, 10.0)),
+                          sweep_max_len=(4, 5), sweep_regulariser_scales=(1.0, 10.0),
+                          sweep_top_k=(1, 2), sweep_ranks=(2, 4), sweep_gate_temperatures=(1.0, 2.0),
+                          sweep_gate_thresholds=(0.05, 0.2)),
     "small": QualityConfig(backbone="small", train_per_task=400, test_per_task=50, val_per_task=25, min_len=3,
                            max_len=8, steps=1000, batch_size=16, learning_rate=3e-3, sweep_max_len=(5, 8, 11)),
     "full": QualityConfig(backbone="full", train_per_task=2000, test_per_task=200, val_per_task=100, min_len=3,

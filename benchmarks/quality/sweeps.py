@@ -4,6 +4,10 @@
     learning_rate  TrainConfig.learning_rate     (the same rate for the per-task LoRA when it runs)
     noise          SuiteConfig.noise             training inputs only; per-task LoRA alongside
     max_len        SuiteConfig.max_len           train, validation and test inputs; per-task LoRA alongside
+    top_k          TrainConfig.top_k               modules per task composition
+    rank           TrainConfig.rank (alpha = 2r)   module rank
+    temperature    TrainConfig.gate_temperature
+    threshold      TrainConfig.gate_threshold
     lambda_*       TrainConfig.lambda_decouple, lambda_align, lambda_sparse, lambda_prior: each regulariser's
                    weight at QualityConfig.sweep_regulariser_scales times its default, the others at theirs
                    (weight 0 is the main table's ablation of that regulariser)
@@ -33,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 REGULARISERS = ("lambda_decouple", "lambda_align", "lambda_sparse", "lambda_prior")
 """TrainConfig fields of the regularisers' weights, one sweep each."""
-SWEEPS = ("modules", "learning_rate", "noise", "max_len", *REGULARISERS)
+CONTROLLER = {"top_k": "top_k", "rank": "rank", "temperature": "gate_temperature", "threshold": "gate_threshold"}
+"""Sweep name -> the TrainConfig field it varies (the controller's gate settings and the module rank)."""
+SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, *REGULARISERS)
 
 
 def base_means(system: System, model_dir: Path, data: Data, serve_config: ServeConfig, max_tokens: int) -> dict:
@@ -68,6 +74,11 @@ def _grid(config: QualityConfig) -> dict[str, tuple[tuple, Callable[[object], tu
         "noise": (config.sweep_noise, lambda noise: ({}, {"noise": noise}), config.sweep_baseline),
         "max_len": (config.sweep_max_len,
                     lambda n: ({}, {"max_len": n, "min_len": min(config.min_len, n)}), config.sweep_baseline),
+    } | {
+        "top_k": (config.sweep_top_k, lambda k: ({"top_k": k}, {}), False),
+        "rank": (config.sweep_ranks, lambda r: ({"rank": r}, {}), False),
+        "temperature": (config.sweep_gate_temperatures, lambda t: ({"gate_temperature": t}, {}), False),
+        "threshold": (config.sweep_gate_thresholds, lambda t: ({"gate_threshold": t}, {}), False),
     } | regularisers
 
 
@@ -75,6 +86,8 @@ def main_value(config: QualityConfig, sweep: str):
     """The main run's value of a sweep's knob."""
     if sweep in REGULARISERS:
         return getattr(config.train(0), sweep)
+    if sweep in CONTROLLER:
+        return getattr(config.train(0), CONTROLLER[sweep])
     return {"modules": config.num_modules, "learning_rate": config.learning_rate, "noise": config.noise,
             "max_len": config.max_len}[sweep]
 

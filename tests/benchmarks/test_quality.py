@@ -189,7 +189,9 @@ def test_sweeps_and_plots(tiny_run):
     out, results = tiny_run
     config = SETTINGS["tiny"]
     grids = {"modules": config.sweep_modules, "learning_rate": config.sweep_learning_rates,
-             "noise": config.sweep_noise, "max_len": config.sweep_max_len}
+             "noise": config.sweep_noise, "max_len": config.sweep_max_len, "top_k": config.sweep_top_k,
+             "rank": config.sweep_ranks, "temperature": config.sweep_gate_temperatures,
+             "threshold": config.sweep_gate_thresholds}
     defaults = TrainConfig()
     for name in REGULARISERS:
         grids[name] = tuple(round(scale * getattr(defaults, name), 12) for scale in config.sweep_regulariser_scales)
