@@ -9,7 +9,10 @@
 #      run cut short by its time limit still leaves the systems it finished).
 # Prepare here:  ../shared/tools/vllm_lora_peer/prepare.sh .peer
 #                python3 -m pip download -q -d .wheels pytest pytest-timeout pluggy iniconfig packaging
-# Run there:     bash benchmarks/gpu_session.sh   (with carry [".peer", ".wheels"]); results land in $OUT.
+# Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer", ".wheels"]); results land in
+#                $OUT. Stages: tests, kernels, engine, overhead (default: tests kernels engine). One device call
+#                may run 10 minutes, so each stage has its own time limit and a long session runs the stages
+#                in separate calls, e.g. `... tests kernels`, then `... engine overhead`.
 set -uo pipefail
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
@@ -23,9 +26,23 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 git rev-parse HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/server 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
-python3 benchmarks/kernels/bench_paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -40
-python3 benchmarks/kernels/bench_composed_lora.py --out "$OUT/composed_lora.json" 2>&1 | tail -80
-python3 benchmarks/kernels/bench_fused.py --out "$OUT/fused.json" 2>&1 | tail -30
-python3 benchmarks/kernels/bench_sampling.py --out "$OUT/sampling.json" 2>&1 | tail -10
-timeout 300 python3 benchmarks/serving/bench_engine.py --out "$OUT/bench_engine.json" 2>&1 | tail -60
+STAGES="${*:-tests kernels engine}"
+for stage in $STAGES; do
+  case "$stage" in
+    tests)
+      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/server 2>&1 | tail -25 \
+        | tee "$OUT/gpu_tests.txt" ;;
+    kernels)
+      timeout 120 python3 benchmarks/kernels/bench_paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -40
+      timeout 200 python3 benchmarks/kernels/bench_composed_lora.py --out "$OUT/composed_lora.json" 2>&1 | tail -80
+      timeout 90 python3 benchmarks/kernels/bench_fused.py --out "$OUT/fused.json" 2>&1 | tail -30
+      timeout 60 python3 benchmarks/kernels/bench_sampling.py --out "$OUT/sampling.json" 2>&1 | tail -10 ;;
+    engine)
+      timeout 420 python3 benchmarks/serving/bench_engine.py --out "$OUT/bench_engine.json" 2>&1 | tail -60 ;;
+    overhead)
+      timeout 150 python3 benchmarks/serving/step_overhead.py --device cuda --dtype bfloat16 \
+        --async-scheduling on --out "$OUT/step_overhead.json" 2>&1 | tail -10 ;;
+    *)
+      echo "unknown stage '$stage' (tests, kernels, engine, overhead)" >&2; exit 2 ;;
+  esac
+done
