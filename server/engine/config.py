@@ -66,6 +66,16 @@ class EngineConfig:
             return device.startswith("cuda")
         return self.async_scheduling == "on"
 
+    def check_block_size(self, device: str) -> None:
+        """Raise ValueError unless `block_size` suits `device`: any size >= 1 on the CPU; on CUDA a power of two
+        >= 16, since the Triton attention kernels load one KV block as a tile (`tl.arange`) and multiply it
+        with `tl.dot`, which needs 16 or more rows."""
+        size = self.block_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {size!r}")
+        if device.startswith("cuda") and (size < 16 or size & (size - 1)):
+            raise ValueError(f"block_size must be a power of two >= 16 on CUDA (16, 32, ...), got {size}")
+
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device

@@ -71,6 +71,7 @@ def build_parts(config: EngineConfig) -> EngineParts:
     device = config.resolved_device()
     config.graph_mode(device)  # bad values fail here, before the weights load
     config.async_scheduling_on(device)
+    config.check_block_size(device)
     model_dir = str(resolve_model_dir(config.model))
     library = _load_library(config, model_dir)
     max_rank = config.max_rank or max((m.rank for m in library.modules.values()), default=8) if library else 8
@@ -99,6 +100,7 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     """
     graph_mode = config.graph_mode(str(model.device))
     config.async_scheduling_on(str(model.device))
+    config.check_block_size(str(model.device))
     if library is not None:
         _check_library_fits(library, model)
     num_blocks = _num_kv_blocks(config, model, str(model.device))

@@ -70,3 +70,14 @@ def test_cuda_graph_replays_give_the_eager_tokens(setup):
     captured, engine = _run(setup, "cuda", cuda_graphs="auto", cuda_graph_max_batch=8)
     assert engine.runner.graphs.capture and engine.runner.graphs.num_replays >= max(MAX_TOKENS) - 1
     assert captured == eager
+
+
+def test_block_size_is_checked_for_the_device(setup):
+    """The Triton attention tiles one KV block with tl.arange and tl.dot: a power of two >= 16 on CUDA."""
+    for size in (8, 24):
+        with pytest.raises(ValueError, match=f"power of two >= 16 on CUDA .*got {size}"):
+            EngineConfig(model="m", block_size=size).check_block_size("cuda")
+        EngineConfig(model="m", block_size=size).check_block_size("cpu")
+    EngineConfig(model="m", block_size=32).check_block_size("cuda:0")
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1, got 0"):
+        _run(setup, "cpu", block_size=0)
