@@ -22,7 +22,8 @@ class TrainConfig:
     num_modules: int = 8
     """N, modules in the bank. 8 lets top-2 compositions cover 28 pairs, plenty for tens of tasks."""
     rank: int = 8
-    """r, the rank of every new module (A is [r, in], B is [out, r]). 8 is the common LoRA default."""
+    """r, the rank of every new module (A is [r, in], B is [out, r]). 8 is the common LoRA default.
+    NOTE: suite, small setting (benchmarks/RESULTS.md): 4, 8 and 16 within the seed spread."""
     alpha: float = 16.0
     """LoRA alpha; a module's update is (alpha / r) * B A. alpha = 2r is the common LoRA default."""
     targets: tuple[str, ...] = TARGETS
@@ -30,12 +31,15 @@ class TrainConfig:
     All seven by default: the placement search, not this default, is what narrows them."""
     top_k: int = 2
     """Modules a task's composition keeps at export (ControllerSettings.top_k), and in the forward pass of
-    training with straight_through. 2 keeps serving cost at two modules per request."""
+    training with straight_through. 2 keeps serving cost at two modules per request. NOTE: suite, small
+    setting (benchmarks/RESULTS.md): 1, 2 and 3 within the seed spread."""
     gate_temperature: float = 1.0
-    """T in gates = sigmoid(logits / T), in training and in the exported controller. 1 = plain sigmoid."""
+    """T in gates = sigmoid(logits / T), in training and in the exported controller. 1 = plain sigmoid.
+    NOTE: suite, small setting (benchmarks/RESULTS.md): 0.5, 1 and 2 within the seed spread."""
     gate_threshold: float = 0.05
     """Gates below this are dropped after top-k (ControllerSettings.threshold), in training with
-    straight_through and at export. 0.05 drops modules a task barely uses."""
+    straight_through and at export. 0.05 drops modules a task barely uses. NOTE: suite, small setting
+    (benchmarks/RESULTS.md): 0, 0.05 and 0.2 never bind there (kept top-2 gates stay above 0.35)."""
     straight_through: bool = True
     """True: the forward pass uses the exported gates (top-k, threshold, renormalised), so training sees
     exactly what is served, while gradients reach every gate through the soft sigmoid (straight-through
