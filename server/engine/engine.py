@@ -225,7 +225,7 @@ class Engine:
         self._detok.pop(request_id, None)
         if state is not None and sink is not None:
             sink(
-                RequestOutput(request_id, "", (), None, True, reason, state.num_prompt_tokens, len(state.output_ids))
+                RequestOutput(request_id, "", (), None, True, reason, state.num_prompt_tokens, state.num_output_ids)
             )
 
     def _fail_all(self, error: Exception) -> None:

@@ -69,6 +69,11 @@ class RequestState:
         """Generated tokens known so far (placeholders excluded)."""
         return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_placeholders]
 
+    @property
+    def num_output_ids(self) -> int:
+        """len(output_ids), without copying them."""
+        return len(self.token_ids) - self.num_placeholders - self.num_prompt_tokens
+
     def will_finish(self, max_model_len: int) -> bool:
         """Whether the length limits end it once its placeholders are read, whatever their values."""
         if self.num_placeholders == 0:
@@ -261,7 +266,7 @@ class Scheduler:
         if token_id in sampling.stop_token_ids or (token_id in self.eos_ids and not sampling.ignore_eos):
             return "stop"
         num_known = len(state.token_ids) - state.num_placeholders
-        if len(state.output_ids) >= sampling.max_tokens or num_known >= self.config.max_model_len:
+        if state.num_output_ids >= sampling.max_tokens or num_known >= self.config.max_model_len:
             return "length"
         return None
 
