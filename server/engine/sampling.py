@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from kernels.sampling import race_sample
+from kernels.sampling.reference import splitmix64_int
 from server.engine.request import SamplingParams, TokenLogprob
 from server.engine.transfer import to_device
-
-_MASK64 = (1 << 64) - 1
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -74,10 +73,7 @@ def draw_seed(seed: int, position: int) -> int:
     Seeding every draw from (seed, position) makes a seeded request's tokens independent of how its steps
     were batched, preempted and recomputed, or overlapped.
     """
-    x = (seed + 0x9E3779B97F4A7C15 * (position + 1)) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) >> 1  # 63 bits: a non-negative int64
+    return splitmix64_int(seed, position) >> 1  # 63 bits: a non-negative int64
 
 
 @dataclass
