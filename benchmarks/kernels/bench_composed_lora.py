@@ -50,9 +50,9 @@ class Case:
     k: int
 
 
-def _stack(target: str, rank: int, pool: int, dtype: torch.dtype) -> LoraStack:
+def _stack(target: str, rank: int, pool: int, dtype: torch.dtype, device: str = "cuda") -> LoraStack:
     hidden, widths = TARGETS[target]
-    stack = LoraStack.allocate(hidden, widths, pool, rank, dtype, "cuda")
+    stack = LoraStack.allocate(hidden, widths, pool, rank, dtype, device)
     for a, b in zip(stack.lora_a, stack.lora_b):
         a.normal_(std=hidden**-0.5)
         b.normal_(std=0.02)
@@ -89,16 +89,17 @@ def _copy_bandwidth() -> float:
 
 def _peer_call(peer, stack: LoraStack, slots, gates, x, y):
     """Stack each distinct (slots, gates) row into one rank-k*r LoRA; returns a closure over vLLM's ops."""
+    device = x.device
     keys, mapping = torch.unique(torch.cat([slots.float(), gates], 1), dim=0, return_inverse=True)
-    comp_slots, comp_gates = keys[:, : slots.shape[1]].long(), keys[:, slots.shape[1] :].cuda()
+    comp_slots, comp_gates = keys[:, : slots.shape[1]].long().to(device), keys[:, slots.shape[1] :].to(device)
     lora_a, lora_b = [], []
     for a, b in zip(stack.lora_a, stack.lora_b):
-        weight = (comp_gates * stack.scale[comp_slots.cuda()]).to(a.dtype)  # [C, k]
-        stacked_a = a[comp_slots.cuda()] * weight[:, :, None, None]  # [C, k, r, in]
+        weight = (comp_gates * stack.scale[comp_slots]).to(a.dtype)  # [C, k]
+        stacked_a = a[comp_slots] * weight[:, :, None, None]  # [C, k, r, in]
         lora_a.append(stacked_a.flatten(1, 2).contiguous())  # [C, k*r, in]
-        lora_b.append(b[comp_slots.cuda()].permute(0, 2, 1, 3).flatten(2, 3).contiguous())  # [C, n, k*r]
-    meta = peer.make_meta(mapping.int().cuda(), keys.shape[0])
-    buf = torch.empty(len(lora_a), x.shape[0], lora_a[0].shape[1], dtype=torch.float32, device="cuda")
+        lora_b.append(b[comp_slots].permute(0, 2, 1, 3).flatten(2, 3).contiguous())  # [C, n, k*r]
+    meta = peer.make_meta(mapping.int().to(device), keys.shape[0])
+    buf = torch.empty(len(lora_a), x.shape[0], lora_a[0].shape[1], dtype=torch.float32, device=device)
 
     def run():
         peer.shrink(x, lora_a, buf, meta, 1.0)
@@ -118,23 +119,42 @@ def _time(fn, graph: bool) -> float | None:
         return None
 
 
+def _prepare(case: Case, stacks: tuple[LoraStack, LoraStack], dtype, device: str = "cuda"):
+    """The case's inputs on `device`: (slots, gates) on the host, meta, x, y, and y + the fp32 reference."""
+    hidden, widths = TARGETS[case.target]
+    gen = torch.Generator().manual_seed(case.tokens * 31 + case.k)
+    slots, gates = _compositions(case, gen)
+    meta = ModuleBatchMeta.allocate(case.tokens, case.k, case.pool, device)
+    meta.fill(slots.to(device), gates.to(device))
+    x = torch.randn(case.tokens, hidden, device=device, dtype=dtype)  # [tokens, hidden]
+    y = torch.randn(case.tokens, sum(widths), device=device, dtype=dtype)  # [tokens, sum n_s]
+    expected = y.float()
+    reference.composed_lora(expected, x.float(), stacks[1], meta)
+    return slots, gates, meta, x, y, expected
+
+
+def check_case(case: Case, stacks: tuple[LoraStack, LoraStack], peer, dtype, device: str = "cuda") -> dict:
+    """Max abs error against the fp32 reference of ours and of the peer's stacked-LoRA call (None without
+    a peer): the timings compare the same work only if both are small."""
+    from kernels.composed_lora import triton as ours
+
+    slots, gates, meta, x, y, expected = _prepare(case, stacks, dtype, device)
+    out = y.clone()
+    ours.composed_lora(out, x, stacks[0], meta)
+    errors = {"max_abs_err": (out.float() - expected).abs().max().item(), "peer_max_abs_err": None}
+    if peer is not None:
+        out = y.clone()
+        _peer_call(peer, stacks[0], slots, gates, x, out)()
+        errors["peer_max_abs_err"] = (out.float() - expected).abs().max().item()
+    return errors
+
+
 def _bench_case(case: Case, stacks: tuple[LoraStack, LoraStack], peer, bandwidth: float, dtype) -> dict:
     from kernels.composed_lora import triton as ours
 
-    hidden, widths = TARGETS[case.target]
-    stack, stack32 = stacks
-    gen = torch.Generator().manual_seed(case.tokens * 31 + case.k)
-    slots, gates = _compositions(case, gen)
-    meta = ModuleBatchMeta.allocate(case.tokens, case.k, case.pool, "cuda")
-    meta.fill(slots.cuda(), gates.cuda())
-    x = torch.randn(case.tokens, hidden, device="cuda", dtype=dtype)
-    y = torch.randn(case.tokens, sum(widths), device="cuda", dtype=dtype)
-    expected = y.float()
-    reference.composed_lora(expected, x.float(), stack32, meta)
-    check = y.clone()
-    ours.composed_lora(check, x, stack, meta)
-    row = asdict(case)
-    row["max_abs_err"] = (check.float() - expected).abs().max().item()
+    stack = stacks[0]
+    row = asdict(case) | check_case(case, stacks, peer, dtype)
+    slots, gates, meta, x, y, _ = _prepare(case, stacks, dtype)
     row["ours_us"] = _time(lambda: ours.composed_lora(y, x, stack, meta), graph=False)
     row["ours_graph_us"] = _time(lambda: ours.composed_lora(y, x, stack, meta), graph=True)
     row["torch_us"] = _time(lambda: reference.composed_lora(y, x, stack, meta), graph=False)
@@ -162,7 +182,9 @@ def _print_row(row: dict) -> None:
           f"| ours {fmt(row['ours_us'])} graph {fmt(row['ours_graph_us'])} "
           f"| peer {fmt(row['peer_us'])} graph {fmt(row['peer_graph_us'])} | torch {fmt(row['torch_us'])} "
           f"| floor {fmt(row['floor_us'])} | ours/peer {rfmt(row['ours_over_peer_graph'])} "
-          f"ours/floor {rfmt(row['ours_over_floor_graph'])} | err {row['max_abs_err']:.2e}", flush=True)
+          f"ours/floor {rfmt(row['ours_over_floor_graph'])} | err {row['max_abs_err']:.2e} "
+          f"peer err {'n/a' if row['peer_max_abs_err'] is None else format(row['peer_max_abs_err'], '.2e')}",
+          flush=True)
 
 
 def _load_peer():
