@@ -28,13 +28,13 @@ DECODE = [(1, 4096), (8, 2048), (32, 1024), (64, 4096), (128, 512), (256, 2048)]
 PREFILL = [(1, 2048), (1, 8192), (4, 1024), (8, 512)]  # (batch, prompt length)
 
 
-def _paged(batch: int, context: int, block_size: int, dtype, gen) -> tuple:
+def _paged(batch: int, context: int, block_size: int, dtype, gen, device: str) -> tuple:
     """Random caches, a scattered block table, and the same K/V contiguous: [batch, kv_heads, ctx, D]."""
     per_seq = triton.cdiv(context, block_size)
-    tables = torch.randperm(batch * per_seq, generator=gen).view(batch, per_seq).int().cuda()
+    tables = torch.randperm(batch * per_seq, generator=gen).view(batch, per_seq).int().to(device)
     shape = (batch * per_seq, block_size, KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, device="cuda", dtype=dtype)
-    v_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    k_cache = torch.randn(shape, device=device, dtype=dtype)
+    v_cache = torch.randn(shape, device=device, dtype=dtype)
     contiguous = lambda c: c[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()  # noqa: E731
     return tables, k_cache, v_cache, contiguous(k_cache), contiguous(v_cache)
 
@@ -55,15 +55,16 @@ def _sdpa(q, k, v, causal: bool):
         return (lambda: run(k_rep, v_rep, False)), False
 
 
-def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth: float) -> dict:
+def setup(mode: str, batch: int, length: int, block_size: int, dtype, device: str = "cuda") -> tuple:
+    """(run ours, run SDPA, whether SDPA ran GQA natively, max abs difference of their outputs, bytes moved)."""
     from kernels.paged_attention import triton as ours
 
     gen = torch.Generator().manual_seed(batch * 7 + length)
-    tables, k_cache, v_cache, k, v = _paged(batch, length, block_size, dtype, gen)
+    tables, k_cache, v_cache, k, v = _paged(batch, length, block_size, dtype, gen, device)
     query_len = 1 if mode == "decode" else length
-    q = torch.randn(batch * query_len, HEADS, HEAD_DIM, device="cuda", dtype=dtype)
-    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * query_len
-    seq_lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch * query_len, HEADS, HEAD_DIM, device=device, dtype=dtype)  # [tokens, heads, D]
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * query_len
+    seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
     meta = AttentionMeta(tables, seq_lens, cu, batch, query_len, length)
     out = torch.empty_like(q)
     scale = 1 / math.sqrt(HEAD_DIM)
@@ -73,8 +74,13 @@ def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth
     run_ours()
     err = (out.view(batch, query_len, HEADS, HEAD_DIM).transpose(1, 2).float() - run_sdpa().float()).abs().max()
     moved = (2 * k.numel() + 2 * q.numel()) * q.element_size()
+    return run_ours, run_sdpa, native_gqa, err.item(), moved
+
+
+def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth: float) -> dict:
+    run_ours, run_sdpa, native_gqa, err, moved = setup(mode, batch, length, block_size, dtype)
     row = dict(mode=mode, batch=batch, length=length, block_size=block_size, native_gqa=native_gqa,
-               max_abs_err=err.item(), floor_us=1e6 * moved / bandwidth)
+               max_abs_err=err, floor_us=1e6 * moved / bandwidth)
     for name, fn in (("ours", run_ours), ("sdpa", run_sdpa)):
         row[f"{name}_us"] = 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
         row[f"{name}_graph_us"] = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median")

@@ -1,0 +1,43 @@
+"""benchmarks/kernels/bench_paged_attention.py: the paged and the contiguous layouts hold the same keys and
+values, so ours and SDPA agree (interpreter on the CPU, small shapes), and a wrong layout would show."""
+
+import pytest
+import torch
+
+from benchmarks.kernels import bench_paged_attention as bench
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def small_heads(monkeypatch):
+    monkeypatch.setattr(bench, "HEADS", 4)
+    monkeypatch.setattr(bench, "KV_HEADS", 2)
+    monkeypatch.setattr(bench, "HEAD_DIM", 16)
+
+
+@pytest.mark.parametrize("mode,batch,length", [("decode", 3, 70), ("prefill", 2, 40)])
+def test_ours_and_sdpa_agree_on_the_same_data(small_heads, mode, batch, length):
+    run_ours, run_sdpa, _, err, moved = bench.setup(mode, batch, length, 16, torch.float16, DEVICE)
+    assert err < 2e-3
+    assert moved > 0
+
+
+def test_a_misplaced_block_shows_in_the_error(small_heads, monkeypatch):
+    real = bench._paged
+
+    def shuffled(*args):
+        tables, k_cache, v_cache, k, v = real(*args)
+        return tables.flip(1).contiguous(), k_cache, v_cache, k, v  # the blocks in the wrong order
+
+    monkeypatch.setattr(bench, "_paged", shuffled)
+    *_, err, _ = bench.setup("prefill", 2, 64, 16, torch.float16, DEVICE)  # causal: key order matters
+    assert err > 1e-2
+
+
+def test_arguments_and_the_message_without_cuda():
+    args = bench._parse_args([])
+    assert args.block_sizes == [16, 32] and args.modes == ["decode", "prefill"] and args.dtype == "bfloat16"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA device"):
+            bench.main([])
