@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # One command for a GPU session (the device machine has torch, triton, transformers, peft; no network):
 #   1. the `gpu`-marked tests (kernels against their references on CUDA, CUDA-graph replay, engine exactness),
-#   2. the kernel benchmarks, ours vs vLLM's LoRA kernels (when .peer/ was carried) vs torch vs the floor,
-#      the fused elementwise ops (rms_norm, rotary, silu_mul) vs the eager torch they replace, and the
-#      seeded draw (race_sample, one launch) vs the per-row generator loop it replaced,
+#   2. the kernel benchmarks: paged attention vs SDPA (flash), the fused elementwise ops (rms_norm, rotary,
+#      silu_mul) vs the eager torch they replace, the seeded draw (race_sample, one launch) vs the per-row
+#      generator loop it replaced; and, as a stage of its own (180 cases, about 5 minutes), composed_lora:
+#      ours vs vLLM's LoRA kernels (when .peer/ was carried) vs torch vs the floor,
 #   3. the offline engine benchmark: Tessera (no modules, 8, k=2, 64 modules) vs transformers generate vs
 #      PEFT's mixed-adapter batch on a random Llama-3-8B-shaped model (JSON rewritten after every run, so a
 #      run cut short by its time limit still leaves the systems it finished).
-# Prepare here:  ../shared/tools/vllm_lora_peer/prepare.sh .peer
-#                python3 -m pip download -q -d .wheels pytest pytest-timeout pluggy iniconfig packaging
-# Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer", ".wheels"]); results land in
-#                $OUT. Stages: tests, kernels, engine, overhead (default: tests kernels engine). One device call
-#                may run 10 minutes, so each stage has its own time limit and a long session runs the stages
-#                in separate calls, e.g. `... tests kernels`, then `... engine overhead`.
+# Prepare here:  ../shared/tools/vllm_lora_peer/prepare.sh .peer   (pytest is on the GPU machine already; a
+#                .wheels/ folder of wheels, if carried, is installed too)
+# Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer"]); results land in $OUT.
+#                Stages: tests, kernels, lora, engine, overhead (default: tests kernels). One device call may
+#                run 10 minutes, so each stage has its own time limit and a session runs them in three calls:
+#                `... tests kernels` (about 8 min), `... lora` (9), `... engine overhead` (9.5). The JSON files
+#                are rewritten after every row, so a stage cut short keeps what it finished.
 set -uo pipefail
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
@@ -26,7 +28,7 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 git rev-parse HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
-STAGES="${*:-tests kernels engine}"
+STAGES="${*:-tests kernels}"
 for stage in $STAGES; do
   case "$stage" in
     tests)
@@ -34,15 +36,16 @@ for stage in $STAGES; do
         | tee "$OUT/gpu_tests.txt" ;;
     kernels)
       timeout 120 python3 benchmarks/kernels/bench_paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -40
-      timeout 200 python3 benchmarks/kernels/bench_composed_lora.py --out "$OUT/composed_lora.json" 2>&1 | tail -80
       timeout 90 python3 benchmarks/kernels/bench_fused.py --out "$OUT/fused.json" 2>&1 | tail -30
       timeout 60 python3 benchmarks/kernels/bench_sampling.py --out "$OUT/sampling.json" 2>&1 | tail -10 ;;
+    lora)
+      timeout 560 python3 benchmarks/kernels/bench_composed_lora.py --out "$OUT/composed_lora.json" 2>&1 | tail -100 ;;
     engine)
       timeout 420 python3 benchmarks/serving/bench_engine.py --out "$OUT/bench_engine.json" 2>&1 | tail -60 ;;
     overhead)
       timeout 150 python3 benchmarks/serving/step_overhead.py --device cuda --dtype bfloat16 \
         --async-scheduling on --out "$OUT/step_overhead.json" 2>&1 | tail -10 ;;
     *)
-      echo "unknown stage '$stage' (tests, kernels, engine, overhead)" >&2; exit 2 ;;
+      echo "unknown stage '$stage' (tests, kernels, lora, engine, overhead)" >&2; exit 2 ;;
   esac
 done

@@ -209,6 +209,14 @@ def _parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _write(path: str, payload: dict) -> None:
+    """Atomic rewrite, after every row: a run cut short by its time limit keeps the rows it finished."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> None:
     args = _parse_args(argv)
     if not torch.cuda.is_available():
@@ -217,7 +225,8 @@ def main(argv=None) -> None:
     peer = _load_peer()
     bandwidth = _copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:.0f} GB/s  dtype {args.dtype}")
-    rows = []
+    payload = {"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bandwidth, "dtype": args.dtype,
+               "peer": peer is not None, "rows": []}
     for target, rank, pool in itertools.product(args.targets, args.ranks, args.pools):
         stack = _stack(target, rank, pool, dtype)
         stacks = (stack, _fp32(stack))
@@ -228,13 +237,10 @@ def main(argv=None) -> None:
             row["ours_over_floor"] = _ratio(row["ours_us"], row["floor_us"])
             row["ours_over_floor_graph"] = _ratio(row["ours_graph_us"], row["floor_us"])
             _print_row(row)
-            rows.append(row)
+            payload["rows"].append(row)
+            _write(args.out, payload)
         del stack, stacks
         torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bandwidth,
-                   "dtype": args.dtype, "peer": peer is not None, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
 
 
