@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from kernels.composed_lora import LoraStack, ModuleBatchMeta  # noqa: E402
 from kernels.composed_lora import reference  # noqa: E402
+from router.atomic import write_file  # noqa: E402
 
 TARGETS = {  # name: (in_features, output slice widths) of Llama-3-8B
     "qkv": (4096, (4096, 1024, 1024)),
@@ -209,14 +210,6 @@ def _parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _write(path: str, payload: dict) -> None:
-    """Atomic rewrite, after every row: a run cut short by its time limit keeps the rows it finished."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None) -> None:
     args = _parse_args(argv)
     if not torch.cuda.is_available():
@@ -238,7 +231,7 @@ def main(argv=None) -> None:
             row["ours_over_floor_graph"] = _ratio(row["ours_graph_us"], row["floor_us"])
             _print_row(row)
             payload["rows"].append(row)
-            _write(args.out, payload)
+            write_file(args.out, json.dumps(payload, indent=1))  # every row: a run cut short keeps them
         del stack, stacks
         torch.cuda.empty_cache()
     print(f"wrote {args.out}")

@@ -22,6 +22,7 @@ import triton.testing
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from kernels.paged_attention import AttentionMeta  # noqa: E402
+from router.atomic import write_file  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DECODE = [(1, 4096), (8, 2048), (32, 1024), (64, 4096), (128, 512), (256, 2048)]  # (batch, context)
@@ -56,7 +57,8 @@ def _sdpa(q, k, v, causal: bool):
 
 
 def setup(mode: str, batch: int, length: int, block_size: int, dtype, device: str = "cuda") -> tuple:
-    """(run ours, run SDPA, whether SDPA ran GQA natively, max abs difference of their outputs, bytes moved)."""
+    """(ours(tiles) -> (run, max abs difference from SDPA's output), run SDPA, whether SDPA ran GQA natively,
+    bytes moved)."""
     from kernels.paged_attention import triton as ours
 
     gen = torch.Generator().manual_seed(batch * 7 + length)
@@ -66,27 +68,46 @@ def setup(mode: str, batch: int, length: int, block_size: int, dtype, device: st
     cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * query_len
     seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
     meta = AttentionMeta(tables, seq_lens, cu, batch, query_len, length)
-    out = torch.empty_like(q)
     scale = 1 / math.sqrt(HEAD_DIM)
-    run_ours = lambda: ours.paged_attention(out, q, k_cache, v_cache, meta, scale)  # noqa: E731
     q_sdpa = q.view(batch, query_len, HEADS, HEAD_DIM).transpose(1, 2)
     run_sdpa, native_gqa = _sdpa(q_sdpa, k, v, causal=mode == "prefill")
-    run_ours()
-    err = (out.view(batch, query_len, HEADS, HEAD_DIM).transpose(1, 2).float() - run_sdpa().float()).abs().max()
+    expected = run_sdpa().float()  # [batch, heads, query_len, D]
+
+    def make_ours(tiles=None):
+        out = torch.empty_like(q)
+        run = lambda: ours.paged_attention(out, q, k_cache, v_cache, meta, scale, tiles=tiles)  # noqa: E731
+        run()
+        err = (out.view(batch, query_len, HEADS, HEAD_DIM).transpose(1, 2).float() - expected).abs().max()
+        return run, err.item()
+
     moved = (2 * k.numel() + 2 * q.numel()) * q.element_size()
-    return run_ours, run_sdpa, native_gqa, err.item(), moved
+    return make_ours, run_sdpa, native_gqa, moved
 
 
-def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth: float) -> dict:
-    run_ours, run_sdpa, native_gqa, err, moved = setup(mode, batch, length, block_size, dtype)
-    row = dict(mode=mode, batch=batch, length=length, block_size=block_size, native_gqa=native_gqa,
-               max_abs_err=err, floor_us=1e6 * moved / bandwidth)
-    for name, fn in (("ours", run_ours), ("sdpa", run_sdpa)):
-        row[f"{name}_us"] = 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-        row[f"{name}_graph_us"] = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
-    row["ours_over_sdpa"] = row["ours_graph_us"] / row["sdpa_graph_us"]
-    row["ours_over_floor"] = row["ours_graph_us"] / row["floor_us"]
-    return row
+def _time(fn) -> tuple[float, float]:
+    """Median microseconds, eager (L2 flushed) and under CUDA-graph replay."""
+    return (1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"),
+            1e3 * triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median"))
+
+
+def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth: float, tiles: list[int]):
+    """One row per tile of the mode's kernel (the other mode's tile stays at TILES); SDPA timed once."""
+    from kernels.paged_attention.triton import TILES
+
+    make_ours, run_sdpa, native_gqa, moved = setup(mode, batch, length, block_size, dtype)
+    sdpa_us, sdpa_graph_us = _time(run_sdpa)
+    rows = []
+    for tile in tiles:
+        pair = (tile, TILES[1]) if mode == "decode" else (TILES[0], tile)
+        run_ours, err = make_ours(pair)
+        ours_us, ours_graph_us = _time(run_ours)
+        floor_us = 1e6 * moved / bandwidth
+        rows.append(dict(mode=mode, batch=batch, length=length, block_size=block_size, tile=tile,
+                         default_tile=tile == TILES[mode == "prefill"], native_gqa=native_gqa, max_abs_err=err,
+                         ours_us=ours_us, ours_graph_us=ours_graph_us, sdpa_us=sdpa_us, sdpa_graph_us=sdpa_graph_us,
+                         floor_us=floor_us, ours_over_sdpa=ours_graph_us / sdpa_graph_us,
+                         ours_over_floor=ours_graph_us / floor_us))
+    return rows
 
 
 def _copy_bandwidth() -> float:
@@ -102,7 +123,13 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--block-sizes", nargs="+", type=int, default=[16, 32])
     parser.add_argument("--modes", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    return parser.parse_args(argv)
+    parser.add_argument("--tiles", nargs="+", type=int, default=[16, 32, 64],
+                        help="context positions per kernel step to time (powers of two >= 16); the "
+                             "default tile of each kernel (kernels.paged_attention.triton.TILES) is marked")
+    args = parser.parse_args(argv)
+    if any(t < 16 or t & (t - 1) for t in args.tiles):
+        parser.error(f"--tiles must be powers of two >= 16, got {args.tiles}")
+    return args
 
 
 def main(argv=None) -> None:
@@ -112,20 +139,19 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     bandwidth = _copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:.0f} GB/s  dtype {args.dtype}")
-    rows = []
+    document = {"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bandwidth, "dtype": args.dtype,
+                "rows": []}
     for mode in args.modes:
         for block_size in args.block_sizes:
             for batch, length in DECODE if mode == "decode" else PREFILL:
-                row = _bench(mode, batch, length, block_size, dtype, bandwidth)
-                rows.append(row)
-                print(f"{mode:>7} bs{block_size:<3} B{batch:<4} L{length:<5} | ours {row['ours_us']:8.1f} "
-                      f"graph {row['ours_graph_us']:8.1f} | sdpa {row['sdpa_us']:8.1f} graph {row['sdpa_graph_us']:8.1f}"
-                      f" | floor {row['floor_us']:7.1f} | ours/sdpa {row['ours_over_sdpa']:5.2f} "
-                      f"ours/floor {row['ours_over_floor']:5.2f} | err {row['max_abs_err']:.1e}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bandwidth, "dtype": args.dtype,
-                   "rows": rows}, f, indent=1)
+                for row in _bench(mode, batch, length, block_size, dtype, bandwidth, args.tiles):
+                    document["rows"].append(row)
+                    write_file(args.out, json.dumps(document, indent=1))  # every row: a run cut short keeps them
+                    print(f"{mode:>7} bs{block_size:<3} B{batch:<4} L{length:<5} tile{row['tile']:<4}"
+                          f"{'*' if row['default_tile'] else ' '}| ours {row['ours_us']:8.1f} graph "
+                          f"{row['ours_graph_us']:8.1f} | sdpa {row['sdpa_us']:8.1f} graph {row['sdpa_graph_us']:8.1f}"
+                          f" | floor {row['floor_us']:7.1f} | ours/sdpa {row['ours_over_sdpa']:5.2f} "
+                          f"ours/floor {row['ours_over_floor']:5.2f} | err {row['max_abs_err']:.1e}", flush=True)
     print(f"wrote {args.out}")
 
 

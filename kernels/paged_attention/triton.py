@@ -10,6 +10,9 @@ per query head. Scores, the running max and the running sum stay in fp32 (online
     prefill  grid (num_seqs, num_kv_heads, query tiles): BLOCK_M rows = BLOCK_M // group query tokens
              x group heads; causal over the cached context, decode rows (n_i = 1) included.
 
+Both walk the context in tiles of BLOCK_N positions (TILES), each position looking its KV block up in
+the block table, so the tile is chosen for the tensor cores, not by the cache's block size.
+
 Grids come from host values already in AttentionMeta (num_seqs, max_query_len, max_seq_len); a
 program with no work exits. For CUDA-graph capture, set max_seq_len to the largest context the graph
 will replay with (it sizes the decode splits). The decode partials live in a grow-only cache.
@@ -47,19 +50,23 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
 @triton.jit
 def _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, lo, hi, window,
             stride_cb, stride_ct, stride_ch, qk_scale, head_dim,
-            BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Fold context positions [lo, hi) into the online softmax of the rows of q ([rows, BLOCK_D])."""
-    offs_t = tl.arange(0, BLOCK_SIZE)
+            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fold context positions [lo, hi) into the online softmax of the rows of q ([rows, BLOCK_D]), BLOCK_N
+    positions a step. Each position looks its KV block up in the table, so a tile may span several
+    blocks (or part of one): the tile is a speed choice, independent of the cache's block size."""
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
-    for start in range((lo // BLOCK_SIZE) * BLOCK_SIZE, hi, BLOCK_SIZE):
-        block = tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64)
-        k_pos = start + offs_t  # [BLOCK_SIZE]
-        kv_mask = ((k_pos >= lo) & (k_pos < hi))[:, None] & d_mask[None, :]
-        kv_off = block * stride_cb + offs_t[:, None] * stride_ct + kv_head * stride_ch + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_SIZE, BLOCK_D]
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [rows, BLOCK_SIZE], log2 units
-        allowed = (k_pos[None, :] <= q_pos[:, None]) & ((k_pos >= lo) & (k_pos < hi))[None, :]
+    for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        k_pos = start + offs_n  # [BLOCK_N]
+        in_range = (k_pos >= lo) & (k_pos < hi)
+        block = tl.load(table_ptr + k_pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)  # [BLOCK_N]
+        kv_mask = in_range[:, None] & d_mask[None, :]
+        kv_row = block * stride_cb + (k_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch  # [BLOCK_N]
+        kv_off = kv_row[:, None] + offs_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [rows, BLOCK_N], log2 units
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & in_range[None, :]
         if window > 0:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
@@ -78,7 +85,8 @@ def _prefill_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, cu_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_tab, stride_cb, stride_ct, stride_ch,
     qk_scale, window, head_dim,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Per program: BLOCK_M // GROUP queries x GROUP heads of q read once, the causal (windowed) part of
     # the context read once per KV head (K and V, block by block), out written once.
@@ -105,7 +113,7 @@ def _prefill_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     m_i, l_i, acc = _attend(q.to(k_cache_ptr.dtype.element_ty), m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
                             tables_ptr + seq * stride_tab, kv_head, q_pos, lo, hi, window,
-                            stride_cb, stride_ct, stride_ch, qk_scale, head_dim, BLOCK_SIZE, BLOCK_D)
+                            stride_cb, stride_ct, stride_ch, qk_scale, head_dim, BLOCK_SIZE, BLOCK_N, BLOCK_D)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -116,8 +124,8 @@ def _decode_kernel(
     out_ptr, part_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, cu_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_tab, stride_cb, stride_ct, stride_ch,
     qk_scale, window, head_dim, partition, num_heads, num_splits,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # Per program: the GROUP query heads of one KV head read once; K and V of one context partition
     # read once; writes GROUP rows of out (or of the fp32 partials, plus max and sum, when split).
@@ -142,7 +150,7 @@ def _decode_kernel(
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
     m_i, l_i, acc = _attend(q.to(k_cache_ptr.dtype.element_ty), m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
                             tables_ptr + seq * stride_tab, kv_head, q_pos, lo, hi, window,
-                            stride_cb, stride_ct, stride_ch, qk_scale, head_dim, BLOCK_SIZE, BLOCK_D)
+                            stride_cb, stride_ct, stride_ch, qk_scale, head_dim, BLOCK_SIZE, BLOCK_N, BLOCK_D)
     if SPLIT:
         part = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [BLOCK_H]
         tl.store(part_ptr + part[:, None] * (BLOCK_D + 2) + offs_d[None, :], acc, mask=io_mask)
@@ -178,8 +186,12 @@ def _decode_reduce_kernel(out_ptr, part_ptr, cu_ptr, stride_ot, stride_oh, head_
 
 _PART_CACHE: dict[torch.device, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown partials stay alive: a captured CUDA graph may still use them
-_PARTITION = 256  # context tokens per decode split at least (a multiple of every block size)
+_PARTITION = 256  # context tokens per decode split at least
 _TARGET_PROGRAMS = 512  # split the context until the decode grid has about this many programs
+TILES = (32, 64)
+"""Context positions per step of the (decode, prefill) kernels: what FlashAttention-style kernels use for
+tensor-core tiles (the prefill tile was the 16-token KV block before). NOTE: not timed on a GPU yet;
+`benchmarks/kernels/bench_paged_attention.py --tiles` measures each choice against SDPA."""
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -203,11 +215,10 @@ def _num_splits(meta: AttentionMeta, num_kv_heads: int) -> int:
     return max(1, min(by_length, by_occupancy))
 
 
-def _decode(out, q, k_cache, v_cache, meta, common: dict, group: int, block_d: int) -> None:
+def _decode(out, q, k_cache, v_cache, meta, common: dict, group: int, block_d: int, tile: int) -> None:
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     num_splits = _num_splits(meta, num_kv_heads)
-    block_size = k_cache.shape[1]
-    partition = triton.cdiv(triton.cdiv(max(meta.max_seq_len, 1), num_splits), block_size) * block_size
+    partition = triton.cdiv(triton.cdiv(max(meta.max_seq_len, 1), num_splits), tile) * tile  # whole tiles
     part = out
     if num_splits > 1:
         numel = meta.num_seqs * num_heads * num_splits * (block_d + 2)  # fp32 [seqs, heads, splits, D + 2]
@@ -218,8 +229,8 @@ def _decode(out, q, k_cache, v_cache, meta, common: dict, group: int, block_d: i
     _decode_kernel[(meta.num_seqs, num_kv_heads, num_splits)](
         out, part, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_query_lens,
         **common, partition=partition, num_heads=num_heads, num_splits=num_splits,
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, BLOCK_D=block_d,
-        SPLIT=num_splits > 1,
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_N=tile, BLOCK_D=block_d, SPLIT=num_splits > 1,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(meta.num_seqs, num_heads)](
@@ -228,10 +239,15 @@ def _decode(out, q, k_cache, v_cache, meta, common: dict, group: int, block_d: i
         )
 
 
-def paged_attention(out, q, k_cache, v_cache, meta: AttentionMeta, scale: float, sliding_window=None) -> None:
-    """Decode kernel when every sequence has one query token, else the chunked-prefill kernel."""
+def paged_attention(out, q, k_cache, v_cache, meta: AttentionMeta, scale: float, sliding_window=None,
+                    tiles: tuple[int, int] | None = None) -> None:
+    """Decode kernel when every sequence has one query token, else the chunked-prefill kernel. `tiles`
+    (decode, prefill), powers of two >= 16, overrides TILES (the benchmark sweeps them)."""
     if meta.num_seqs == 0:
         return
+    tiles = TILES if tiles is None else tuple(tiles)
+    if len(tiles) != 2 or any(t < 16 or t & (t - 1) for t in tiles):
+        raise ValueError(f"tiles must be two powers of two >= 16 (decode, prefill), got {tiles}")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1 or q.stride(2) != 1 or out.stride(2) != 1:
         raise ValueError("k_cache and v_cache must share strides; head_dim must be the contiguous axis")
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -244,11 +260,11 @@ def paged_attention(out, q, k_cache, v_cache, meta: AttentionMeta, scale: float,
         head_dim=head_dim,
     )
     if meta.max_query_len == 1:
-        _decode(out, q, k_cache, v_cache, meta, common, group, block_d)
+        _decode(out, q, k_cache, v_cache, meta, common, group, block_d, tiles[0])
         return
     block_m = max(64, triton.next_power_of_2(group))
     grid = (meta.num_seqs, k_cache.shape[2], triton.cdiv(meta.max_query_len, block_m // group))
     _prefill_kernel[grid](
         out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_query_lens, **common,
-        GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=k_cache.shape[1], BLOCK_D=block_d,
+        GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=k_cache.shape[1], BLOCK_N=tiles[1], BLOCK_D=block_d,
     )

@@ -16,9 +16,11 @@ def small_heads(monkeypatch):
     monkeypatch.setattr(bench, "HEAD_DIM", 16)
 
 
+@pytest.mark.parametrize("tiles", [None, (16, 16), (64, 32)])
 @pytest.mark.parametrize("mode,batch,length", [("decode", 3, 70), ("prefill", 2, 40)])
-def test_ours_and_sdpa_agree_on_the_same_data(small_heads, mode, batch, length):
-    run_ours, run_sdpa, _, err, moved = bench.setup(mode, batch, length, 16, torch.float16, DEVICE)
+def test_ours_and_sdpa_agree_on_the_same_data(small_heads, mode, batch, length, tiles):
+    make_ours, run_sdpa, _, moved = bench.setup(mode, batch, length, 16, torch.float16, DEVICE)
+    _, err = make_ours(tiles)
     assert err < 2e-3
     assert moved > 0
 
@@ -31,13 +33,17 @@ def test_a_misplaced_block_shows_in_the_error(small_heads, monkeypatch):
         return tables.flip(1).contiguous(), k_cache, v_cache, k, v  # the blocks in the wrong order
 
     monkeypatch.setattr(bench, "_paged", shuffled)
-    *_, err, _ = bench.setup("prefill", 2, 64, 16, torch.float16, DEVICE)  # causal: key order matters
-    assert err > 1e-2
+    make_ours, *_ = bench.setup("prefill", 2, 64, 16, torch.float16, DEVICE)  # causal: key order matters
+    assert make_ours()[1] > 1e-2
 
 
 def test_arguments_and_the_message_without_cuda():
     args = bench._parse_args([])
     assert args.block_sizes == [16, 32] and args.modes == ["decode", "prefill"] and args.dtype == "bfloat16"
+    assert args.tiles == [16, 32, 64]
+    with pytest.raises(SystemExit) as exit_info:
+        bench._parse_args(["--tiles", "16", "24"])
+    assert exit_info.value.code == 2
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             bench.main([])

@@ -41,13 +41,13 @@ def _make_case(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, dtyp
     return q, k_cache, v_cache, meta
 
 
-def _check(q, k_cache, v_cache, meta, window, atol):
+def _check(q, k_cache, v_cache, meta, window, atol, tiles=None):
     num_live = int(meta.cu_query_lens[meta.num_seqs])
     scale = 1 / math.sqrt(q.shape[-1])
     expected = torch.full_like(q, 7.0)
     reference.paged_attention(expected, q, k_cache, v_cache, meta, scale, window)
     out = torch.full_like(q, 7.0)
-    backend.paged_attention(out, q, k_cache, v_cache, meta, scale, window)
+    backend.paged_attention(out, q, k_cache, v_cache, meta, scale, window, tiles=tiles)
     torch.testing.assert_close(out[:num_live].float(), expected[:num_live].float(), atol=atol, rtol=atol)
     assert torch.all(out[num_live:] == 7.0), "rows past the live tokens were written"
 
@@ -92,6 +92,23 @@ def test_prefill(case, block_size):
     seq_lens, query_lens, heads, kv_heads, head_dim, _, window = case
     data = _make_case(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, torch.float32)
     _check(*data, window, atol=1e-4)
+
+
+@pytest.mark.parametrize("tiles", [(16, 16), (16, 128), (64, 32)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_tiles_smaller_and_larger_than_a_block_give_the_same_attention(tiles, block_size, small_partitions):
+    """A tile spans several KV blocks or part of one; decode splits stay whole tiles."""
+    decode = _make_case([37, 1, 70, 16], [1] * 4, 8, 2, 64, block_size, torch.float32, seed=1)
+    _check(*decode, None, atol=1e-4, tiles=tiles)
+    mixed = _make_case([33, 5, 47, 2], [1, 5, 12, 1], 8, 2, 64, block_size, torch.float32, seed=2)
+    _check(*mixed, 13, atol=1e-4, tiles=tiles)
+
+
+@pytest.mark.parametrize("tiles", [(16,), (8, 64), (32, 48)])
+def test_bad_tiles_are_refused(tiles):
+    q, k_cache, v_cache, meta = _make_case([5], [5], 2, 1, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="two powers of two >= 16"):
+        backend.paged_attention(torch.empty_like(q), q, k_cache, v_cache, meta, 0.25, tiles=tiles)
 
 
 @pytest.mark.parametrize("max_query_len", [1, 6])
