@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One command for a GPU session (the device machine has torch, triton, transformers, peft; no network):
 #   1. the `gpu`-marked tests (kernels against their references on CUDA, CUDA-graph replay, engine exactness),
-#   2. the kernel benchmarks: paged attention vs SDPA (flash) at three context tiles, the fused elementwise ops (rms_norm, rotary,
-#      silu_mul) vs the eager torch they replace, the seeded draw (race_sample, one launch) vs the per-row
-#      generator loop it replaced; and, as a stage of its own (180 cases, about 5 minutes), composed_lora:
-#      ours vs vLLM's LoRA kernels (when .peer/ was carried) vs torch vs the floor,
+#   2. the kernel benchmarks: paged attention vs SDPA (flash) at three context tiles, the fused
+#      elementwise ops (rms_norm, rotary, silu_mul) vs the eager torch they replace, the seeded draw
+#      (race_sample, one launch) vs the per-row generator loop it replaced; and, as a stage of its own
+#      (180 cases, about 5 minutes), composed_lora: ours vs vLLM's LoRA kernels (when .peer/ was carried)
+#      vs torch vs the floor,
 #   3. the offline engine benchmark: Tessera (no modules, 8, k=2, 64 modules) vs transformers generate vs
 #      PEFT's mixed-adapter batch on a random Llama-3-8B-shaped model (JSON rewritten after every run, so a
 #      run cut short by its time limit still leaves the systems it finished).
