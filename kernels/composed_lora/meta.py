@@ -13,6 +13,11 @@ read once per segment instead of once per token:
     slot_counts    = [1, 1, 3, 0, 1]             # last entry: NO_MODULE
     slot_starts    = [0, 1, 2, 5, 5]
 
+The expand walks tokens in composition order (by slot of column 0, then column 1, ..., NO_MODULE last),
+so a tile of consecutive tokens in that order shares few distinct modules and reads each one's B once:
+
+    token_order    = [2, 0, 1]                   # (1, 2) < (2, 0) < (2, NO_MODULE)
+
 Everything is computed on the device with no host sync (`fill`), into tensors whose addresses never
 change, so a decode step can be captured in a CUDA graph and replayed with new compositions.
 """
@@ -40,6 +45,8 @@ class ModuleBatchMeta:
     """int32 [max_slots + 1]: entries per slot in this step; the last element counts NO_MODULE."""
     slot_starts: torch.Tensor
     """int32 [max_slots + 1]: offset of each slot's segment in `sorted_entries`."""
+    token_order: torch.Tensor
+    """int32 [max_tokens]: token ids sorted by their composition's slots (column 0 first, NO_MODULE last)."""
     num_tokens: int = 0
     """Tokens in this step (rows of the buffers that are live)."""
 
@@ -48,12 +55,15 @@ class ModuleBatchMeta:
         cls, max_tokens: int, max_k: int, max_slots: int, device: torch.device | str
     ) -> "ModuleBatchMeta":
         """Buffers for at most `max_tokens` tokens, `max_k` modules each, `max_slots` pool slots."""
+        if (max_slots + 1) ** max_k >= 2**63:
+            raise ValueError(f"max_slots {max_slots} and max_k {max_k}: (max_slots + 1) ** max_k must be < 2**63")
         return cls(
             token_slots=torch.full((max_tokens, max_k), NO_MODULE, dtype=torch.int32, device=device),
             token_gates=torch.zeros((max_tokens, max_k), dtype=torch.float32, device=device),
             sorted_entries=torch.zeros(max_tokens * max_k, dtype=torch.int32, device=device),
             slot_counts=torch.zeros(max_slots + 1, dtype=torch.int32, device=device),
             slot_starts=torch.zeros(max_slots + 1, dtype=torch.int32, device=device),
+            token_order=torch.arange(max_tokens, dtype=torch.int32, device=device),
         )
 
     @property
@@ -90,3 +100,7 @@ class ModuleBatchMeta:
         counts.scatter_add_(0, key, torch.ones_like(key))
         self.slot_counts.copy_(counts.to(torch.int32))
         self.slot_starts.copy_((torch.cumsum(counts, 0) - counts).to(torch.int32))
+        # One int64 key per token: its slots as digits in base max_slots + 1 (`allocate` keeps it < 2**63).
+        digits = key.view(-1, self.max_k)  # [max_tokens, max_k], NO_MODULE as max_slots
+        powers = (self.max_slots + 1) ** torch.arange(self.max_k - 1, -1, -1, device=flat.device)  # [max_k]
+        self.token_order.copy_(torch.argsort((digits * powers).sum(1), stable=True).to(torch.int32))

@@ -4,13 +4,15 @@
     expand   y[t, slice s] += sum_j B_s[slot[t, j]] @ u[s, t * max_k + j]       fp32, cast once
 
 Shrink walks the slot segments of `ModuleBatchMeta` (tokens sorted by slot), so a tile of up to
-BLOCK_M entries of one module reads that module's A once. Expand owns a tile of consecutive tokens and
-one block of output columns, and sums all k modules of those tokens in fp32 registers before a single
+BLOCK_M entries of one module reads that module's A once. Expand owns a tile of BLOCK_M tokens taken in
+composition order (`token_order`: tokens of one composition are neighbours, so a decode tile of 16
+tokens over 8 modules holds one or two modules, not seven) and one block of output columns, and sums all k modules of those tokens in fp32 registers before a single
 read-modify-write of y. A segment-major expand would race: with k > 1 a token sits in k segments, so
 its y row would need fp32 atomics into a [tokens, sum n_s] scratch (940 MB for Llama-3-8B gate_up at
 8192 tokens) or k bf16 roundings of y, which the contract forbids. Inside a token tile, expand loops
 over the distinct slots of each column j (one iteration for a prefill chunk, whose tokens share one
-composition), so B is read once per (token tile, distinct slot), not once per token.
+composition), so B is read once per (token tile, distinct slot), not once per token. y rows are
+gathered through the order; each row's BLOCK_N columns stay one contiguous access.
 
 Grids come from static shapes only (rows of x, max_k, max_slots, the stack's widths); programs with no
 work exit at once, so a step can be captured in a CUDA graph and replayed with new compositions. The
@@ -91,7 +93,7 @@ def _slice_of(table_ptr, pid_n, NUM_SLICES: tl.constexpr, BLOCK_SL: tl.constexpr
 
 @triton.jit
 def _expand_kernel(
-    y_ptr, u_ptr, b_ptrs, table_ptr, slots_ptr, ranks_ptr,
+    y_ptr, u_ptr, b_ptrs, table_ptr, slots_ptr, ranks_ptr, order_ptr,
     num_rows, stride_ym, max_rank, num_entries,
     MAX_K: tl.constexpr, MAX_SLOTS: tl.constexpr, NUM_SLICES: tl.constexpr, BLOCK_SL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -99,12 +101,14 @@ def _expand_kernel(
     # Grid (token tiles, column blocks of all slices). Per program: u [BLOCK_M, k, BLOCK_R] fp32, one
     # B tile [BLOCK_N, rank] per distinct slot of the tile, y [BLOCK_M, BLOCK_N] read and written once.
     sl, first, width, y_off = _slice_of(table_ptr, tl.program_id(1), NUM_SLICES, BLOCK_SL)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < num_rows
+    pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in composition order
+    m_mask = pos < num_rows
+    offs_m = tl.load(order_ptr + pos, mask=m_mask, other=0)  # [BLOCK_M] token ids
     offs_n = (tl.program_id(1) - first) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < width
     offs_r = tl.arange(0, BLOCK_R)
     b_ptr = tl.load(b_ptrs + sl).to(tl.pointer_type(y_ptr.dtype.element_ty))
+    b_offs = offs_n[None, :] * max_rank + offs_r[:, None]  # [BLOCK_R, BLOCK_N] int32, inside one module
     u_base = u_ptr + sl.to(tl.int64) * num_entries * BLOCK_R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     live = offs_m < 0
@@ -112,18 +116,19 @@ def _expand_kernel(
         slots = tl.load(slots_ptr + offs_m * MAX_K + j, mask=m_mask, other=-1)  # [BLOCK_M]
         pending = slots >= 0
         live = live | pending
-        u_rows = u_base + (offs_m * MAX_K + j).to(tl.int64)[:, None] * BLOCK_R + offs_r[None, :]
+        u_rows = u_base + (offs_m * MAX_K + j).to(tl.int64) * BLOCK_R  # [BLOCK_M] row pointers
         while tl.max(pending.to(tl.int32), 0) > 0:
             slot = tl.min(tl.where(pending, slots, MAX_SLOTS), 0)
             hit = pending & (slots == slot)
             r_mask = offs_r < tl.load(ranks_ptr + slot)
-            u = tl.load(u_rows, mask=hit[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
-            bt = tl.load(b_ptr + slot.to(tl.int64) * width * max_rank + offs_n[None, :] * max_rank + offs_r[:, None],
-                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+            u = tl.load(u_rows[:, None] + offs_r[None, :], mask=hit[:, None] & r_mask[None, :], other=0.0)
+            b_module = b_ptr + slot.to(tl.int64) * width * max_rank  # scalar: this module's B of the slice
+            bt = tl.load(b_module + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
             acc += tl.dot(u, bt.to(tl.float32))
             pending = pending & (slots != slot)
     io_mask = (m_mask & live)[:, None] & n_mask[None, :]
-    y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + y_off + offs_n[None, :]
+    y_rows = y_ptr + offs_m.to(tl.int64) * stride_ym + y_off  # [BLOCK_M] row pointers
+    y_tile = y_rows[:, None] + offs_n[None, :]
     y = tl.load(y_tile, mask=io_mask, other=0.0)
     tl.store(y_tile, (y.to(tl.float32) + acc).to(y.dtype), mask=io_mask)
 
@@ -164,11 +169,11 @@ def _tables(lora_a, lora_b, block_n: int):
 def _block_sizes(num_entries: int, block_r: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): small token tiles for decode, larger ones for prefill.
 
-    NOTE: not timed on a GPU yet (no device in the session that wrote this). Decode-sized steps use
+    NOTE: not timed on a GPU yet (no device in the sessions that wrote this). Decode-sized steps use
     16-row tiles so a module's few tokens do not pad a 64-row tile; rank > 32 halves BLOCK_N so the fp32
-    B tile stays at 32 KB. Compiled for sm_90a on CPU (ptxas -v, max_k 4): expand 16x128 at rank 16-32
-    and 16x64 at rank 64-128 use 236-255 registers with no spill; 64-row tiles with 8 warps spill
-    16-380 bytes, shrink at 64 rows with 8 warps spills nothing.
+    B tile stays at 32 KB. `python -m server.model.compile_check` (sm_90, Triton 3.9, token-ordered
+    expand): 16-row expand tiles take 192-255 registers without spilling; 64-row tiles with 8 warps at
+    max_k 4 spill 56-144 bytes (4 warps spill more); shrink never spills.
     """
     return (16 if num_entries <= 1024 else 64), (128 if block_r <= 32 else 64)
 
@@ -186,6 +191,7 @@ def _composed_lora_op(
     sorted_entries: torch.Tensor,
     slot_counts: torch.Tensor,
     slot_starts: torch.Tensor,
+    token_order: torch.Tensor,
 ) -> None:
     num_rows, hidden = x.shape
     max_k, max_slots = token_slots.shape[1], slot_counts.shape[0] - 1
@@ -204,7 +210,7 @@ def _composed_lora_op(
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64, num_warps=4 if block_m == 16 else 8,
     )
     _expand_kernel[(triton.cdiv(num_rows, block_m), num_col_blocks)](
-        y, u, ptrs[1], table, token_slots, ranks,
+        y, u, ptrs[1], table, token_slots, ranks, token_order,
         num_rows, y.stride(0), max_rank, num_entries,
         MAX_K=max_k, MAX_SLOTS=max_slots, NUM_SLICES=len(lora_b),
         BLOCK_SL=triton.next_power_of_2(len(lora_b) + 1),
@@ -214,7 +220,7 @@ def _composed_lora_op(
 
 @_composed_lora_op.register_fake
 def _composed_lora_fake(y, x, lora_a, lora_b, scale, ranks, token_slots, token_gates,
-                        sorted_entries, slot_counts, slot_starts) -> None:
+                        sorted_entries, slot_counts, slot_starts, token_order) -> None:
     return None
 
 
@@ -241,4 +247,5 @@ def composed_lora(y: torch.Tensor, x: torch.Tensor, stack: LoraStack, meta: Modu
     torch.ops.tessera.composed_lora(
         y, x, list(stack.lora_a), list(stack.lora_b), stack.scale, stack.ranks,
         meta.token_slots, meta.token_gates, meta.sorted_entries, meta.slot_counts, meta.slot_starts,
+        meta.token_order,
     )

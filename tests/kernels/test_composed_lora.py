@@ -134,7 +134,7 @@ def test_no_live_module_leaves_y_bitwise_equal():
 def test_custom_op_schema_and_fake():
     stack, meta, x, y = _make_case("skewed", 6, 2, (8, 16, 8), (24, 8), 33, torch.float32, True)
     args = (y, x, list(stack.lora_a), list(stack.lora_b), stack.scale, stack.ranks, meta.token_slots,
-            meta.token_gates, meta.sorted_entries, meta.slot_counts, meta.slot_starts)
+            meta.token_gates, meta.sorted_entries, meta.slot_counts, meta.slot_starts, meta.token_order)
     torch.library.opcheck(torch.ops.tessera.composed_lora.default, args, test_utils=("test_schema", "test_faketensor"))
 
 

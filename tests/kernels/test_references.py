@@ -22,6 +22,17 @@ def test_meta_segments_match_running_example():
     assert meta.sorted_entries.tolist() == [1, 4, 0, 2, 5, 3]
     assert meta.slot_counts.tolist() == [1, 1, 3, 0, 1]
     assert meta.slot_starts.tolist() == [0, 1, 2, 5, 5]
+    assert meta.token_order.tolist() == [2, 0, 1]
+
+
+def test_token_order_groups_equal_compositions_and_puts_padding_last():
+    meta = ModuleBatchMeta.allocate(max_tokens=8, max_k=2, max_slots=3, device="cpu")
+    slots = torch.tensor([[2, 1], [0, NO_MODULE], [2, 1], [NO_MODULE, NO_MODULE], [0, 2], [2, 0]],
+                         dtype=torch.int32)
+    meta.fill(slots, torch.ones(6, 2))
+    assert meta.token_order.tolist() == [4, 1, 5, 0, 2, 3, 6, 7]  # (0,2) (0,-) (2,0) (2,1) (2,1) then none
+    with pytest.raises(ValueError, match="must be < 2"):
+        ModuleBatchMeta.allocate(max_tokens=1, max_k=4, max_slots=2**16, device="cpu")
 
 
 def test_meta_fill_clears_stale_rows():
