@@ -171,11 +171,14 @@ def _block_sizes(num_entries: int, block_r: int) -> tuple[int, int]:
 
     NOTE: not timed on a GPU yet (no device in the sessions that wrote this). Decode-sized steps use
     16-row tiles so a module's few tokens do not pad a 64-row tile; rank > 32 halves BLOCK_N so the fp32
-    B tile stays at 32 KB. `python -m server.model.compile_check` (sm_90, Triton 3.9, token-ordered
-    expand): 16-row expand tiles take 192-255 registers without spilling; 64-row tiles with 8 warps at
-    max_k 4 spill 56-144 bytes (4 warps spill more); shrink never spills.
+    B tile stays at 32 KB, and 64-row (prefill) tiles always take 64 columns: with 128 they spilled
+    56-144 bytes a thread at max_k 4 (8 warps; 4 spill more). `python -m server.model.compile_check`
+    (sm_90, Triton 3.9, token-ordered expand) now finds no spill in either kernel: 16-row expand tiles
+    take 192-255 registers, 64-row ones 172-250.
     """
-    return (16 if num_entries <= 1024 else 64), (128 if block_r <= 32 else 64)
+    if num_entries <= 1024:
+        return 16, (128 if block_r <= 32 else 64)
+    return 64, 64
 
 
 @torch.library.custom_op("tessera::composed_lora", mutates_args=("y",))
