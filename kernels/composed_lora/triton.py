@@ -170,14 +170,14 @@ def _block_sizes(num_entries: int, block_r: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): small token tiles for decode, larger ones for prefill.
 
     NOTE: not timed on a GPU yet (no device in the sessions that wrote this). Decode-sized steps use
-    16-row tiles so a module's few tokens do not pad a 64-row tile; rank > 32 halves BLOCK_N so the fp32
-    B tile stays at 32 KB, and 64-row (prefill) tiles always take 64 columns: with 128 they spilled
-    56-144 bytes a thread at max_k 4 (8 warps; 4 spill more). `python -m server.model.compile_check`
-    (sm_90, Triton 3.9, token-ordered expand) now finds no spill in either kernel: 16-row expand tiles
-    take 192-255 registers, 64-row ones 172-250.
+    16-row tiles so a module's few tokens do not pad a 64-row tile; the B tile [BLOCK_R, BLOCK_N] is cast
+    to fp32 in registers, so BLOCK_N shrinks as the rank grows (128 up to rank 32, 64 up to 64, 32 above),
+    and 64-row (prefill) tiles take 64 columns. These are the largest tiles that `python -m
+    server.model.compile_check` finds spill-free on sm_90 (Triton 3.6 and 3.9): wider ones spilled 32-160
+    bytes a thread.
     """
     if num_entries <= 1024:
-        return 16, (128 if block_r <= 32 else 64)
+        return 16, (128 if block_r <= 32 else 64 if block_r <= 64 else 32)
     return 64, 64
 
 
