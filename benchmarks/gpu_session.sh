@@ -8,14 +8,19 @@
 #      vs torch vs the floor,
 #   3. the offline engine benchmark: Tessera (no modules, 8, k=2, 64 modules) vs transformers generate vs
 #      PEFT's mixed-adapter batch on a random Llama-3-8B-shaped model (JSON rewritten after every run, so a
-#      run cut short by its time limit still leaves the systems it finished).
-# Prepare here:  ../shared/tools/vllm_lora_peer/prepare.sh .peer   (pytest is on the GPU machine already; a
-#                .wheels/ folder of wheels, if carried, is installed too)
-# Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer"]); results land in $OUT.
-#                Stages: tests, kernels, lora, engine, overhead (default: tests kernels). One device call may
-#                run 10 minutes, so each stage has its own time limit and a session runs them in three calls:
-#                `... tests kernels` (about 9 min), `... lora` (9), `... engine overhead` (9.5). The JSON files
-#                are rewritten after every row, so a stage cut short keeps what it finished.
+#      run cut short by its time limit still leaves the systems it finished),
+#   4. online: the same model behind Tessera's HTTP app, `tessera bench`'s load generator at 0.8x capacity,
+#      p99 TPOT with 8 mixed modules vs none (needs the web stack carried as wheels, below).
+# Prepare here:  ../shared/tools/vllm_lora_peer/prepare.sh .peer   (pytest is on the GPU machine already)
+#                python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+#                  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .wheels fastapi uvicorn pydantic
+#                (3.5 MB: the web stack the GPU machine lacks, for the online stage)
+# Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer", ".wheels"]); results land in
+#                $OUT. Stages: tests, kernels, lora, engine, overhead, online (default: tests kernels). One device
+#                call may run 10 minutes, so each stage has its own time limit and a session runs them in four
+#                calls: `... tests kernels` (about 9 min), `... lora` (9), `... engine overhead` (9.5), `... online`
+#                (about 4). The JSON files are rewritten after every row, so a stage cut short keeps what it
+#                finished.
 set -uo pipefail
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
@@ -46,7 +51,9 @@ for stage in $STAGES; do
     overhead)
       timeout 150 python3 benchmarks/serving/step_overhead.py --device cuda --dtype bfloat16 \
         --async-scheduling on --out "$OUT/step_overhead.json" 2>&1 | tail -10 ;;
+    online)
+      timeout 540 python3 benchmarks/serving/bench_online.py --out "$OUT/online.json" 2>&1 | tail -12 ;;
     *)
-      echo "unknown stage '$stage' (tests, kernels, lora, engine, overhead)" >&2; exit 2 ;;
+      echo "unknown stage '$stage' (tests, kernels, lora, engine, overhead, online)" >&2; exit 2 ;;
   esac
 done

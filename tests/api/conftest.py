@@ -1,25 +1,21 @@
 """A real uvicorn server over a real engine on a tiny checkpoint and a random module library.
 
-`serve(engine)` runs uvicorn in a background thread on a socket bound to a free port of 127.0.0.1;
+`serve(engine)` runs uvicorn in a background thread (`server.api.background`) on a free port of 127.0.0.1;
 test modules wrap it in module-scoped fixtures, so each module starts one server.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import openai
 import pytest
-import uvicorn
 from transformers import AutoConfig
 
 from router.library import ModuleLibrary, fingerprint_from_hf_config, random_library
-from server.api.app import create_app
+from server.api.background import serve_in_background
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 
@@ -49,24 +45,8 @@ class Served:
 @contextmanager
 def serve(engine: Engine, api_key: str | None = None) -> Iterator[Served]:
     """Serve `engine` with uvicorn on a fresh port until the block ends."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(engine, api_key), log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield Served(f"http://127.0.0.1:{port}", engine)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with serve_in_background(engine, api_key) as url:
+        yield Served(url, engine)
 
 
 @pytest.fixture(scope="session")
