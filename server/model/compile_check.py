@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+SHARED_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+                120: 101376}
 """Largest shared memory one block may use (bytes, opt-in maximum) per compute capability (x10)."""
 REGISTER_FILE = 65536
 """32-bit registers per SM (every architecture above): one block's warps must fit in it."""
