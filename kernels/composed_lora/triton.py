@@ -229,8 +229,10 @@ def _composed_lora_fake(y, x, lora_a, lora_b, scale, ranks, token_slots, token_g
 
 def _check(y: torch.Tensor, x: torch.Tensor, stack: LoraStack, meta: ModuleBatchMeta) -> None:
     """Shape checks on host metadata only (no device sync)."""
-    if x.shape[0] > meta.token_slots.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} rows, the metadata holds {meta.token_slots.shape[0]} tokens")
+    if not meta.num_tokens <= x.shape[0] <= meta.token_slots.shape[0]:
+        # the expand walks rows through token_order, which may name any row < num_tokens
+        raise ValueError(f"x has {x.shape[0]} rows; the step has {meta.num_tokens} tokens and the metadata "
+                         f"holds {meta.token_slots.shape[0]}")
     if y.shape[0] < x.shape[0] or y.shape[1] != sum(stack.slice_widths) or y.stride(1) != 1:
         raise ValueError(f"y {list(y.shape)} does not match x rows {x.shape[0]} and widths {stack.slice_widths}")
     weights = (*stack.lora_a, *stack.lora_b)

@@ -131,6 +131,13 @@ def test_no_live_module_leaves_y_bitwise_equal():
     assert torch.equal(y, before)
 
 
+def test_x_with_fewer_rows_than_the_step_is_refused():
+    """The expand reaches rows through token_order, so x must cover every token of the step."""
+    stack, meta, x, y = _make_case("uniform", 6, 2, (8, 16), (24, 8), 33, torch.float32, False)
+    with pytest.raises(ValueError, match="the step has 6 tokens"):
+        backend.composed_lora(y[:4], x[:4], stack, meta)
+
+
 def test_custom_op_schema_and_fake():
     stack, meta, x, y = _make_case("skewed", 6, 2, (8, 16, 8), (24, 8), 33, torch.float32, True)
     args = (y, x, list(stack.lora_a), list(stack.lora_b), stack.scale, stack.ranks, meta.token_slots,
