@@ -129,7 +129,7 @@ def _prepare(case: Case, stacks: tuple[LoraStack, LoraStack], dtype, device: str
     meta.fill(slots.to(device), gates.to(device))
     x = torch.randn(case.tokens, hidden, device=device, dtype=dtype)  # [tokens, hidden]
     y = torch.randn(case.tokens, sum(widths), device=device, dtype=dtype)  # [tokens, sum n_s]
-    expected = y.float()
+    expected = y.to(torch.float32, copy=True)  # never y itself (an fp32 y would alias it)
     reference.composed_lora(expected, x.float(), stacks[1], meta)
     return slots, gates, meta, x, y, expected
 

@@ -63,7 +63,7 @@ def _expected(y, x, stack, meta):
     stack32 = LoraStack(
         tuple(a.float() for a in stack.lora_a), tuple(b.float() for b in stack.lora_b), stack.scale, stack.ranks
     )
-    out = y.float()
+    out = y.to(torch.float32, copy=True)  # never y itself: an fp32 y would alias the oracle
     reference.composed_lora(out, x.float(), stack32, meta)
     return out
 
