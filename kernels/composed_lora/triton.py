@@ -4,7 +4,8 @@
     expand   y[t, slice s] += sum_j B_s[slot[t, j]] @ u[s, t * max_k + j]       fp32, cast once
 
 Shrink walks the slot segments of `ModuleBatchMeta` (tokens sorted by slot), so a tile of up to
-BLOCK_M entries of one module reads that module's A once. Expand owns a tile of BLOCK_M tokens taken in
+BLOCK_M entries of one module reads that module's A once; decode-sized steps, with few such tiles, also
+split hidden across programs (split-K) and sum the partials in a third small launch. Expand owns a tile of BLOCK_M tokens taken in
 composition order (`token_order`: tokens of one composition are neighbours, so a decode tile of 16
 tokens over 8 modules holds one or two modules, not seven) and one block of output columns, and sums all k modules of those tokens in fp32 registers before a single
 read-modify-write of y. A segment-major expand would race: with k > 1 a token sits in k segments, so
@@ -47,16 +48,19 @@ def _segment_tile(counts_ptr, tile_id, BLOCK_M: tl.constexpr, MAX_SLOTS: tl.cons
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptrs, scale_ptr, ranks_ptr, gates_ptr, entries_ptr, counts_ptr, starts_ptr, u_ptr,
-    hidden, stride_xm, max_rank, num_entries,
+    hidden, stride_xm, max_rank, num_entries, k_per_split,
     MAX_K: tl.constexpr, MAX_SLOTS: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Grid (segment tiles upper bound, num_slices). Per program: BLOCK_M gathered rows of x and one
-    # module's A [rank, hidden] read once; writes BLOCK_M x BLOCK_R fp32 of u.
+    # Grid (segment tiles upper bound, num_slices, splits of hidden). Per program: BLOCK_M gathered rows of
+    # x and one module's A [rank, k_per_split] read once; writes BLOCK_M x BLOCK_R fp32 of u, or of its
+    # split's partial sums (u_ptr then holds one [num_slices, entries, BLOCK_R] block per split).
     slot, row0, count = _segment_tile(counts_ptr, tl.program_id(0), BLOCK_M, MAX_SLOTS, BLOCK_S)
     if row0 >= count:
         return
-    sl = tl.program_id(1)
+    sl, split = tl.program_id(1), tl.program_id(2)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, hidden)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < count
     entry = tl.load(entries_ptr + tl.load(starts_ptr + slot) + offs_m, mask=m_mask, other=0)
@@ -66,17 +70,29 @@ def _shrink_kernel(
     a_ptr = tl.load(a_ptrs + sl).to(tl.pointer_type(x_ptr.dtype.element_ty))
     a_rows = a_ptr + slot.to(tl.int64) * max_rank * hidden + offs_r[:, None] * hidden  # [BLOCK_R, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < hidden
+        k_mask = offs_k < k_hi
         xt = tl.load(x_ptr + token[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         at = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(xt, tl.trans(at))  # [BLOCK_M, BLOCK_R]
     weight = tl.load(gates_ptr + entry, mask=m_mask, other=0.0) * tl.load(scale_ptr + slot)
     acc = acc * weight[:, None]
-    u_rows = u_ptr + sl.to(tl.int64) * num_entries * BLOCK_R + entry.to(tl.int64)[:, None] * BLOCK_R
+    block = (split * tl.num_programs(1) + sl).to(tl.int64)  # this (split, slice)'s [entries, BLOCK_R]
+    u_rows = u_ptr + block * num_entries * BLOCK_R + entry.to(tl.int64)[:, None] * BLOCK_R
     tl.store(u_rows + offs_r[None, :], acc, mask=m_mask[:, None])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, u_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    # Grid (cdiv(numel, BLOCK),): u = the sum of the SPLITS partial blocks, in split order (deterministic).
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+    tl.store(u_ptr + offs, acc, mask=mask)
 
 
 @triton.jit
@@ -133,6 +149,10 @@ def _expand_kernel(
     tl.store(y_tile, (y.to(tl.float32) + acc).to(y.dtype), mask=io_mask)
 
 
+_BLOCK_K = 64  # shrink's step along hidden
+_MIN_SPLIT_K = 4 * _BLOCK_K  # a split walks at least this much of hidden
+_MAX_SPLITS = 16
+_SHRINK_PROGRAMS = 1024  # split-K until the shrink grid has about this many programs
 _U_CACHE: dict[torch.device, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown buffers stay alive: a captured CUDA graph may still use them
 _TABLE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
@@ -164,6 +184,20 @@ def _tables(lora_a, lora_b, block_n: int):
         ptrs = torch.tensor([[a.data_ptr() for a in lora_a], [b.data_ptr() for b in lora_b]], dtype=torch.int64)
         _TABLE_CACHE[key] = (ptrs.to(lora_a[0].device), table.to(lora_a[0].device), starts[-1])
     return _TABLE_CACHE[key]
+
+
+def _shrink_splits(num_programs: int, hidden: int) -> tuple[int, int]:
+    """(splits, k_per_split): cut hidden into splits until the shrink grid has about _SHRINK_PROGRAMS programs.
+
+    A decode step has few segment tiles (B = 32 over 8 modules: 8 busy tiles per slice), and each would
+    walk all of hidden in BLOCK_K steps one after another; split-K gives the GPU enough programs. Partial
+    sums go to a scratch and one small kernel adds them in split order, so results stay deterministic.
+    NOTE: not timed on a GPU yet.
+    """
+    most = triton.cdiv(hidden, _MIN_SPLIT_K)
+    splits = min(most, _MAX_SPLITS, triton.next_power_of_2(triton.cdiv(_SHRINK_PROGRAMS, num_programs)))
+    k_per_split = triton.cdiv(triton.cdiv(hidden, splits), _BLOCK_K) * _BLOCK_K
+    return triton.cdiv(hidden, k_per_split), k_per_split
 
 
 def _block_sizes(num_entries: int, block_r: int) -> tuple[int, int]:
@@ -203,15 +237,20 @@ def _composed_lora_op(
     block_r = max(16, triton.next_power_of_2(max_rank))
     block_m, block_n = _block_sizes(num_entries, block_r)
     ptrs, table, num_col_blocks = _tables(lora_a, lora_b, block_n)
-    u = _intermediate(x.device, len(lora_a) * num_entries * block_r)  # [num_slices, entries, block_r]
     # Sum over slots of cdiv(count, BLOCK_M) <= cdiv(entries, BLOCK_M) + (non-empty slots).
     num_tiles = triton.cdiv(num_entries, block_m) + min(max_slots, num_entries)
-    _shrink_kernel[(num_tiles, len(lora_a))](
-        x, ptrs[0], scale, ranks, token_gates, sorted_entries, slot_counts, slot_starts, u,
-        hidden, x.stride(0), max_rank, num_entries,
+    splits, k_per_split = _shrink_splits(num_tiles * len(lora_a), hidden)
+    numel = len(lora_a) * num_entries * block_r
+    scratch = _intermediate(x.device, (splits + (splits > 1)) * numel)
+    u = scratch[-numel:]  # [num_slices, entries, block_r]; the partials [splits, ...] before it
+    _shrink_kernel[(num_tiles, len(lora_a), splits)](
+        x, ptrs[0], scale, ranks, token_gates, sorted_entries, slot_counts, slot_starts, scratch,
+        hidden, x.stride(0), max_rank, num_entries, k_per_split,
         MAX_K=max_k, MAX_SLOTS=max_slots, BLOCK_S=triton.next_power_of_2(max_slots + 1),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64, num_warps=4 if block_m == 16 else 8,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=_BLOCK_K, num_warps=4 if block_m == 16 else 8,
     )
+    if splits > 1:
+        _sum_splits_kernel[(triton.cdiv(numel, 1024),)](scratch, u, numel, SPLITS=splits, BLOCK=1024)
     _expand_kernel[(triton.cdiv(num_rows, block_m), num_col_blocks)](
         y, u, ptrs[1], table, token_slots, ranks, token_order,
         num_rows, y.stride(0), max_rank, num_entries,

@@ -105,6 +105,23 @@ def test_composed_lora_prefill_sized_tiles(pattern):
     _check_case(stack, meta, x, y, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_tokens,k", [(5, 1), (12, 3)])
+def test_split_k_shrink_sums_every_split(monkeypatch, num_tokens, k):
+    """Decode-sized steps cut hidden into splits (here 4 of 64, the last one 8 wide) whose partial sums one
+    more kernel adds; every split must count, the short last one included."""
+    monkeypatch.setattr(backend, "_MIN_SPLIT_K", 64)
+    assert backend._shrink_splits(8, 200) == (4, 64)
+    stack, meta, x, y = _make_case("uniform", num_tokens, k, (8, 16, 32), (24, 40), 200, torch.float32, True)
+    _check_case(stack, meta, x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_split_k_stays_off_when_the_grid_is_full_or_hidden_short():
+    assert backend._shrink_splits(backend._SHRINK_PROGRAMS, 4096) == (1, 4096)
+    assert backend._shrink_splits(8, 200) == (1, 256)  # 200 < one split's minimum
+    assert backend._shrink_splits(72, 4096) == (16, 256)  # B = 256 decode, qkv: 24 tiles x 3 slices
+    assert backend._shrink_splits(27, 14336) == (16, 896)  # down_proj: at most 16 splits
+
+
 def test_interpreter_runs_on_cpu():
     if DEVICE == "cpu":
         assert os.environ.get("TRITON_INTERPRET") == "1"
