@@ -3,17 +3,18 @@
     shrink   u[s, e, :]  = gate[e] * scale[slot] * A_s[slot] @ x[token(e)]    e = t * max_k + j
     expand   y[t, slice s] += sum_j B_s[slot[t, j]] @ u[s, t * max_k + j]       fp32, cast once
 
-Shrink walks the slot segments of `ModuleBatchMeta` (tokens sorted by slot), so a tile of up to
-BLOCK_M entries of one module reads that module's A once; decode-sized steps, with few such tiles, also
-split hidden across programs (split-K) and sum the partials in a third small launch. Expand owns a tile of BLOCK_M tokens taken in
-composition order (`token_order`: tokens of one composition are neighbours, so a decode tile of 16
-tokens over 8 modules holds one or two modules, not seven) and one block of output columns, and sums all k modules of those tokens in fp32 registers before a single
-read-modify-write of y. A segment-major expand would race: with k > 1 a token sits in k segments, so
-its y row would need fp32 atomics into a [tokens, sum n_s] scratch (940 MB for Llama-3-8B gate_up at
-8192 tokens) or k bf16 roundings of y, which the contract forbids. Inside a token tile, expand loops
-over the distinct slots of each column j (one iteration for a prefill chunk, whose tokens share one
-composition), so B is read once per (token tile, distinct slot), not once per token. y rows are
-gathered through the order; each row's BLOCK_N columns stay one contiguous access.
+Shrink walks the slot segments of `ModuleBatchMeta` (tokens sorted by slot), so a tile of up to BLOCK_M
+entries of one module reads that module's A once; decode-sized steps, with few such tiles, also split
+hidden across programs (split-K) and sum the partials in a third small launch. Expand owns a tile of
+BLOCK_M tokens taken in composition order (`token_order`: tokens of one composition are neighbours, so a
+decode tile of 16 tokens over 8 modules holds one or two modules, not seven) and one block of output
+columns, and sums all k modules of those tokens in fp32 registers before a single read-modify-write of
+y. A segment-major expand would race: with k > 1 a token sits in k segments, so its y row would need
+fp32 atomics into a [tokens, sum n_s] scratch (940 MB for Llama-3-8B gate_up at 8192 tokens) or k bf16
+roundings of y, which the contract forbids. Inside a token tile, expand loops over the distinct slots of
+each column j (one iteration for a prefill chunk, whose tokens share one composition), so B is read once
+per (token tile, distinct slot), not once per token. y rows are gathered through the order; each row's
+BLOCK_N columns stay one contiguous access.
 
 Grids come from static shapes only (rows of x, max_k, max_slots, the stack's widths); programs with no
 work exit at once, so a step can be captured in a CUDA graph and replayed with new compositions. The
