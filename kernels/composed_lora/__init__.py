@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import use_triton
+
 from kernels.composed_lora.meta import ModuleBatchMeta
 
 __all__ = ["LoraStack", "ModuleBatchMeta", "composed_lora"]
@@ -112,7 +114,7 @@ class LoraStack:
 
 def composed_lora(y: torch.Tensor, x: torch.Tensor, stack: LoraStack, meta: ModuleBatchMeta) -> None:
     """Add every token's module composition to `y` in place (see the module docstring)."""
-    if x.is_cuda:
+    if use_triton(x):
         from kernels.composed_lora import triton as backend
     else:
         from kernels.composed_lora import reference as backend

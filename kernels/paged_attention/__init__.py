@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import use_triton
+
 __all__ = ["AttentionMeta", "paged_attention", "write_kv"]
 
 
@@ -51,7 +53,7 @@ class AttentionMeta:
 
 
 def _backend(t: torch.Tensor):
-    if t.is_cuda:
+    if use_triton(t):
         from kernels.paged_attention import triton as backend
     else:
         from kernels.paged_attention import reference as backend

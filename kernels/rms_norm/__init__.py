@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import use_triton
+
 __all__ = ["rms_norm"]
 
 
@@ -51,7 +53,7 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`out`, or `(out, s)` with a residual (see the module docstring)."""
     _check(x, weight, residual)
-    if x.is_cuda:
+    if use_triton(x):
         from kernels.rms_norm import triton as backend
     else:
         from kernels.rms_norm import reference as backend

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import use_triton
+
 __all__ = ["rotary"]
 
 
@@ -43,7 +45,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate q and k in place (see the module docstring)."""
     _check(q, k, positions, cos, sin)
-    if q.is_cuda:
+    if use_triton(q):
         from kernels.rotary import triton as backend
     else:
         from kernels.rotary import reference as backend

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import use_triton
+
 __all__ = ["race_sample"]
 
 
@@ -58,7 +60,7 @@ def _check(probs: torch.Tensor, seeds: torch.Tensor, greedy: torch.Tensor) -> No
 def race_sample(probs: torch.Tensor, seeds: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
     """One token id per row of `probs`: int64 [S] (see the module docstring)."""
     _check(probs, seeds, greedy)
-    if probs.is_cuda:
+    if use_triton(probs):
         from kernels.sampling import triton as backend
     else:
         from kernels.sampling import reference as backend

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import use_triton
+
 __all__ = ["silu_mul"]
 
 
@@ -24,7 +26,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (see the module docstring)."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"silu_mul takes gate_up [num_tokens, 2 * intermediate], got {list(gate_up.shape)}")
-    if gate_up.is_cuda:
+    if use_triton(gate_up):
         from kernels.silu_mul import triton as backend
     else:
         from kernels.silu_mul import reference as backend
