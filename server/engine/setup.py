@@ -44,7 +44,7 @@ def _num_kv_blocks(config: EngineConfig, model: Backbone, device: str) -> int:
         return config.num_kv_blocks
     per_block = model.kv_cache_bytes_per_block(config.block_size)
     if torch.device(device).type == "cuda":
-        free, total = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info(torch.device(device))  # that device, not the current one
         used = total - free
         budget = total * config.gpu_memory_utilization - used - (1 << 30)  # 1 GiB for activations
     else:
