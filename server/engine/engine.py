@@ -35,7 +35,7 @@ from server.engine.plan import StepPlan
 from server.engine.request import Request, RequestOutput, StepStats
 from server.engine.runner import PendingStep
 from server.engine.scheduler import RequestState
-from server.engine.setup import EngineParts, build_parts
+from server.engine.setup import EngineParts, bind_device, build_parts
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class Engine:
     # -- the step loop ----------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        bind_device(self.model.device)  # this thread's current CUDA device is its own
         while not self._stopping:
             self._drain_inbox()
             if not self.has_work():

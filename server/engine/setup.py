@@ -39,6 +39,14 @@ def _load_library(config: EngineConfig, model_dir: str):
     return ModuleLibrary.load(config.library, expect=expect)
 
 
+def bind_device(device: str | torch.device) -> None:
+    """Make a CUDA `device` the calling thread's current one (CUDA keeps it per thread): the streams and
+    graphs the runner creates and the streams Triton launches on follow it, so cuda:1 works like cuda:0."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def _num_kv_blocks(config: EngineConfig, model: Backbone, device: str) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
@@ -69,6 +77,7 @@ def build_parts(config: EngineConfig) -> EngineParts:
     from transformers import AutoTokenizer
 
     device = config.resolved_device()
+    bind_device(device)
     config.graph_mode(device)  # bad values fail here, before the weights load
     config.async_scheduling_on(device)
     config.check_block_size(device)
@@ -98,6 +107,7 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     The module pool has the backbone's `max_slots` slots; `config`'s model, library, dtype, device,
     max_loaded_modules and max_rank are not read here (they chose how the backbone was built).
     """
+    bind_device(model.device)
     graph_mode = config.graph_mode(str(model.device))
     config.async_scheduling_on(str(model.device))
     config.check_block_size(str(model.device))
