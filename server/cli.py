@@ -1,5 +1,5 @@
 """The `tessera` command: `serve` a model with a module library, run the offline `demo`, `train` a library,
-manage a `library`, or `bench` any OpenAI-compatible server.
+manage a `library`, `bench` any OpenAI-compatible server, or `compile-check` the Triton kernels for a GPU.
 
 Engine flags are generated from `EngineConfig`'s fields and their docstrings, in one place.
 """
@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure latency and throughput of any OpenAI-compatible server")
     add_bench_arguments(bench)
+    from server.model.compile_check import add_arguments as add_compile_check_arguments
+
+    compile_check = commands.add_parser("compile-check", help="compile every Triton kernel the backbone launches "
+                                        "for a CUDA architecture, on a machine without a GPU")
+    add_compile_check_arguments(compile_check)
     return parser
 
 
@@ -158,6 +163,15 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.serving.cli import run as run_bench
 
         raise SystemExit(run_bench(args))
+    if args.command == "compile-check":
+        from server.model.compile_check import run as run_compile_check
+
+        try:
+            text, status = run_compile_check(args)
+        except ValueError as error:
+            _fail(str(error))
+        print(text)
+        raise SystemExit(status)
     if args.command == "train":
         run_train(args)
     elif args.command == "serve":

@@ -207,8 +207,8 @@ def _block_sizes(num_entries: int, block_r: int) -> tuple[int, int]:
     NOTE: not timed on a GPU yet (no device in the sessions that wrote this). Decode-sized steps use
     16-row tiles so a module's few tokens do not pad a 64-row tile; the B tile [BLOCK_R, BLOCK_N] is cast
     to fp32 in registers, so BLOCK_N shrinks as the rank grows (128 up to rank 32, 64 up to 64, 32 above),
-    and 64-row (prefill) tiles take 64 columns. These are the largest tiles that `python -m
-    server.model.compile_check` finds spill-free on sm_90 (Triton 3.6 and 3.9): wider ones spilled 32-160
+    and 64-row (prefill) tiles take 64 columns. These are the largest tiles that `tessera
+    compile-check` finds spill-free on sm_90 (Triton 3.6 and 3.9): wider ones spilled 32-160
     bytes a thread.
     """
     if num_entries <= 1024:

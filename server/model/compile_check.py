@@ -1,6 +1,6 @@
 """Compile every Triton kernel the backbone launches, for a CUDA architecture, on a machine with no GPU.
 
-    python -m server.model.compile_check [--arch 90] [--model llama-3-8b ... | --config DIR] [--json FILE]
+    tessera compile-check [--arch 90] [--model llama-3-8b ... | --config DIR] [--json FILE]
 
 The interpreter tests (TRITON_INTERPRET=1) check what each kernel computes, not that it compiles for a
 GPU: the interpreter accepts tile shapes `tl.dot` rejects and any amount of shared memory. This check
@@ -26,7 +26,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -293,9 +292,8 @@ def layer_cases(specs, dtypes, steps=STEPS, pools=POOLS) -> Iterator[tuple[str, 
                     yield name, functools.partial(launch_layer, spec, step, dtype, pool)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.model.compile_check",
-                                     description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `tessera compile-check`."""
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80, 86, 89, 90, ...)")
     parser.add_argument("--model", action="append", choices=sorted(PRESETS),
                         help="preset backbone shape (repeatable; default: all)")
@@ -303,39 +301,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16"],
                         help="activation dtype (repeatable; default: both)")
     parser.add_argument("--json", help="write the records and failures here")
-    args = parser.parse_args(argv)
+
+
+def _specs(args: argparse.Namespace) -> list[tuple[str, object]]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        parser.error("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled; unset it")
+        raise ValueError("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled; unset it")
     if args.config is not None and args.model:
-        parser.error("give --model or --config, not both")
-    if args.config is not None:
-        try:
-            specs = [(args.config, _arch_spec(None, args.config))]
-        except (OSError, ValueError) as exc:
-            parser.error(f"--config {args.config}: {exc}")
-    else:
-        specs = [(name, _arch_spec(name, None)) for name in (args.model or PRESETS)]
+        raise ValueError("give --model or --config, not both")
+    if args.config is None:
+        return [(name, _arch_spec(name, None)) for name in (args.model or PRESETS)]
+    try:
+        return [(args.config, _arch_spec(None, args.config))]
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--config {args.config}: {exc}") from None
+
+
+def report(arch: int, records: list[Compiled], failures: list[Failure], seconds: float) -> str:
+    """The printed table: one line per specialisation, the failures, a summary line."""
+    lines = [f"{'kernel':<24}{'warps':>6}{'stages':>7}{'shared B':>10}{'regs':>6}{'spill B':>8}  constexprs"]
+    for r in sorted(records, key=lambda r: (r.kernel, -r.shared)):
+        flag = "  !! " + "; ".join(r.problems) if r.problems else ("  (spills)" if r.spilled else "")
+        lines.append(f"{r.kernel:<24}{r.num_warps:>6}{r.num_stages:>7}{r.shared:>10}{r.registers:>6}"
+                     f"{r.spilled:>8}  {r.constants}{flag}")
+    lines += [f"FAILED {f.case}: {f.error.splitlines()[0] if f.error else ''}" for f in failures]
+    over = sum(1 for r in records if r.problems)
+    lines.append(f"sm_{arch}: {len(records)} specialisations compiled in {seconds:.0f} s; {len(failures)} cases "
+                 f"failed to compile, {over} over a resource limit, {sum(1 for r in records if r.spilled)} spill")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> tuple[str, int]:
+    """(report, exit status: 1 if anything failed to compile or is over a limit); ValueError for bad flags.
+    Run it in a process of its own: it replaces Triton's active driver."""
+    from router.atomic import write_file
+
+    specs = _specs(args)
     dtypes = [getattr(torch, name) for name in (args.dtype or ["bfloat16", "float16"])]
     start = time.perf_counter()
     records, failures = compile_all(args.arch, layer_cases(specs, dtypes))
-    wall = time.perf_counter() - start
-    print(f"{'kernel':<24}{'warps':>6}{'stages':>7}{'shared B':>10}{'regs':>6}{'spill B':>8}  constexprs")
-    for r in sorted(records, key=lambda r: (r.kernel, -r.shared)):
-        flag = "  !! " + "; ".join(r.problems) if r.problems else ("  (spills)" if r.spilled else "")
-        print(f"{r.kernel:<24}{r.num_warps:>6}{r.num_stages:>7}{r.shared:>10}{r.registers:>6}{r.spilled:>8}  "
-              f"{r.constants}{flag}")
-    for f in failures:
-        print(f"FAILED {f.case}: {f.error.splitlines()[0] if f.error else ''}")
-    over = [r for r in records if r.problems]
-    print(f"sm_{args.arch}: {len(records)} specialisations compiled in {wall:.0f} s; {len(failures)} cases "
-          f"failed to compile, {len(over)} over a resource limit, {sum(1 for r in records if r.spilled)} spill")
+    seconds = time.perf_counter() - start
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "arch": args.arch, "seconds": wall,
-            "records": [asdict(r) for r in records], "failures": [asdict(f) for f in failures],
-        }, indent=1))
-    return 1 if over or failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        write_file(args.json, json.dumps({"arch": args.arch, "seconds": seconds, "records": [asdict(r) for r in records],
+                                          "failures": [asdict(f) for f in failures]}, indent=1))
+    return report(args.arch, records, failures, seconds), int(bool(failures or any(r.problems for r in records)))

@@ -31,7 +31,7 @@ def _run(args: list[str], interpret: bool = False, timeout: int = 900) -> subpro
 
 def test_every_kernel_compiles_for_sm90_at_real_model_shapes(tmp_path):
     out = tmp_path / "sm90.json"
-    proc = _run(["-m", "server.model.compile_check", "--arch", "90", "--json", str(out)])
+    proc = _run(["-m", "server.cli", "compile-check", "--arch", "90", "--json", str(out)])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["failures"] == []
@@ -47,17 +47,17 @@ def test_every_kernel_compiles_for_sm90_at_real_model_shapes(tmp_path):
 
 
 def test_a_model_directory_is_checked_from_its_config(tiny_checkpoints):
-    proc = _run(["-m", "server.model.compile_check", "--config", tiny_checkpoints("qwen3"), "--dtype", "float16"])
+    proc = _run(["-m", "server.cli", "compile-check", "--config", tiny_checkpoints("qwen3"), "--dtype", "float16"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "_rms_norm_kernel" in proc.stdout and "0 cases failed to compile" in proc.stdout
 
 
 def test_bad_invocations_get_a_clear_error(tmp_path):
-    proc = _run(["-m", "server.model.compile_check", "--config", str(tmp_path / "missing")])
+    proc = _run(["-m", "server.cli", "compile-check", "--config", str(tmp_path / "missing")])
     assert proc.returncode == 2 and "--config" in proc.stderr and "missing" in proc.stderr
-    proc = _run(["-m", "server.model.compile_check", "--model", "tiny"], interpret=True)
+    proc = _run(["-m", "server.cli", "compile-check", "--model", "tiny"], interpret=True)
     assert proc.returncode == 2 and "TRITON_INTERPRET is set" in proc.stderr
-    proc = _run(["-m", "server.model.compile_check", "--model", "tiny", "--config", str(tmp_path)])
+    proc = _run(["-m", "server.cli", "compile-check", "--model", "tiny", "--config", str(tmp_path)])
     assert proc.returncode == 2 and "not both" in proc.stderr
 
 
