@@ -77,7 +77,6 @@ def build_parts(config: EngineConfig) -> EngineParts:
     from transformers import AutoTokenizer
 
     device = config.resolved_device()
-    bind_device(device)
     config.graph_mode(device)  # bad values fail here, before the weights load
     config.async_scheduling_on(device)
     config.check_block_size(device)
