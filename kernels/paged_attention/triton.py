@@ -245,9 +245,10 @@ def paged_attention(out, q, k_cache, v_cache, meta: AttentionMeta, scale: float,
     (decode, prefill), powers of two >= 16, overrides TILES (the benchmark sweeps them)."""
     if meta.num_seqs == 0:
         return
-    tiles = TILES if tiles is None else tuple(tiles)
-    if len(tiles) != 2 or any(t < 16 or t & (t - 1) for t in tiles):
-        raise ValueError(f"tiles must be two powers of two >= 16 (decode, prefill), got {tiles}")
+    if tiles is None:
+        tiles = TILES
+    elif len(tiles) != 2 or any(t < 16 or t & (t - 1) for t in tiles):  # checked only when overridden
+        raise ValueError(f"tiles must be two powers of two >= 16 (decode, prefill), got {tuple(tiles)}")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1 or q.stride(2) != 1 or out.stride(2) != 1:
         raise ValueError("k_cache and v_cache must share strides; head_dim must be the contiguous axis")
     num_heads, head_dim = q.shape[1], q.shape[2]
