@@ -18,7 +18,7 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -62,6 +62,9 @@ class TrainReport:
     """The written library, or None when not finished."""
     routing_accuracy: float | None = None
     """Held-out task accuracy of the text router fitted on the prompts; None when none was fitted."""
+    trained_points: dict[str, tuple[Point, ...]] = field(default_factory=dict)
+    """Module name -> insertion points it was trained on (before pruning): every (layer, target) of
+    `config.targets` with placement `all`, the search's choice with `search`, the given `points` otherwise."""
 
 
 def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -259,8 +262,9 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 or self.step == end:
                     checkpoint.save(checkpoints, self.step, signature, self.parameters_by_name(), self.optimizer,
                                     relation)
+        trained = {spec.name: tuple(spec.points) for spec in self.bank.specs}
         return TrainReport(self.step, self.step >= cfg.steps, terms, tuple(history),
-                           tokens / seconds if seconds else 0.0, {}, resumed_from, None)
+                           tokens / seconds if seconds else 0.0, {}, resumed_from, None, trained_points=trained)
 
     def export(self) -> tuple[ModuleLibrary, dict[str, tuple[Point, ...]]]:
         """Prune the bank (it then computes what the library serves) and build the library."""
@@ -311,7 +315,7 @@ def train_library(
     shutil.rmtree(checkpoints, ignore_errors=True)
     logger.info("wrote module library %s (%d modules, %d tasks)", path, len(library.modules), len(library.tasks))
     return TrainReport(report.steps, True, report.losses, report.task_loss_history, report.tokens_per_second,
-                       kept, report.resumed_from, path, accuracy)
+                       kept, report.resumed_from, path, accuracy, report.trained_points)
 
 
 def _attach_text_router(library: ModuleLibrary, examples: Sequence[Example],

@@ -80,6 +80,10 @@ class QualityConfig:
     sweep_regulariser_scales: tuple[float, ...] = (0.1, 1.0, 10.0)
     """Multiples of TrainConfig's default weight tried for each regulariser (lambda_decouple, lambda_align,
     lambda_sparse, lambda_prior), one regulariser at a time; 0 is the main table's ablation of it."""
+    sweep_placement_budgets: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """Placement sweep: shares (0, 1] of the every-point parameter cost the modules may use. Below 1 the
+    gradient-clustering search (TrainConfig.placement "search", placement_budget) chooses the points; 1 is every
+    point (placement "all", TrainConfig's default: at the whole budget there is nothing to choose)."""
     sweep_baseline: bool = True
     """Also train and evaluate per-task LoRA at every point of the noise and length sweeps."""
 
@@ -89,7 +93,8 @@ class QualityConfig:
         object.__setattr__(self, "sweep_noise", tuple(self.sweep_noise))
         object.__setattr__(self, "sweep_max_len", tuple(self.sweep_max_len))
         object.__setattr__(self, "sweep_regulariser_scales", tuple(self.sweep_regulariser_scales))
-        for name in ("sweep_top_k", "sweep_ranks", "sweep_gate_temperatures", "sweep_gate_thresholds"):
+        for name in ("sweep_top_k", "sweep_ranks", "sweep_gate_temperatures", "sweep_gate_thresholds",
+                     "sweep_placement_budgets"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("train_per_task", "test_per_task", "val_per_task", "steps", "batch_size", "num_modules",
                      "rank", "max_seq_len", "answer_margin", "threads"):
@@ -105,6 +110,9 @@ class QualityConfig:
         if not self.sweep_regulariser_scales or min(self.sweep_regulariser_scales) <= 0:
             raise ValueError("QualityConfig.sweep_regulariser_scales must be multiples > 0, "
                              f"got {self.sweep_regulariser_scales}")
+        if not self.sweep_placement_budgets or not all(0 < b <= 1 for b in self.sweep_placement_budgets):
+            raise ValueError("QualityConfig.sweep_placement_budgets must be shares in (0, 1], "
+                             f"got {self.sweep_placement_budgets}")
         self.suite(0)  # SuiteConfig checks lengths and noise
 
     def suite(self, seed: int, **overrides) -> SuiteConfig:
@@ -135,11 +143,11 @@ ABLATIONS: dict[str, dict] = {
 
 SETTINGS: dict[str, QualityConfig] = {
     "tiny": QualityConfig(backbone="tiny", train_per_task=16, test_per_task=4, val_per_task=2, min_len=3, max_len=5,
-                          steps=6, batch_size=4, learning_rate=1e-3, num_modules=4, rank=2, max_seq_len=64,
+                          steps=6, batch_size=4, learning_rate=1e-3, num_modules=4, rank=2, max_seq_len=96,
                           threads=1, sweep_modules=(2, 4), sweep_learning_rates=(1e-3, 3e-3), sweep_noise=(0.0, 0.2),
                           sweep_max_len=(4, 5), sweep_regulariser_scales=(1.0, 10.0),
                           sweep_top_k=(1, 2), sweep_ranks=(2, 4), sweep_gate_temperatures=(1.0, 2.0),
-                          sweep_gate_thresholds=(0.05, 0.2)),
+                          sweep_gate_thresholds=(0.05, 0.2), sweep_placement_budgets=(0.5, 1.0)),
     "small": QualityConfig(backbone="small", train_per_task=400, test_per_task=50, val_per_task=25, min_len=3,
                            max_len=8, steps=1000, batch_size=16, learning_rate=3e-3, sweep_max_len=(5, 8, 11)),
     "full": QualityConfig(backbone="full", train_per_task=2000, test_per_task=200, val_per_task=100, min_len=3,

@@ -85,10 +85,12 @@ def untagged_policy(library: ModuleLibrary) -> Policy:
 
 
 def explicit_policy(library: ModuleLibrary, task_modules: Mapping[str, str], max_k: int = 4) -> Policy:
-    """Each base task of the item contributes its own module (task_modules) at weight 1."""
+    """The item's task's own module (task_modules[item.task]) at weight 1 when it has one; otherwise each base task
+    of the item contributes its own module at weight 1 (a composite served by LoRA arithmetic)."""
 
     def policy(item: EvalItem) -> tuple[Composition | None, str | None]:
-        names = list(dict.fromkeys(task_modules[t] for t in item.tasks))
+        tasks = (item.task,) if item.task in task_modules else item.tasks
+        names = list(dict.fromkeys(task_modules[t] for t in tasks))
         return compose(library, modules={name: 1.0 for name in names}, max_k=max_k), None
 
     return policy

@@ -35,7 +35,8 @@ def rank_cost(backbone: BackboneFingerprint, points: Sequence[Point]) -> int:
 
 def tessera_trained_params(backbone: BackboneFingerprint, points: Sequence[Point], num_modules: int, rank: int,
                            num_tasks: int) -> dict[str, int]:
-    """What `train_library` trains with placement `all`: module weights, insertion gates, controller logits."""
+    """What `train_library` trains when every module sits on `points` (placement `all`: every layer x targets;
+    `search`: the search's choice): module weights, insertion gates, controller logits."""
     counts = {
         "modules": num_modules * rank * rank_cost(backbone, points),
         "insertion_gates": len(points),

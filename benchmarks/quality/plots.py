@@ -13,6 +13,7 @@ LABELS = {
     "rank": ("module rank r", True),
     "temperature": ("gate temperature T", True),
     "threshold": ("gate threshold", False),
+    "placement": ("placement budget (share of every point's parameters; 1 = every point)", False),
     "lambda_decouple": ("decoupling weight lambda1", True),
     "lambda_align": ("alignment weight lambda2", True),
     "lambda_sparse": ("insertion-gate sparsity weight lambda3", True),

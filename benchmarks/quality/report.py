@@ -51,7 +51,8 @@ def main_table(results: dict) -> str:
         params = system.get("params", {})
         trained = params.get("trained")
         trained = trained.get("total") if isinstance(trained, dict) else trained
-        cells = [name, mode, *(_pct(record["per_task"][t]["accuracy"]) for t in tasks), _pct(record["mean_base"]),
+        cells = [name, mode, *(_pct(record["per_task"].get(t, {}).get("accuracy")) for t in tasks),
+                 _pct(record["mean_base"]),
                  _pct(record["mean_composite"]), f"{trained:,}" if trained else "0",
                  f"{params.get('library', 0):,}", f"{system.get('train_seconds', 0.0):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -90,19 +91,23 @@ def sweep_table(results: dict) -> str:
     """Mean exact match (%) on the base tasks at every sweep point (test; validation in brackets)."""
     lines = []
     for sweep, points in results.get("sweeps", {}).items():
-        lines.append(f"\n{sweep}:\n\n| value | Tessera test (val) | per-task LoRA test (val) | training s |\n|---|---|---|---|")
+        lines.append(f"\n{sweep}:\n\n| value | Tessera test (val) | per-task LoRA test (val) | Tessera trained params "
+                     "| training s |\n|---|---|---|---|---|")
         for point in points:
             lora = point.get("per_task_lora")
             lora_text = "-" if lora is None else f"{_pct(lora['test'])} ({_pct(lora['val'])})"
+            trained = point.get("params", {}).get("tessera", {}).get("trained", {}).get("total")
             lines.append(f"| {point['value']} | {_pct(point['tessera']['test'])} ({_pct(point['tessera']['val'])}) "
-                         f"| {lora_text} | {sum(point['train_seconds'].values()):.0f} |")
+                         f"| {lora_text} | {'-' if trained is None else f'{trained:,}'} "
+                         f"| {sum(point['train_seconds'].values()):.0f} |")
     return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
     """Every table of a run, with a heading each."""
     parts = ["Exact match (%) on held-out base tasks:\n", main_table(results),
-             "\nExact match (%) on composite tasks (never trained on):\n", composite_table(results),
+             "\nExact match (%) on composite tasks (never trained on, except by the reference composite_lora, "
+             "trained on each composite itself):\n", composite_table(results),
              "\nTessera libraries:\n", tessera_table(results)]
     if results.get("sweeps"):
         parts += ["\nSweeps (mean exact match % over base tasks, Tessera tagged):", sweep_table(results)]

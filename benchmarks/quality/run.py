@@ -2,8 +2,9 @@
 
 Stages (one log line each): backbone (pretrained once, cached), data, training of every system, serving
 and scoring every system through the engine; with --sweeps also the per-task LoRA trained for `steps` steps
-per adapter (EQUAL_STEPS) and the sweeps (all of benchmarks.quality.sweeps.SWEEPS, or the comma-separated
-NAMES); results.json, tables, plots.
+per adapter (EQUAL_STEPS), the composites' reference (COMPOSITE_REFERENCE: a LoRA trained on each composite, the
+ceiling the never-trained systems read against) and the sweeps (all of benchmarks.quality.sweeps.SWEEPS, or the
+comma-separated NAMES); results.json, tables, plots.
 
     DIR/results.json     every number, the config, seed, git commit, wall times, per-item outcomes
     DIR/tables.md        the markdown tables (also printed)
@@ -36,8 +37,8 @@ from benchmarks.quality.report import git_state, markdown, write_json, write_tex
 from benchmarks.quality.scores import evaluate_system
 from benchmarks.quality.sweeps import SWEEPS, base_means, check_sweep_names, run_sweeps
 from benchmarks.quality.systems import (
-    Data, System, eval_items, fingerprint, lora_ranks, lora_steps, make_data, train_per_task_lora, train_shared_lora,
-    train_tessera,
+    COMPOSITE_REFERENCE, Data, System, eval_items, fingerprint, lora_ranks, lora_steps, make_data, train_composite_lora,
+    train_per_task_lora, train_shared_lora, train_tessera,
 )
 
 logger = logging.getLogger("benchmarks.quality")
@@ -90,10 +91,20 @@ def equal_steps_lora(config: QualityConfig, model_dir: Path, data: Data, seed: i
     return system
 
 
+def composite_reference(config: QualityConfig, model_dir: Path, data: Data, seed: int, out: Path) -> System:
+    """The composites' ceiling: one LoRA trained on each composite (systems.train_composite_lora)."""
+    train = config.train(seed)
+    rank = lora_ranks(fingerprint(model_dir), train, len(data.tasks))["per_task"]
+    system = train_composite_lora(config, model_dir, data, out / COMPOSITE_REFERENCE, train, rank, seed)
+    logger.info("stage reference: a LoRA trained on each of %d composites in %.1f s", len(data.composites),
+                system.train_seconds)
+    return system
+
+
 def _sweep_stage(config: QualityConfig, model_dir: Path, data: Data, systems: dict[str, System], seed: int,
                  out: Path, serve_config: ServeConfig, max_tokens: int, names: Sequence[str]) -> dict[str, list[dict]]:
     """The sweeps, with the main run's Tessera and per-task LoRA (scored on validation too) as their main point."""
-    main_point = {"seconds": 0.0, "train_seconds": {}}
+    main_point = {"seconds": 0.0, "train_seconds": {}, "params": {"tessera": systems["tessera"].params}}
     for name in ("tessera", "per_task_lora"):
         main_point[name] = base_means(systems[name], model_dir, data, serve_config, max_tokens)
         main_point["train_seconds"][name] = systems[name].train_seconds
@@ -136,6 +147,11 @@ def run(setting: str, out: Path, seed: int = 0, sweeps: bool | Sequence[str] = F
         entries[EQUAL_STEPS] = system_entry(strong, out, evaluate_system(strong, model_dir, data, data.test,
                                                                           serve_config, max_tokens))
         walls["baseline_equal_steps"], clock = time.perf_counter() - clock, time.perf_counter()
+    if sweep_names:
+        reference = composite_reference(config, model_dir, data, seed, out / "systems")
+        entries[COMPOSITE_REFERENCE] = system_entry(reference, out, evaluate_system(reference, model_dir, data, data.test,
+                                                                                    serve_config, max_tokens))
+        walls["composite_reference"], clock = time.perf_counter() - clock, time.perf_counter()
     if sweep_names:
         results["sweeps"] = _sweep_stage(config, model_dir, data, systems, seed, out, serve_config, max_tokens,
                                          sweep_names)

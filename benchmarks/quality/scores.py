@@ -3,6 +3,7 @@
     backbone  `prompted`  no composition, base and composite prompts
     lora      `explicit`  each base task of the item contributes its own module at weight 1 (a composite:
                           both tasks' modules, the LoRA-arithmetic baseline; the shared LoRA: its one module)
+    reference `explicit`  composites only, each served by the LoRA trained on it (systems.train_composite_lora)
     tessera   `tagged`    the controller given the item's tag ("a+b" for a composite: both tags)
               `untagged`  `auto`: the text router picks the task from the prompt (base tasks only)
 """
@@ -28,7 +29,7 @@ def policies(system: System, library: ModuleLibrary | None, untagged: bool) -> d
     """Mode -> (policy, whether composites are evaluated in this mode) for `system`."""
     if system.kind == "backbone":
         return {"prompted": (backbone_policy(), True)}
-    if system.kind == "lora":
+    if system.kind in ("lora", "reference"):
         return {"explicit": (explicit_policy(library, system.task_modules), True)}
     modes = {"tagged": (tagged_policy(library), True)}
     if untagged and library.controller.text_router is not None:
@@ -39,7 +40,7 @@ def policies(system: System, library: ModuleLibrary | None, untagged: bool) -> d
 def score(outcomes, tasks: Sequence[str], composites: Sequence[str]) -> dict:
     """Per-task table and the mean over base tasks (and over composites when they were served)."""
     table = task_accuracy(outcomes)
-    record = {"per_task": table, "mean_base": mean_accuracy(table, tasks)}
+    record = {"per_task": table, "mean_base": mean_accuracy(table, tasks) if set(tasks) & set(table) else None}
     served = [c for c in composites if c in table]
     record["mean_composite"] = mean_accuracy(table, served) if served else None
     return record
@@ -58,6 +59,8 @@ def evaluate_system(system: System, model_dir, data: Data, items: Sequence[Item]
     evaluations = {}
     for mode, (policy, with_composites) in policies(system, library, untagged).items():
         chosen = [item for item in items if with_composites or item.task in data.tasks]
+        if system.kind == "reference":  # a reference serves only the tasks it was trained on
+            chosen = [item for item in chosen if item.task in system.task_modules]
         outcomes, seconds = serve(model_dir, system.library, eval_items(chosen), policy, serve_config, max_tokens)
         record = score(outcomes, data.tasks, data.composites) | {"seconds": seconds, "num_items": len(outcomes)}
         if mode == "untagged":
@@ -65,8 +68,9 @@ def evaluate_system(system: System, model_dir, data: Data, items: Sequence[Item]
         if keep_outcomes:
             record["outcomes"] = [o.to_json() for o in outcomes]
         evaluations[mode] = record
-        logger.info("%s %s: mean exact match %.3f on base tasks%s (%.1f s)", system.name, mode, record["mean_base"],
-                    "" if record["mean_composite"] is None else f", {record['mean_composite']:.3f} on composites",
+        logger.info("%s %s: mean exact match%s%s (%.1f s)", system.name, mode,
+                    "" if record["mean_base"] is None else f" {record['mean_base']:.3f} on base tasks",
+                    "" if record["mean_composite"] is None else f" {record['mean_composite']:.3f} on composites",
                     seconds)
     result = {"evaluations": evaluations}
     if system.kind == "tessera":

@@ -8,6 +8,8 @@
     rank           TrainConfig.rank (alpha = 2r)   module rank
     temperature    TrainConfig.gate_temperature
     threshold      TrainConfig.gate_threshold
+    placement      TrainConfig.placement_budget  shares in QualityConfig.sweep_placement_budgets: below 1 the
+                                                 placement search chooses the points, 1 is every point (`all`)
     lambda_*       TrainConfig.lambda_decouple, lambda_align, lambda_sparse, lambda_prior: each regulariser's
                    weight at QualityConfig.sweep_regulariser_scales times its default, the others at theirs
                    (weight 0 is the main table's ablation of that regulariser)
@@ -39,7 +41,7 @@ REGULARISERS = ("lambda_decouple", "lambda_align", "lambda_sparse", "lambda_prio
 """TrainConfig fields of the regularisers' weights, one sweep each."""
 CONTROLLER = {"top_k": "top_k", "rank": "rank", "temperature": "gate_temperature", "threshold": "gate_threshold"}
 """Sweep name -> the TrainConfig field it varies (the controller's gate settings and the module rank)."""
-SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, *REGULARISERS)
+SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, "placement", *REGULARISERS)
 
 
 def base_means(system: System, model_dir: Path, data: Data, serve_config: ServeConfig, max_tokens: int) -> dict:
@@ -79,7 +81,13 @@ def _grid(config: QualityConfig) -> dict[str, tuple[tuple, Callable[[object], tu
         "rank": (config.sweep_ranks, lambda r: ({"rank": r}, {}), False),
         "temperature": (config.sweep_gate_temperatures, lambda t: ({"gate_temperature": t}, {}), False),
         "threshold": (config.sweep_gate_thresholds, lambda t: ({"gate_threshold": t}, {}), False),
+        "placement": (config.sweep_placement_budgets, lambda b: (placement_overrides(b), {}), False),
     } | regularisers
+
+
+def placement_overrides(budget: float) -> dict:
+    """TrainConfig fields of a placement-sweep point: the search under `budget`, or every point at 1."""
+    return {"placement": "all"} if budget >= 1 else {"placement": "search", "placement_budget": budget}
 
 
 def main_value(config: QualityConfig, sweep: str):
@@ -88,6 +96,9 @@ def main_value(config: QualityConfig, sweep: str):
         return getattr(config.train(0), sweep)
     if sweep in CONTROLLER:
         return getattr(config.train(0), CONTROLLER[sweep])
+    if sweep == "placement":
+        train = config.train(0)
+        return 1.0 if train.placement == "all" else train.placement_budget
     return {"modules": config.num_modules, "learning_rate": config.learning_rate, "noise": config.noise,
             "max_len": config.max_len}[sweep]
 
@@ -103,7 +114,7 @@ def sweep_point(config: QualityConfig, model_dir: Path, seed: int, out: Path, se
     train = config.train(seed, text_router=False, **train_overrides)
     tessera = train_tessera("tessera", model_dir, data, out / "tessera", train)
     point = {"tessera": base_means(tessera, model_dir, data, serve_config, max_tokens),
-             "train_seconds": {"tessera": tessera.train_seconds}}
+             "train_seconds": {"tessera": tessera.train_seconds}, "params": {"tessera": tessera.params}}
     if with_lora:
         rank = lora_ranks(fingerprint(model_dir), train, len(data.tasks))["per_task"]
         lora = train_per_task_lora(model_dir, data, out / "per_task_lora", train, rank,

@@ -23,7 +23,7 @@ from router.info import TaskInfo
 from router.library import ModuleLibrary, fingerprint_from_hf_config
 from training.config import TrainConfig
 from training.suite.data import Item, make_items, to_examples
-from training.suite.tasks import COMPOSITES, TASKS
+from training.suite.tasks import COMPOSITE_SEPARATOR, COMPOSITES, TASKS
 from training.trainer import train_library
 
 from benchmarks.quality.baselines import lora_library, train_peft_lora
@@ -33,6 +33,8 @@ from benchmarks.quality.params import all_points, equal_param_rank, library_para
 
 logger = logging.getLogger(__name__)
 
+COMPOSITE_REFERENCE = "composite_lora"
+"""System name of the composites' reference (train_composite_lora)."""
 SHARED_MODULE = "shared"
 """Module name of the shared LoRA."""
 VAL_SEED_OFFSET = 7919
@@ -112,15 +114,18 @@ def train_tessera(name: str, model_dir: Path, data: Data, out: Path, train: Trai
                            descriptions=descriptions)
     seconds = time.perf_counter() - started
     library = ModuleLibrary.load(report.path)
-    backbone = library.backbone
-    trained = tessera_trained_params(backbone, all_points(backbone, train.targets), train.num_modules, train.rank,
-                                     len(data.tasks))
+    placements = set(report.trained_points.values())
+    if len(placements) != 1:
+        raise ValueError(f"{name}: the modules were trained on different points; the parameter count assumes one "
+                         f"placement shared by every module, got {len(placements)}")
+    points = list(placements.pop())
+    trained = tessera_trained_params(library.backbone, points, train.num_modules, train.rank, len(data.tasks))
     router = library.controller.text_router
     params = {"trained": trained, "library": library_params(library),
               "text_router_head": sum(t.numel() for t in router.tensors().values()) if router else 0}
     info = {"steps": report.steps, "final_losses": report.losses, "fit_routing_accuracy": report.routing_accuracy,
             "kept_points": sum(len(p) for p in report.kept_points.values()),
-            "points": len(all_points(backbone, train.targets)) * train.num_modules}
+            "points": len(points) * train.num_modules, "placement": train.placement}
     logger.info("%s: trained in %.1f s, task loss %.4f", name, seconds, report.losses.get("task", math.nan))
     return System(name, "tessera", report.path, {}, seconds, params, info)
 
@@ -171,3 +176,35 @@ def train_shared_lora(model_dir: Path, data: Data, out: Path, train: TrainConfig
     params = {"trained": report.trainable_params, "library": library_params(library)}
     info = {"rank": rank, "alpha": report.alpha, "steps": report.steps, "final_loss": report.task_loss_history[-1]}
     return System("shared_lora", "lora", path, task_modules, seconds, params, info)
+
+
+def composite_module(composite: str) -> str:
+    """Module (and library task) name of a composite's reference LoRA: "reverse+uppercase" -> "composite-reverse-uppercase"."""
+    return "composite-" + composite.replace(COMPOSITE_SEPARATOR, "-")
+
+
+def train_composite_lora(config: QualityConfig, model_dir: Path, data: Data, out: Path, train: TrainConfig, rank: int,
+                         seed: int) -> System:
+    """The composites' reference, not a competitor: one PEFT LoRA per composite, trained on that composite's own
+    training items (as many as a base task has, `train.steps` steps, the per-task LoRA's rank), served only on
+    that composite. Every other system never sees a composite; this row is what the frozen backbone plus one
+    adapter reaches on a composite when it is trained on it, the ceiling the composite columns read against."""
+    started = time.perf_counter()
+    items = make_items(data.composites, config.train_per_task, "train", config.suite(seed))
+    reports = {}
+    for composite in data.composites:
+        mine = [item for item in items if item.task == composite]
+        reports[composite] = train_peft_lora(model_dir, to_examples(mine), out / "peft" / composite_module(composite),
+                                             train, rank, train.steps)
+    names = {composite: composite_module(composite) for composite in data.composites}
+    infos = [TaskInfo(names[c], f"reference LoRA trained on the composite {c}") for c in data.composites]
+    library = lora_library(fingerprint(model_dir), {names[c]: r.path for c, r in reports.items()}, infos,
+                           {name: name for name in names.values()})
+    path = library.write(out / "library", overwrite=True)
+    seconds = time.perf_counter() - started
+    params = {"trained": sum(r.trainable_params for r in reports.values()), "library": library_params(library),
+              "per_adapter": reports[data.composites[0]].trainable_params}
+    info = {"rank": rank, "alpha": reports[data.composites[0]].alpha, "steps_per_adapter": train.steps,
+            "train_items_per_composite": config.train_per_task,
+            "final_loss": {c: r.task_loss_history[-1] for c, r in reports.items()}}
+    return System(COMPOSITE_REFERENCE, "reference", path, names, seconds, params, info)

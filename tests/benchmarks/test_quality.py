@@ -15,13 +15,13 @@ from benchmarks.quality.metrics import Outcome, exact_match, mean_accuracy, task
 from benchmarks.quality.params import all_points, equal_param_rank, library_params, rank_cost
 from benchmarks.quality.run import EQUAL_STEPS, main
 from benchmarks.quality.sweeps import REGULARISERS, SWEEPS, check_sweep_names
-from benchmarks.quality.systems import make_data
+from benchmarks.quality.systems import COMPOSITE_REFERENCE, composite_module, make_data
 from router.compose import compose
 from router.controller import ControllerSettings
 from router.library import ModuleLibrary, fingerprint_from_hf_config, random_library
 from training.config import TrainConfig
 
-SYSTEMS = {"backbone", "per_task_lora", "shared_lora", "tessera", *ABLATIONS, EQUAL_STEPS}
+SYSTEMS = {"backbone", "per_task_lora", "shared_lora", "tessera", *ABLATIONS, EQUAL_STEPS, COMPOSITE_REFERENCE}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -104,7 +104,7 @@ def test_every_system_and_task_is_scored_from_its_outcomes(tiny_run):
     assert results["setting"] == "tiny" and results["seed"] == 0 and "commit" in results["git"]
     for name, system in results["systems"].items():
         for mode, record in system["evaluations"].items():
-            wanted = tasks if mode == "untagged" else tasks + composites
+            wanted = tasks if mode == "untagged" else composites if name == COMPOSITE_REFERENCE else tasks + composites
             assert list(record["per_task"]) == wanted, (name, mode)
             for task, row in record["per_task"].items():
                 mine = [o for o in record["outcomes"] if o["task"] == task]
@@ -113,6 +113,9 @@ def test_every_system_and_task_is_scored_from_its_outcomes(tiny_run):
                 assert 0 <= row["accuracy"] == row["correct"] / row["total"] <= 1
             for o in record["outcomes"]:
                 assert o["correct"] == exact_match(o["output"], o["answer"], o["finish_reason"])
+            if name == COMPOSITE_REFERENCE:
+                assert record["mean_base"] is None
+                continue
             assert record["mean_base"] == pytest.approx(sum(record["per_task"][t]["accuracy"] for t in tasks) / len(tasks))
     assert set(results["wall_seconds"]) >= {"backbone", "data", "train", "evaluate", "sweeps", "total"}
     tables = (out / "tables.md").read_text()
@@ -140,6 +143,11 @@ def test_parameter_counts_match_the_libraries_on_disk(tiny_run):
         assert lora["params"]["trained"] == lora["params"]["library"] == num_tasks * lora["info"]["rank"] * cost
     assert systems["per_task_lora"]["info"]["steps_per_adapter"] == math.ceil(config.steps / num_tasks)
     assert systems[EQUAL_STEPS]["info"]["steps_per_adapter"] == config.steps
+    reference = systems[COMPOSITE_REFERENCE]
+    assert reference["info"]["rank"] == systems["per_task_lora"]["info"]["rank"]
+    assert reference["info"]["steps_per_adapter"] == config.steps
+    assert reference["params"]["trained"] == reference["params"]["library"] == (
+        len(results["composites"]) * reference["info"]["rank"] * cost)
     shared = systems["shared_lora"]
     assert shared["params"]["trained"] == shared["params"]["library"] == equal_param_rank(trained["total"], 1, cost) * cost
 
@@ -182,6 +190,10 @@ def test_composites_use_both_tags_or_both_modules(tiny_run):
         assert all(o["modules"] == [f"lora-{first}", f"lora-{second}"] and o["gates"] == [1.0, 1.0] for o in explicit)
         prompted = [o for o in systems["backbone"]["evaluations"]["prompted"]["outcomes"] if o["task"] == composite]
         assert all(o["modules"] == [] for o in prompted)
+        reference = [o for o in systems[COMPOSITE_REFERENCE]["evaluations"]["explicit"]["outcomes"]
+                     if o["task"] == composite]
+        assert reference and all(o["modules"] == [composite_module(composite)] and o["gates"] == [1.0]
+                                 for o in reference)
 
 
 @pytest.mark.slow
@@ -191,7 +203,7 @@ def test_sweeps_and_plots(tiny_run):
     grids = {"modules": config.sweep_modules, "learning_rate": config.sweep_learning_rates,
              "noise": config.sweep_noise, "max_len": config.sweep_max_len, "top_k": config.sweep_top_k,
              "rank": config.sweep_ranks, "temperature": config.sweep_gate_temperatures,
-             "threshold": config.sweep_gate_thresholds}
+             "threshold": config.sweep_gate_thresholds, "placement": config.sweep_placement_budgets}
     defaults = TrainConfig()
     for name in REGULARISERS:
         grids[name] = tuple(round(scale * getattr(defaults, name), 12) for scale in config.sweep_regulariser_scales)
@@ -202,6 +214,14 @@ def test_sweeps_and_plots(tiny_run):
             assert all(0 <= point["tessera"][split] <= 1 for split in ("test", "val"))
             assert ("per_task_lora" in point) == (sweep in ("noise", "max_len"))
         assert sum(bool(p.get("reused_main")) for p in points) == 1
+    main_trained = results["systems"]["tessera"]["params"]["trained"]
+    for point in results["sweeps"]["placement"]:  # the search stays within its share of every point's cost
+        trained = point["params"]["tessera"]["trained"]
+        if point["value"] >= 1:
+            assert trained == main_trained
+        else:
+            assert 0 < trained["modules"] <= point["value"] * main_trained["modules"]
+            assert trained["insertion_gates"] < main_trained["insertion_gates"]
     assert sorted(results["plots"]) == sorted(f"sweep_{s}.png" for s in grids)
     for name in results["plots"]:
         data = (out / name).read_bytes()
