@@ -16,11 +16,17 @@
 #                  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .wheels fastapi uvicorn pydantic
 #                (3.5 MB: the web stack the GPU machine lacks, for the online stage)
 # Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer", ".wheels"]); results land in
-#                $OUT. Stages: tests, kernels, lora, engine, overhead, online (default: tests kernels). One device
-#                call may run 10 minutes, so each stage has its own time limit and a session runs them in four
-#                calls: `... tests kernels` (about 9 min), `... lora` (9), `... engine overhead` (9.5), `... online`
-#                (about 4). The JSON files are rewritten after every row, so a stage cut short keeps what it
-#                finished.
+#                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online (default: first).
+# Budget:        a task that is lent a GPU now gets 15 minutes of device time in all, the machine's start
+#                (a minute or more) included, so a session has one full call and a short rerun. `first` is
+#                that call (about 8.5 minutes, every step under its own limit): no Triton code of this
+#                project has run on a GPU yet, so correctness comes first (the kernel tests on CUDA), then
+#                each issue's headline number on a subset of its grid: composed_lora at rank 16, pools of
+#                8 and 64, decode 64/256 and prefill 2048 tokens, k 1 and 2 (36 of the 180 cases, with the
+#                vLLM peer when .peer/ was carried); paged attention decode and prefill at the default
+#                tiles; the engine on B=32 / prompt 256 / 64 new tokens, Tessera (a), (b), (c) and
+#                transformers generate. The other stages are the whole grids, for a session with more time.
+#                Every JSON file is rewritten after each row, so a step cut short keeps what it finished.
 set -uo pipefail
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
@@ -34,9 +40,18 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 git rev-parse HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
-STAGES="${*:-tests kernels}"
+STAGES="${*:-first}"
 for stage in $STAGES; do
   case "$stage" in
+    first)
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels 2>&1 | tail -25 \
+        | tee "$OUT/gpu_tests.txt"
+      timeout 130 python3 benchmarks/kernels/bench_composed_lora.py --ranks 16 --pools 8 64 --tokens 64 256 2048 \
+        --k 1 2 --out "$OUT/composed_lora.json" 2>&1 | tail -45
+      timeout 60 python3 benchmarks/kernels/bench_paged_attention.py --block-sizes 16 --tiles 32 64 \
+        --out "$OUT/paged_attention.json" 2>&1 | tail -20
+      timeout 130 python3 benchmarks/serving/bench_engine.py --workloads b32_p256_n64 \
+        --systems tessera_a tessera_b tessera_c hf_generate --out "$OUT/bench_engine.json" 2>&1 | tail -25 ;;
     tests)
       timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/server 2>&1 | tail -25 \
         | tee "$OUT/gpu_tests.txt" ;;
@@ -54,6 +69,6 @@ for stage in $STAGES; do
     online)
       timeout 540 python3 benchmarks/serving/bench_online.py --out "$OUT/online.json" 2>&1 | tail -12 ;;
     *)
-      echo "unknown stage '$stage' (tests, kernels, lora, engine, overhead, online)" >&2; exit 2 ;;
+      echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online)" >&2; exit 2 ;;
   esac
 done
