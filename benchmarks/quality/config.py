@@ -84,6 +84,12 @@ class QualityConfig:
     """Placement sweep: shares (0, 1] of the every-point parameter cost the modules may use. Below 1 the
     gradient-clustering search (TrainConfig.placement "search", placement_budget) chooses the points; 1 is every
     point (placement "all", TrainConfig's default: at the whole budget there is nothing to choose)."""
+    sweep_seeds: tuple[int, ...] = (0, 1, 2, 3)
+    """Training seeds of the seed sweep (the data stays the run's): the spread every other sweep's differences
+    are read against."""
+    sweep_compute: tuple[int, ...] = (1, 3, 6)
+    """Multiples of `steps` of the compute sweep, Tessera and per-task LoRA alike (6 with `equal_data` gives each
+    per-task adapter `steps` steps, the equal-steps baseline's compute, and Tessera as much in all)."""
     sweep_baseline: bool = True
     """Also train and evaluate per-task LoRA at every point of the noise and length sweeps."""
 
@@ -94,7 +100,7 @@ class QualityConfig:
         object.__setattr__(self, "sweep_max_len", tuple(self.sweep_max_len))
         object.__setattr__(self, "sweep_regulariser_scales", tuple(self.sweep_regulariser_scales))
         for name in ("sweep_top_k", "sweep_ranks", "sweep_gate_temperatures", "sweep_gate_thresholds",
-                     "sweep_placement_budgets"):
+                     "sweep_placement_budgets", "sweep_seeds", "sweep_compute"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("train_per_task", "test_per_task", "val_per_task", "steps", "batch_size", "num_modules",
                      "rank", "max_seq_len", "answer_margin", "threads"):
@@ -110,6 +116,11 @@ class QualityConfig:
         if not self.sweep_regulariser_scales or min(self.sweep_regulariser_scales) <= 0:
             raise ValueError("QualityConfig.sweep_regulariser_scales must be multiples > 0, "
                              f"got {self.sweep_regulariser_scales}")
+        if not self.sweep_seeds or min(self.sweep_seeds) < 0:
+            raise ValueError(f"QualityConfig.sweep_seeds must be seeds >= 0, got {self.sweep_seeds}")
+        if not self.sweep_compute or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
+                                             for m in self.sweep_compute):
+            raise ValueError(f"QualityConfig.sweep_compute must be integer multiples >= 1, got {self.sweep_compute}")
         if not self.sweep_placement_budgets or not all(0 < b <= 1 for b in self.sweep_placement_budgets):
             raise ValueError("QualityConfig.sweep_placement_budgets must be shares in (0, 1], "
                              f"got {self.sweep_placement_budgets}")
@@ -124,9 +135,10 @@ class QualityConfig:
     def train(self, seed: int, **overrides) -> TrainConfig:
         """Tessera's TrainConfig: this setting's sizes, every regulariser at TrainConfig's default."""
         rank = overrides.pop("rank", self.rank)
-        values = dict(num_modules=self.num_modules, rank=rank, alpha=2.0 * rank, steps=self.steps,
+        steps = overrides.pop("steps", self.steps)
+        values = dict(num_modules=self.num_modules, rank=rank, alpha=2.0 * rank, steps=steps,
                       batch_size=self.batch_size, learning_rate=self.learning_rate, max_seq_len=self.max_seq_len,
-                      seed=seed, checkpoint_every=self.steps, device=self.device)
+                      seed=seed, checkpoint_every=steps, device=self.device)
         return TrainConfig(**(values | overrides))
 
     def replace(self, **changes) -> "QualityConfig":
@@ -147,7 +159,8 @@ SETTINGS: dict[str, QualityConfig] = {
                           threads=1, sweep_modules=(2, 4), sweep_learning_rates=(1e-3, 3e-3), sweep_noise=(0.0, 0.2),
                           sweep_max_len=(4, 5), sweep_regulariser_scales=(1.0, 10.0),
                           sweep_top_k=(1, 2), sweep_ranks=(2, 4), sweep_gate_temperatures=(1.0, 2.0),
-                          sweep_gate_thresholds=(0.05, 0.2), sweep_placement_budgets=(0.5, 1.0)),
+                          sweep_gate_thresholds=(0.05, 0.2), sweep_placement_budgets=(0.5, 1.0),
+                          sweep_seeds=(0, 1), sweep_compute=(1, 2)),
     "small": QualityConfig(backbone="small", train_per_task=400, test_per_task=50, val_per_task=25, min_len=3,
                            max_len=8, steps=1000, batch_size=16, learning_rate=3e-3, sweep_max_len=(5, 8, 11)),
     "full": QualityConfig(backbone="full", train_per_task=2000, test_per_task=200, val_per_task=100, min_len=3,

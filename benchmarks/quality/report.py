@@ -100,7 +100,23 @@ def sweep_table(results: dict) -> str:
             lines.append(f"| {point['value']} | {_pct(point['tessera']['test'])} ({_pct(point['tessera']['val'])}) "
                          f"| {lora_text} | {'-' if trained is None else f'{trained:,}'} "
                          f"| {sum(point['train_seconds'].values()):.0f} |")
+        if sweep == "seed":
+            lines.append("\n" + seed_spread(points))
     return "\n".join(lines)
+
+
+def seed_spread(points: list[dict]) -> str:
+    """One line per system of the seed sweep: mean, lowest and highest test exact match over the seeds, mean on
+    validation."""
+    parts = []
+    for key, name in (("tessera", "Tessera"), ("per_task_lora", "per-task LoRA")):
+        if not all(key in point for point in points):
+            continue
+        test = [point[key]["test"] for point in points]
+        val = [point[key]["val"] for point in points]
+        parts.append(f"{name}: test mean {_pct(sum(test) / len(test))} (lowest {_pct(min(test))}, highest "
+                     f"{_pct(max(test))}), validation mean {_pct(sum(val) / len(val))}")
+    return f"Over {len(points)} training seeds: " + "; ".join(parts) + "."
 
 
 def markdown(results: dict) -> str:

@@ -10,6 +10,10 @@
     threshold      TrainConfig.gate_threshold
     placement      TrainConfig.placement_budget  shares in QualityConfig.sweep_placement_budgets: below 1 the
                                                  placement search chooses the points, 1 is every point (`all`)
+    seed           TrainConfig.seed              the training seed (module init, controller init, batch order;
+                                                 the per-task LoRA's too) over the same data; LoRA alongside
+    compute        TrainConfig.steps             multiples of the main run's steps; the per-task LoRA's steps
+                                                 are scaled alike (LoRA alongside), so both get equal compute
     lambda_*       TrainConfig.lambda_decouple, lambda_align, lambda_sparse, lambda_prior: each regulariser's
                    weight at QualityConfig.sweep_regulariser_scales times its default, the others at theirs
                    (weight 0 is the main table's ablation of that regulariser)
@@ -41,7 +45,7 @@ REGULARISERS = ("lambda_decouple", "lambda_align", "lambda_sparse", "lambda_prio
 """TrainConfig fields of the regularisers' weights, one sweep each."""
 CONTROLLER = {"top_k": "top_k", "rank": "rank", "temperature": "gate_temperature", "threshold": "gate_threshold"}
 """Sweep name -> the TrainConfig field it varies (the controller's gate settings and the module rank)."""
-SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, "placement", *REGULARISERS)
+SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, "placement", "seed", "compute", *REGULARISERS)
 
 
 def base_means(system: System, model_dir: Path, data: Data, serve_config: ServeConfig, max_tokens: int) -> dict:
@@ -82,6 +86,8 @@ def _grid(config: QualityConfig) -> dict[str, tuple[tuple, Callable[[object], tu
         "temperature": (config.sweep_gate_temperatures, lambda t: ({"gate_temperature": t}, {}), False),
         "threshold": (config.sweep_gate_thresholds, lambda t: ({"gate_threshold": t}, {}), False),
         "placement": (config.sweep_placement_budgets, lambda b: (placement_overrides(b), {}), False),
+        "seed": (config.sweep_seeds, lambda s: ({"seed": s}, {}), True),
+        "compute": (config.sweep_compute, lambda m: ({"steps": m * config.steps}, {}), True),
     } | regularisers
 
 
@@ -90,8 +96,12 @@ def placement_overrides(budget: float) -> dict:
     return {"placement": "all"} if budget >= 1 else {"placement": "search", "placement_budget": budget}
 
 
-def main_value(config: QualityConfig, sweep: str):
-    """The main run's value of a sweep's knob."""
+def main_value(config: QualityConfig, sweep: str, seed: int):
+    """The main run's value of a sweep's knob (`seed`: the run's)."""
+    if sweep == "seed":
+        return seed
+    if sweep == "compute":
+        return 1
     if sweep in REGULARISERS:
         return getattr(config.train(0), sweep)
     if sweep in CONTROLLER:
@@ -105,22 +115,26 @@ def main_value(config: QualityConfig, sweep: str):
 
 def sweep_point(config: QualityConfig, model_dir: Path, seed: int, out: Path, serve_config: ServeConfig,
                 overrides: tuple[dict, dict], with_lora: bool) -> dict:
-    """Train Tessera (and per-task LoRA) with one knob changed and score both on validation and test items."""
+    """Train Tessera (and per-task LoRA) with one knob changed and score both on validation and test items. The data
+always comes from the run's `seed`; a `seed` in the TrainConfig overrides changes only the training seed."""
     started = time.perf_counter()
     train_overrides, suite_overrides = overrides
     data = make_data(config, seed, **suite_overrides)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     max_tokens = max_new_tokens(tokenizer, eval_items(data.test + data.val), config.answer_margin)
-    train = config.train(seed, text_router=False, **train_overrides)
+    train_overrides = dict(train_overrides)
+    train = config.train(train_overrides.pop("seed", seed), text_router=False, **train_overrides)
     tessera = train_tessera("tessera", model_dir, data, out / "tessera", train)
     point = {"tessera": base_means(tessera, model_dir, data, serve_config, max_tokens),
-             "train_seconds": {"tessera": tessera.train_seconds}, "params": {"tessera": tessera.params}}
+             "train_seconds": {"tessera": tessera.train_seconds}, "params": {"tessera": tessera.params},
+             "steps": {"tessera": tessera.info["steps"]}}
     if with_lora:
         rank = lora_ranks(fingerprint(model_dir), train, len(data.tasks))["per_task"]
         lora = train_per_task_lora(model_dir, data, out / "per_task_lora", train, rank,
-                                   lora_steps(config, len(data.tasks)))
+                                   lora_steps(config.replace(steps=train.steps), len(data.tasks)))
         point["per_task_lora"] = base_means(lora, model_dir, data, serve_config, max_tokens)
         point["train_seconds"]["per_task_lora"] = lora.train_seconds
+        point["steps"]["per_task_lora"] = lora.info["steps_per_adapter"]
     point["seconds"] = time.perf_counter() - started
     return point
 
@@ -151,7 +165,7 @@ def run_sweeps(config: QualityConfig, model_dir: Path, seed: int, out: Path, ser
             continue
         results[sweep] = []
         for value in values:
-            if value == main_value(config, sweep) and (not with_lora or "per_task_lora" in main_point):
+            if value == main_value(config, sweep, seed) and (not with_lora or "per_task_lora" in main_point):
                 point = _reused(main_point, with_lora)
             else:
                 logger.info("sweep %s = %s", sweep, value)

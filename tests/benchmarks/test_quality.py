@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from benchmarks.quality.config import ABLATIONS, SETTINGS
@@ -203,7 +204,8 @@ def test_sweeps_and_plots(tiny_run):
     grids = {"modules": config.sweep_modules, "learning_rate": config.sweep_learning_rates,
              "noise": config.sweep_noise, "max_len": config.sweep_max_len, "top_k": config.sweep_top_k,
              "rank": config.sweep_ranks, "temperature": config.sweep_gate_temperatures,
-             "threshold": config.sweep_gate_thresholds, "placement": config.sweep_placement_budgets}
+             "threshold": config.sweep_gate_thresholds, "placement": config.sweep_placement_budgets,
+             "seed": config.sweep_seeds, "compute": config.sweep_compute}
     defaults = TrainConfig()
     for name in REGULARISERS:
         grids[name] = tuple(round(scale * getattr(defaults, name), 12) for scale in config.sweep_regulariser_scales)
@@ -212,7 +214,7 @@ def test_sweeps_and_plots(tiny_run):
         assert [p["value"] for p in points] == list(grids[sweep])
         for point in points:
             assert all(0 <= point["tessera"][split] <= 1 for split in ("test", "val"))
-            assert ("per_task_lora" in point) == (sweep in ("noise", "max_len"))
+            assert ("per_task_lora" in point) == (sweep in ("noise", "max_len", "seed", "compute"))
         assert sum(bool(p.get("reused_main")) for p in points) == 1
     main_trained = results["systems"]["tessera"]["params"]["trained"]
     for point in results["sweeps"]["placement"]:  # the search stays within its share of every point's cost
@@ -222,6 +224,18 @@ def test_sweeps_and_plots(tiny_run):
         else:
             assert 0 < trained["modules"] <= point["value"] * main_trained["modules"]
             assert trained["insertion_gates"] < main_trained["insertion_gates"]
+    seeds = results["sweeps"]["seed"]  # another training seed over the same data gives another library
+    assert seeds[0]["reused_main"] and not seeds[1].get("reused_main")
+    main_modules = load_file(out / "systems" / "tessera" / "modules.safetensors")
+    other_modules = load_file(out / "sweeps" / "seed" / "1" / "tessera" / "modules.safetensors")
+    assert main_modules.keys() == other_modules.keys()
+    assert not any(torch.equal(main_modules[name], other_modules[name]) for name in main_modules)
+    main_steps = {"tessera": results["systems"]["tessera"]["info"]["steps"],
+                  "per_task_lora": results["systems"]["per_task_lora"]["info"]["steps_per_adapter"]}
+    for point in results["sweeps"]["compute"]:  # both systems get the multiple of their own steps
+        if not point.get("reused_main"):
+            assert point["steps"] == {name: point["value"] * steps for name, steps in main_steps.items()}
+    assert "Over 2 training seeds: Tessera: test mean" in (out / "tables.md").read_text()
     assert sorted(results["plots"]) == sorted(f"sweep_{s}.png" for s in grids)
     for name in results["plots"]:
         data = (out / name).read_bytes()
