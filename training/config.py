@@ -73,10 +73,12 @@ class TrainConfig:
     """At export, insertion points whose gate is below this are removed from the library (per point, see
     training.export); 0 disables pruning."""
     placement: str = "all"
-    """Where modules go when no points are given: `all` (every layer x `targets`) or `search` (the
-    gradient-clustering placement search of training.placement, under `placement_budget`)."""
+    """Where modules go when no points are given: `all` (every layer x `targets`), `search` (the
+    gradient-clustering placement search of training.placement, under `placement_budget`) or `random`
+    (seeded random points under the same budget: the control the search is measured against)."""
     placement_budget: float = 0.25
-    """With placement=search: the share (0, 1] of the all-points parameter cost the chosen points may use."""
+    """With placement search or random: the share (0, 1] of the all-points parameter cost the chosen points
+    may use."""
     text_router: bool = True
     """Fit a text router (training.text_router) on each example's first user message, so untagged (`auto`)
     requests are routed; needs two or more tasks with two or more examples each."""
@@ -133,8 +135,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.targets must be distinct names from {TARGETS}, got {list(self.targets)}")
         if self.stop_after_steps is not None and (isinstance(self.stop_after_steps, bool) or self.stop_after_steps < 1):
             raise ValueError(f"TrainConfig.stop_after_steps must be None or >= 1, got {self.stop_after_steps!r}")
-        if self.placement not in ("all", "search"):
-            raise ValueError(f"TrainConfig.placement must be all or search, got {self.placement!r}")
+        if self.placement not in ("all", "search", "random"):
+            raise ValueError(f"TrainConfig.placement must be all, search or random, got {self.placement!r}")
         self._check_float("placement_budget", low=0.0, high=1.0 + 1e-9, low_open=True)
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")

@@ -64,7 +64,8 @@ class TrainReport:
     """Held-out task accuracy of the text router fitted on the prompts; None when none was fitted."""
     trained_points: dict[str, tuple[Point, ...]] = field(default_factory=dict)
     """Module name -> insertion points it was trained on (before pruning): every (layer, target) of
-    `config.targets` with placement `all`, the search's choice with `search`, the given `points` otherwise."""
+    `config.targets` with placement `all`, the search's choice with `search`, seeded random points under the
+    budget with `random`, the given `points` otherwise."""
 
 
 def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -136,6 +137,8 @@ class Trainer:
         self.model.requires_grad_(False)
         if points is None and init is None and config.placement == "search":
             points = self._search_points()
+        elif points is None and init is None and config.placement == "random":
+            points = self._random_points()
         self.bank = self._build_bank(points)
         self.controller = self._build_controller().to(self.device)
         self.optimizer = self._build_optimizer()
@@ -156,6 +159,23 @@ class Trainer:
         logger.info("placement search chose %d points (cost %d of budget %d): %s", len(placement.points),
                     placement.total_cost, placement.budget, placement.points)
         return list(placement.points)
+
+    def _random_points(self) -> list[Point]:
+        """Seeded random insertion points under the placement budget (the search's control)."""
+        from training.placement import point_costs, random_select
+
+        cfg = self.config
+        costs = point_costs(self.model.config, cfg.rank, cfg.num_modules)
+        points = list(costs)
+        budget = int(cfg.placement_budget * sum(costs.values()))
+        selection = random_select([costs[p] for p in points], budget, cfg.seed)
+        chosen = [points[i] for i in selection.chosen]
+        if not chosen:
+            raise ValueError(f"placement_budget {cfg.placement_budget} allows {budget} parameters, less than the "
+                             f"cheapest point costs ({min(costs.values())}); raise it")
+        logger.info("random placement chose %d points (cost %d of budget %d): %s", len(chosen), selection.cost,
+                    budget, chosen)
+        return chosen
 
     def _encode(self) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
         index = {t.name: i for i, t in enumerate(self.tasks)}

@@ -14,6 +14,7 @@ LABELS = {
     "temperature": ("gate temperature T", True),
     "threshold": ("gate threshold", False),
     "placement": ("placement budget (share of every point's parameters; 1 = every point)", False),
+    "placement_random": ("random placement budget (share of every point's parameters; 1 = every point)", False),
     "seed": ("training seed (same data)", False),
     "compute": ("optimiser steps, multiple of the main run's (per-task LoRA alike)", False),
     "lambda_decouple": ("decoupling weight lambda1", True),

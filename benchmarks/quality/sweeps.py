@@ -10,6 +10,8 @@
     threshold      TrainConfig.gate_threshold
     placement      TrainConfig.placement_budget  shares in QualityConfig.sweep_placement_budgets: below 1 the
                                                  placement search chooses the points, 1 is every point (`all`)
+    placement_random  the same budgets with seeded random points (TrainConfig.placement "random"): the control
+                                                 that says whether the search's choice beats chance
     seed           TrainConfig.seed              the training seed (module init, controller init, batch order;
                                                  the per-task LoRA's too) over the same data; LoRA alongside
     compute        TrainConfig.steps             multiples of the main run's steps; the per-task LoRA's steps
@@ -45,7 +47,7 @@ REGULARISERS = ("lambda_decouple", "lambda_align", "lambda_sparse", "lambda_prio
 """TrainConfig fields of the regularisers' weights, one sweep each."""
 CONTROLLER = {"top_k": "top_k", "rank": "rank", "temperature": "gate_temperature", "threshold": "gate_threshold"}
 """Sweep name -> the TrainConfig field it varies (the controller's gate settings and the module rank)."""
-SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, "placement", "seed", "compute", *REGULARISERS)
+SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, "placement", "placement_random", "seed", "compute", *REGULARISERS)
 
 
 def base_means(system: System, model_dir: Path, data: Data, serve_config: ServeConfig, max_tokens: int) -> dict:
@@ -86,14 +88,16 @@ def _grid(config: QualityConfig) -> dict[str, tuple[tuple, Callable[[object], tu
         "temperature": (config.sweep_gate_temperatures, lambda t: ({"gate_temperature": t}, {}), False),
         "threshold": (config.sweep_gate_thresholds, lambda t: ({"gate_threshold": t}, {}), False),
         "placement": (config.sweep_placement_budgets, lambda b: (placement_overrides(b), {}), False),
+        "placement_random": (config.sweep_placement_budgets, lambda b: (placement_overrides(b, "random"), {}), False),
         "seed": (config.sweep_seeds, lambda s: ({"seed": s}, {}), True),
         "compute": (config.sweep_compute, lambda m: ({"steps": m * config.steps}, {}), True),
     } | regularisers
 
 
-def placement_overrides(budget: float) -> dict:
-    """TrainConfig fields of a placement-sweep point: the search under `budget`, or every point at 1."""
-    return {"placement": "all"} if budget >= 1 else {"placement": "search", "placement_budget": budget}
+def placement_overrides(budget: float, chooser: str = "search") -> dict:
+    """TrainConfig fields of a placement-sweep point: `chooser` (search or random) under `budget`, or every point
+    at 1."""
+    return {"placement": "all"} if budget >= 1 else {"placement": chooser, "placement_budget": budget}
 
 
 def main_value(config: QualityConfig, sweep: str, seed: int):
@@ -106,7 +110,7 @@ def main_value(config: QualityConfig, sweep: str, seed: int):
         return getattr(config.train(0), sweep)
     if sweep in CONTROLLER:
         return getattr(config.train(0), CONTROLLER[sweep])
-    if sweep == "placement":
+    if sweep in ("placement", "placement_random"):
         train = config.train(0)
         return 1.0 if train.placement == "all" else train.placement_budget
     return {"modules": config.num_modules, "learning_rate": config.learning_rate, "noise": config.noise,

@@ -205,7 +205,7 @@ def test_sweeps_and_plots(tiny_run):
              "noise": config.sweep_noise, "max_len": config.sweep_max_len, "top_k": config.sweep_top_k,
              "rank": config.sweep_ranks, "temperature": config.sweep_gate_temperatures,
              "threshold": config.sweep_gate_thresholds, "placement": config.sweep_placement_budgets,
-             "seed": config.sweep_seeds, "compute": config.sweep_compute}
+             "placement_random": config.sweep_placement_budgets, "seed": config.sweep_seeds, "compute": config.sweep_compute}
     defaults = TrainConfig()
     for name in REGULARISERS:
         grids[name] = tuple(round(scale * getattr(defaults, name), 12) for scale in config.sweep_regulariser_scales)
@@ -217,7 +217,8 @@ def test_sweeps_and_plots(tiny_run):
             assert ("per_task_lora" in point) == (sweep in ("noise", "max_len", "seed", "compute"))
         assert sum(bool(p.get("reused_main")) for p in points) == 1
     main_trained = results["systems"]["tessera"]["params"]["trained"]
-    for point in results["sweeps"]["placement"]:  # the search stays within its share of every point's cost
+    # the search and the random control stay within their share of every point's cost
+    for point in results["sweeps"]["placement"] + results["sweeps"]["placement_random"]:
         trained = point["params"]["tessera"]["trained"]
         if point["value"] >= 1:
             assert trained == main_trained

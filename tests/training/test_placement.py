@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from router.fingerprint import TARGETS
 from training.placement import (
     PlacementConfig, count_sketch, enumerate_blocks, greedy_select, kmeans, knn_graph, point_costs,
-    search_placement, select_points, sketch_gradients, spectral_clusters, target_linear, two_opt,
+    random_select, search_placement, select_points, sketch_gradients, spectral_clusters, target_linear, two_opt,
 )
 from training.placement import sketch as sketch_module
 from training.placement.gain import fit_gain, probe_choice
@@ -228,6 +228,22 @@ def test_selection_input_errors():
         greedy_select([1.0], [0], [0], 3)
     with pytest.raises(ValueError, match="over the budget"):
         two_opt(greedy_select([1.0], [3], [0], 3), [1.0], [3], [0], 2)
+
+
+def test_random_selection_fills_the_budget_in_a_seeded_order():
+    costs = [5, 3, 8, 2, 7, 4, 6, 1, 9, 3]
+    budget = 20
+    selections = {seed: random_select(costs, budget, seed) for seed in range(8)}
+    for seed, selection in selections.items():
+        assert selection.cost == sum(costs[i] for i in selection.chosen) <= budget
+        assert list(selection.chosen) == sorted(selection.chosen)
+        # greedy fill: no unchosen item still fits
+        assert all(costs[i] > budget - selection.cost for i in range(len(costs)) if i not in selection.chosen)
+        assert selection == random_select(costs, budget, seed)
+    assert len({s.chosen for s in selections.values()}) > 1  # the seed matters
+    assert random_select(costs, 0, 0).chosen == ()
+    with pytest.raises(ValueError, match="integer >= 1"):
+        random_select([0, 2], 3, 0)
 
 
 def test_gain_fit_recovers_a_linear_law_and_loo_exposes_noise():

@@ -171,6 +171,28 @@ def test_searched_points_that_are_no_grid_are_written_exactly(tiny_llama, exampl
         assert info.all_points == points and sorted(library.module_weights(info.name)) == sorted(points)
 
 
+def test_random_placement_is_the_seeded_control_under_the_budget(tiny_llama, examples, small_config, fingerprint,
+                                                                 tmp_path):
+    """placement=random: seeded random points within the budget (another seed, other points); a budget below the
+    cheapest point is a clear error."""
+    all_points = [(layer, t) for layer in range(fingerprint.num_layers) for t in TARGETS]
+    cost = {p: sum(fingerprint.shape(p[1])) for p in all_points}
+    chosen = {}
+    for seed in (0, 1, 2):
+        config = dataclasses.replace(small_config, placement="random", placement_budget=0.4, prune_threshold=0.0,
+                                     seed=seed, steps=1)
+        report = train_library(tiny_llama, examples, tmp_path / f"lib{seed}", config, progress=False)
+        points = ModuleLibrary.load(report.path, expect=fingerprint).modules["m0"].all_points
+        assert 0 < len(points) < len(all_points)
+        assert sum(cost[p] for p in points) <= 0.4 * sum(cost.values())
+        assert set(report.trained_points["m0"]) == set(points)
+        chosen[seed] = tuple(sorted(points))
+    assert len(set(chosen.values())) > 1
+    tiny = dataclasses.replace(small_config, placement="random", placement_budget=1e-6, steps=1)
+    with pytest.raises(ValueError, match="less than the cheapest point costs"):
+        train_library(tiny_llama, examples, tmp_path / "none", tiny, progress=False)
+
+
 def test_searched_placement_and_text_router_end_to_end(tiny_llama, examples, small_config, fingerprint, tmp_path):
     """placement=search picks points under the budget; the written library routes untagged prompts."""
     config = dataclasses.replace(small_config, placement="search", placement_budget=0.3, text_router=True,

@@ -60,13 +60,13 @@ The frozen backbone's gradients on each task decide where low-rank modules pay o
 from training.placement.blocks import Block, enumerate_blocks, point_costs, target_linear
 from training.placement.config import Placement, PlacementConfig, Point
 from training.placement.search import search_placement
-from training.placement.select import Selection, greedy_select, select_points, two_opt
+from training.placement.select import Selection, greedy_select, random_select, select_points, two_opt
 from training.placement.sketch import GradientSketch, count_sketch, sketch_gradients
 from training.placement.spectral import kmeans, knn_graph, normalized_laplacian, spectral_clusters, task_profiles
 
 __all__ = [
     "Block", "GradientSketch", "Placement", "PlacementConfig", "Point", "Selection", "count_sketch",
-    "enumerate_blocks", "greedy_select", "kmeans", "knn_graph", "normalized_laplacian", "point_costs",
+    "enumerate_blocks", "greedy_select", "kmeans", "knn_graph", "normalized_laplacian", "point_costs", "random_select",
     "search_placement", "select_points", "sketch_gradients", "spectral_clusters", "target_linear",
     "task_profiles", "two_opt",
 ]

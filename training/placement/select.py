@@ -136,3 +136,16 @@ def select_points(gains: Sequence[float], costs: Sequence[int], clusters: Sequen
     logger.info("selection: greedy gain %.6g -> 2-opt gain %.6g (cost %d of %d)",
                 greedy.gain, improved.gain, improved.cost, budget)
     return improved
+
+
+def random_select(costs: Sequence[int], budget: int, seed: int) -> Selection:
+    """The control the search is measured against: items in a seeded random order, each taken while it fits
+    the budget (no gains; Selection.gain is 0)."""
+    _check([0.0] * len(costs), costs, [0] * len(costs), budget)
+    order = torch.randperm(len(costs), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen, spent = set(), 0
+    for index in order:
+        if spent + costs[index] <= budget:
+            chosen.add(index)
+            spent += costs[index]
+    return _make(chosen, [0.0] * len(costs), costs)
