@@ -162,12 +162,12 @@ class Trainer:
 
     def _random_points(self) -> list[Point]:
         """Seeded random insertion points under the placement budget (the search's control)."""
-        from training.placement import point_costs, random_select
+        from training.placement import PlacementConfig, point_costs, random_select
 
         cfg = self.config
         costs = point_costs(self.model.config, cfg.rank, cfg.num_modules)
         points = list(costs)
-        budget = int(cfg.placement_budget * sum(costs.values()))
+        budget = PlacementConfig(budget_fraction=cfg.placement_budget).budget(sum(costs.values()))  # the search's rule
         selection = random_select([costs[p] for p in points], budget, cfg.seed)
         chosen = [points[i] for i in selection.chosen]
         if not chosen:

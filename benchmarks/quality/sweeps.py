@@ -47,7 +47,8 @@ REGULARISERS = ("lambda_decouple", "lambda_align", "lambda_sparse", "lambda_prio
 """TrainConfig fields of the regularisers' weights, one sweep each."""
 CONTROLLER = {"top_k": "top_k", "rank": "rank", "temperature": "gate_temperature", "threshold": "gate_threshold"}
 """Sweep name -> the TrainConfig field it varies (the controller's gate settings and the module rank)."""
-SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, "placement", "placement_random", "seed", "compute", *REGULARISERS)
+SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, "placement", "placement_random", "seed", "compute",
+          *REGULARISERS)
 
 
 def base_means(system: System, model_dir: Path, data: Data, serve_config: ServeConfig, max_tokens: int) -> dict:
@@ -120,7 +121,7 @@ def main_value(config: QualityConfig, sweep: str, seed: int):
 def sweep_point(config: QualityConfig, model_dir: Path, seed: int, out: Path, serve_config: ServeConfig,
                 overrides: tuple[dict, dict], with_lora: bool) -> dict:
     """Train Tessera (and per-task LoRA) with one knob changed and score both on validation and test items. The data
-always comes from the run's `seed`; a `seed` in the TrainConfig overrides changes only the training seed."""
+    always comes from the run's `seed`; a `seed` in the TrainConfig overrides changes only the training seed."""
     started = time.perf_counter()
     train_overrides, suite_overrides = overrides
     data = make_data(config, seed, **suite_overrides)
