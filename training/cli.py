@@ -141,7 +141,7 @@ def run_train(args: argparse.Namespace) -> None:
     from training.trainer import check_output, train_library
 
     try:
-        check_output(args.out, args.overwrite)
+        check_output(args.out, args.overwrite, "pass --overwrite to replace it")
         examples = load_examples(args.data)
         init = _init_library(args)
         report = train_library(args.model, examples, args.out, config, init=init, progress=args.progress,

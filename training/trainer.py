@@ -298,11 +298,13 @@ class Trainer:
         return library, {self.bank.specs[j].name: tuple(points) for j, points in kept.items()}
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """`out` as an absolute path; LibraryError if it exists (and is not an empty directory) unless `overwrite`."""
+def check_output(out: str | Path, overwrite: bool, hint: str = "pass overwrite=True to replace it") -> Path:
+    """`out` as an absolute path; LibraryError if it exists (and is not an empty directory) unless `overwrite`.
+
+    `hint` ends the message with how the caller replaces an output (the CLI names its `--overwrite` flag)."""
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LibraryError(f"{out} already exists; choose another output or pass overwrite=True (--overwrite)")
+        raise LibraryError(f"{out} already exists; choose another output or {hint}")
     return out
 
 

@@ -40,7 +40,7 @@ def test_train_writes_a_library_then_refuses_to_overwrite_it(tiny_llama, example
     library = ModuleLibrary.load(out, expect=fingerprint)
     assert list(library.modules) == ["m0", "m1"] and library.modules["m0"].targets == ("q_proj", "v_proj")
     again = _error(_train("--model", tiny_llama, "--data", data, "--out", out, *FAST))
-    assert f"{out} already exists" in again
+    assert f"{out} already exists" in again and "pass --overwrite to replace it" in again
 
 
 def test_bad_data_names_the_line(tiny_llama, examples, tmp_path):
