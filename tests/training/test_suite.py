@@ -9,7 +9,8 @@ import pytest
 from training.data import load_examples
 from training.suite.data import Item, SuiteConfig, is_test_input, make_items, to_examples, write_jsonl
 from training.suite.tasks import (
-    ALPHABET, COMPOSITES, TASKS, alphabet_of, answer_for, chain_in_domain, prompt_for, split_task,
+    ALPHABET, COMPOSITES, TASKS, alphabet_of, answer_for, chain_in_domain, instruction_words, prompt_for,
+    split_task,
 )
 
 KNOWN = {
@@ -48,6 +49,7 @@ def test_every_composite_chains_inside_the_second_tasks_training_domain():
         assert chain_in_domain(first, second), name
     # the rule can fail: uppercase outputs capitals caesar never trains on, reverse passes on digits uppercase never sees
     assert not chain_in_domain("uppercase", "caesar") and not chain_in_domain("reverse", "uppercase")
+    assert instruction_words(["caesar", "uppercase"]) == 9 and instruction_words(["reverse"]) == 3
     inputs, outputs = alphabet_of("caesar")
     assert inputs == outputs == set("abcdefghijklmnopqrstuvwxyz")
 

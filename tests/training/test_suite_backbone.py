@@ -15,7 +15,7 @@ from training.suite.backbone import (
     PRETRAIN_RECORD, SETTINGS, BackboneConfig, config_hash, ensure_backbone, pretraining_text, write_char_tokenizer,
 )
 from training.suite.data import make_items
-from training.suite.tasks import ALPHABET, TASKS, answer_for
+from training.suite.tasks import ALPHABET, COMPOSITES, TASKS, answer_for, instruction_words
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,26 @@ def test_pretraining_text_never_follows_a_task():
                 continue
             assert mapped == string or target != f"{mapped}<|im_end|>\n"
     assert 150 < copies < 250 and raws == 400 - copies
+
+
+def _instructions(config: BackboneConfig, count: int = 400) -> list[str]:
+    rng = random.Random(0)
+    contexts = [pretraining_text(rng, config)[0] for _ in range(count)]
+    return [c.split("user\n", 1)[1].rsplit(": ", 1)[0] for c in contexts if c]
+
+
+def test_pretraining_instructions_cover_the_composites_on_full():
+    """The "full" backbone has copied after instructions as long as a composite's, with the comma of ", then"."""
+    longest = max(instruction_words(chain) for chain in COMPOSITES.values())
+    assert longest > 3 and SETTINGS["full"].instruction_words >= longest
+    words = [len(i.replace(",", "").split()) for i in _instructions(replace(SETTINGS["small"], instruction_words=9,
+                                                                             comma_share=0.15))]
+    assert max(words) == 9 and min(words) == 1
+    assert any(", " in i for i in _instructions(replace(SETTINGS["small"], instruction_words=9, comma_share=0.15)))
+    small = _instructions(SETTINGS["small"])
+    assert max(len(i.split()) for i in small) == 3 and not any("," in i for i in small)
+    with pytest.raises(ValueError, match="comma_share must be in"):
+        BackboneConfig(comma_share=1.5)
 
 
 def test_config_hash_names_the_config():

@@ -4,8 +4,8 @@ The backbone must know the chat format, the alphabet and how to copy, but none o
 that a module has something to learn and the backbone alone scores near zero. Its pretraining data
 (`pretraining_text`) is therefore generic, never a task's input -> output mapping:
 
-- copy conversations (share `copy_share`): a user message made of 1-3 instruction-like words drawn from a
-  word list (which holds the task words too, "reverse", "sort", ..., so they carry no meaning) and a colon,
+- copy conversations (share `copy_share`): a user message made of 1 to `instruction_words` instruction-like
+  words (a share `comma_share` of the gaps between them written ", ") drawn from a word list (which holds the task words too, "reverse", "sort", ..., so they carry no meaning) and a colon,
   then a random string; the assistant echoes the string unchanged;
 - raw strings (the rest): random words, numbers and "x+y" sums over ALPHABET, no chat format.
 
@@ -99,6 +99,17 @@ class BackboneConfig:
     max_string_len: int = 12
     """Longest random string in a copy conversation, in characters; cover the suite's input and answer
     lengths (SuiteConfig.max_len) so copying generalises to them."""
+    instruction_words: int = 3
+    """Most words in a pretraining instruction (each copy conversation draws 1 to this many). NOTE: a composite's
+    prompt names both instructions ("shift each letter by 3, then convert to uppercase": 9 words), longer than
+    any 3-word instruction, so on "small" (kept at 3: its recorded results) the composite prompt is outside what
+    the backbone learned to copy after. A "small" pretrained with up to 9 words and seq_len 128 needed 2000 steps
+    (152 s on 2 cores) to copy 97% of held-out strings; 1250 steps at seq_len 64, which cuts long instructions,
+    copied 9%. "full" covers the composites (training.suite.tasks.instruction_words)."""
+    comma_share: float = 0.0
+    """Share of the gaps between instruction words written ", " instead of " " (composite prompts join their
+    instructions with ", then "); 0 draws nothing, so the pretraining stream of a config without commas is
+    unchanged."""
     copy_share: float = 1.0
     """Share of pretraining sequences that are copy conversations; the rest are raw repeated strings. 1 on
     CPU, where the copy ability must appear within about a minute and every copy conversation counts
@@ -109,7 +120,8 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                     "max_position_embeddings", "steps", "batch_size", "seq_len", "max_string_len"):
+                     "max_position_embeddings", "steps", "batch_size", "seq_len", "max_string_len",
+                     "instruction_words"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BackboneConfig.{name} must be an integer >= 1, got {value!r}")
@@ -119,9 +131,9 @@ class BackboneConfig:
         if self.seq_len > self.max_position_embeddings:
             raise ValueError(f"BackboneConfig.seq_len ({self.seq_len}) exceeds max_position_embeddings "
                              f"({self.max_position_embeddings})")
-        if not 0 <= self.copy_share <= 1 or not 0 < self.learning_rate < 1:
-            raise ValueError(f"BackboneConfig: copy_share must be in [0, 1] and learning_rate in (0, 1), got "
-                             f"{self.copy_share!r} and {self.learning_rate!r}")
+        if not 0 <= self.copy_share <= 1 or not 0 <= self.comma_share <= 1 or not 0 < self.learning_rate < 1:
+            raise ValueError(f"BackboneConfig: copy_share and comma_share must be in [0, 1] and learning_rate in "
+                             f"(0, 1), got {self.copy_share!r}, {self.comma_share!r} and {self.learning_rate!r}")
 
 
 SETTINGS: dict[str, BackboneConfig] = {
@@ -130,7 +142,7 @@ SETTINGS: dict[str, BackboneConfig] = {
     "small": BackboneConfig(),
     "full": BackboneConfig(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1536,
                            max_position_embeddings=1024, steps=4000, batch_size=64, learning_rate=1e-3,
-                           seq_len=128, max_string_len=32, copy_share=0.8),
+                           seq_len=192, max_string_len=32, copy_share=0.8, instruction_words=9, comma_share=0.15),
 }
 """Named backbones: "tiny" for tests (pretrains in seconds, does not learn to copy), "small" for the demo
 and the quality suite on CPU (about a minute on 2 cores), "full" for one GPU."""
@@ -174,7 +186,10 @@ def pretraining_text(rng: random.Random, config: BackboneConfig) -> tuple[str, s
     string and the end of the turn; raw strings have no context.
     """
     if rng.random() < config.copy_share:
-        instruction = " ".join(rng.choice(INSTRUCTION_WORDS) for _ in range(rng.randint(1, 3)))
+        words = [rng.choice(INSTRUCTION_WORDS) for _ in range(rng.randint(1, config.instruction_words))]
+        instruction = words[0]
+        for word in words[1:]:
+            instruction += (", " if config.comma_share and rng.random() < config.comma_share else " ") + word
         text = random_string(rng, rng.randint(1, config.max_string_len))
         return f"{IM_START}user\n{instruction}: {text}{IM_END}\n{IM_START}assistant\n", f"{text}{IM_END}\n"
     pieces, size = [], 0

@@ -144,6 +144,12 @@ never sees the uppercase letters that uppercase outputs), so they tested more th
 caesar+uppercase is the same function as uppercase+caesar (the two commute) with its chain inside the domain."""
 
 
+def instruction_words(tasks: Sequence[str]) -> int:
+    """Words in the instruction of the prompt of `tasks` (a base task, or a composite's chain): what the
+    backbone's pretraining instructions must cover (training.suite.backbone.BackboneConfig.instruction_words)."""
+    return len(prompt_for(tasks, "x").rsplit(":", 1)[0].split())
+
+
 def alphabet_of(task: str, sample: int = 2000, max_len: int = 16, seed: int = 0) -> tuple[set[str], set[str]]:
     """(characters of the inputs, characters of the answers) of `task` over `sample` seeded inputs of 1-max_len
     characters: an estimate of the task's training domain and range, exact for the suite's generators at these
