@@ -89,10 +89,10 @@ def test_pretraining_instructions_cover_the_composites_on_full():
     """The "full" backbone has copied after instructions as long as a composite's, with the comma of ", then"."""
     longest = max(instruction_words(chain) for chain in COMPOSITES.values())
     assert longest > 3 and SETTINGS["full"].instruction_words >= longest
-    words = [len(i.replace(",", "").split()) for i in _instructions(replace(SETTINGS["small"], instruction_words=9,
-                                                                             comma_share=0.15))]
+    long = _instructions(replace(SETTINGS["small"], instruction_words=9, comma_share=0.15))
+    words = [len(i.replace(",", "").split()) for i in long]
     assert max(words) == 9 and min(words) == 1
-    assert any(", " in i for i in _instructions(replace(SETTINGS["small"], instruction_words=9, comma_share=0.15)))
+    assert any(", " in i for i in long)
     small = _instructions(SETTINGS["small"])
     assert max(len(i.split()) for i in small) == 3 and not any("," in i for i in small)
     with pytest.raises(ValueError, match="comma_share must be in"):

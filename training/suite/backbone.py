@@ -5,8 +5,9 @@ that a module has something to learn and the backbone alone scores near zero. It
 (`pretraining_text`) is therefore generic, never a task's input -> output mapping:
 
 - copy conversations (share `copy_share`): a user message made of 1 to `instruction_words` instruction-like
-  words (a share `comma_share` of the gaps between them written ", ") drawn from a word list (which holds the task words too, "reverse", "sort", ..., so they carry no meaning) and a colon,
-  then a random string; the assistant echoes the string unchanged;
+  words (a share `comma_share` of the gaps between them written ", ") drawn from a word list (which holds the
+  task words too, "reverse", "sort", ..., so they carry no meaning) and a colon, then a random string; the
+  assistant echoes the string unchanged;
 - raw strings (the rest): random words, numbers and "x+y" sums over ALPHABET, no chat format.
 
 Random strings come in the input styles the tasks use (lowercase, lowercase and digits, uppercase, words

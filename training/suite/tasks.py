@@ -152,8 +152,8 @@ def instruction_words(tasks: Sequence[str]) -> int:
 
 def alphabet_of(task: str, sample: int = 2000, max_len: int = 16, seed: int = 0) -> tuple[set[str], set[str]]:
     """(characters of the inputs, characters of the answers) of `task` over `sample` seeded inputs of 1-max_len
-    characters: an estimate of the task's training domain and range, exact for the suite's generators at these
-    sizes (each draws every character of its pool with probability at least 1/37 per position)."""
+    characters: a sampled estimate of the task's training domain and range (at 2000 inputs every character of
+    the suite generators' pools appears)."""
     rng = random.Random(f"alphabet:{seed}:{task}")
     inputs, outputs = set(), set()
     for _ in range(sample):
