@@ -22,6 +22,11 @@ from router.errors import LibraryError
 
 logger = logging.getLogger(__name__)
 
+OVERWRITE_HINT = "pass overwrite=True to replace it"
+"""How an API caller replaces an existing output (check_target's default hint)."""
+CLI_OVERWRITE_HINT = "pass --overwrite to replace it"
+"""The hint of the `tessera` commands that take an `--overwrite` flag."""
+
 
 def _fsync_path(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
@@ -32,10 +37,14 @@ def _fsync_path(path: Path) -> None:
 
 
 def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
-        if not file.is_file() or file.is_symlink():
-            raise LibraryError(f"atomic write: {file.name} is not a plain file")
-        _fsync_path(file)
+    """fsync every file and directory under `path` (plain files and directories only, no links)."""
+    for entry in path.iterdir():
+        if entry.is_symlink() or not (entry.is_file() or entry.is_dir()):
+            raise LibraryError(f"atomic write: {entry.name} is not a plain file or directory")
+        if entry.is_dir():
+            _fsync_tree(entry)
+        else:
+            _fsync_path(entry)
     _fsync_path(path)
 
 
@@ -43,17 +52,27 @@ def _sibling(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
 
 
-def write_directory(target: str | Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Create directory `target` holding the plain files `fill(tmp)` writes into `tmp`.
+def check_target(target: str | Path, overwrite: bool, hint: str = OVERWRITE_HINT) -> Path:
+    """`target` as an absolute path, if write_directory may create it: LibraryError for a link or a file
+    in its place, and for a non-empty directory unless `overwrite`.
 
-    An existing non-empty `target` is replaced only if `overwrite`; then the old directory is renamed
-    away, the new one renamed in, and the old one deleted.
+    `hint` ends that error with how the caller replaces an output (a CLI names its `--overwrite` flag).
     """
     target = Path(target).absolute()
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise LibraryError(f"{target} exists and is not a directory; refusing to replace it")
     if target.exists() and any(target.iterdir()) and not overwrite:
-        raise LibraryError(f"{target} already exists and is not empty (pass overwrite=True to replace it)")
+        raise LibraryError(f"{target} already exists and is not empty; choose another output or {hint}")
+    return target
+
+
+def write_directory(target: str | Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Create directory `target` holding the plain files and subdirectories `fill(tmp)` writes into `tmp`.
+
+    An existing non-empty `target` is replaced only if `overwrite` (check_target); then the old directory
+    is renamed away, the new one renamed in, and the old one deleted.
+    """
+    target = check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(target, "tmp")
     tmp.mkdir()

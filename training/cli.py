@@ -138,10 +138,11 @@ def run_train(args: argparse.Namespace) -> None:
     from router.errors import LibraryError
     from training.checkpoint import CheckpointError
     from training.data import DataError, load_examples
-    from training.trainer import check_output, train_library
+    from router.atomic import CLI_OVERWRITE_HINT, check_target
+    from training.trainer import train_library
 
     try:
-        check_output(args.out, args.overwrite, "pass --overwrite to replace it")
+        check_target(args.out, args.overwrite, CLI_OVERWRITE_HINT)
         examples = load_examples(args.data)
         init = _init_library(args)
         report = train_library(args.model, examples, args.out, config, init=init, progress=args.progress,

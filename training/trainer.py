@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from router.atomic import check_target
 from router.controller import ControllerSettings
-from router.errors import LibraryError
 from router.info import TaskInfo
 from router.library import ModuleLibrary, fingerprint_from_hf_config
 from training import checkpoint
@@ -298,16 +298,6 @@ class Trainer:
         return library, {self.bank.specs[j].name: tuple(points) for j, points in kept.items()}
 
 
-def check_output(out: str | Path, overwrite: bool, hint: str = "pass overwrite=True to replace it") -> Path:
-    """`out` as an absolute path; LibraryError if it exists (and is not an empty directory) unless `overwrite`.
-
-    `hint` ends the message with how the caller replaces an output (the CLI names its `--overwrite` flag)."""
-    out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LibraryError(f"{out} already exists; choose another output or {hint}")
-    return out
-
-
 def train_library(
     model_dir: str | Path, examples: Sequence[Example], out: str | Path, config: TrainConfig = TrainConfig(), *,
     points: Sequence[Point] | None = None, relation: torch.Tensor | Mapping[str, Mapping[str, float]] | None = None,
@@ -322,7 +312,7 @@ def train_library(
     as a [num_tasks, num_tasks] tensor in the library's task order or as {task: {other: weight}}
     (training.relation.relation_from_mapping); None estimates it from gradients.
     """
-    out = check_output(out, overwrite)
+    out = check_target(out, overwrite)
     trainer = Trainer(model_dir, examples, config, points=points, relation=relation, init=init,
                       descriptions=descriptions)
     checkpoints = checkpoint.checkpoint_dir(out)

@@ -90,7 +90,7 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run(trained, tiny_llama, e
     for key, tensor in reference.flat_tensors().items():
         assert torch.equal(again.flat_tensors()[key], tensor), key
     assert torch.equal(again.controller.logits, reference.controller.logits)
-    with pytest.raises(LibraryError, match="already exists; choose another output or pass overwrite=True"):
+    with pytest.raises(LibraryError, match="already exists and is not empty; choose another output or pass overwrite"):
         train_library(tiny_llama, examples, out, small_config, progress=False)
 
 
