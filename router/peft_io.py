@@ -198,9 +198,10 @@ def _stacked(library, composition: Composition, layer: int, target: str) -> tupl
     return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
 
 
-def export_peft(library, composition: Composition, out_dir: str | Path, base_model: str | None = None,
-                overwrite: bool = False) -> Path:
-    """Write `composition` as one PEFT LoRA directory (stacked rank, scale 1), atomically."""
+def peft_files(
+    library, composition: Composition, base_model: str | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json's dict, adapter_model.safetensors' tensors) of `composition` as one PEFT LoRA."""
     if composition.k == 0:
         raise CompositionError("an empty composition is the backbone alone; there is nothing to export")
     for name in composition.module_ids:
@@ -222,12 +223,20 @@ def export_peft(library, composition: Composition, out_dir: str | Path, base_mod
         "modules_to_save": None, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
         "inference_mode": True,
     }
+    return config, tensors
 
-    def fill(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
 
-    path = write_directory(Path(out_dir), fill, overwrite)
+def write_peft_files(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write one PEFT LoRA's two files into an existing `directory` (not atomic: callers stage it)."""
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+
+
+def export_peft(library, composition: Composition, out_dir: str | Path, base_model: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Write `composition` as one PEFT LoRA directory (stacked rank, scale 1), atomically."""
+    config, tensors = peft_files(library, composition, base_model)
+    path = write_directory(Path(out_dir), lambda tmp: write_peft_files(tmp, config, tensors), overwrite)
     gates = dict(zip(composition.module_ids, composition.gates))
-    logger.info("exported %s as a PEFT LoRA of rank %d to %s", gates, total_rank, path)
+    logger.info("exported %s as a PEFT LoRA of rank %d to %s", gates, config["r"], path)
     return path

@@ -3,6 +3,7 @@
     tessera library info LIBRARY
     tessera library import-peft --model MODEL --library LIBRARY --adapter PEFT_DIR --name NAME [--task TASK]
     tessera library export-peft --library LIBRARY (--task TASK | --modules a=0.7,b=0.3) --out PEFT_DIR
+    tessera library export-vllm --library LIBRARY --out DIR [--tasks a,b+c] [--base-model MODEL]
 
 Every write is atomic (router.atomic): a failed import leaves the library as it was.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from router.atomic import CLI_OVERWRITE_HINT, check_target
 from router.composition import Composition
 from router.controller import Controller, ControllerSettings
 from router.info import TaskInfo, check_name
@@ -46,6 +48,18 @@ def add_library_parser(commands) -> None:
     which.add_argument("--modules", help="explicit weights, e.g. m0=0.7,m1=0.3")
     exp.add_argument("--out", required=True, type=Path, help="PEFT directory to create (must not exist)")
     exp.add_argument("--base-model", default=None, help="recorded as base_model_name_or_path")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+
+    vllm = actions.add_parser("export-vllm", help="write every task as a PEFT LoRA, with the `vllm serve` arguments")
+    vllm.add_argument("--library", required=True, type=Path)
+    vllm.add_argument("--out", required=True, type=Path, help="directory to create: one adapter per task + vllm.json")
+    vllm.add_argument("--tasks", default=None,
+                      help="comma-separated task tags (composites as a+b); default: every task of the library")
+    vllm.add_argument("--base-model", default=None,
+                      help="the model vLLM serves (directory or Hub id): recorded and put in the printed command")
+    vllm.add_argument("--max-loras", type=int, default=None,
+                      help="adapters vLLM may batch at once (it preallocates that many); default: all of them")
+    vllm.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 
 
 def run_library(args: argparse.Namespace) -> str:
@@ -55,6 +69,8 @@ def run_library(args: argparse.Namespace) -> str:
         return json.dumps(_summary(library), indent=2) if args.json else _table(library)
     if args.action == "import-peft":
         return _import(args)
+    if args.action == "export-vllm":
+        return _export_vllm(args)
     return _export(args)
 
 
@@ -127,14 +143,34 @@ def _export(args: argparse.Namespace) -> str:
     from router.compose import compose
     from router.peft_io import export_peft
 
+    check_target(args.out, args.overwrite, CLI_OVERWRITE_HINT)
     library = ModuleLibrary.load(args.library)
     if args.task is not None:
         composition = compose(library, task=args.task)
     else:
         composition = compose(library, modules=_parse_weights(args.modules), max_k=len(library.modules) or 1)
-    path = export_peft(library, composition, args.out, base_model=args.base_model)
+    path = export_peft(library, composition, args.out, base_model=args.base_model, overwrite=args.overwrite)
     gates = ", ".join(f"{m}={g:.4g}" for m, g in zip(composition.module_ids, composition.gates))
     return f"exported {gates} as a PEFT LoRA of rank {_rank(library, composition)} to {path}"
+
+
+def _export_vllm(args: argparse.Namespace) -> str:
+    from router.vllm_export import export_vllm
+
+    check_target(args.out, args.overwrite, CLI_OVERWRITE_HINT)
+    library = ModuleLibrary.load(args.library)
+    tasks = None if args.tasks is None else [part.strip() for part in args.tasks.split(",")]
+    if tasks is not None and not all(tasks):
+        raise ValueError(f"--tasks {args.tasks!r} has an empty name; separate task tags with commas")
+    done = export_vllm(library, args.out, tasks, base_model=args.base_model, max_loras=args.max_loras,
+                       overwrite=args.overwrite)
+    lines = [f"exported {len(done.adapters)} tasks to {done.path} as PEFT LoRAs (max rank {done.max_lora_rank}):"]
+    lines += [f"  {a.name}: rank {a.rank}, " + ", ".join(f"{m}={g:.4g}" for m, g in a.gates.items())
+              for a in done.adapters]
+    if done.base_model_tasks:
+        lines.append(f"  served by the base model alone (no modules): {', '.join(done.base_model_tasks)}")
+    lines += ["serve them with:", "  " + done.serve_command(args.base_model)]
+    return "\n".join(lines)
 
 
 def _rank(library: ModuleLibrary, composition: Composition) -> int:

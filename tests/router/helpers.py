@@ -1,11 +1,13 @@
-"""Edits of a written library's files, to build invalid libraries from valid ones."""
+"""Edits of a written library's files, to build invalid libraries from valid ones; the merged-weights oracle."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 
 def edit_json(root: Path, change) -> None:
@@ -20,3 +22,17 @@ def edit_tensors(root: Path, file: str, change) -> None:
     tensors = load_file(str(root / file))
     change(tensors)
     save_file(tensors, str(root / file))
+
+
+def merged_model(model_dir, library, composition):
+    """The Hugging Face model of `model_dir` (fp32, eval) with `composition` merged into its weights:
+    W += gate * scale * B @ A for every module point, the math Tessera serves, computed the plain way."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    state = model.state_dict()
+    for name, gate in zip(composition.module_ids, composition.gates):
+        scale = library.modules[name].scale
+        for (layer, target), (a, b) in library.module_weights(name).items():
+            part = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            state[f"model.layers.{layer}.{part}.{target}.weight"] += gate * scale * (b @ a)
+    model.load_state_dict(state)
+    return model

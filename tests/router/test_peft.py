@@ -14,6 +14,7 @@ from router.composition import Composition
 from router.errors import CompositionError, LibraryError, UnknownModuleError
 from router.library import ModuleInfo, ModuleLibrary, TaskInfo
 from router.peft_io import export_peft, import_peft
+from tests.router.helpers import merged_model
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning", "ignore:Setting `save_embedding_layers`:UserWarning"
@@ -129,16 +130,8 @@ def _two_module_library(fingerprint, tiny_llama, tmp_path):
 
 
 def _merged_logits(model_dir, library, composition):
-    model = _base(model_dir)
-    state = model.state_dict()
-    for name, gate in zip(composition.module_ids, composition.gates):
-        scale = library.modules[name].scale
-        for (layer, target), (a, b) in library.module_weights(name).items():
-            part = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            state[f"model.layers.{layer}.{part}.{target}.weight"] += gate * scale * (b @ a)
-    model.load_state_dict(state)
     with torch.no_grad():
-        return model(PROMPT).logits
+        return merged_model(model_dir, library, composition)(PROMPT).logits
 
 
 def test_export_is_exactly_the_composition(tiny_llama, fingerprint, tmp_path):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from router.composition import Composition
 from router.library import ModuleInfo, fingerprint_from_hf_config, random_library
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import Request, SamplingParams
+from tests.router.helpers import merged_model
 
 ROWS = [
     Composition(("m0",), (1.0,), "explicit"),
@@ -40,14 +41,7 @@ def _with_sparse_module(library):
 
 
 def _merged_generate(model_dir, library, composition, prompt, num_tokens):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    state = model.state_dict()
-    for name, gate in zip(composition.module_ids, composition.gates):
-        scale = library.modules[name].scale
-        for (layer, target), (a, b) in library.module_weights(name).items():
-            part = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            state[f"model.layers.{layer}.{part}.{target}.weight"] += gate * scale * (b @ a)
-    model.load_state_dict(state)
+    model = merged_model(model_dir, library, composition)
     out = model.generate(torch.tensor([prompt]), max_new_tokens=num_tokens, do_sample=False, min_new_tokens=num_tokens)
     return out[0, len(prompt) :].tolist()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,21 @@ def test_import_info_export_round_trip(tiny_llama, tmp_path):
     assert mixed.returncode == 0, mixed.stderr
     assert json.loads((tmp_path / "mix" / "adapter_config.json").read_text())["r"] == 8
 
+    vllm = _cli("export-vllm", "--library", library, "--out", tmp_path / "vllm", "--base-model", tiny_llama)
+    assert vllm.returncode == 0, vllm.stderr
+    manifest = json.loads((tmp_path / "vllm" / "vllm.json").read_text())
+    assert [a["name"] for a in manifest["lora_modules"]] == ["spell"] and manifest["max_lora_rank"] == 8
+    exported_logits = _peft_logits(tiny_llama, tmp_path / "vllm" / "spell")
+    assert torch.allclose(exported_logits, _peft_logits(tiny_llama, tmp_path / "a"), atol=1e-5)
+    command = shlex.split(vllm.stdout.strip().splitlines()[-1])
+    assert command == ["vllm", "serve", tiny_llama, "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1",
+                       "--lora-modules", f"spell={tmp_path / 'vllm' / 'spell'}"]
+    again = _cli("export-vllm", "--library", library, "--out", tmp_path / "vllm")
+    assert again.returncode == 2 and "already exists" in again.stderr and "pass --overwrite" in again.stderr
+    replaced = _cli("export-peft", "--library", library, "--task", "spell", "--out", tmp_path / "mix", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((tmp_path / "mix" / "adapter_config.json").read_text())["r"] == 4
+
 
 def _in_process(capsys, *args) -> tuple[int, str]:
     """Exit status and stderr of `tessera library ...` run in this process (same code path, no start-up)."""
@@ -92,6 +108,9 @@ def test_errors_are_one_line_and_leave_the_library_as_it_was(tiny_llama, tmp_pat
         (("export-peft", "--library", library, "--modules", "alpha", "--out", tmp_path / "o"), "name=weight"),
         (("export-peft", "--library", library, "--modules", "ghost=1", "--out", tmp_path / "o"), "ghost"),
         (("info", tmp_path / "missing"), "not a directory"),
+        (("export-vllm", "--library", library, "--tasks", "alpha,,x", "--out", tmp_path / "o"), "empty name"),
+        (("export-vllm", "--library", library, "--tasks", "ghost", "--out", tmp_path / "o"), "ghost"),
+        (("export-peft", "--library", library, "--modules", "alpha=1", "--out", library), "pass --overwrite"),
     ]
     for args, message in cases:
         code, err = _in_process(capsys, *args)
