@@ -117,6 +117,12 @@ class Controller:
         logits = torch.cat([self.logits, column], dim=1)  # [num_tasks, num_modules + 1]
         return Controller(self.tasks, [*self.modules, module], logits, self.settings, self.text_router)
 
+    def without_module_column(self, module: str) -> "Controller":
+        """A controller without `module`'s column (the other modules keep their logits)."""
+        keep = [i for i, name in enumerate(self.modules) if name != module]
+        return Controller(self.tasks, [self.modules[i] for i in keep], self.logits[:, keep], self.settings,
+                          self.text_router)
+
     def gates_for_task(self, task: str) -> Composition:
         """The composition the controller gives `task`, modules ordered by gate, largest first."""
         if task not in self.tasks:
@@ -124,7 +130,8 @@ class Controller:
         s = self.settings
         gates = torch.sigmoid(self.logits[self.tasks.index(task)] / s.temperature)  # [num_modules]
         order = torch.argsort(gates, descending=True, stable=True)[: s.top_k].tolist()
-        chosen = [(self.modules[i], float(gates[i])) for i in order if float(gates[i]) >= s.threshold]
+        # a gate of exactly 0 (a logit far below zero) adds nothing: it never takes a slot, whatever the threshold
+        chosen = [(self.modules[i], float(gates[i])) for i in order if float(gates[i]) >= s.threshold and gates[i] > 0]
         if not chosen:
             logger.info("task %r: every gate is under the threshold %s; backbone only", task, s.threshold)
         if s.renormalize and chosen:

@@ -179,6 +179,18 @@ class ModuleLibrary:
             self.controller.with_module_column(info.name, task_logit), {**self.weights, info.name: weights},
         )
 
+    def without_module(self, name: str) -> "ModuleLibrary":
+        """A new library without module `name`; LibraryError if a task's composition uses it."""
+        if name not in self.modules:
+            raise UnknownModuleError(name, list(self.modules))
+        users = [task for task in self.tasks if name in self.controller.gates_for_task(task).module_ids]
+        if users:
+            raise LibraryError(f"module {name!r} is in the compositions of tasks {users}; it cannot be removed")
+        return ModuleLibrary(
+            self.backbone, {k: v for k, v in self.modules.items() if k != name}, dict(self.tasks),
+            self.controller.without_module_column(name), {k: v for k, v in self.weights.items() if k != name},
+        )
+
 
 def _random_weights(info: ModuleInfo, backbone: BackboneFingerprint, gen: torch.Generator, std: float) -> ModuleWeights:
     weights: ModuleWeights = {}

@@ -15,8 +15,10 @@ from router.text import AUTO
 
 from server.api import translate
 from server.api.auth import APIKeyMiddleware
-from server.api.errors import install_handlers
-from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.errors import APIError, from_router, install_handlers
+from server.api.protocol import (
+    ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest,
+)
 from server.api.responses import collect, composition_header, stream
 from server.api.serving import Call, Runner, until_disconnected
 from server.metrics import Metrics
@@ -79,7 +81,46 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
         prompts = translate.completion_prompts(body, engine.tokenizer)
         return await _serve(runner, "text", body, [p for p in prompts for _ in range(body.n)], request)
 
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(body: LoadAdapterRequest):
+        await _change_modules(engine, _load_adapter, body)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(body: UnloadAdapterRequest):
+        await _change_modules(engine, lambda engine, body: engine.remove_module(body.lora_name), body)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
     return app
+
+
+RUNTIME_OFF = "loading adapters while serving is off; start the server with --runtime-modules"
+
+
+def _load_adapter(engine, body: LoadAdapterRequest):
+    """Read and check the PEFT directory (in a worker thread), then add it between steps."""
+    from router.info import check_name
+    from router.library import fingerprint_from_hf_config
+    from router.peft_io import import_peft
+
+    name = check_name("module", body.lora_name)
+    library = engine.library
+    backbone = library.backbone if library is not None else fingerprint_from_hf_config(engine.model.hf_config)
+    info, weights = import_peft(body.lora_path, backbone, name, f"PEFT adapter {body.lora_path}, added while serving")
+    return engine.add_module(info, weights)
+
+
+async def _change_modules(engine, change, body) -> None:
+    """Apply a module change; an unknown module is a 404, a bad adapter or a refused change a 400."""
+    if not engine.config.runtime_modules:
+        raise APIError(400, RUNTIME_OFF, "lora_name", "runtime_modules_off")
+    try:
+        future = await asyncio.to_thread(change, engine, body)
+        await asyncio.wrap_future(future)
+    except LookupError as error:
+        raise from_router(error, "lora_name") from None
+    except (ValueError, OSError) as error:
+        raise APIError(400, str(error), None, "invalid_adapter") from None
 
 
 async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], request: Request):

@@ -163,3 +163,18 @@ class CompletionRequest(_Common):
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+
+class LoadAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter, vLLM's body: a PEFT LoRA directory on the server's disk, served as a module."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter, vLLM's body: the name of a module loaded while serving."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1)

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from router.composition import Composition
-from server.api.errors import APIError
+from router.errors import UnknownModuleError
+
+from server.api.errors import APIError, from_router
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.metrics import Metrics, RequestTiming, task_label
 
@@ -90,6 +92,8 @@ class Runner:
         try:
             while remaining:
                 index, item = await sink.get()
+                if isinstance(item, UnknownModuleError):  # removed after the request was composed
+                    raise from_router(item, "model")
                 if isinstance(item, Exception):
                     raise APIError(500, f"generation failed: {item}", None, "internal_error")
                 if item.finished:

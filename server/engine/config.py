@@ -37,6 +37,10 @@ class EngineConfig:
     """Largest module rank the pool holds; default: the library's largest."""
     max_k: int = 4
     """Modules per request at most."""
+    runtime_modules: bool = False
+    """Allow loading PEFT LoRA adapters as modules while serving (POST /v1/load_lora_adapter, as vLLM's
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING): the pool then has max_loaded_modules slots of rank max_rank (default
+    at least 16) even when the library is smaller or absent. Off by default: it reads server-side paths."""
     seed: int = 0
     """Seed for requests that give none."""
     cuda_graphs: str = "auto"

@@ -21,6 +21,7 @@ once, together with the pending one.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import random
@@ -35,9 +36,13 @@ from server.engine.plan import StepPlan
 from server.engine.request import Request, RequestOutput, StepStats
 from server.engine.runner import PendingStep
 from server.engine.scheduler import RequestState
-from server.engine.setup import EngineParts, bind_device, build_parts
+from server.engine.setup import EngineParts, bind_device, build_parts, check_library_fits, module_loader
 
 logger = logging.getLogger(__name__)
+
+NEVER_LOGIT = -1e4
+"""Controller logit of a module added while serving, for every task: sigmoid gives exactly 0, so no task's
+composition ever picks it (router.controller drops zero gates); requests name it explicitly."""
 
 
 class Engine:
@@ -71,6 +76,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_stats = self._stats(0, 0, 0.0)
+        self.runtime_modules: set[str] = set()
+        """Modules added while serving (add_module); only these can be removed again."""
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -118,6 +125,85 @@ class Engine:
     def stats(self) -> StepStats:
         return self._last_stats
 
+    # -- modules added and removed while serving --------------------------------------------------
+
+    def add_module(self, info, weights) -> concurrent.futures.Future:
+        """Add one module (router ModuleInfo and weights, e.g. from router.peft_io.import_peft) to the served
+        library, between steps. Requests can name it as soon as the future is done; no task uses it (its
+        controller logits make every task's gate for it exactly 0). Fails (in the future) on a name that
+        exists, a backbone mismatch or a rank above the pool's."""
+        return self._between_steps(lambda: self._add_module(info, weights))
+
+    def remove_module(self, name: str) -> concurrent.futures.Future:
+        """Remove a module add_module added, between steps; fails while a request waits for it or runs with it."""
+        return self._between_steps(lambda: self._remove_module(name))
+
+    def _between_steps(self, change: Callable[[], None]) -> concurrent.futures.Future:
+        """Run `change` on the engine thread between two steps (inline when the loop is not running)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._thread is None:
+            self._run_change(change, future)
+        else:
+            self._inbox.put(("change", change, future))
+            self._wake.set()
+        return future
+
+    @staticmethod
+    def _run_change(change: Callable[[], None], future: concurrent.futures.Future) -> None:
+        try:
+            change()
+        except Exception as error:  # noqa: BLE001 - the caller gets it through the future
+            future.set_exception(error)
+        else:
+            future.set_result(None)
+
+    def _add_module(self, info, weights) -> None:
+        if self.config.runtime_modules is not True:
+            raise ValueError("modules cannot be added while serving: start the engine with runtime_modules "
+                             "(`tessera serve --runtime-modules`)")
+        taken = {self.model_name, "auto", *(self.library.tasks if self.library is not None else ())}
+        if info.name in taken:
+            raise ValueError(f"{info.name!r} already names the backbone, a task or `auto`; requests could not "
+                             "address the module by it")
+        if self.library is None:
+            import torch
+
+            from router.controller import ControllerSettings
+            from router.library import ModuleLibrary, fingerprint_from_hf_config
+
+            backbone = fingerprint_from_hf_config(self.model.hf_config)
+            library = ModuleLibrary.build(backbone, {info.name: (info, weights)}, [], torch.zeros(0, 1),
+                                          ControllerSettings(top_k=1))
+        else:
+            library = self.library.with_module(info, weights, task_logit=NEVER_LOGIT)
+        check_library_fits(library, self.model)
+        self._use_library(library)
+        self.runtime_modules.add(info.name)
+        logger.info("added module %r (rank %d) while serving", info.name, info.rank)
+
+    def _remove_module(self, name: str) -> None:
+        if name not in self.runtime_modules:
+            from router.errors import UnknownModuleError
+
+            known = sorted(self.runtime_modules)
+            if self.library is not None and name in self.library.modules:
+                raise ValueError(f"module {name!r} came with the library at start-up; only modules added while "
+                                 f"serving can be removed (added: {known})")
+            raise UnknownModuleError(name, known)
+        users = [s.request_id for s in (*self.scheduler.waiting, *self.scheduler.running)
+                 if name in s.request.composition.module_ids]
+        if users:
+            raise ValueError(f"module {name!r} is in use by {len(users)} waiting or running requests; "
+                             "retry once they finish")
+        self._use_library(self.library.without_module(name))
+        self.scheduler.modules.forget(name)
+        self.runtime_modules.discard(name)
+        logger.info("removed module %r", name)
+
+    def _use_library(self, library) -> None:
+        self.library = library
+        self.runner.load_module = module_loader(library)
+
     # -- the step loop ----------------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -150,6 +236,8 @@ class Engine:
                 return
             if kind == "add":
                 self._add(payload, sink)
+            elif kind == "change":
+                self._run_change(payload, sink)
             else:
                 self._finish(payload, "abort")
                 self._publish_stats(self._stats(0, 0, 0.0))
@@ -157,6 +245,12 @@ class Engine:
     def _add(self, request: Request, sink) -> None:
         if request.request_id in self._sinks:
             sink(ValueError(f"request id {request.request_id!r} is already running"))
+            return
+        missing = [m for m in request.composition.module_ids if self.library is None or m not in self.library.modules]
+        if missing:  # composed against a library that has since lost a module (remove_module)
+            from router.errors import UnknownModuleError
+
+            sink(UnknownModuleError(missing[0], list(self.library.modules) if self.library is not None else []))
             return
         seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(63)
         self._sinks[request.request_id] = sink

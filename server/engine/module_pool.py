@@ -53,6 +53,16 @@ class ModulePool:
                 del self._pins[module_id]
                 self._idle[module_id] = None
 
+    def forget(self, module_id: str) -> None:
+        """Drop an unpinned module's residency (it left the library): its slot is free, and a module loaded
+        later under the same name is loaded afresh, never served from the old slot."""
+        if module_id in self._pins:
+            raise ValueError(f"module {module_id!r} is pinned by a running request")
+        self._idle.pop(module_id, None)
+        slot = self._slot_of.pop(module_id, None)
+        if slot is not None:
+            self._free.append(slot)
+
     @property
     def num_pinned(self) -> int:
         return len(self._pins)

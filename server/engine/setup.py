@@ -17,6 +17,9 @@ from server.model.loader import BackboneConfig, load_backbone, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
+RUNTIME_MIN_RANK = 16
+"""Smallest pool rank with runtime modules on (vLLM's default --max-lora-rank), unless max_rank says otherwise."""
+
 
 @dataclass
 class EngineParts:
@@ -82,14 +85,20 @@ def build_parts(config: EngineConfig) -> EngineParts:
     config.check_block_size(device)
     model_dir = str(resolve_model_dir(config.model))
     library = _load_library(config, model_dir)
-    max_rank = config.max_rank or max((m.rank for m in library.modules.values()), default=8) if library else 8
-    num_slots = min(config.max_loaded_modules, len(library.modules)) if library else 0
+    largest = max((m.rank for m in library.modules.values()), default=8) if library else 8
+    if config.runtime_modules:
+        largest = max(largest, RUNTIME_MIN_RANK)
+        num_slots = config.max_loaded_modules
+    else:
+        num_slots = min(config.max_loaded_modules, len(library.modules)) if library else 0
+    max_rank = config.max_rank or largest
     model = load_backbone(model_dir, BackboneConfig(config.dtype, device, num_slots, max_rank))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return assemble_parts(config, model, tokenizer, library, _eos_ids(tokenizer, model_dir))
 
 
-def _check_library_fits(library, model: Backbone) -> None:
+def check_library_fits(library, model: Backbone) -> None:
+    """ValueError unless `library` matches the backbone and its modules fit the module pool."""
     from router.library import fingerprint_from_hf_config
 
     library.backbone.check_compatible(fingerprint_from_hf_config(model.hf_config))
@@ -111,7 +120,7 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     config.async_scheduling_on(str(model.device))
     config.check_block_size(str(model.device))
     if library is not None:
-        _check_library_fits(library, model)
+        check_library_fits(library, model)
     num_blocks = _num_kv_blocks(config, model, str(model.device))
     max_model_len = min(config.max_model_len or model.max_position_embeddings, num_blocks * config.block_size)
     max_blocks_per_seq = -(-max_model_len // config.block_size)
@@ -125,7 +134,7 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
         config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks,
         config.block_size, max_model_len, graph_mode, config.cuda_graph_max_batch,
     )
-    runner = ModelRunner(model, runner_config, _module_loader(library))
+    runner = ModelRunner(model, runner_config, module_loader(library))
     logger.info(
         "KV cache: %d blocks of %d tokens; max_model_len %d; module slots %d",
         num_blocks, config.block_size, max_model_len, model.max_slots,
@@ -133,7 +142,8 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     return EngineParts(tokenizer, library, model, scheduler, runner, max_model_len)
 
 
-def _module_loader(library):
+def module_loader(library):
+    """`load(module_id) -> (weights, scale)` over `library`, each module's weights looked up once."""
     cache: dict[str, tuple] = {}
 
     def load(module_id: str):

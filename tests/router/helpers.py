@@ -36,3 +36,18 @@ def merged_model(model_dir, library, composition):
             state[f"model.layers.{layer}.{part}.{target}.weight"] += gate * scale * (b @ a)
     model.load_state_dict(state)
     return model
+
+
+def random_peft_adapter(model_dir, out, seed: int, targets, rank: int = 4, std: float = 0.2) -> str:
+    """Save a real PEFT LoRA (alpha 2 * rank) on `model_dir` with random non-zero A and B to `out`."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    model.save_pretrained(str(out))
+    return str(out)

@@ -84,3 +84,11 @@ def test_with_module_column_keeps_old_gates():
     assert bigger.modules == [*MODULES, "e"] and bigger.logits.shape == (2, 5)
     assert bigger.gates_for_task("t1").module_ids[0] == "e"
     assert controller.gates_for_task("t1").module_ids == ("c", "b")
+
+
+def test_a_zero_gate_never_takes_a_slot_and_a_column_comes_out_again():
+    controller = Controller(["t0", "t1"], MODULES[:1], LOGITS[:, :1], ControllerSettings(top_k=3, threshold=0.0))
+    added = controller.with_module_column("runtime", -1e4)  # sigmoid is exactly 0 in fp32
+    assert added.gates_for_task("t0").module_ids == ("a",) and added.gates_for_task("t0").gates == (1.0,)
+    removed = added.without_module_column("runtime")
+    assert removed.modules == ["a"] and torch.equal(removed.logits, controller.logits)

@@ -142,3 +142,9 @@ def test_with_module_adds_a_column_and_round_trips(library, fingerprint, tmp_pat
     assert_same_library(bigger, ModuleLibrary.load(bigger.write(tmp_path / "big"), expect=fingerprint))
     with pytest.raises(LibraryError, match="module 'solo' already exists"):
         bigger.with_module(info, weights)
+    back = bigger.without_module("solo")
+    assert list(back.modules) == list(library.modules) and "solo" not in back.weights
+    assert torch.equal(back.controller.logits, library.controller.logits)
+    used = library.controller.gates_for_task("reverse").module_ids[0]
+    with pytest.raises(LibraryError, match=f"module '{used}' is in the compositions of tasks \\['reverse'"):
+        library.without_module(used)

@@ -198,10 +198,20 @@ def test_threaded_loop_with_arrivals_mid_decode_and_an_abort(setup):
 
 def test_a_failed_step_fails_its_requests_and_leaves_nothing_pending(setup):
     long = Request("long", PROMPTS[0], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
-    broken = Request("broken", PROMPTS[1], SamplingParams(max_tokens=4), Composition(("absent",), (1.0,), "explicit"))
+    broken = Request("broken", PROMPTS[1], SamplingParams(max_tokens=4), Composition(("m0",), (1.0,), "explicit"))
     after = Request("after", PROMPTS[2], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), COMPOSITIONS[1])
     expected = _tokens(_engine(setup, "off").generate_batch([after])["after"])
     engine = _engine(setup, "on", max_model_len=None)
+    load = engine.runner.load_module
+
+    def load_failing_once(module_id):  # the module's weights fail to load once (a disk error, say)
+        if module_id == "m0" and not failed:
+            failed.append(module_id)
+            raise OSError("disk went away")
+        return load(module_id)
+
+    failed: list[str] = []
+    engine.runner.load_module = load_failing_once
 
     async def main():
         running = asyncio.create_task(_collect(engine, long))

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from server.cli import main
+from tests.router.helpers import random_peft_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 40, 41, 42]])  # [batch, seq]
@@ -30,13 +31,7 @@ def _base(model_dir):
 
 
 def _adapter(model_dir, out: Path, seed: int, targets) -> None:
-    model = get_peft_model(_base(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    model.save_pretrained(str(out))
+    random_peft_adapter(model_dir, out, seed, targets)
 
 
 def _peft_logits(model_dir, adapter: Path) -> torch.Tensor:
