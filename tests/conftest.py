@@ -1,11 +1,24 @@
-"""Shared fixtures: tiny real checkpoints written to disk once per session, and the `gpu` marker."""
+"""Shared fixtures: tiny real checkpoints written to disk once per session, and the `gpu` marker.
+
+Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The flag is set here, in the
+root conftest, before any test module is imported: Triton reads parts of it when it is first imported
+(which peft and transformers do), so setting it later, in a conftest that pytest loads only when it
+reaches tests/kernels, left the kernels half-interpreted whenever an earlier test module imported peft.
+On a CUDA machine the kernels compile for the device as usual.
+"""
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from server.model.tiny import TinyConfig, write_checkpoint
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402 - after the flag, like everything that may import triton
+
+from server.model.tiny import TinyConfig, write_checkpoint  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,6 @@
 """Every Triton kernel the backbone launches compiles for a GPU (sm_90), checked on a machine without one.
 
-The checks run in subprocesses without TRITON_INTERPRET: the kernel tests' conftest sets it for this
+The checks run in subprocesses without TRITON_INTERPRET: the root conftest sets it for this
 process, and Triton reads it when the kernels are decorated.
 """
 
