@@ -192,6 +192,22 @@ class ModuleLibrary:
         )
 
 
+NO_TASK_LOGIT = -1e4
+"""Controller logit of a standalone module for every task: its sigmoid is exactly 0, so no task's composition
+picks it (Controller.gates_for_task drops zero gates); requests name it directly."""
+
+
+def with_standalone_module(
+    library: "ModuleLibrary | None", backbone: BackboneFingerprint, info: ModuleInfo, weights: ModuleWeights
+) -> "ModuleLibrary":
+    """`library` (a new, task-less one on `backbone` when None) plus a module that no task uses: requests
+    address it by name (`"model": name` or explicit weights), as vLLM addresses a LoRA. For PEFT adapters
+    given at start-up (`--lora-modules`) and loaded while serving."""
+    if library is None:
+        return ModuleLibrary.build(backbone, {info.name: (info, weights)}, [], torch.zeros(0, 1), ControllerSettings())
+    return library.with_module(info, weights, task_logit=NO_TASK_LOGIT)
+
+
 def _random_weights(info: ModuleInfo, backbone: BackboneFingerprint, gen: torch.Generator, std: float) -> ModuleWeights:
     weights: ModuleWeights = {}
     for layer in info.layers:

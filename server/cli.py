@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -41,12 +42,19 @@ def _add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
     for field in dataclasses.fields(EngineConfig):
         if field.name in skip:
             continue
-        kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), hints[field.name])
+        hint = hints[field.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kind = next(t for t in typing.get_args(hint) if t is not type(None)) if union else hint
         required = field.default is dataclasses.MISSING
         help_text = docs.get(field.name, "").replace("%", "%%")
         if not required and field.default is not None:
             help_text += " (default: %(default)s)"
-        options = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        if kind is bool:
+            options = {"action": argparse.BooleanOptionalAction}
+        elif typing.get_origin(kind) is tuple:  # tuple[str, ...]: several values after one flag
+            options = {"nargs": "+", "type": typing.get_args(kind)[0]}
+        else:
+            options = {"type": kind}
         group.add_argument(
             "--" + field.name.replace("_", "-"), dest=field.name, required=required,
             default=None if required else field.default, help=help_text, **options,
@@ -55,6 +63,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
 
 def _engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    values = {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}  # nargs flags
     return EngineConfig(**(values | overrides))
 
 

@@ -37,6 +37,9 @@ class EngineConfig:
     """Largest module rank the pool holds; default: the library's largest."""
     max_k: int = 4
     """Modules per request at most."""
+    lora_modules: tuple[str, ...] = ()
+    """PEFT LoRA directories served as modules next to the library, as vLLM's --lora-modules: NAME=PATH each.
+    Requests name them (`"model": NAME`); no task's composition uses them."""
     runtime_modules: bool = False
     """Allow loading PEFT LoRA adapters as modules while serving (POST /v1/load_lora_adapter, as vLLM's
     VLLM_ALLOW_RUNTIME_LORA_UPDATING): the pool then has max_loaded_modules slots of rank max_rank (default

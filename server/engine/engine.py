@@ -40,10 +40,6 @@ from server.engine.setup import EngineParts, bind_device, build_parts, check_lib
 
 logger = logging.getLogger(__name__)
 
-NEVER_LOGIT = -1e4
-"""Controller logit of a module added while serving, for every task: sigmoid gives exactly 0, so no task's
-composition ever picks it (router.controller drops zero gates); requests name it explicitly."""
-
 
 class Engine:
     """Owns the backbone, the library, the scheduler and the runner; see the module docstring."""
@@ -130,7 +126,7 @@ class Engine:
     def add_module(self, info, weights) -> concurrent.futures.Future:
         """Add one module (router ModuleInfo and weights, e.g. from router.peft_io.import_peft) to the served
         library, between steps. Requests can name it as soon as the future is done; no task uses it (its
-        controller logits make every task's gate for it exactly 0). Fails (in the future) on a name that
+        controller logit is router.library.NO_TASK_LOGIT). Fails (in the future) on a name that
         exists, a backbone mismatch or a rank above the pool's."""
         return self._between_steps(lambda: self._add_module(info, weights))
 
@@ -165,17 +161,11 @@ class Engine:
         if info.name in taken:
             raise ValueError(f"{info.name!r} already names the backbone, a task or `auto`; requests could not "
                              "address the module by it")
-        if self.library is None:
-            import torch
+        from router.library import fingerprint_from_hf_config, with_standalone_module
 
-            from router.controller import ControllerSettings
-            from router.library import ModuleLibrary, fingerprint_from_hf_config
-
-            backbone = fingerprint_from_hf_config(self.model.hf_config)
-            library = ModuleLibrary.build(backbone, {info.name: (info, weights)}, [], torch.zeros(0, 1),
-                                          ControllerSettings(top_k=1))
-        else:
-            library = self.library.with_module(info, weights, task_logit=NEVER_LOGIT)
+        library = self.library
+        backbone = library.backbone if library is not None else fingerprint_from_hf_config(self.model.hf_config)
+        library = with_standalone_module(library, backbone, info, weights)
         check_library_fits(library, self.model)
         self._use_library(library)
         self.runtime_modules.add(info.name)

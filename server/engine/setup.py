@@ -32,14 +32,30 @@ class EngineParts:
 
 
 def _load_library(config: EngineConfig, model_dir: str):
-    if config.library is None:
+    """The library config names, with config.lora_modules added as standalone modules; None for neither."""
+    if config.library is None and not config.lora_modules:
         return None
     from transformers import AutoConfig
 
-    from router.library import ModuleLibrary, fingerprint_from_hf_config
+    from router.errors import LibraryError
+    from router.info import check_name
+    from router.library import ModuleLibrary, fingerprint_from_hf_config, with_standalone_module
+    from router.peft_io import import_peft
 
     expect = fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
-    return ModuleLibrary.load(config.library, expect=expect)
+    library = ModuleLibrary.load(config.library, expect=expect) if config.library is not None else None
+    for spec in config.lora_modules:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules {spec!r}: give NAME=PATH (a PEFT LoRA directory)")
+        if library is not None and (name in library.modules or name in library.tasks):
+            raise ValueError(f"--lora-modules {spec!r}: {name!r} already names a module or task of the library")
+        try:
+            info, weights = import_peft(path, expect, check_name("module", name), f"PEFT adapter {path}")
+            library = with_standalone_module(library, expect, info, weights)
+        except LibraryError as error:  # not the library's fault: name the flag instead
+            raise ValueError(f"--lora-modules {spec!r}: {error}") from None
+    return library
 
 
 def bind_device(device: str | torch.device) -> None:

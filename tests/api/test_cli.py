@@ -50,6 +50,14 @@ def test_serve_rejects_an_invalid_library(tiny_llama, tmp_path):
     assert result.stderr.startswith(f"tessera: error: --library {tmp_path}:") and "Traceback" not in result.stderr
 
 
+def test_serve_rejects_bad_lora_modules(tiny_llama, tmp_path):
+    for spec, message in (("sql", "give NAME=PATH"), (f"sql={tmp_path / 'nope'}", "not a directory")):
+        result = run_cli("serve", "--model", tiny_llama, "--lora-modules", spec)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"tessera: error: --lora-modules {spec!r}") and message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_engine_flags_come_from_engine_config():
     import dataclasses
 

@@ -130,3 +130,18 @@ def test_loading_is_off_unless_asked_and_works_without_a_library(tiny_llama, tmp
         expected = _peft_greedy(tiny_llama, adapter, PROMPT, 8)
         tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
         assert _tokens(_complete(http, "a")) == [tokenizer.decode([t]) for t in expected]
+
+
+def test_lora_modules_at_start_up_serve_like_vllm_names_them(tiny_llama, library_dir, tmp_path):
+    adapter = _adapter(tiny_llama, tmp_path / "sql", 7)
+    engine = Engine(EngineConfig(model=tiny_llama, library=library_dir, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN,
+                                 max_num_seqs=8, max_num_batched_tokens=256, lora_modules=(f"sql={adapter}",)))
+    controller = engine.library.controller
+    assert all("sql" not in controller.gates_for_task(task).module_ids for task in controller.tasks)
+    with serve(engine) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        cards = {c["id"]: c for c in http.get("/v1/models").json()["data"]}
+        assert cards["sql"]["tessera"]["kind"] == "module" and "reverse" in cards
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+        expected = _peft_greedy(tiny_llama, adapter, PROMPT, 8)
+        assert _tokens(_complete(http, "sql")) == [tokenizer.decode([t]) for t in expected]
+        assert error_of(http.post(UNLOAD, json={"lora_name": "sql"}), 400)["code"] == "runtime_modules_off"
