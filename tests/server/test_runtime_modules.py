@@ -14,6 +14,7 @@ from router.info import ModuleInfo
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import Request, SamplingParams
+from tests.router.helpers import merged_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
 
@@ -40,15 +41,26 @@ def _greedy(engine: Engine, composition: Composition, request_id: str = "r") -> 
     return engine.generate_batch([Request(request_id, PROMPT, sampling, composition)])[request_id]
 
 
-def test_added_module_serves_and_no_task_picks_it(setup):
-    engine = _engine(setup)
+def _merged_greedy(model_dir, library, composition) -> list[int]:
+    model = merged_model(model_dir, library, composition)
+    out = model.generate(torch.tensor([PROMPT]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    return out[0, len(PROMPT):].tolist()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_added_module_serves_exactly_and_no_task_picks_it(setup, device):
+    """On CUDA the decode graphs are captured at start-up, before the module exists: replays must use it."""
+    engine = _engine(setup, device=device, dtype="float32", block_size=4 if device == "cpu" else 16)
     tasks_before = {t: engine.library.controller.gates_for_task(t) for t in engine.library.tasks}
     engine.add_module(*_module(engine, "new", 1)).result(timeout=5)
     assert "new" in engine.library.modules and engine.runtime_modules == {"new"}
     assert {t: engine.library.controller.gates_for_task(t) for t in engine.library.tasks} == tasks_before
-    served = [t for o in _greedy(engine, Composition(("new",), (1.0,), "explicit")) for t in o.token_ids]
+    mixed = Composition(("new", "m1"), (0.7, 0.3), "explicit")
+    for name, composition in (("alone", Composition(("new",), (1.0,), "explicit")), ("mixed", mixed)):
+        served = [t for o in _greedy(engine, composition, name) for t in o.token_ids]
+        assert served == _merged_greedy(setup[0], engine.library, composition), name
     plain = [t for o in _greedy(engine, Composition(), "p") for t in o.token_ids]
-    assert len(served) == 6 and served != plain
+    assert plain != served
     with pytest.raises(LibraryError, match="already exists"):
         engine.add_module(*_module(engine, "new", 2)).result(timeout=5)
     with pytest.raises(ValueError, match="max_rank 8"):
