@@ -107,7 +107,7 @@ def _load_adapter(engine, body: LoadAdapterRequest):
     library = engine.library
     backbone = library.backbone if library is not None else fingerprint_from_hf_config(engine.model.hf_config)
     info, weights = import_peft(body.lora_path, backbone, name, f"PEFT adapter {body.lora_path}, added while serving")
-    return engine.add_module(info, weights)
+    return engine.add_module(info, weights, replace=body.load_inplace)
 
 
 async def _change_modules(engine, change, body) -> None:

@@ -171,6 +171,8 @@ class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
+    load_inplace: bool = False
+    """Replace an adapter loaded earlier under the same name (refused while a request uses it)."""
 
 
 class UnloadAdapterRequest(BaseModel):

@@ -123,12 +123,13 @@ class Engine:
 
     # -- modules added and removed while serving --------------------------------------------------
 
-    def add_module(self, info, weights) -> concurrent.futures.Future:
+    def add_module(self, info, weights, replace: bool = False) -> concurrent.futures.Future:
         """Add one module (router ModuleInfo and weights, e.g. from router.peft_io.import_peft) to the served
         library, between steps. Requests can name it as soon as the future is done; no task uses it (its
-        controller logit is router.library.NO_TASK_LOGIT). Fails (in the future) on a name that
-        exists, a backbone mismatch or a rank above the pool's."""
-        return self._between_steps(lambda: self._add_module(info, weights))
+        controller logit is router.library.NO_TASK_LOGIT). Fails (in the future) on a name that exists
+        (unless `replace` and add_module added it: then it is swapped, under remove_module's rule), a
+        backbone mismatch or a rank above the pool's."""
+        return self._between_steps(lambda: self._add_module(info, weights, replace))
 
     def remove_module(self, name: str) -> concurrent.futures.Future:
         """Remove a module add_module added, between steps; fails while a request waits for it or runs with it."""
@@ -153,10 +154,21 @@ class Engine:
         else:
             future.set_result(None)
 
-    def _add_module(self, info, weights) -> None:
+    def _add_module(self, info, weights, replace: bool) -> None:
         if self.config.runtime_modules is not True:
             raise ValueError("modules cannot be added while serving: start the engine with runtime_modules "
                              "(`tessera serve --runtime-modules`)")
+        if replace and info.name in self.runtime_modules:
+            self._check_unused(info.name)
+            library = self.library.without_module(info.name)
+            from router.library import with_standalone_module
+
+            library = with_standalone_module(library, library.backbone, info, weights)
+            check_library_fits(library, self.model)
+            self.scheduler.modules.forget(info.name)
+            self._use_library(library)
+            logger.info("replaced module %r (rank %d) while serving", info.name, info.rank)
+            return
         taken = {self.model_name, "auto", *(self.library.tasks if self.library is not None else ())}
         if info.name in taken:
             raise ValueError(f"{info.name!r} already names the backbone, a task or `auto`; requests could not "
@@ -180,15 +192,18 @@ class Engine:
                 raise ValueError(f"module {name!r} came with the library at start-up; only modules added while "
                                  f"serving can be removed (added: {known})")
             raise UnknownModuleError(name, known)
+        self._check_unused(name)
+        self._use_library(self.library.without_module(name))
+        self.scheduler.modules.forget(name)
+        self.runtime_modules.discard(name)
+        logger.info("removed module %r", name)
+
+    def _check_unused(self, name: str) -> None:
         users = [s.request_id for s in (*self.scheduler.waiting, *self.scheduler.running)
                  if name in s.request.composition.module_ids]
         if users:
             raise ValueError(f"module {name!r} is in use by {len(users)} waiting or running requests; "
                              "retry once they finish")
-        self._use_library(self.library.without_module(name))
-        self.scheduler.modules.forget(name)
-        self.runtime_modules.discard(name)
-        logger.info("removed module %r", name)
 
     def _use_library(self, library) -> None:
         self.library = library

@@ -92,6 +92,11 @@ def test_a_loaded_adapter_serves_exactly_what_peft_computes_then_unloads(served,
     reloaded = http.post(LOAD, json={"lora_name": "sql", "lora_path": adapters["poem"]})
     assert reloaded.status_code == 200, reloaded.text
     assert _tokens(_complete(http, "sql")) == served_tokens["poem"]
+    # vLLM's load_inplace swaps the weights under a loaded name; without it the name is taken
+    again = {"lora_name": "poem", "lora_path": adapters["sql"]}
+    assert "already exists" in error_of(http.post(LOAD, json=again), 400)["message"]
+    assert http.post(LOAD, json=again | {"load_inplace": True}).status_code == 200
+    assert _tokens(_complete(http, "poem")) == served_tokens["sql"]
     for name in ("sql", "poem"):
         assert http.post(UNLOAD, json={"lora_name": name}).status_code == 200
     assert {c["id"] for c in http.get("/v1/models").json()["data"]} == before

@@ -63,6 +63,12 @@ def test_added_module_serves_exactly_and_no_task_picks_it(setup, device):
     assert plain != served
     with pytest.raises(LibraryError, match="already exists"):
         engine.add_module(*_module(engine, "new", 2)).result(timeout=5)
+    with pytest.raises(LibraryError, match="already exists"):  # replace swaps only modules added while serving
+        engine.add_module(*_module(engine, "m0", 2), replace=True).result(timeout=5)
+    engine.add_module(*_module(engine, "new", 2), replace=True).result(timeout=5)
+    swapped = [t for o in _greedy(engine, Composition(("new",), (1.0,), "explicit"), "swapped") for t in o.token_ids]
+    assert swapped == _merged_greedy(setup[0], engine.library, Composition(("new",), (1.0,), "explicit"))
+    assert list(engine.library.modules).count("new") == 1 and engine.runtime_modules == {"new"}
     with pytest.raises(ValueError, match="max_rank 8"):
         engine.add_module(*_module(engine, "wide", 3, rank=16)).result(timeout=5)
     with pytest.raises(ValueError, match="only modules added while serving"):
