@@ -46,6 +46,10 @@ class Metrics:
         self.batch_size = Histogram("tessera_batch_size", "Sequences per engine step", buckets=_BATCH, registry=r)
         self.batch_tokens = Histogram("tessera_batch_tokens", "Tokens per engine step", buckets=_BATCH, registry=r)
         self.preemptions = Counter("tessera_preemptions", "Requests preempted for KV blocks", registry=r)
+        self.module_loads = Counter("tessera_module_loads", "Module weights copied into device pool slots (pool "
+                                    "misses: a module not resident when a request needed it)", registry=r)
+        self.modules_resident = Gauge("tessera_modules_resident", "Modules in device pool slots", registry=r)
+        self.module_slots = Gauge("tessera_module_slots_total", "Slots of the device module pool", registry=r)
 
     def observe_step(self, stats: StepStats) -> None:
         """The engine's step observer."""
@@ -58,6 +62,10 @@ class Metrics:
             self.batch_tokens.observe(stats.num_tokens)
         if stats.num_preempted:
             self.preemptions.inc(stats.num_preempted)
+        if stats.num_module_loads:
+            self.module_loads.inc(stats.num_module_loads)
+        self.modules_resident.set(stats.modules_resident)
+        self.module_slots.set(stats.module_slots_total)
 
     def observe_error(self, error) -> None:
         """Count one call the API answered with an `APIError` (its status and code)."""

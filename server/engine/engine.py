@@ -275,7 +275,9 @@ class Engine:
                 self._flush()
         else:
             self._collect(plan, launched)
-        self._publish_stats(self._stats(len(plan.num_scheduled_tokens), plan.num_tokens, time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        num_seqs, num_loads = len(plan.num_scheduled_tokens), len(plan.module_loads)
+        self._publish_stats(self._stats(num_seqs, plan.num_tokens, seconds, num_loads))
 
     def _collect(self, plan: StepPlan, launched: PendingStep) -> None:
         """Read a launched step's tokens (the host sync), update the scheduler, emit what changed."""
@@ -337,7 +339,7 @@ class Engine:
             self._sinks.pop(request_id)(RuntimeError(f"engine step failed: {error}"))
         self._publish_stats(self._stats(0, 0, 0.0))
 
-    def _stats(self, num_seqs: int, num_tokens: int, seconds: float) -> StepStats:
+    def _stats(self, num_seqs: int, num_tokens: int, seconds: float, num_module_loads: int = 0) -> StepStats:
         scheduler = self.scheduler
         return StepStats(
             num_seqs=num_seqs,
@@ -348,6 +350,9 @@ class Engine:
             kv_blocks_total=scheduler.blocks.num_blocks,
             num_preempted=scheduler.num_preempted_last_step,
             step_seconds=seconds,
+            num_module_loads=num_module_loads,
+            modules_resident=scheduler.modules.num_resident,
+            module_slots_total=scheduler.modules.num_slots,
         )
 
     # -- synchronous use (tests, offline batches) -------------------------------------------------

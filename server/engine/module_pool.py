@@ -64,5 +64,9 @@ class ModulePool:
             self._free.append(slot)
 
     @property
+    def num_resident(self) -> int:
+        return len(self._slot_of)
+
+    @property
     def num_pinned(self) -> int:
         return len(self._pins)

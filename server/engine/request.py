@@ -94,3 +94,9 @@ class StepStats:
     """Requests preempted during this step."""
     step_seconds: float
     """Wall time of the step."""
+    num_module_loads: int = 0
+    """Modules whose weights this step copied into pool slots (the module pool's misses)."""
+    modules_resident: int = 0
+    """Modules in pool slots after the step (pinned or evictable)."""
+    module_slots_total: int = 0
+    """Slots of the module pool."""

@@ -92,6 +92,11 @@ def test_a_loaded_adapter_serves_exactly_what_peft_computes_then_unloads(served,
     reloaded = http.post(LOAD, json={"lora_name": "sql", "lora_path": adapters["poem"]})
     assert reloaded.status_code == 200, reloaded.text
     assert _tokens(_complete(http, "sql")) == served_tokens["poem"]
+    metrics = http.get("/metrics").text
+    loads = next(float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith("tessera_module_loads_total"))
+    assert loads >= 4, "sql, poem, the library task's modules after them and sql again after its eviction"
+    assert "tessera_module_slots_total 2.0" in metrics and "tessera_modules_resident" in metrics
     # vLLM's load_inplace swaps the weights under a loaded name; without it the name is taken
     again = {"lora_name": "poem", "lora_path": adapters["sql"]}
     assert "already exists" in error_of(http.post(LOAD, json=again), 400)["message"]
