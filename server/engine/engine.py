@@ -138,7 +138,9 @@ class Engine:
     def _between_steps(self, change: Callable[[], None]) -> concurrent.futures.Future:
         """Run `change` on the engine thread between two steps (inline when the loop is not running)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        if self._thread is None:
+        if self._stopping and self._thread is not None:
+            future.set_exception(RuntimeError("the engine is stopping; the module change did not run"))
+        elif self._thread is None:
             self._run_change(change, future)
         else:
             self._inbox.put(("change", change, future))
@@ -221,6 +223,22 @@ class Engine:
                 continue
             self._guarded(self.step)
         self._guarded(self._flush)
+        self._refuse_queued_changes()
+
+    def _refuse_queued_changes(self) -> None:
+        """Fail the module changes still queued when the loop stops (their callers wait on them); keep the rest."""
+        kept = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "change":
+                item[2].set_exception(RuntimeError("the engine stopped before the module change ran"))
+            else:
+                kept.append(item)
+        for item in kept:
+            self._inbox.put(item)
 
     def _guarded(self, action: Callable[[], None]) -> None:
         try:
