@@ -35,7 +35,8 @@ class ModulePool:
         loads = []
         for module_id in missing:
             if not self._free:
-                victim, _ = self._idle.popitem(last=False)
+                victim = evictable.pop(0)  # least recently used first, never one of this request's own modules
+                del self._idle[victim]
                 self._free.append(self._slot_of.pop(victim))
             slot = self._free.pop()
             self._slot_of[module_id] = slot

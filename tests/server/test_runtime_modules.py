@@ -125,3 +125,26 @@ def test_off_unless_configured(setup):
     with pytest.raises(ValueError, match="--runtime-modules"):
         engine.add_module(*_module(engine, "x", 6)).result(timeout=5)
     assert "x" not in engine.library.modules
+
+
+def test_a_vllm_export_served_as_lora_modules_gives_each_tasks_tokens(setup, tmp_path):
+    """The deployment round trip: `export-vllm`'s adapters, served the way vLLM serves them (one LoRA per
+    request, by name), generate what the library generates for each task tag."""
+    from router.compose import compose
+    from router.library import ModuleLibrary
+    from router.vllm_export import export_vllm
+
+    model_dir, library_dir = setup
+    library = ModuleLibrary.load(library_dir)
+    done = export_vllm(library, tmp_path / "vllm")
+    tagged = _engine(setup, runtime_modules=False)
+    as_vllm = _engine((model_dir, None), runtime_modules=False, max_rank=16,
+                      lora_modules=tuple(f"{a.name}={done.path / a.path}" for a in done.adapters))
+    assert list(as_vllm.library.modules) == list(library.tasks) and not as_vllm.library.tasks
+    outputs = {}
+    for task in library.tasks:
+        want = [t for o in _greedy(tagged, compose(library, task=task), task) for t in o.token_ids]
+        got = [t for o in _greedy(as_vllm, Composition((task,), (1.0,), "explicit"), task) for t in o.token_ids]
+        assert got == want, task
+        outputs[task] = got
+    assert len(set(map(tuple, outputs.values()))) > 1, "the tasks must generate differently"

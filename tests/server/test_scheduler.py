@@ -113,6 +113,17 @@ def test_module_pool_pins_evicts_lru_and_makes_requests_wait():
     assert loads == [(slots[0], "m2")] and pool.slot_of("m0") is None  # m0 was least recently used
 
 
+def test_module_pool_never_evicts_a_module_of_the_request_it_makes_room_for():
+    pool = ModulePool(2)
+    pool.acquire(("m0",))
+    pool.acquire(("m1",))
+    pool.release(("m0",))
+    pool.release(("m1",))  # both idle, m0 the least recently used
+    slots, loads = pool.acquire(("m2", "m0"))  # m0 is resident: only m1 may make room for m2
+    assert loads == [(slots[0], "m2")] and pool.slot_of("m0") == slots[1] and pool.slot_of("m1") is None
+    assert sorted(slots) == [0, 1]
+
+
 def test_request_waits_for_module_slots():
     scheduler = _scheduler(slots=1)
     scheduler.add(_request("a", 2, max_tokens=3, modules=("m0",)), seed=0)
