@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from router.composition import Composition
-from router.errors import UnknownModuleError
+from router.errors import CompositionError, UnknownModuleError
 
 from server.api.errors import APIError, from_router
 from server.engine.request import Request, RequestOutput, SamplingParams
@@ -92,7 +92,7 @@ class Runner:
         try:
             while remaining:
                 index, item = await sink.get()
-                if isinstance(item, UnknownModuleError):  # removed after the request was composed
+                if isinstance(item, (UnknownModuleError, CompositionError)):  # refused by the engine at admission
                     raise from_router(item, "model")
                 if isinstance(item, Exception):
                     raise APIError(500, f"generation failed: {item}", None, "internal_error")

@@ -275,6 +275,14 @@ class Engine:
 
             sink(UnknownModuleError(missing[0], list(self.library.modules) if self.library is not None else []))
             return
+        slots = self.scheduler.modules.num_slots
+        if request.composition.k > slots:  # it could never be admitted, and would hold up every request behind it
+            from router.errors import CompositionError
+
+            sink(CompositionError(f"the composition uses {request.composition.k} modules but the module pool has "
+                                  f"{slots} slots; start the server with --max-loaded-modules {request.composition.k} "
+                                  "or more"))
+            return
         seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(63)
         self._sinks[request.request_id] = sink
         self._detok[request.request_id] = Detokenizer(self.tokenizer, request.sampling.stop)

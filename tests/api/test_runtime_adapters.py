@@ -125,6 +125,10 @@ def test_bad_loads_and_unloads_are_openai_errors_and_change_nothing(served, tiny
     for body, status, message in cases:
         error = error_of(http.post(LOAD, json=body), status)
         assert message in error["message"], (body, error)
+    three = {"model": server.backbone, "prompt": PROMPT, "max_tokens": 2, "modules": {"m0": 1, "m1": 1, "m2": 1}}
+    error = error_of(http.post("/v1/completions", json=three), 400)
+    assert error["code"] == "invalid_composition" and "--max-loaded-modules 3" in error["message"]
+    assert _complete(http, "m0").status_code == 200, "the refused request must hold up nothing"
     assert error_of(http.post(UNLOAD, json={"lora_name": "ghost"}), 404)["code"] == "module_not_found"
     assert "came with the library" in error_of(http.post(UNLOAD, json={"lora_name": "m0"}), 400)["message"]
     assert [c["id"] for c in http.get("/v1/models").json()["data"]] == [c["id"] for c in before]

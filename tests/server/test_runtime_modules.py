@@ -148,3 +148,13 @@ def test_a_vllm_export_served_as_lora_modules_gives_each_tasks_tokens(setup, tmp
         assert got == want, task
         outputs[task] = got
     assert len(set(map(tuple, outputs.values()))) > 1, "the tasks must generate differently"
+
+
+def test_a_composition_larger_than_the_pool_is_refused_and_holds_up_nothing(setup):
+    engine = _engine(setup, runtime_modules=False)  # 2 slots, 3 library modules
+    sampling = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    too_big = Request("big", PROMPT, sampling, Composition(("m0", "m1", "m2"), (0.3, 0.3, 0.4), "explicit"))
+    after = Request("after", PROMPT, sampling, Composition(("m0", "m1"), (0.5, 0.5), "explicit"))
+    outputs = engine.generate_batch([too_big, after])
+    assert len(outputs["big"]) == 1 and "uses 3 modules but the module pool has 2 slots" in str(outputs["big"][0])
+    assert outputs["after"][-1].finished and outputs["after"][-1].num_output_tokens == 3
