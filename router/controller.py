@@ -130,8 +130,9 @@ class Controller:
         s = self.settings
         gates = torch.sigmoid(self.logits[self.tasks.index(task)] / s.temperature)  # [num_modules]
         order = torch.argsort(gates, descending=True, stable=True)[: s.top_k].tolist()
+        values = gates.tolist()
         # a gate of exactly 0 (a logit far below zero) adds nothing: it never takes a slot, whatever the threshold
-        chosen = [(self.modules[i], float(gates[i])) for i in order if float(gates[i]) >= s.threshold and gates[i] > 0]
+        chosen = [(self.modules[i], values[i]) for i in order if values[i] >= s.threshold and values[i] > 0]
         if not chosen:
             logger.info("task %r: every gate is under the threshold %s; backbone only", task, s.threshold)
         if s.renormalize and chosen:

@@ -135,10 +135,10 @@ def run_train(args: argparse.Namespace) -> None:
     config = _config(args)
     if not (args.model / "config.json").is_file():
         _fail(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
+    from router.atomic import CLI_OVERWRITE_HINT, check_target
     from router.errors import LibraryError
     from training.checkpoint import CheckpointError
     from training.data import DataError, load_examples
-    from router.atomic import CLI_OVERWRITE_HINT, check_target
     from training.trainer import train_library
 
     try:

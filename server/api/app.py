@@ -100,13 +100,11 @@ RUNTIME_OFF = "loading adapters while serving is off; start the server with --ru
 def _load_adapter(engine, body: LoadAdapterRequest):
     """Read and check the PEFT directory (in a worker thread), then add it between steps."""
     from router.info import check_name
-    from router.library import fingerprint_from_hf_config
     from router.peft_io import import_peft
 
     name = check_name("module", body.lora_name)
-    library = engine.library
-    backbone = library.backbone if library is not None else fingerprint_from_hf_config(engine.model.hf_config)
-    info, weights = import_peft(body.lora_path, backbone, name, f"PEFT adapter {body.lora_path}, added while serving")
+    description = f"PEFT adapter {body.lora_path}, added while serving"
+    info, weights = import_peft(body.lora_path, engine.fingerprint, name, description)
     return engine.add_module(info, weights, replace=body.load_inplace)
 
 

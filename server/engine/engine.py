@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import queue
 import random
@@ -121,6 +122,13 @@ class Engine:
     def stats(self) -> StepStats:
         return self._last_stats
 
+    @functools.cached_property
+    def fingerprint(self):
+        """The backbone's router BackboneFingerprint (what a module or library must match)."""
+        from router.library import fingerprint_from_hf_config
+
+        return fingerprint_from_hf_config(self.model.hf_config)
+
     # -- modules added and removed while serving --------------------------------------------------
 
     def add_module(self, info, weights, replace: bool = False) -> concurrent.futures.Future:
@@ -160,30 +168,22 @@ class Engine:
         if self.config.runtime_modules is not True:
             raise ValueError("modules cannot be added while serving: start the engine with runtime_modules "
                              "(`tessera serve --runtime-modules`)")
-        if replace and info.name in self.runtime_modules:
-            self._check_unused(info.name)
-            library = self.library.without_module(info.name)
-            from router.library import with_standalone_module
+        from router.library import with_standalone_module
 
-            library = with_standalone_module(library, library.backbone, info, weights)
-            check_library_fits(library, self.model)
-            self.scheduler.modules.forget(info.name)
-            self._use_library(library)
-            logger.info("replaced module %r (rank %d) while serving", info.name, info.rank)
-            return
-        taken = {self.model_name, "auto", *(self.library.tasks if self.library is not None else ())}
-        if info.name in taken:
+        library, replacing = self.library, replace and info.name in self.runtime_modules
+        if replacing:
+            self._check_unused(info.name)
+            library = library.without_module(info.name)
+        elif info.name in {self.model_name, "auto", *(library.tasks if library is not None else ())}:
             raise ValueError(f"{info.name!r} already names the backbone, a task or `auto`; requests could not "
                              "address the module by it")
-        from router.library import fingerprint_from_hf_config, with_standalone_module
-
-        library = self.library
-        backbone = library.backbone if library is not None else fingerprint_from_hf_config(self.model.hf_config)
-        library = with_standalone_module(library, backbone, info, weights)
+        library = with_standalone_module(library, self.fingerprint, info, weights)
         check_library_fits(library, self.model)
+        self.scheduler.modules.forget(info.name)  # a replaced module's slot holds the old weights
         self._use_library(library)
         self.runtime_modules.add(info.name)
-        logger.info("added module %r (rank %d) while serving", info.name, info.rank)
+        logger.info("%s module %r (rank %d) while serving", "replaced" if replacing else "added", info.name,
+                    info.rank)
 
     def _remove_module(self, name: str) -> None:
         if name not in self.runtime_modules:

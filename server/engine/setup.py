@@ -48,8 +48,8 @@ def _load_library(config: EngineConfig, model_dir: str):
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--lora-modules {spec!r}: give NAME=PATH (a PEFT LoRA directory)")
-        if library is not None and (name in library.modules or name in library.tasks):
-            raise ValueError(f"--lora-modules {spec!r}: {name!r} already names a module or task of the library")
+        if library is not None and name in library.tasks:  # a module of that name: with_module refuses it
+            raise ValueError(f"--lora-modules {spec!r}: {name!r} already names a task of the library")
         try:
             info, weights = import_peft(path, expect, check_name("module", name), f"PEFT adapter {path}")
             library = with_standalone_module(library, expect, info, weights)
