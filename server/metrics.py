@@ -50,6 +50,12 @@ class Metrics:
                                     "misses: a module not resident when a request needed it)", registry=r)
         self.modules_resident = Gauge("tessera_modules_resident", "Modules in device pool slots", registry=r)
         self.module_slots = Gauge("tessera_module_slots_total", "Slots of the device module pool", registry=r)
+        self.prefix_queries = Counter("tessera_prefix_cache_queries", "Tokens of admitted requests looked up in "
+                                      "the prefix cache", registry=r)
+        self.prefix_hits = Counter("tessera_prefix_cache_hits", "Tokens found in the prefix cache (their KV was "
+                                   "reused, not computed)", registry=r)
+        self.kv_cached = Gauge("tessera_kv_blocks_cached", "KV-cache blocks registered in the prefix cache (held "
+                               "or free)", registry=r)
 
     def observe_step(self, stats: StepStats) -> None:
         """The engine's step observer."""
@@ -66,6 +72,10 @@ class Metrics:
             self.module_loads.inc(stats.num_module_loads)
         self.modules_resident.set(stats.modules_resident)
         self.module_slots.set(stats.module_slots_total)
+        if stats.prefix_cache_queries:
+            self.prefix_queries.inc(stats.prefix_cache_queries)
+            self.prefix_hits.inc(stats.prefix_cache_hits)
+        self.kv_cached.set(stats.kv_blocks_cached)
 
     def observe_error(self, error) -> None:
         """Count one call the API answered with an `APIError` (its status and code)."""

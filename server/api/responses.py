@@ -22,7 +22,7 @@ async def collect(runner: Runner, call: Call) -> dict:
     n = len(call.prompts)
     texts, logprobs, reasons = [""] * n, [[] for _ in range(n)], [None] * n
     text_lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
-    completion_tokens = [0] * n
+    completion_tokens, cached_tokens = [0] * n, [0] * n
     async for index, output in runner.outputs(call):
         if call.params[index].logprobs is not None:
             if call.kind == "chat":
@@ -33,6 +33,7 @@ async def collect(runner: Runner, call: Call) -> dict:
                     text_lp[index][key] += part[key]
         texts[index] += output.text
         completion_tokens[index] = output.num_output_tokens
+        cached_tokens[index] = output.num_cached_tokens
         reasons[index] = output.finish_reason
     choices = []
     for i in range(n):
@@ -44,7 +45,8 @@ async def collect(runner: Runner, call: Call) -> dict:
             choices.append({"index": i, "text": texts[i], "logprobs": text_lp[i] if wants else None,
                             "finish_reason": reasons[i]})
     body = call.envelope(stream=False)
-    body.update(choices=choices, usage=usage(call.num_prompt_tokens, sum(completion_tokens)), tessera=_tessera(call))
+    total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens))
+    body.update(choices=choices, usage=total, tessera=_tessera(call))
     return body
 
 
@@ -69,10 +71,12 @@ async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
         for i in range(len(call.prompts)):
             first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             yield sse(call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)})
-    completion_tokens, text_offsets = [0] * len(call.prompts), [0] * len(call.prompts)
+    n = len(call.prompts)
+    completion_tokens, cached_tokens, text_offsets = [0] * n, [0] * n, [0] * n
     try:
         async for index, output in runner.outputs(call):
             completion_tokens[index] = output.num_output_tokens
+            cached_tokens[index] = output.num_cached_tokens
             if output.text or output.finished or output.logprobs:
                 yield sse(_chunk(call, runner, index, output, text_offsets[index]))
             text_offsets[index] += len(output.text)
@@ -80,6 +84,6 @@ async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
         yield sse(error.body())
         return
     if call.include_usage:
-        total = usage(call.num_prompt_tokens, sum(completion_tokens))
+        total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens))
         yield sse(call.envelope(stream=True) | {"choices": [], "usage": total, "tessera": _tessera(call)})
     yield sse("[DONE]")

@@ -46,6 +46,11 @@ class Call:
         """Prompt tokens of the call, each distinct prompt counted once however many choices it has."""
         return sum(len(p) for p in self.prompts[:: self.n])
 
+    def num_cached_tokens(self, per_choice: list[int]) -> int:
+        """Prompt tokens of the call served from the prefix cache, from each choice's count: per distinct
+        prompt, the fewest of its choices (the prompt was computed at least that far once)."""
+        return sum(min(per_choice[i : i + self.n]) for i in range(0, len(per_choice), self.n))
+
     def envelope(self, stream: bool) -> dict:
         kind = {"chat": "chat.completion", "text": "text_completion"}[self.kind]
         body = {"id": self.object_id, "object": kind + (".chunk" if stream and self.kind == "chat" else ""),
@@ -148,9 +153,12 @@ async def _disconnected(request) -> None:
         pass
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts prompt tokens whose KV came from
+    the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def sse(payload: dict | str) -> str:

@@ -31,6 +31,10 @@ class EngineConfig:
     """On CUDA: share of the device memory the process may use (weights, pools, activations, KV)."""
     num_kv_blocks: int | None = None
     """Exact number of KV blocks, overriding the memory budgets (tests)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of full blocks that an earlier request computed for the same tokens under the same
+    composition (modules, gates and module weights): shared system prompts, few-shot examples and chat
+    history are computed once. Outputs are the same either way."""
     max_loaded_modules: int = 16
     """Module pool slots: modules resident on the device at once."""
     max_rank: int | None = None

@@ -72,7 +72,7 @@ class Engine:
         self._detok: dict[str, Detokenizer] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._last_stats = self._stats(0, 0, 0.0)
+        self._last_stats = self._stats()
         self.runtime_modules: set[str] = set()
         """Modules added while serving (add_module); only these can be removed again."""
 
@@ -263,7 +263,7 @@ class Engine:
                 self._run_change(payload, sink)
             else:
                 self._finish(payload, "abort")
-                self._publish_stats(self._stats(0, 0, 0.0))
+                self._publish_stats(self._stats())
 
     def _add(self, request: Request, sink) -> None:
         if request.request_id in self._sinks:
@@ -302,8 +302,7 @@ class Engine:
         else:
             self._collect(plan, launched)
         seconds = time.perf_counter() - started
-        num_seqs, num_loads = len(plan.num_scheduled_tokens), len(plan.module_loads)
-        self._publish_stats(self._stats(num_seqs, plan.num_tokens, seconds, num_loads))
+        self._publish_stats(self._stats(plan, seconds))
 
     def _collect(self, plan: StepPlan, launched: PendingStep) -> None:
         """Read a launched step's tokens (the host sync), update the scheduler, emit what changed."""
@@ -341,6 +340,7 @@ class Engine:
             finish_reason=state.finish_reason,
             num_prompt_tokens=state.num_prompt_tokens,
             num_output_tokens=len(output_ids),
+            num_cached_tokens=state.num_cached_tokens or 0,
         )
         sink = self._sinks.pop(request_id) if finished else self._sinks[request_id]
         if finished:
@@ -353,7 +353,8 @@ class Engine:
         self._detok.pop(request_id, None)
         if state is not None and sink is not None:
             sink(
-                RequestOutput(request_id, "", (), None, True, reason, state.num_prompt_tokens, state.num_output_ids)
+                RequestOutput(request_id, "", (), None, True, reason, state.num_prompt_tokens, state.num_output_ids,
+                              state.num_cached_tokens or 0)
             )
 
     def _fail_all(self, error: Exception) -> None:
@@ -363,22 +364,28 @@ class Engine:
             self.scheduler.finish(request_id, "error")
             self._detok.pop(request_id, None)
             self._sinks.pop(request_id)(RuntimeError(f"engine step failed: {error}"))
-        self._publish_stats(self._stats(0, 0, 0.0))
+        self._publish_stats(self._stats())
 
-    def _stats(self, num_seqs: int, num_tokens: int, seconds: float, num_module_loads: int = 0) -> StepStats:
+    def _stats(self, plan: StepPlan | None = None, seconds: float = 0.0) -> StepStats:
+        """The engine's state now, and what `plan`'s step did (nothing when no step ran: an abort or a
+        failure, which must not count the last step's preemptions and loads again)."""
         scheduler = self.scheduler
+        step = dict(num_seqs=0, num_tokens=0, num_preempted=0)
+        if plan is not None:
+            step.update(num_seqs=len(plan.num_scheduled_tokens), num_tokens=plan.num_tokens,
+                        num_preempted=scheduler.num_preempted_last_step, num_module_loads=len(plan.module_loads),
+                        prefix_cache_queries=scheduler.prefix_queries_last_step,
+                        prefix_cache_hits=scheduler.prefix_hits_last_step)
         return StepStats(
-            num_seqs=num_seqs,
-            num_tokens=num_tokens,
+            **step,
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
             kv_blocks_used=scheduler.blocks.num_used,
             kv_blocks_total=scheduler.blocks.num_blocks,
-            num_preempted=scheduler.num_preempted_last_step,
             step_seconds=seconds,
-            num_module_loads=num_module_loads,
             modules_resident=scheduler.modules.num_resident,
             module_slots_total=scheduler.modules.num_slots,
+            kv_blocks_cached=scheduler.blocks.num_cached,
         )
 
     # -- synchronous use (tests, offline batches) -------------------------------------------------

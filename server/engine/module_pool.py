@@ -19,6 +19,12 @@ class ModulePool:
         self._pins: dict[str, int] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
         self._free = list(range(num_slots))[::-1]
+        self._generations: dict[str, int] = {}
+
+    def generation(self, module_id: str) -> int:
+        """How often `module_id` was forgotten: weights served under one name and generation never change, so
+        the prefix cache keys KV on it."""
+        return self._generations.get(module_id, 0)
 
     def slot_of(self, module_id: str) -> int | None:
         return self._slot_of.get(module_id)
@@ -59,6 +65,7 @@ class ModulePool:
         later under the same name is loaded afresh, never served from the old slot."""
         if module_id in self._pins:
             raise ValueError(f"module {module_id!r} is pinned by a running request")
+        self._generations[module_id] = self.generation(module_id) + 1
         self._idle.pop(module_id, None)
         slot = self._slot_of.pop(module_id, None)
         if slot is not None:

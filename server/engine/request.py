@@ -74,6 +74,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     """Tokens generated so far in total."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache instead of being computed."""
 
 
 @dataclass(frozen=True)
@@ -100,3 +102,9 @@ class StepStats:
     """Modules in pool slots after the step (pinned or evictable)."""
     module_slots_total: int = 0
     """Slots of the module pool."""
+    prefix_cache_queries: int = 0
+    """Tokens of the requests admitted this step that were looked up in the prefix cache."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached."""
+    kv_blocks_cached: int = 0
+    """KV blocks registered in the prefix cache after the step (held or free)."""

@@ -7,6 +7,12 @@ sequence limit, free KV blocks and module slots allow. When a running request ne
 free, the most recently admitted running request is preempted: its blocks and slots are freed and it
 waits at the front of the queue, to be recomputed from its prompt and output so far.
 
+Prefix caching (`kv_pool`): a request admitted (or readmitted) starts from the longest run of cached
+full blocks that match its tokens under its composition, and computes only the rest; at least its last
+token is always computed, since sampling needs its logits. Blocks are registered in the cache by
+`update`, once the step that computed them was launched and its result read, never by the step that is
+still filling them, so a request never reads KV that its own step's neighbours write.
+
 `schedule` counts the tokens it gives a request as computed at once, and a request that samples gets a
 `PLACEHOLDER` token until `update` reads the step's result. So the next step can be planned while this
 one still runs (asynchronous scheduling), with these rules:
@@ -26,7 +32,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from server.engine.kv_pool import BlockPool
+from server.engine.kv_pool import BlockPool, block_hashes, composition_root
 from server.engine.module_pool import ModulePool
 from server.engine.plan import PLACEHOLDER, NewRequestData, RunningRequestData, StepPlan, StepResult
 from server.engine.request import Request, TokenLogprob
@@ -55,6 +61,15 @@ class RequestState:
     finish_reason: str | None = None
     new_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     """Logprobs of tokens sampled since the engine last read them."""
+    num_cached_tokens: int | None = None
+    """Prompt tokens its first admission found in the prefix cache (None until admitted)."""
+    admissions: int = 0
+    """Times admitted: a step's record of it is stale once it was preempted and admitted again."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix-cache hashes of its first full blocks (tokens only grow, and the composition is fixed)."""
+    hash_root: bytes | None = None
+    num_registered_blocks: int = 0
+    """Leading blocks of `block_ids` that are in the prefix cache (taken from it, or registered)."""
 
     @property
     def request_id(self) -> str:
@@ -107,8 +122,15 @@ class Scheduler:
         self._dropped: list[str] = []
         self._in_flight: dict[int, dict[str, RequestState]] = {}
         """Per planned step not updated yet: the requests that sample in it, in batch order."""
+        self._computed: dict[int, list[tuple[RequestState, int, int]]] = {}
+        """Per planned step not updated yet: (request, its admission count, tokens computed once the step
+        ran) for every request whose KV it takes past a block's end; `update` registers the blocks filled."""
         self._num_steps = 0
         self.num_preempted_last_step = 0
+        self.prefix_queries_last_step = 0
+        """Tokens of the requests admitted in the last step that were looked up in the prefix cache."""
+        self.prefix_hits_last_step = 0
+        """Of those, tokens found cached (not computed)."""
 
     def add(self, request: Request, seed: int) -> RequestState:
         state = RequestState(request, list(request.prompt_token_ids), seed)
@@ -123,8 +145,9 @@ class Scheduler:
         self._num_steps += 1
         plan = StepPlan(step_id=self._num_steps, dropped=self._take_dropped())
         self._in_flight[plan.step_id] = {}
+        self._computed[plan.step_id] = []
         budget = self.config.max_num_batched_tokens
-        self.num_preempted_last_step = 0
+        self.num_preempted_last_step = self.prefix_queries_last_step = self.prefix_hits_last_step = 0
         preempted = False
         for state in list(self.running):
             if budget == 0 or state.status is not Status.RUNNING or state.will_finish(self.config.max_model_len):
@@ -160,21 +183,68 @@ class Scheduler:
         """Admit the head of the queue if blocks and module slots allow; the tokens it got (0: none)."""
         if state.num_placeholders:  # preempted while its last token was in flight: wait until it is read
             return 0
-        num_tokens = min(len(state.token_ids) - state.num_computed_tokens, budget)
-        need = self.blocks.blocks_for(num_tokens)
-        if need > self.blocks.num_free:
+        hits = self._cached_prefix(state)
+        num_cached = len(hits) * self.blocks.block_size
+        num_tokens = min(len(state.token_ids) - num_cached, budget)
+        need = self.blocks.blocks_for(num_cached + num_tokens) - len(hits)
+        if need > self.blocks.num_free - self.blocks.num_free_among(hits):
             return 0
         acquired = self.modules.acquire(state.request.composition.module_ids)
         if acquired is None:
             return 0
         state.module_slots, loads = acquired
         plan.module_loads += loads
-        state.block_ids = self.blocks.allocate(need)
+        self.blocks.take(hits)
+        state.block_ids = hits + self.blocks.allocate(need)
+        state.num_computed_tokens = num_cached
+        state.num_registered_blocks = len(hits)
+        state.admissions += 1
+        if state.num_cached_tokens is None:
+            state.num_cached_tokens = min(num_cached, state.num_prompt_tokens)
+        if self.blocks.caching:
+            self.prefix_queries_last_step += len(state.token_ids)
+            self.prefix_hits_last_step += num_cached
         state.status = Status.RUNNING
         self.waiting.popleft()
         self.running.append(state)
         self._put(plan, state, num_tokens, state.block_ids)
         return num_tokens
+
+    def _cached_prefix(self, state: RequestState) -> list[int]:
+        """The cached blocks `state` can start from: the longest cached run of its full blocks, leaving at
+        least its last token to compute."""
+        if not self.blocks.caching:
+            return []
+        return self.blocks.lookup(self._hashes(state, (len(state.token_ids) - 1) // self.blocks.block_size))
+
+    def _hashes(self, state: RequestState, num_blocks: int) -> list[bytes]:
+        """The prefix-cache hashes of `state`'s first `num_blocks` blocks, whose tokens must all be known."""
+        have = len(state.block_hashes)
+        if num_blocks > have:
+            size = self.blocks.block_size
+            if PLACEHOLDER in state.token_ids[have * size : num_blocks * size]:
+                raise RuntimeError(f"request {state.request_id!r}: block hashes asked for unread tokens")
+            if state.hash_root is None:
+                composition = state.request.composition
+                generations = tuple(self.modules.generation(m) for m in composition.module_ids)
+                state.hash_root = composition_root(composition.module_ids, composition.gates, generations)
+            parent = state.block_hashes[-1] if have else None
+            state.block_hashes += block_hashes(state.hash_root, state.token_ids, have, num_blocks, size, parent)
+        return state.block_hashes[:num_blocks]
+
+    def _register_computed(self, step_id: int) -> None:
+        """Register in the prefix cache the full blocks that step `step_id` completed (its requests that
+        still hold those blocks: not finished, not preempted since)."""
+        for state, admissions, computed in self._computed.pop(step_id, []):
+            if state.status is not Status.RUNNING or state.admissions != admissions:
+                continue
+            num_full = computed // self.blocks.block_size
+            if num_full <= state.num_registered_blocks:
+                continue
+            hashes = self._hashes(state, num_full)
+            for index in range(state.num_registered_blocks, num_full):
+                self.blocks.register(state.block_ids[index], hashes[index])
+            state.num_registered_blocks = num_full
 
     def _put(self, plan: StepPlan, state: RequestState, num_tokens: int, new_blocks: list[int]) -> None:
         if state.request_id in self._known_to_runner:
@@ -184,6 +254,8 @@ class Scheduler:
             self._known_to_runner.add(state.request_id)
         plan.num_scheduled_tokens[state.request_id] = num_tokens
         state.num_computed_tokens += num_tokens
+        if self.blocks.caching and state.num_computed_tokens >= (state.num_registered_blocks + 1) * self.blocks.block_size:
+            self._computed[plan.step_id].append((state, state.admissions, state.num_computed_tokens))  # fills a block
         if state.num_computed_tokens == len(state.token_ids):
             plan.samples.add(state.request_id)
             self._in_flight[plan.step_id][state.request_id] = state
@@ -216,6 +288,7 @@ class Scheduler:
         """Free blocks and module pins, and tell the runner to forget the request."""
         self.blocks.free(state.block_ids)
         state.block_ids = []
+        state.num_registered_blocks = 0
         if state.module_slots is not None:
             self.modules.release(state.request.composition.module_ids)
             state.module_slots = None
@@ -240,6 +313,7 @@ class Scheduler:
         if min(self._in_flight) < plan.step_id:
             raise RuntimeError(f"step {plan.step_id} updated before step {min(self._in_flight)}")
         samplers = self._in_flight.pop(plan.step_id)
+        self._register_computed(plan.step_id)  # before any of them finishes and frees its blocks
         sampled = {r: (t, lp) for r, t, lp in zip(result.request_ids, result.sampled_token_ids, result.logprobs)}
         changed = []
         for request_id, state in samplers.items():
@@ -260,6 +334,7 @@ class Scheduler:
     def cancel_in_flight(self) -> None:
         """Forget every step not updated yet (after a failed step, whose requests were all finished)."""
         self._in_flight.clear()
+        self._computed.clear()
 
     def _finish_reason(self, state: RequestState, token_id: int) -> str | None:
         sampling = state.request.sampling

@@ -142,7 +142,7 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     max_blocks_per_seq = -(-max_model_len // config.block_size)
     scheduler = Scheduler(
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
-        BlockPool(num_blocks, config.block_size),
+        BlockPool(num_blocks, config.block_size, caching=config.enable_prefix_caching),
         ModulePool(model.max_slots),
         eos_ids,
     )

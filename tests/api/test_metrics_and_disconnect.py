@@ -46,6 +46,10 @@ def test_metrics_count_requests_tokens_latency_and_steps(server):
     assert delta("tessera_time_per_output_token_seconds_count", task="reverse") == 2
     assert delta("tessera_e2e_request_latency_seconds_count", task="reverse") == 2
     assert delta("tessera_batch_size_count") >= 5, "one observation per engine step"
+    assert delta("tessera_prefix_cache_queries_total") == sum(u["prompt_tokens"] for u in usage)
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in usage]
+    assert cached[1] > 0 and delta("tessera_prefix_cache_hits_total") == sum(cached)
+    assert after[("tessera_kv_blocks_cached", ())] > 0
     assert after[("tessera_kv_blocks_total", ())] == server.engine.stats().kv_blocks_total > 0
     for gauge in ("tessera_requests_running", "tessera_requests_waiting", "tessera_kv_blocks_used"):
         assert after[(gauge, ())] == 0

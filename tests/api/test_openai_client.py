@@ -111,7 +111,29 @@ def test_chat_stream_matches_non_stream_and_reports_usage(server, client):
     assert "".join(c.choices[0].delta.content or "" for c in content) == full.choices[0].message.content
     assert [c.choices[0].finish_reason for c in content][-1] == full.choices[0].finish_reason
     assert all(c.choices[0].finish_reason is None for c in content[:-1])
-    assert chunks[-1].choices == [] and chunks[-1].usage.to_dict() == full.usage.to_dict()
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # cached tokens differ: full ran first
+    assert chunks[-1].choices == []
+    assert [getattr(chunks[-1].usage, c) for c in counts] == [getattr(full.usage, c) for c in counts]
+
+
+def test_a_shared_prefix_comes_from_the_cache_and_usage_says_how_much(server, client, tokenizer):
+    system = {"role": "system", "content": "You answer in one short line and never explain yourself. " * 3}
+    turns = [[system, {"role": "user", "content": text}] for text in ("reverse abc", "reverse xyz")]
+    ids = [tokenizer.encode(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                            add_special_tokens=False) for m in turns]
+    common = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    block = server.engine.config.block_size
+    expected = min(common, len(ids[1]) - 1) // block * block
+    assert expected >= block, "the shared system prompt must fill a KV block"
+    calls = [client.chat.completions.create(model="reverse", messages=m, max_tokens=6, temperature=0) for m in turns]
+    assert [c.usage.prompt_tokens for c in calls] == [len(i) for i in ids]
+    assert [c.usage.prompt_tokens_details.cached_tokens for c in calls] == [0, expected]
+    other_task = client.chat.completions.create(model="uppercase", messages=turns[1], max_tokens=6, temperature=0)
+    assert other_task.usage.prompt_tokens_details.cached_tokens == 0, "another composition's KV is never reused"
+    again = list(client.chat.completions.create(model="reverse", messages=turns[1], max_tokens=6, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in again if c.choices) == calls[1].choices[0].message.content
+    assert again[-1].usage.prompt_tokens_details.cached_tokens == (len(ids[1]) - 1) // block * block
 
 
 def test_n_with_seed_is_reproducible_and_uses_seed_plus_index(server, client):

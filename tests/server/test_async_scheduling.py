@@ -257,7 +257,7 @@ def test_cuda_decode_launches_never_wait_for_the_device(setup, stops):
 
 
 def _scheduler(num_blocks=16, block_size=4, max_model_len=128) -> Scheduler:
-    return Scheduler(SchedulerConfig(4, 64, max_model_len), BlockPool(num_blocks, block_size), ModulePool(2), {0})
+    return Scheduler(SchedulerConfig(4, 64, max_model_len), BlockPool(num_blocks, block_size, caching=False), ModulePool(2), {0})
 
 
 def _add(scheduler: Scheduler, request_id: str, num_prompt: int, max_tokens: int) -> None:

@@ -65,8 +65,12 @@ def test_added_module_serves_exactly_and_no_task_picks_it(setup, device):
         engine.add_module(*_module(engine, "new", 2)).result(timeout=5)
     with pytest.raises(LibraryError, match="already exists"):  # replace swaps only modules added while serving
         engine.add_module(*_module(engine, "m0", 2), replace=True).result(timeout=5)
+    alone = Composition(("new",), (1.0,), "explicit")
+    assert _greedy(engine, alone, "again")[-1].num_cached_tokens == 4  # PROMPT's full block, from "alone"
     engine.add_module(*_module(engine, "new", 2), replace=True).result(timeout=5)
-    swapped = [t for o in _greedy(engine, Composition(("new",), (1.0,), "explicit"), "swapped") for t in o.token_ids]
+    swapped_outputs = _greedy(engine, alone, "swapped")
+    assert swapped_outputs[-1].num_cached_tokens == 0  # the old weights' KV is never reused
+    swapped = [t for o in swapped_outputs for t in o.token_ids]
     assert swapped == _merged_greedy(setup[0], engine.library, Composition(("new",), (1.0,), "explicit"))
     assert list(engine.library.modules).count("new") == 1 and engine.runtime_modules == {"new"}
     with pytest.raises(ValueError, match="max_rank 8"):

@@ -11,7 +11,7 @@ from server.engine.scheduler import Scheduler, SchedulerConfig, Status
 
 
 def _scheduler(num_blocks=16, block_size=4, max_seqs=4, budget=8, slots=2):
-    return Scheduler(SchedulerConfig(max_seqs, budget, 128), BlockPool(num_blocks, block_size), ModulePool(slots), {0})
+    return Scheduler(SchedulerConfig(max_seqs, budget, 128), BlockPool(num_blocks, block_size, caching=False), ModulePool(slots), {0})
 
 
 def _request(rid, n, max_tokens=4, modules=()):
