@@ -76,6 +76,10 @@ def summary_table(document: dict) -> str:
             stats = s[metric]
             cells = " ".join(f"{_fmt(stats[key]):>9}" for key in ("mean", "p50", "p90", "p99", "max"))
             lines.append(f"   {metric:6} {cells}")
+        if s["cached_prompt_tokens"] is not None and s["prompt_tokens"]:
+            cached = s["cached_prompt_tokens"]
+            lines.append(f"   prompt tokens: {s['prompt_tokens']}, {cached} ({100 * cached / s['prompt_tokens']:.1f}%) "
+                         "from the server's prefix cache")
         if s["goodput"]:
             good = s["goodput"]
             lines.append(f"   goodput: {good['num_good']} requests within SLOs, {good['requests_per_s']:.2f} req/s")

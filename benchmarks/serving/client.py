@@ -75,6 +75,9 @@ class _Timer:
         if isinstance(usage, dict) and "completion_tokens" in usage:
             record.output_tokens = int(usage["completion_tokens"])
             record.prompt_tokens = usage.get("prompt_tokens")
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                record.cached_tokens = details["cached_tokens"]
             record.tokens_from = "usage"
 
 

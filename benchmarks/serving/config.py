@@ -113,6 +113,9 @@ class BenchConfig:
     training/ writes); default: random prompts of --input-len words."""
     input_len: str = "128"
     """Random prompts' length in words: N, uniform:LO,HI or normal:MEAN,STD."""
+    prefix_len: int = 0
+    """Words of a system prompt shared by every request (drawn once per run from --seed), sent before each
+    prompt: the workload prefix caching serves (as vLLM's --random-prefix-len); 0 sends none."""
     output_len: str = "128"
     """max_tokens of every request: N, uniform:LO,HI or normal:MEAN,STD."""
     ignore_eos: bool = False
@@ -174,6 +177,8 @@ class BenchConfig:
     def _check_workload(self) -> None:
         LengthDist.parse(self.input_len, "--input-len")
         LengthDist.parse(self.output_len, "--output-len")
+        if self.prefix_len < 0:
+            raise ValueError(f"--prefix-len {self.prefix_len}: must be >= 0")
         if self.modules_k is not None:
             if self.modules_k < 1:
                 raise ValueError(f"--modules-k {self.modules_k}: must be >= 1")

@@ -44,6 +44,9 @@ class RequestRecord:
     """Output tokens (usage when sent, else `num_chunks`)."""
     prompt_tokens: int | None = None
     """Prompt tokens from the usage chunk; None without one."""
+    cached_tokens: int | None = None
+    """Prompt tokens the server took from its prefix cache (usage `prompt_tokens_details.cached_tokens`);
+    None when it does not say."""
     tokens_from: str = "chunks"
     """`usage` or `chunks`: where `output_tokens` came from."""
     error: str | None = None
@@ -108,6 +111,8 @@ def summarize(records: list[RequestRecord], duration: float, slos: dict[str, flo
         "duration_s": duration,
         "output_tokens": output_tokens,
         "prompt_tokens": sum(r.prompt_tokens or 0 for r in done),
+        "cached_prompt_tokens": (sum(r.cached_tokens for r in done if r.cached_tokens is not None)
+                                 if any(r.cached_tokens is not None for r in done) else None),
         "tokens_from": sources[0] if len(sources) == 1 else ("mixed" if sources else None),
         "request_throughput": per_second(len(done)),
         "output_throughput": per_second(output_tokens),

@@ -94,9 +94,13 @@ def load_dataset(path: str | Path) -> list[Prompt]:
     return prompts
 
 
+def random_words(rng: random.Random, count: int) -> str:
+    return " ".join(rng.choices(_WORDS, k=count))
+
+
 def random_prompt(rng: random.Random, dist: LengthDist) -> Prompt:
     """Random words; the server's usage reports how many tokens they make."""
-    return Prompt(({"role": "user", "content": " ".join(rng.choices(_WORDS, k=dist.sample(rng)))},))
+    return Prompt(({"role": "user", "content": random_words(rng, dist.sample(rng))},))
 
 
 def _pick(rng: random.Random, names: tuple[str, ...], weights: list[float], k: int) -> list[str]:
@@ -121,14 +125,22 @@ class Workload:
             raise ValueError(f"--modules-k {config.modules_k} but the server lists {len(self.modules)} modules")
         self.task_weights = popularity(config.task_dist, max(1, len(config.tasks)))
         self.module_weights = popularity(config.task_dist, max(1, len(self.modules)))
+        self.system = None
+        if config.prefix_len:  # its own generator, so the prompts after it are those of a run without one
+            self.system = {"role": "system", "content": random_words(random.Random(f"prefix-{config.seed}"),
+                                                                     config.prefix_len)}
 
     def _prompt(self) -> Prompt:
         if self.prompts is None:
-            return random_prompt(self.rng, self.config.input_dist)
-        if not self.order:
-            self.order = list(range(len(self.prompts)))
-            self.rng.shuffle(self.order)
-        return self.prompts[self.order.pop()]
+            prompt = random_prompt(self.rng, self.config.input_dist)
+        else:
+            if not self.order:
+                self.order = list(range(len(self.prompts)))
+                self.rng.shuffle(self.order)
+            prompt = self.prompts[self.order.pop()]
+        if self.system is None:
+            return prompt
+        return Prompt((self.system, *prompt.messages), prompt.task)
 
     def _tag(self, prompt: Prompt, body: dict, headers: dict[str, str]) -> str:
         config = self.config

@@ -30,6 +30,7 @@ def check_run_adds_up(run: dict) -> None:
     assert summary["num_requests"] == len(requests) == summary["num_succeeded"] + summary["num_failed"]
     assert summary["num_failed"] == len(run["failures"])
     assert summary["output_tokens"] == sum(r["output_tokens"] for r in done)
+    assert summary["cached_prompt_tokens"] == sum(r["cached_tokens"] for r in done) <= summary["prompt_tokens"]
     assert summary["output_tokens"] == sum(t["output_tokens"] for t in run["per_task"].values())
     assert summary["output_throughput"] == pytest.approx(summary["output_tokens"] / summary["duration_s"])
     assert summary["request_throughput"] == pytest.approx(len(done) / summary["duration_s"])
@@ -106,6 +107,22 @@ def test_cli_runs_module_compositions_sent_in_the_body(server, tmp_path, capsys)
     assert document["config"]["modules_k"] == 2
     assert (tmp_path / "latency_cdf.png").read_bytes()[:8] == PNG_MAGIC
     assert not (tmp_path / "rate_sweep.png").exists()
+
+
+def test_a_shared_prefix_is_reported_as_the_servers_cache_hits(server, capsys):
+    def hits() -> float:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        return float(re.search(r"^tessera_prefix_cache_hits_total (\S+)$", text, re.M).group(1))
+
+    before = hits()
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--base-url", server.url, "--model", server.backbone, "--concurrency", "1",
+              "--num-requests", "4", "--prefix-len", "40", "--input-len", "4", "--output-len", "2",
+              "--seed", "3", "--no-progress"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    cached = int(re.search(r"prompt tokens: \d+, (\d+) \(", out).group(1))
+    assert cached >= 3 * 32 and cached == hits() - before  # requests 2-4 reuse the prefix's full blocks
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -27,6 +27,7 @@ def config(**overrides) -> BenchConfig:
     ({"burstiness": 0.0}, "--burstiness 0.0"),
     ({"input_len": "normal:10"}, "--input-len 'normal:10'"),
     ({"output_len": "0"}, "--output-len '0'"),
+    ({"prefix_len": -1}, "--prefix-len -1"),
     ({"tasks": ("a", "a")}, "must be distinct"),
     ({"tasks": ("a",), "modules_k": 1}, "either --tasks or --modules-k"),
     ({"modules": ("m0",)}, "--modules needs --modules-k"),
@@ -119,3 +120,19 @@ def test_compositions_dataset_tasks_and_untagged_requests(tmp_path):
     untagged = Workload(config(input_len="7")).sample()
     assert untagged.label == "none" and untagged.body["model"] == "backbone"
     assert len(untagged.body["messages"][0]["content"].split()) == 7
+
+
+def test_a_shared_prefix_goes_before_every_prompt_and_changes_nothing_else(tmp_path):
+    plain = Workload(config(input_len="uniform:3,9", output_len="uniform:2,8", tasks=("a", "b")))
+    shared = Workload(config(input_len="uniform:3,9", output_len="uniform:2,8", tasks=("a", "b"), prefix_len=12))
+    for _ in range(20):
+        one, other = plain.sample(), shared.sample()
+        system, *rest = other.body["messages"]
+        assert system["role"] == "system" and len(system["content"].split()) == 12
+        assert rest == one.body["messages"] and other.label == one.label
+        assert other.body["max_tokens"] == one.body["max_tokens"]
+    systems = {Workload(config(prefix_len=12, seed=s)).sample().body["messages"][0]["content"] for s in (0, 0, 1)}
+    assert len(systems) == 2, "one prefix per seed"
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
+    text = Workload(config(dataset=path, prefix_len=3, endpoint="completions")).sample().body["prompt"]
+    assert len(text.split("\n\n")) == 2 and text.endswith("\n\nx") and len(text.split("\n\n")[0].split()) == 3
