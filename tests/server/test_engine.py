@@ -79,6 +79,21 @@ def test_preemption_by_recompute_gives_the_same_tokens(setup):
     assert tight.scheduler.blocks.num_used == 0
 
 
+def test_stats_published_between_steps_repeat_no_step_counts(setup):
+    """An abort publishes the engine's state, not the last step's preemptions again (metrics add them up)."""
+    engine = _engine(setup, num_kv_blocks=8)
+    seen = []
+    engine.step_observer = seen.append
+    for request in _requests(SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)):
+        engine._add(request, lambda output: None)
+    while engine.scheduler.num_preempted_last_step == 0:
+        engine.step()
+    engine.abort("r0")
+    engine._drain_inbox()
+    assert seen[-2].num_preempted > 0 and seen[-2].num_seqs > 0
+    assert (seen[-1].num_preempted, seen[-1].num_seqs, seen[-1].num_module_loads) == (0, 0, 0)
+
+
 def test_stops_and_logprobs(setup):
     engine = _engine(setup)
     free = engine.generate_batch([Request("free", PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.0,
