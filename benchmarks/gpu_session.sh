@@ -13,8 +13,10 @@
 #      p99 TPOT with 8 mixed modules vs none (needs the web stack carried as wheels, below).
 # Prepare here:  ../shared/tools/vllm_lora_peer/prepare.sh .peer   (pytest is on the GPU machine already)
 #                python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
-#                  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .wheels fastapi uvicorn pydantic
-#                (3.5 MB: the web stack the GPU machine lacks, for the online stage)
+#                  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .wheels fastapi uvicorn pydantic \
+#                  xgrammar apache-tvm-ffi
+#                (the web stack the GPU machine lacks, for the online stage, and xgrammar for the structured-output
+#                tests of stage `tests`, which skip without it)
 # Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer", ".wheels"]); results land in
 #                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online (default: first).
 # Budget:        a task that is lent a GPU now gets 15 minutes of device time in all, the machine's start

@@ -131,7 +131,8 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
         for i, p in enumerate(prompts)
     ]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    call = Call(kind, body.model, prompts, params, composition, body.n, include_usage)
+    grammar = await _grammar(engine, body)
+    call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar)
     headers = composition_header(call)
     if body.stream:
         return StreamingResponse(stream(runner, call), media_type="text/event-stream", headers=headers)
@@ -139,6 +140,18 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
     if result is None:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(result, headers=headers)
+
+
+async def _grammar(engine, body):
+    """The compiled structured-output constraint of `body` (compiled in a worker thread), or None."""
+    asked = translate.grammar_spec(body)
+    if asked is None:
+        return None
+    spec, param = asked
+    try:
+        return await asyncio.to_thread(engine.compile_grammar, spec)
+    except ValueError as error:
+        raise APIError(400, str(error), param, "invalid_structured_output") from None
 
 
 async def _composition(engine, body, request: Request):

@@ -1,15 +1,16 @@
 """Request bodies of the OpenAI-compatible endpoints, with Tessera's extensions `task` and `modules`.
 
 Unknown fields are ignored, as OpenAI-compatible servers do; fields Tessera cannot honour (penalties,
-logit bias, tools, structured output, echo, suffix) are rejected with a 400 naming them rather than
-silently dropped. Every check is a field validator, so the error's location names the parameter.
+logit bias, tools, echo, suffix) are rejected with a 400 naming them rather than silently dropped.
+Structured output comes as OpenAI's `response_format` (json_object, json_schema) or vLLM's
+`structured_outputs` (json, regex, choice, grammar, json_object). Every check is a field validator, so the error's location names the parameter.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class StreamOptions(BaseModel):
@@ -30,6 +31,56 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`, as OpenAI defines it."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    """The JSON schema; none allows any JSON object."""
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_with_its_type(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("type") != "json_schema":
+            raise ValueError("json_schema is only allowed with type json_schema")
+        return value
+
+    @model_validator(mode="after")
+    def _schema_for_its_type(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object: {\"name\": ..., \"schema\": {...}}")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` extension: exactly one constraint."""
+
+    json_: dict | str | None = Field(default=None, alias="json")
+    """A JSON schema (object or JSON text)."""
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    """EBNF in xgrammar's dialect, root rule `root`."""
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, "json_" if name == "json" else name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json, regex, choice, grammar, json_object; got {given or 'none'}")
+        return self
 
 
 class _Common(BaseModel):
@@ -53,6 +104,8 @@ class _Common(BaseModel):
     user: str | None = None
     task: str | None = Field(default=None, min_length=1)
     modules: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("top_k")
     @classmethod
@@ -104,7 +157,6 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict] | None = None
-    response_format: dict | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -118,13 +170,6 @@ class ChatCompletionRequest(_Common):
     def _no_tools(cls, value):
         if value:
             raise ValueError("tool calling is not supported")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value):
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError("only response_format {\"type\": \"text\"} is supported")
         return value
 
     @property

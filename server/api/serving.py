@@ -34,6 +34,8 @@ class Call:
     composition: Composition
     n: int = 1
     include_usage: bool = False
+    grammar: object | None = None
+    """The compiled structured-output constraint every choice follows (`Engine.compile_grammar`), or None."""
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -69,7 +71,8 @@ class Runner:
         self.tokenizer = engine.tokenizer
 
     async def _choice(self, call: Call, index: int, sink: asyncio.Queue) -> None:
-        request = Request(f"{call.call_id}-{index}", call.prompts[index], call.params[index], call.composition)
+        request = Request(f"{call.call_id}-{index}", call.prompts[index], call.params[index], call.composition,
+                          grammar=call.grammar)
         timing = RequestTiming(time.monotonic())
         timing.num_prompt_tokens = len(call.prompts[index])
         status = "abort"

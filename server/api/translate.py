@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from router.compose import compose
@@ -11,6 +12,7 @@ from router.text import AUTO
 from server.api.errors import ROUTER_ERRORS, APIError, from_router
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.engine.request import SamplingParams
+from server.engine.structured import GrammarSpec
 
 TASK_HEADER = "x-tessera-task"
 
@@ -148,3 +150,25 @@ def sampling_params(body, prompt_len: int, max_model_len: int, index: int, defau
         ignore_eos=body.ignore_eos,
         logprobs=body.num_logprobs,
     )
+
+
+def grammar_spec(body) -> tuple[GrammarSpec, str] | None:
+    """The structured-output constraint a body asks for, and the parameter that asked; None for free text."""
+    fmt, outputs = body.response_format, body.structured_outputs
+    if fmt is not None and fmt.type != "text" and outputs is not None:
+        raise APIError(400, "give response_format or structured_outputs, not both", "structured_outputs")
+    if outputs is not None:
+        if outputs.json_ is not None:
+            schema = outputs.json_ if isinstance(outputs.json_, str) else json.dumps(outputs.json_)
+            return GrammarSpec("json_schema", schema), "structured_outputs"
+        for kind in ("regex", "grammar"):
+            if getattr(outputs, kind) is not None:
+                return GrammarSpec(kind, getattr(outputs, kind)), "structured_outputs"
+        if outputs.choice is not None:
+            return GrammarSpec("choice", json.dumps(outputs.choice)), "structured_outputs"
+        return GrammarSpec("json_object"), "structured_outputs"
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_schema" and fmt.json_schema.schema_ is not None:
+        return GrammarSpec("json_schema", json.dumps(fmt.json_schema.schema_)), "response_format"
+    return GrammarSpec("json_object"), "response_format"

@@ -73,6 +73,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_stats = self._stats()
+        self._grammar_compiler = None
+        self._compiler_lock = threading.Lock()
         self.runtime_modules: set[str] = set()
         """Modules added while serving (add_module); only these can be removed again."""
 
@@ -121,6 +123,18 @@ class Engine:
 
     def stats(self) -> StepStats:
         return self._last_stats
+
+    def compile_grammar(self, spec):
+        """A structured-output constraint (`structured.GrammarSpec`) compiled for this backbone's tokenizer,
+        for `Request.grammar`; ValueError when the spec is bad. Blocking (milliseconds for a typical schema;
+        cached): the API calls it in a worker thread."""
+        with self._compiler_lock:  # building the compiler reads the whole vocabulary: once per engine
+            if self._grammar_compiler is None:
+                from server.engine.structured import GrammarCompiler
+
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model.hf_config.vocab_size,
+                                                         self.scheduler.eos_ids)
+        return self._grammar_compiler.compile(spec)
 
     @functools.cached_property
     def fingerprint(self):
@@ -291,6 +305,8 @@ class Engine:
     def step(self) -> None:
         """One engine step: schedule, launch, then read and emit this step (or, asynchronously, the previous one)."""
         started = time.perf_counter()
+        if self.scheduler.num_structured:  # their matchers need the pending step's tokens before the next mask
+            self._flush()
         plan = self.scheduler.schedule()
         launched = self.runner.launch(plan)
         if self.async_scheduling:

@@ -37,6 +37,9 @@ class NewRequestData:
     sampling: SamplingParams
     seed: int
     """Seed of this request's sampling generator."""
+    matcher: object | None = None
+    """The request's structured-output matcher (`structured`), shared with the scheduler, which feeds it
+    every sampled token; the runner masks the request's logits with it."""
 
 
 @dataclass

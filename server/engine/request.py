@@ -45,6 +45,9 @@ class Request:
     sampling: SamplingParams
     composition: Composition = NO_COMPOSITION
     arrival_time: float = field(default_factory=time.monotonic)
+    grammar: object | None = None
+    """A compiled structured-output constraint (`Engine.compile_grammar`), or None; each request walks its own
+    matcher of it."""
 
 
 @dataclass(frozen=True)

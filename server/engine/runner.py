@@ -241,13 +241,27 @@ class ModelRunner:
         held = [self.held[r] for r in request_ids]
         params = [h.data.sampling for h in held]
         seeds = [self._seed_for_next_token(h) for h in held]
-        sampled = sample_on_device(logits, params, seeds)  # [num_sampling]
+        matchers = [h.data.matcher for h in held]
+        if any(m is not None for m in matchers):
+            sampled = sample_on_device(self._constrained(logits, held, matchers), params, seeds)  # [num_sampling]
+        else:
+            sampled = sample_on_device(logits, params, seeds)  # [num_sampling]
         positions = [len(h.token_ids) for h in held]
         step = PendingStep(request_ids, held, positions, params, sampled, gather_logprobs(logits, sampled, params))
         for row, h in enumerate(held):
             h.pending[len(h.token_ids)] = (step, row)
             h.token_ids.append(PLACEHOLDER)
         return step
+
+    @staticmethod
+    def _constrained(logits: torch.Tensor, held: list[_Held], matchers: list) -> torch.Tensor:
+        """`logits` with each structured row's forbidden tokens at -inf; its matcher must have seen every token."""
+        from server.engine.structured import constrain
+
+        late = [h.request_id for h, m in zip(held, matchers) if m is not None and h.pending]
+        if late:
+            raise RuntimeError(f"structured requests {late} sample before their last token was read back")
+        return constrain(logits, matchers)
 
     @staticmethod
     def _seed_for_next_token(held: _Held) -> int:

@@ -70,6 +70,8 @@ class RequestState:
     hash_root: bytes | None = None
     num_registered_blocks: int = 0
     """Leading blocks of `block_ids` that are in the prefix cache (taken from it, or registered)."""
+    matcher: object | None = None
+    """Its structured-output matcher (`structured.new_matcher`), fed every token it samples; None when free."""
 
     @property
     def request_id(self) -> str:
@@ -127,6 +129,8 @@ class Scheduler:
         ran) for every request whose KV it takes past a block's end; `update` registers the blocks filled."""
         self._num_steps = 0
         self.num_preempted_last_step = 0
+        self.num_structured = 0
+        """Unfinished requests with a structured-output matcher."""
         self.prefix_queries_last_step = 0
         """Tokens of the requests admitted in the last step that were looked up in the prefix cache."""
         self.prefix_hits_last_step = 0
@@ -134,6 +138,11 @@ class Scheduler:
 
     def add(self, request: Request, seed: int) -> RequestState:
         state = RequestState(request, list(request.prompt_token_ids), seed)
+        if request.grammar is not None:
+            from server.engine.structured import new_matcher
+
+            state.matcher = new_matcher(request.grammar)
+            self.num_structured += 1
         self.states[request.request_id] = state
         self.waiting.append(state)
         return state
@@ -275,6 +284,7 @@ class Scheduler:
             gates=composition.gates,
             sampling=state.request.sampling,
             seed=state.seed,
+            matcher=state.matcher,
         )
 
     def _preempt(self, state: RequestState) -> None:
@@ -326,10 +336,19 @@ class Scheduler:
             state.num_placeholders -= 1
             state.new_logprobs.append(logprob)
             reason = self._finish_reason(state, token_id)
+            if state.matcher is not None:
+                reason = self._advance_matcher(state, token_id) or reason
             if reason is not None:
                 self.finish(request_id, reason)
             changed.append(state)
         return changed
+
+    @staticmethod
+    def _advance_matcher(state: RequestState, token_id: int) -> str | None:
+        """Feed a structured request's matcher its token; `stop` once the grammar is complete."""
+        if not state.matcher.accept_token(token_id):  # the mask allowed it, so this is a bug, not bad input
+            raise RuntimeError(f"request {state.request_id!r}: sampled token {token_id} is outside its grammar")
+        return "stop" if state.matcher.is_terminated() else None
 
     def cancel_in_flight(self) -> None:
         """Forget every step not updated yet (after a failed step, whose requests were all finished)."""
@@ -358,4 +377,6 @@ class Scheduler:
             state.num_placeholders = 0
         state.status = Status.FINISHED
         state.finish_reason = reason
+        if state.matcher is not None:
+            self.num_structured -= 1
         return state

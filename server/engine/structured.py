@@ -1,0 +1,99 @@
+"""Structured outputs: every sampled token of a request kept inside a JSON schema, JSON, a regex, a choice
+of strings or an EBNF grammar.
+
+xgrammar (the structured-output engine vLLM and SGLang use) compiles a constraint against the tokenizer's
+vocabulary once (`GrammarCompiler`, which caches compiled grammars); each request then walks its own
+`GrammarMatcher`. Before a step samples, the matcher of every constrained row fills that row of a bitmask
+of allowed tokens, and disallowed logits become -inf; after the step, the scheduler feeds the matcher the
+token it drew, and a matcher that has reached the end of its grammar ends the request (`stop`). Logprobs
+stay those of the unconstrained distribution, as without a constraint.
+
+A matcher must have seen a request's last token before its next row is filled, so the engine reads a
+launched step back before it plans the next one while constrained requests run (asynchronous scheduling
+pauses for them; see `Engine.step`). xgrammar is imported only when a constraint is used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """One constraint, as the API received it."""
+
+    kind: GrammarKind
+    value: str = ""
+    """json_schema: the schema as JSON text; regex: the pattern; grammar: EBNF (xgrammar's dialect, root rule
+    `root`); choice: a JSON list of the strings allowed; json_object: unused."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown structured output kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """EBNF whose language is exactly `choices` (string literals escaped as JSON strings, which the EBNF
+    dialect reads the same way)."""
+    if not choices or any(not isinstance(c, str) or not c for c in choices):
+        raise ValueError("choice needs a non-empty list of non-empty strings")
+    return "root ::= " + " | ".join(json.dumps(c) for c in dict.fromkeys(choices))
+
+
+class GrammarCompiler:
+    """Compiles `GrammarSpec`s for one tokenizer and vocabulary (thread-safe; compiled grammars are cached)."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]):
+        import xgrammar
+
+        self._xgr = xgrammar
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                       stop_token_ids=sorted(stop_token_ids) or None)
+        self._compiler = xgrammar.GrammarCompiler(info, max_threads=2)
+        self.vocab_size = vocab_size
+
+    def compile(self, spec: GrammarSpec):
+        """The compiled grammar of `spec`; ValueError naming what is wrong with it."""
+        compiler = self._compiler
+        try:
+            if spec.kind == "json_object":
+                return compiler.compile_builtin_json_grammar()
+            if spec.kind == "json_schema":
+                return compiler.compile_json_schema(spec.value, any_whitespace=False)
+            if spec.kind == "regex":
+                return compiler.compile_regex(spec.value)
+            if spec.kind == "choice":
+                return compiler.compile_grammar(choice_grammar(json.loads(spec.value)))
+            return compiler.compile_grammar(spec.value)
+        except ValueError:
+            raise
+        except Exception as error:  # noqa: BLE001 - xgrammar reports bad input as RuntimeError and others
+            raise ValueError(f"invalid {spec.kind.replace('_', ' ')}: {error}") from None
+
+
+def new_matcher(compiled):
+    """A fresh matcher at the start of `compiled`'s grammar (one per request)."""
+    import xgrammar
+
+    return xgrammar.GrammarMatcher(compiled)
+
+
+def constrain(logits: torch.Tensor, matchers: list) -> torch.Tensor:
+    """A copy of `logits` [S, vocab] with every token its row's matcher forbids at -inf; rows whose matcher
+    is None are unchanged. The bitmask is filled on the host and applied on the logits' device."""
+    import xgrammar
+
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[1])  # int32 [S, ceil(vocab / 32)], all allowed
+    for row in rows:
+        matchers[row].fill_next_token_bitmask(bitmask, row)
+    constrained = logits.clone()
+    xgrammar.apply_token_bitmask_inplace(constrained, bitmask.to(logits.device), indices=rows)
+    return constrained
