@@ -127,7 +127,7 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
     composition = await _composition(engine, body, request)
     default_max = None if kind == "chat" else 16
     params = [
-        translate.sampling_params(body, len(p), engine.max_model_len, i % body.n, default_max)
+        translate.sampling_params(body, len(p), engine.max_model_len, i % body.n, default_max, len(engine.tokenizer))
         for i, p in enumerate(prompts)
     ]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -1,9 +1,10 @@
 """Request bodies of the OpenAI-compatible endpoints, with Tessera's extensions `task` and `modules`.
 
-Unknown fields are ignored, as OpenAI-compatible servers do; fields Tessera cannot honour (penalties,
-logit bias, tools, echo, suffix) are rejected with a 400 naming them rather than silently dropped.
-Structured output comes as OpenAI's `response_format` (json_object, json_schema) or vLLM's
-`structured_outputs` (json, regex, choice, grammar, json_object). Every check is a field validator, so the error's location names the parameter.
+Unknown fields are ignored, as OpenAI-compatible servers do; fields Tessera cannot honour (tools, echo,
+suffix) are rejected with a 400 naming them rather than silently dropped. Every check is a field validator,
+so the error's location names the parameter. Beside OpenAI's fields, vLLM's `repetition_penalty`,
+`min_tokens`, `ignore_eos` and `structured_outputs` (json, regex, choice, grammar, json_object; the
+alternative to OpenAI's `response_format`) are accepted.
 """
 
 from __future__ import annotations
@@ -97,9 +98,14 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    """Token id (as a string, as OpenAI sends it) -> bias in [-100, 100], added to its logit."""
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    """vLLM's: > 1 discourages tokens of the prompt and the output so far; 1 is off."""
+    min_tokens: int = Field(default=0, ge=0)
+    """vLLM's: EOS and stop tokens are not drawn before this many tokens."""
     ignore_eos: bool = False
     user: str | None = None
     task: str | None = Field(default=None, min_length=1)
@@ -122,18 +128,16 @@ class _Common(BaseModel):
             raise ValueError("at most 8 non-empty stop strings")
         return stops
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float) -> float:
-        if value != 0.0:
-            raise ValueError("penalties are not supported; leave at 0")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported")
+    def _token_biases(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias of token {key} must be in [-100, 100], got {bias}")
+        if value is not None and len(value) > 1024:
+            raise ValueError(f"at most 1024 biased tokens, got {len(value)}")
         return value
 
     @field_validator("stream_options")

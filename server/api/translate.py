@@ -129,7 +129,8 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
     return prompts
 
 
-def sampling_params(body, prompt_len: int, max_model_len: int, index: int, default_max: int | None) -> SamplingParams:
+def sampling_params(body, prompt_len: int, max_model_len: int, index: int, default_max: int | None,
+                    vocab_size: int) -> SamplingParams:
     """Sampling params of choice `index` (seeds advance per choice so n > 1 differ reproducibly)."""
     param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     room = max_model_len - prompt_len
@@ -149,7 +150,26 @@ def sampling_params(body, prompt_len: int, max_model_len: int, index: int, defau
         stop=tuple(body.stop or ()),
         ignore_eos=body.ignore_eos,
         logprobs=body.num_logprobs,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=_logit_bias(body, vocab_size),
+        min_tokens=_min_tokens(body, max_tokens, param),
     )
+
+
+def _logit_bias(body, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    biases = tuple(sorted((int(token), float(bias)) for token, bias in (body.logit_bias or {}).items() if bias))
+    outside = [token for token, _ in biases if token >= vocab_size]
+    if outside:
+        raise APIError(400, f"logit_bias token ids must be in [0, {vocab_size}), got {outside[0]}", "logit_bias")
+    return biases
+
+
+def _min_tokens(body, max_tokens: int, param: str) -> int:
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) exceeds {param} ({max_tokens})", "min_tokens")
+    return body.min_tokens
 
 
 def grammar_spec(body) -> tuple[GrammarSpec, str] | None:

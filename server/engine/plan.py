@@ -37,6 +37,8 @@ class NewRequestData:
     sampling: SamplingParams
     seed: int
     """Seed of this request's sampling generator."""
+    num_prompt_tokens: int = 0
+    """Leading entries of `token_ids` that are the prompt."""
     matcher: object | None = None
     """The request's structured-output matcher (`structured`), shared with the scheduler, which feeds it
     every sampled token; the runner masks the request's logits with it."""

@@ -34,6 +34,16 @@ class SamplingParams:
     """Keep generating past EOS (benchmarks force full output lengths this way)."""
     logprobs: int | None = None
     """None: no logprobs; k >= 0: the sampled token's logprob plus the top k alternatives."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token generated at least once (OpenAI)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated (OpenAI)."""
+    repetition_penalty: float = 1.0
+    """Divides positive (multiplies negative) logits of tokens in the prompt or the output (vLLM, HF); 1 is off."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) added to the logits (OpenAI)."""
+    min_tokens: int = 0
+    """EOS and stop tokens are not drawn before this many tokens were generated (vLLM)."""
 
 
 @dataclass

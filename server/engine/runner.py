@@ -24,6 +24,7 @@ import torch
 from kernels.composed_lora import ModuleBatchMeta
 from server.engine.graphs import DecodeGraphs
 from server.engine.host_rows import HostRows, StepRows
+from server.engine.penalties import TokenCounts, needs_counts, needs_processing, process
 from server.engine.plan import PLACEHOLDER, NewRequestData, StepPlan, StepResult
 from server.engine.request import SamplingParams
 from server.engine.sampling import DeviceLogprobs, draw_seed, gather_logprobs, read_logprobs, sample_on_device
@@ -42,6 +43,8 @@ class _Held:
     num_computed_tokens: int
     row: int
     """This request's row in the runner's `HostRows` (block table, module slots and gates)."""
+    processed: bool = False
+    """Whether its logits get penalties, biases or min_tokens (`penalties`)."""
     pending: dict[int, tuple[PendingStep, int]] = field(default_factory=dict)
     """Per placeholder in `token_ids`, by position: the launched step and the row that samples it."""
 
@@ -102,10 +105,14 @@ class RunnerConfig:
 
 
 class ModelRunner:
-    def __init__(self, model: Backbone, config: RunnerConfig, load_module: Callable[[str], tuple[ModuleWeights, float]]):
+    def __init__(self, model: Backbone, config: RunnerConfig, load_module: Callable[[str], tuple[ModuleWeights, float]],
+                 eos_ids: set[int] = frozenset()):
         self.model = model
         self.config = config
         self.load_module = load_module
+        self.eos_ids = set(eos_ids)
+        self.counts: TokenCounts | None = None
+        """Token counts of the requests with penalties, on the device; made when the first one comes."""
         device = model.device
         modules = (
             ModuleBatchMeta.allocate(config.max_num_batched_tokens, config.max_k, model.max_slots, device)
@@ -175,12 +182,20 @@ class ModelRunner:
         except RuntimeError:
             self.host_rows.release(row)
             raise
-        return _Held(data, list(data.token_ids), list(data.block_ids), data.num_computed_tokens, row)
+        if needs_counts(data.sampling):
+            if self.counts is None:
+                self.counts = TokenCounts(self.model.hf_config.vocab_size, self.model.device)
+            prompt = data.num_prompt_tokens
+            self.counts.hold(data.request_id, data.token_ids[:prompt], data.token_ids[prompt:])
+        return _Held(data, list(data.token_ids), list(data.block_ids), data.num_computed_tokens, row,
+                     processed=needs_processing(data.sampling))
 
     def _forget(self, request_id: str) -> None:
         held = self.held.pop(request_id, None)
         if held is not None:
             self.host_rows.release(held.row)
+            if self.counts is not None:
+                self.counts.forget(request_id)
 
     def _fill(self, plan: StepPlan, order: list[str]) -> list[int]:
         """Write the step into the static buffers; the batch positions of the sampling requests.
@@ -241,17 +256,35 @@ class ModelRunner:
         held = [self.held[r] for r in request_ids]
         params = [h.data.sampling for h in held]
         seeds = [self._seed_for_next_token(h) for h in held]
+        scores = self._processed(logits, held, params)
         matchers = [h.data.matcher for h in held]
         if any(m is not None for m in matchers):
-            sampled = sample_on_device(self._constrained(logits, held, matchers), params, seeds)  # [num_sampling]
-        else:
-            sampled = sample_on_device(logits, params, seeds)  # [num_sampling]
+            scores = self._constrained(scores, held, matchers)
+        sampled = sample_on_device(scores, params, seeds)  # [num_sampling]
+        self._count(held, params, sampled)
         positions = [len(h.token_ids) for h in held]
         step = PendingStep(request_ids, held, positions, params, sampled, gather_logprobs(logits, sampled, params))
         for row, h in enumerate(held):
             h.pending[len(h.token_ids)] = (step, row)
             h.token_ids.append(PLACEHOLDER)
         return step
+
+    def _processed(self, logits: torch.Tensor, held: list[_Held], params: list[SamplingParams]) -> torch.Tensor:
+        """`logits` with the penalties, biases and min_tokens of the rows that ask for them (`penalties`)."""
+        rows = [i for i, h in enumerate(held) if h.processed]
+        if not rows:
+            return logits
+        row_of = self.counts.row_of if self.counts is not None else {}
+        return process(logits, rows, [params[i] for i in rows], [row_of.get(held[i].request_id) for i in rows],
+                       [len(held[i].token_ids) - held[i].data.num_prompt_tokens for i in rows], self.counts,
+                       self.eos_ids)
+
+    def _count(self, held: list[_Held], params: list[SamplingParams], sampled: torch.Tensor) -> None:
+        """Advance the device token counts of the penalized rows by the tokens just drawn (no host sync)."""
+        rows = [i for i, (h, p) in enumerate(zip(held, params)) if h.processed and needs_counts(p)]
+        if rows:
+            index = to_device(torch.tensor(rows, dtype=torch.int64), sampled.device)  # [C]
+            self.counts.record([held[i].request_id for i in rows], sampled.index_select(0, index))
 
     @staticmethod
     def _constrained(logits: torch.Tensor, held: list[_Held], matchers: list) -> torch.Tensor:

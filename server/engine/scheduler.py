@@ -263,8 +263,9 @@ class Scheduler:
             self._known_to_runner.add(state.request_id)
         plan.num_scheduled_tokens[state.request_id] = num_tokens
         state.num_computed_tokens += num_tokens
-        if self.blocks.caching and state.num_computed_tokens >= (state.num_registered_blocks + 1) * self.blocks.block_size:
-            self._computed[plan.step_id].append((state, state.admissions, state.num_computed_tokens))  # fills a block
+        block_end = (state.num_registered_blocks + 1) * self.blocks.block_size
+        if self.blocks.caching and state.num_computed_tokens >= block_end:  # it fills a block: register it after
+            self._computed[plan.step_id].append((state, state.admissions, state.num_computed_tokens))
         if state.num_computed_tokens == len(state.token_ids):
             plan.samples.add(state.request_id)
             self._in_flight[plan.step_id][state.request_id] = state
@@ -284,6 +285,7 @@ class Scheduler:
             gates=composition.gates,
             sampling=state.request.sampling,
             seed=state.seed,
+            num_prompt_tokens=state.num_prompt_tokens,
             matcher=state.matcher,
         )
 

@@ -150,7 +150,7 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
         config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks,
         config.block_size, max_model_len, graph_mode, config.cuda_graph_max_batch,
     )
-    runner = ModelRunner(model, runner_config, module_loader(library))
+    runner = ModelRunner(model, runner_config, module_loader(library), eos_ids)
     logger.info(
         "KV cache: %d blocks of %d tokens; max_model_len %d; module slots %d",
         num_blocks, config.block_size, max_model_len, model.max_slots,

@@ -91,7 +91,7 @@ def constrain(logits: torch.Tensor, matchers: list) -> torch.Tensor:
     import xgrammar
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
-    bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[1])  # int32 [S, ceil(vocab / 32)], all allowed
+    bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[1])  # int32 [S, vocab / 32]: all allowed
     for row in rows:
         matchers[row].fill_next_token_bitmask(bitmask, row)
     constrained = logits.clone()

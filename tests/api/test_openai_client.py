@@ -189,3 +189,20 @@ def test_completions_stream_logprobs_and_several_prompts(client):
     several = client.completions.create(prompt=[PROMPT, "hello"], n=2, **(kwargs | {"logprobs": None}))
     assert [c.index for c in several.choices] == [0, 1, 2, 3]
     assert several.choices[0].text == several.choices[1].text == full.choices[0].text
+
+
+def test_penalties_logit_bias_and_min_tokens(server, client, tokenizer):
+    forced = tokenizer.encode("z", add_special_tokens=False)[0]
+    biased = client.completions.create(model=server.backbone, prompt=PROMPT, max_tokens=6, temperature=0,
+                                       logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert biased.choices[0].text == tokenizer.decode([forced] * 6)
+    plain = client.completions.create(model="reverse", prompt=PROMPT, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    penalized = client.completions.create(model="reverse", prompt=PROMPT, max_tokens=12, temperature=0,
+                                          frequency_penalty=2.0, presence_penalty=1.0,
+                                          extra_body={"ignore_eos": True, "repetition_penalty": 1.3})
+    assert penalized.choices[0].text != plain.choices[0].text
+    eos = tokenizer.eos_token_id
+    ended = client.completions.create(model=server.backbone, prompt=PROMPT, max_tokens=10, temperature=0,
+                                      logit_bias={str(eos): 100}, extra_body={"min_tokens": 3})
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens == 4
