@@ -62,6 +62,7 @@ class ModelShape:
 
 SHAPES = {
     "llama3-8b": ModelShape("llama3-8b", 4096, 14336, 32, 32, 8, 128256, 8192, 500000.0, 0.02),
+    "small": ModelShape("small", 512, 1408, 8, 8, 4, 2048, 4096, 10000.0, 0.05),  # for CPU runs
     "tiny": ModelShape("tiny", 64, 128, 2, 4, 2, 512, 512, 10000.0, 0.2),
 }
 
@@ -175,6 +176,8 @@ class EngineSettings:
     """EngineConfig.cuda_graphs: decode steps from CUDA graphs (auto, on CUDA), eager (off) or padded."""
     async_scheduling: str = "auto"
     """EngineConfig.async_scheduling: plan and launch step N+1 while N runs (auto: on CUDA), on, or off."""
+    enable_prefix_caching: bool = True
+    """EngineConfig.enable_prefix_caching."""
 
 
 def tessera_engine(
@@ -198,6 +201,7 @@ def tessera_engine(
         max_k=settings.max_k,
         cuda_graphs=settings.cuda_graphs,
         async_scheduling=settings.async_scheduling,
+        enable_prefix_caching=settings.enable_prefix_caching,
     )
     parts = assemble_parts(config, backbone, tokenizer, library, eos_ids=set())
     return Engine(config, step_observer=observer, parts=parts)
