@@ -17,7 +17,8 @@ from server.api import translate
 from server.api.auth import APIKeyMiddleware
 from server.api.errors import APIError, from_router, install_handlers
 from server.api.protocol import (
-    ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest,
+    UnloadAdapterRequest,
 )
 from server.api.responses import collect, composition_header, stream
 from server.api.serving import Call, Runner, until_disconnected
@@ -80,6 +81,21 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         prompts = translate.completion_prompts(body, engine.tokenizer)
         return await _serve(runner, "text", body, [p for p in prompts for _ in range(body.n)], request)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        tokenizer = engine.tokenizer
+        if body.messages is not None:
+            ids = translate.chat_prompt(body, tokenizer, body.add_generation_prompt)
+        else:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        translate.check_token_ids(body.tokens, engine.tokenizer, "tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapterRequest):

@@ -214,6 +214,34 @@ class CompletionRequest(_Common):
         return self.logprobs
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, vLLM's body: a prompt, or chat messages rendered with the chat template, tokenized
+    exactly as /v1/completions and /v1/chat/completions tokenize them. `model` is accepted and not used:
+    every served model shares the backbone's tokenizer."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True
+    """Messages only: end with the assistant turn's opening, as a chat completion does."""
+    add_special_tokens: bool = True
+    """Prompt only: the tokenizer's special tokens (e.g. BOS), as a completion does."""
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize, vLLM's body."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class LoadAdapterRequest(BaseModel):
     """POST /v1/load_lora_adapter, vLLM's body: a PEFT LoRA directory on the server's disk, served as a module."""
 

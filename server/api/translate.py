@@ -101,14 +101,21 @@ def routing_text(body, tokenizer) -> str:
     return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=True)
 
 
-def chat_prompt(body: ChatCompletionRequest, tokenizer) -> list[int]:
-    if body.messages[-1].role == "assistant":
+def chat_prompt(body, tokenizer, add_generation_prompt: bool = True) -> list[int]:
+    """The token ids of a body's `messages` under the tokenizer's chat template."""
+    if add_generation_prompt and body.messages[-1].role == "assistant":
         raise APIError(400, "the last message must not be from the assistant", "messages")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     if tokenizer.chat_template is None:
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def check_token_ids(ids: list[int], tokenizer, param: str) -> None:
+    vocab = len(tokenizer)
+    if any(not 0 <= t < vocab for t in ids):
+        raise APIError(400, f"token ids must be in [0, {vocab})", param)
 
 
 def completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
@@ -123,9 +130,7 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
         prompts = [list(p) for p in prompt]
     if not prompts or any(not p for p in prompts):
         raise APIError(400, "prompt must not be empty", "prompt")
-    vocab = len(tokenizer)
-    if any(not 0 <= t < vocab for p in prompts for t in p):
-        raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+    check_token_ids([t for p in prompts for t in p], tokenizer, "prompt")
     return prompts
 
 
