@@ -80,7 +80,9 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompts = translate.completion_prompts(body, engine.tokenizer)
-        return await _serve(runner, "text", body, [p for p in prompts for _ in range(body.n)], request)
+        echo = translate.echo_texts(body, prompts, engine.tokenizer)
+        echo = [text for text in echo for _ in range(body.n)] if echo is not None else None
+        return await _serve(runner, "text", body, [p for p in prompts for _ in range(body.n)], request, echo)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -137,7 +139,8 @@ async def _change_modules(engine, change, body) -> None:
         raise APIError(400, str(error), None, "invalid_adapter") from None
 
 
-async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], request: Request):
+async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], request: Request,
+                 echo_texts: list[str] | None = None):
     """Resolve the composition and sampling params of every choice, then stream or collect them."""
     engine = runner.engine
     composition = await _composition(engine, body, request)
@@ -148,7 +151,7 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
     ]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     grammar = await _grammar(engine, body)
-    call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar)
+    call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts)
     headers = composition_header(call)
     if body.stream:
         return StreamingResponse(stream(runner, call), media_type="text/event-stream", headers=headers)

@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI-compatible endpoints, with Tessera's extensions `task` and `modules`.
 
-Unknown fields are ignored, as OpenAI-compatible servers do; fields Tessera cannot honour (tools, echo,
+Unknown fields are ignored, as OpenAI-compatible servers do; fields Tessera cannot honour (tools,
 suffix) are rejected with a 400 naming them rather than silently dropped. Every check is a field validator,
 so the error's location names the parameter. Beside OpenAI's fields, vLLM's `repetition_penalty`,
 `min_tokens`, `ignore_eos` and `structured_outputs` (json, regex, choice, grammar, json_object; the
@@ -190,13 +190,6 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
 
     @field_validator("suffix")
     @classmethod

@@ -22,16 +22,17 @@ async def collect(runner: Runner, call: Call) -> dict:
     n = len(call.prompts)
     texts, logprobs, reasons = [""] * n, [[] for _ in range(n)], [None] * n
     text_lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
-    completion_tokens, cached_tokens = [0] * n, [0] * n
+    completion_tokens, cached_tokens, echoed = [0] * n, [0] * n, set()
     async for index, output in runner.outputs(call):
+        echo = _echoes(call, index, echoed)
         if call.params[index].logprobs is not None:
             if call.kind == "chat":
                 logprobs[index] += runner.chat_logprobs(output)
             else:
-                part = runner.text_logprobs(output, len(texts[index]))
+                part = runner.text_logprobs(output, len(texts[index]), call.prompts[index] if echo else None)
                 for key in text_lp[index]:
                     text_lp[index][key] += part[key]
-        texts[index] += output.text
+        texts[index] += (call.echo_texts[index] if echo else "") + output.text
         completion_tokens[index] = output.num_output_tokens
         cached_tokens[index] = output.num_cached_tokens
         reasons[index] = output.finish_reason
@@ -50,15 +51,24 @@ async def collect(runner: Runner, call: Call) -> dict:
     return body
 
 
-def _chunk(call: Call, runner: Runner, index: int, output, text_offset: int) -> dict:
+def _echoes(call: Call, index: int, echoed: set[int]) -> bool:
+    """Whether this increment of choice `index` is its first of a completion with `echo` (marks it seen)."""
+    if call.echo_texts is None or index in echoed:
+        return False
+    echoed.add(index)
+    return True
+
+
+def _chunk(call: Call, runner: Runner, index: int, output, text_offset: int, echo: bool = False) -> dict:
     if call.kind == "chat":
         choice = {"index": index, "delta": {"content": output.text} if output.text else {},
                   "logprobs": {"content": runner.chat_logprobs(output)} if output.logprobs is not None else None,
                   "finish_reason": output.finish_reason}
     else:
-        choice = {"index": index, "text": output.text,
-                  "logprobs": runner.text_logprobs(output, text_offset) if output.logprobs is not None else None,
-                  "finish_reason": output.finish_reason}
+        prompt = call.prompts[index] if echo else None
+        choice = {"index": index, "text": (call.echo_texts[index] if echo else "") + output.text,
+                  "logprobs": runner.text_logprobs(output, text_offset, prompt) if output.logprobs is not None
+                  else None, "finish_reason": output.finish_reason}
     chunk = call.envelope(stream=True) | {"choices": [choice]}
     if output.finished:
         chunk["tessera"] = _tessera(call)
@@ -72,14 +82,15 @@ async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
             first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             yield sse(call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)})
     n = len(call.prompts)
-    completion_tokens, cached_tokens, text_offsets = [0] * n, [0] * n, [0] * n
+    completion_tokens, cached_tokens, text_offsets, echoed = [0] * n, [0] * n, [0] * n, set()
     try:
         async for index, output in runner.outputs(call):
             completion_tokens[index] = output.num_output_tokens
             cached_tokens[index] = output.num_cached_tokens
-            if output.text or output.finished or output.logprobs:
-                yield sse(_chunk(call, runner, index, output, text_offsets[index]))
-            text_offsets[index] += len(output.text)
+            echo = _echoes(call, index, echoed)
+            if output.text or output.finished or output.logprobs or echo:
+                yield sse(_chunk(call, runner, index, output, text_offsets[index], echo))
+            text_offsets[index] += len(output.text) + (len(call.echo_texts[index]) if echo else 0)
     except APIError as error:
         yield sse(error.body())
         return

@@ -36,6 +36,8 @@ class Call:
     include_usage: bool = False
     grammar: object | None = None
     """The compiled structured-output constraint every choice follows (`Engine.compile_grammar`), or None."""
+    echo_texts: list[str] | None = None
+    """Completions with `echo`: per choice, the prompt text its output starts with."""
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -125,13 +127,18 @@ class Runner:
             entries.append({"token": token, "logprob": lp.logprob, "bytes": list(token.encode()), "top_logprobs": top})
         return entries
 
-    def text_logprobs(self, output: RequestOutput, offset: int) -> dict:
+    def text_logprobs(self, output: RequestOutput, offset: int, echoed: list[int] | None = None) -> dict:
+        """Completion-style logprobs of an increment; with `echoed` (the prompt's token ids, for `echo`) the
+        prompt's tokens come first, from the output's prompt logprobs, the first one unscored (None)."""
+        entries = [(lp.token_id, lp) for lp in output.logprobs or ()]
+        if echoed is not None:
+            entries = list(zip(echoed, output.prompt_logprobs or [None] * len(echoed))) + entries
         tokens, values, tops, offsets = [], [], [], []
-        for lp in output.logprobs or ():
-            token = self._token(lp.token_id)
+        for token_id, lp in entries:
+            token = self._token(token_id)
             tokens.append(token)
-            values.append(lp.logprob)
-            tops.append({self._token(t): v for t, v in lp.top})
+            values.append(lp.logprob if lp is not None else None)
+            tops.append({self._token(t): v for t, v in lp.top} if lp is not None else None)
             offsets.append(offset)
             offset += len(token)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}

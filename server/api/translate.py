@@ -134,6 +134,16 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
     return prompts
 
 
+def echo_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer) -> list[str] | None:
+    """With `echo`: each prompt's text as the client sent it (token-id prompts decoded), else None."""
+    if not body.echo:
+        return None
+    given = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if all(isinstance(p, str) for p in given):
+        return list(given)
+    return [tokenizer.decode(p) for p in prompts]
+
+
 def sampling_params(body, prompt_len: int, max_model_len: int, index: int, default_max: int | None,
                     vocab_size: int) -> SamplingParams:
     """Sampling params of choice `index` (seeds advance per choice so n > 1 differ reproducibly)."""
@@ -160,6 +170,7 @@ def sampling_params(body, prompt_len: int, max_model_len: int, index: int, defau
         repetition_penalty=body.repetition_penalty,
         logit_bias=_logit_bias(body, vocab_size),
         min_tokens=_min_tokens(body, max_tokens, param),
+        prompt_logprobs=body.num_logprobs if getattr(body, "echo", False) else None,
     )
 
 

@@ -345,6 +345,9 @@ class Engine:
             self.scheduler.finish(request_id, "stop")
             finished = True
         logprobs = tuple(state.new_logprobs) if state.request.sampling.logprobs is not None else None
+        prompt_logprobs = None
+        if state.request.sampling.prompt_logprobs is not None and not state.prompt_logprobs_sent:
+            prompt_logprobs, state.prompt_logprobs_sent = (None, *state.prompt_logprobs), True
         new_ids = tuple(output_ids[len(output_ids) - len(state.new_logprobs) :])
         state.new_logprobs = []
         output = RequestOutput(
@@ -357,6 +360,7 @@ class Engine:
             num_prompt_tokens=state.num_prompt_tokens,
             num_output_tokens=len(output_ids),
             num_cached_tokens=state.num_cached_tokens or 0,
+            prompt_logprobs=prompt_logprobs,
         )
         sink = self._sinks.pop(request_id) if finished else self._sinks[request_id]
         if finished:

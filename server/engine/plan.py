@@ -86,3 +86,6 @@ class StepResult:
     request_ids: list[str] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)
+    """Per request that asked for prompt logprobs and ran prompt tokens this step: (the position of the
+    first prompt token they score, their logprobs in position order)."""

@@ -44,6 +44,10 @@ class SamplingParams:
     """(token id, bias) added to the logits (OpenAI)."""
     min_tokens: int = 0
     """EOS and stop tokens are not drawn before this many tokens were generated (vLLM)."""
+    prompt_logprobs: int | None = None
+    """None: none; k >= 0: the logprob of every prompt token after the first given the ones before it,
+    plus the top k alternatives (for scoring, e.g. OpenAI's `echo` with `logprobs`). Such a request
+    computes its whole prompt: it takes nothing from the prefix cache."""
 
 
 @dataclass
@@ -89,6 +93,9 @@ class RequestOutput:
     """Tokens generated so far in total."""
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache instead of being computed."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """Per prompt token (None for the first, which nothing predicts), in the first increment of a request
+    that asked for them (`SamplingParams.prompt_logprobs`); None otherwise."""
 
 
 @dataclass(frozen=True)

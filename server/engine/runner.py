@@ -27,7 +27,10 @@ from server.engine.host_rows import HostRows, StepRows
 from server.engine.penalties import TokenCounts, needs_counts, needs_processing, process
 from server.engine.plan import PLACEHOLDER, NewRequestData, StepPlan, StepResult
 from server.engine.request import SamplingParams
-from server.engine.sampling import DeviceLogprobs, draw_seed, gather_logprobs, read_logprobs, sample_on_device
+from server.engine.sampling import (
+    DeviceLogprobs, DevicePromptLogprobs, draw_seed, gather_logprobs, gather_prompt_logprobs, read_logprobs,
+    read_prompt_logprobs, sample_on_device,
+)
 from server.engine.transfer import copy_into, host_tensor, to_device
 from server.model.backbone import Backbone, ModuleWeights
 from server.model.forward_context import BatchMetadata, forward_context
@@ -66,6 +69,9 @@ class PendingStep:
     sampled: torch.Tensor | None = None
     """Sampled token ids on the device: int64 [num_sampling]."""
     logprobs: DeviceLogprobs | None = None
+    prompt_logprobs: DevicePromptLogprobs | None = None
+    prompt_targets: list[int] = field(default_factory=list)
+    """The prompt tokens `prompt_logprobs` scores, in its row order."""
     _result: StepResult | None = None
 
     def result(self) -> StepResult:
@@ -76,7 +82,8 @@ class PendingStep:
                 held.token_ids[position] = token_id
                 held.pending.pop(position, None)
             logprobs = read_logprobs(self.logprobs, token_ids, self.params)
-            self._result = StepResult(list(self.request_ids), token_ids, logprobs)
+            prompt = read_prompt_logprobs(self.prompt_logprobs, self.prompt_targets)
+            self._result = StepResult(list(self.request_ids), token_ids, logprobs, prompt)
         return self._result
 
 
@@ -157,7 +164,32 @@ class ModelRunner:
         with forward_context(self.meta):
             hidden = self.model(self.meta.input_ids[: self.meta.num_tokens], self.meta.positions[: self.meta.num_tokens])
             logits = self.model.compute_logits(hidden[self.meta.logits_indices[: len(sampling_rows)]])
-        return self._sample(plan, order, sampling_rows, logits)
+            scored = self._score_prompts(plan, order, hidden)
+        step = self._sample(plan, order, sampling_rows, logits)
+        if scored is not None:
+            step.prompt_logprobs, step.prompt_targets = scored
+        return step
+
+    def _score_prompts(self, plan: StepPlan, order: list[str], hidden: torch.Tensor):
+        """For the requests that ask for prompt logprobs: the logprob of every prompt token this step's
+        rows predict (the row of position p predicts the token at p + 1), as (device logprobs, targets)."""
+        spans, rows, targets, offset = [], [], [], 0
+        for request_id in order:
+            held, count = self.held[request_id], plan.num_scheduled_tokens[request_id]
+            k, start = held.data.sampling.prompt_logprobs, held.num_computed_tokens
+            last = min(start + count, held.data.num_prompt_tokens - 1)  # the last prompt position it predicts
+            if k is not None and last > start:
+                spans.append((request_id, start + 1, last - start, k))
+                rows += range(offset, offset + last - start)
+                targets += held.token_ids[start + 1 : last + 1]
+            offset += count
+        if not spans:
+            return None
+        device = hidden.device
+        rows_t = to_device(torch.tensor(rows, dtype=torch.int64), device)  # [N]
+        targets_t = to_device(torch.tensor(targets, dtype=torch.int64), device)  # [N]
+        gathered = gather_prompt_logprobs(lambda r: self.model.compute_logits(hidden[r]), rows_t, targets_t, spans)
+        return gathered, targets
 
     def _apply(self, plan: StepPlan) -> None:
         for request_id in plan.dropped:

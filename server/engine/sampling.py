@@ -123,3 +123,50 @@ def logprobs_of(logits: torch.Tensor, token_ids: list[int], params: list[Samplin
     """The sampled token's logprob under the unmodified distribution, plus top alternatives, per row."""
     ids = torch.tensor(token_ids, dtype=torch.int64, device=logits.device)  # [S]
     return read_logprobs(gather_logprobs(logits, ids, params), token_ids, params)
+
+
+@dataclass
+class DevicePromptLogprobs:
+    """Logprobs of the prompt tokens a step scored, still on the device until `read_prompt_logprobs`."""
+
+    spans: list[tuple[str, int, int, int]]
+    """(request id, position of its first scored token, tokens scored, top alternatives k), in row order."""
+    chosen: torch.Tensor
+    """Logprob of each scored prompt token: [N]."""
+    top_values: torch.Tensor
+    """[N, most]."""
+    top_ids: torch.Tensor
+    """[N, most]."""
+
+
+PROMPT_LOGITS_CHUNK = 512
+"""Prompt rows whose logits are made at once ([chunk, vocab] fp32: 256 MiB at a 128k vocabulary)."""
+
+
+def gather_prompt_logprobs(logits_of, rows: torch.Tensor, targets: torch.Tensor,
+                           spans: list[tuple[str, int, int, int]]) -> DevicePromptLogprobs:
+    """Logprob of `targets[i]` under the logits of token row `rows[i]` (the row before it), and the top
+    alternatives; `logits_of(rows) -> fp32 [n, vocab]`. No host sync."""
+    most = max(k for *_, k in spans)
+    chosen, values, ids = [], [], []
+    for start in range(0, len(rows), PROMPT_LOGITS_CHUNK):
+        logp = torch.log_softmax(logits_of(rows[start : start + PROMPT_LOGITS_CHUNK]), dim=-1)  # [n, vocab]
+        chosen.append(logp.gather(1, targets[start : start + PROMPT_LOGITS_CHUNK, None]).squeeze(1))  # [n]
+        top = logp.topk(most, dim=-1) if most else (logp[:, :0], logp[:, :0].long())  # [n, most] each
+        values.append(top[0])
+        ids.append(top[1])
+    return DevicePromptLogprobs(spans, torch.cat(chosen), torch.cat(values), torch.cat(ids))
+
+
+def read_prompt_logprobs(gathered: DevicePromptLogprobs | None,
+                         targets: list[int]) -> dict[str, tuple[int, list[TokenLogprob]]]:
+    """The host view of `gather_prompt_logprobs`: per request, (first position, its TokenLogprobs)."""
+    if gathered is None:
+        return {}
+    chosen, values, ids = gathered.chosen.tolist(), gathered.top_values.tolist(), gathered.top_ids.tolist()
+    out, row = {}, 0
+    for request_id, first, count, k in gathered.spans:
+        out[request_id] = (first, [TokenLogprob(targets[i], chosen[i], tuple(zip(ids[i][:k], values[i][:k])))
+                                   for i in range(row, row + count)])
+        row += count
+    return out

@@ -70,6 +70,9 @@ class RequestState:
     hash_root: bytes | None = None
     num_registered_blocks: int = 0
     """Leading blocks of `block_ids` that are in the prefix cache (taken from it, or registered)."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Logprobs of its prompt tokens from position 1 on, as far as steps have scored them."""
+    prompt_logprobs_sent: bool = False
     matcher: object | None = None
     """Its structured-output matcher (`structured.new_matcher`), fed every token it samples; None when free."""
 
@@ -222,8 +225,8 @@ class Scheduler:
     def _cached_prefix(self, state: RequestState) -> list[int]:
         """The cached blocks `state` can start from: the longest cached run of its full blocks, leaving at
         least its last token to compute."""
-        if not self.blocks.caching:
-            return []
+        if not self.blocks.caching or state.request.sampling.prompt_logprobs is not None:
+            return []  # a prompt scored token by token is computed whole
         return self.blocks.lookup(self._hashes(state, (len(state.token_ids) - 1) // self.blocks.block_size))
 
     def _hashes(self, state: RequestState, num_blocks: int) -> list[bytes]:
@@ -326,6 +329,7 @@ class Scheduler:
             raise RuntimeError(f"step {plan.step_id} updated before step {min(self._in_flight)}")
         samplers = self._in_flight.pop(plan.step_id)
         self._register_computed(plan.step_id)  # before any of them finishes and frees its blocks
+        self._add_prompt_logprobs(result)
         sampled = {r: (t, lp) for r, t, lp in zip(result.request_ids, result.sampled_token_ids, result.logprobs)}
         changed = []
         for request_id, state in samplers.items():
@@ -344,6 +348,17 @@ class Scheduler:
                 self.finish(request_id, reason)
             changed.append(state)
         return changed
+
+    def _add_prompt_logprobs(self, result: StepResult) -> None:
+        """Append a step's prompt logprobs to their requests; positions already there (scored again after
+        a preemption) are skipped."""
+        for request_id, (first, logprobs) in result.prompt_logprobs.items():
+            state = self.states.get(request_id)
+            if state is None:
+                continue
+            for position, logprob in enumerate(logprobs, start=first):
+                if position == len(state.prompt_logprobs) + 1:
+                    state.prompt_logprobs.append(logprob)
 
     @staticmethod
     def _advance_matcher(state: RequestState, token_id: int) -> str | None:

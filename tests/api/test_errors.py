@@ -108,7 +108,7 @@ def test_invalid_chat_parameters_are_400_naming_the_parameter(server, http, fiel
     ({"prompt": [-1, 3]}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"logprobs": 50}, "logprobs"),
-    ({"echo": True}, "echo"),
+    ({"suffix": "x"}, "suffix"),
     ({"prompt": list(range(10)) * (MAX_MODEL_LEN // 10 + 1)}, "prompt"),
     ({"max_tokens": MAX_MODEL_LEN}, "max_tokens"),
 ])

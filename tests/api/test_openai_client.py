@@ -206,3 +206,37 @@ def test_penalties_logit_bias_and_min_tokens(server, client, tokenizer):
     ended = client.completions.create(model=server.backbone, prompt=PROMPT, max_tokens=10, temperature=0,
                                       logit_bias={str(eos): 100}, extra_body={"min_tokens": 3})
     assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens == 4
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_merged_model_does(server, client, tokenizer):
+    """lm-eval-harness's loglikelihood request: echo, logprobs, greedy; the prompt's tokens come back scored."""
+    import torch
+
+    from tests.router.helpers import merged_model
+
+    composition = compose(server.library, task="reverse")
+    ids = tokenizer.encode(PROMPT)
+    kwargs = dict(model="reverse", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    reply = client.completions.create(**kwargs)
+    choice = reply.choices[0]
+    plain = client.completions.create(**(kwargs | {"echo": False})).choices[0]
+    assert choice.text == PROMPT + plain.text
+    lp = choice.logprobs
+    assert lp.tokens[: len(ids)] == [tokenizer.decode([t]) for t in ids]
+    assert lp.tokens[len(ids):] == plain.logprobs.tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[len(ids):] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    model = merged_model(server.engine.config.model, server.library, composition)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)  # [len, vocab]
+    expected = [logp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])  # keyed by text: two ids may decode alike
+    streamed = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+    assert streamed[0].choices[0].logprobs.token_logprobs[0] is None
+    echoed = client.completions.create(model="reverse", prompt=[ids, ids[:3]], max_tokens=2, temperature=0, echo=True)
+    assert [c.text[: len(tokenizer.decode(p))] for c, p in zip(echoed.choices, (ids, ids[:3]))] == \
+        [tokenizer.decode(ids), tokenizer.decode(ids[:3])]
+    assert echoed.choices[0].logprobs is None
