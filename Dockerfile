@@ -14,7 +14,7 @@ WORKDIR /opt/tessera
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY router ./router
-COPY kernels ./kernels
+COPY tessera_kernels ./tessera_kernels
 COPY training ./training
 RUN pip install --no-cache-dir .
 

@@ -5,11 +5,11 @@
 For every (target, rank, pool size, tokens, k) it times, eagerly (`triton.testing.do_bench`, L2 flushed)
 and under CUDA-graph replay (`do_bench_cudagraph`, L2 warm):
 
-    ours    kernels.composed_lora.triton (shrink + expand, top-k compositions in one pass)
+    ours    tessera_kernels.composed_lora.triton (shrink + expand, top-k compositions in one pass)
     peer    vLLM's lora_shrink + lora_expand (`import vllm_lora_peer as peer`, see shared/tools/README.md).
             vLLM applies one LoRA per token, so k = 2 runs as a stacked rank-2r LoRA per distinct
             composition, gates and scale folded into A (the stacking is setup, not timed).
-    torch   kernels.composed_lora.reference (eager only: it syncs to list the step's slots)
+    torch   tessera_kernels.composed_lora.reference (eager only: it syncs to list the step's slots)
     floor   bytes that must move / copy bandwidth measured in this run: each active module's A and B
             once, x read once, y read and written once.
 
@@ -30,8 +30,8 @@ import triton.testing
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from kernels.composed_lora import LoraStack, ModuleBatchMeta  # noqa: E402
-from kernels.composed_lora import reference  # noqa: E402
+from tessera_kernels.composed_lora import LoraStack, ModuleBatchMeta  # noqa: E402
+from tessera_kernels.composed_lora import reference  # noqa: E402
 from router.atomic import write_file  # noqa: E402
 
 TARGETS = {  # name: (in_features, output slice widths) of Llama-3-8B
@@ -137,7 +137,7 @@ def _prepare(case: Case, stacks: tuple[LoraStack, LoraStack], dtype, device: str
 def check_case(case: Case, stacks: tuple[LoraStack, LoraStack], peer, dtype, device: str = "cuda") -> dict:
     """Max abs error against the fp32 reference of ours and of the peer's stacked-LoRA call (None without
     a peer): the timings compare the same work only if both are small."""
-    from kernels.composed_lora import triton as ours
+    from tessera_kernels.composed_lora import triton as ours
 
     slots, gates, meta, x, y, expected = _prepare(case, stacks, dtype, device)
     out = y.clone()
@@ -151,7 +151,7 @@ def check_case(case: Case, stacks: tuple[LoraStack, LoraStack], peer, dtype, dev
 
 
 def _bench_case(case: Case, stacks: tuple[LoraStack, LoraStack], peer, bandwidth: float, dtype) -> dict:
-    from kernels.composed_lora import triton as ours
+    from tessera_kernels.composed_lora import triton as ours
 
     stack = stacks[0]
     row = asdict(case) | check_case(case, stacks, peer, dtype)

@@ -7,7 +7,7 @@ Shapes: hidden 4096, 32 query / 8 KV heads of 128, intermediate 14336 (Qwen3-sty
 on the same heads). For every op and token count it times, with bench_composed_lora's helpers
 (`triton.testing.do_bench`: CUDA events, warm-up, median, L2 flushed; and `do_bench_cudagraph`):
 
-    fused   the Triton op (kernels.rms_norm / rotary / silu_mul), eager launch and CUDA-graph replay
+    fused   the Triton op (tessera_kernels.rms_norm / rotary / silu_mul), eager launch and CUDA-graph replay
     eager   the torch sequence it replaces (the ops' reference.py: what the model ran before)
     floor   bytes that must move / copy bandwidth measured in this run
 
@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from benchmarks.kernels.bench_composed_lora import _copy_bandwidth, _time  # noqa: E402
-from kernels.rms_norm import reference as rms_reference  # noqa: E402
-from kernels.rotary import reference as rotary_reference  # noqa: E402
-from kernels.silu_mul import reference as silu_reference  # noqa: E402
+from tessera_kernels.rms_norm import reference as rms_reference  # noqa: E402
+from tessera_kernels.rotary import reference as rotary_reference  # noqa: E402
+from tessera_kernels.silu_mul import reference as silu_reference  # noqa: E402
 from router.atomic import write_file  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 8, 128, 14336
@@ -81,7 +81,7 @@ def _views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _norm_cases(tokens: int, dtype: torch.dtype, element: int) -> dict[str, OpCase]:
-    from kernels.rms_norm import triton as fused
+    from tessera_kernels.rms_norm import triton as fused
 
     x = torch.randn(tokens, HIDDEN, device="cuda", dtype=dtype)  # [T, hidden]
     r = torch.randn(tokens, HIDDEN, device="cuda", dtype=dtype)
@@ -100,7 +100,7 @@ def _norm_cases(tokens: int, dtype: torch.dtype, element: int) -> dict[str, OpCa
 
 
 def _rotary_case(tokens: int, dtype: torch.dtype, element: int) -> OpCase:
-    from kernels.rotary import triton as fused
+    from tessera_kernels.rotary import triton as fused
 
     qkv, q, k = _qkv(tokens, dtype)
     angles = torch.rand(MAX_POSITIONS, HEAD_DIM, device="cuda") * 6.3  # [max_positions, head_dim]
@@ -120,7 +120,7 @@ def _rotary_case(tokens: int, dtype: torch.dtype, element: int) -> OpCase:
 
 
 def _silu_case(tokens: int, dtype: torch.dtype, element: int) -> OpCase:
-    from kernels.silu_mul import triton as fused
+    from tessera_kernels.silu_mul import triton as fused
 
     gate_up = torch.randn(tokens, 2 * INTERMEDIATE, device="cuda", dtype=dtype)  # [T, 2 * intermediate]
     return _case(lambda: fused.silu_mul(gate_up), lambda: silu_reference.silu_mul(gate_up),

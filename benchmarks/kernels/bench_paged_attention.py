@@ -21,7 +21,7 @@ import triton.testing
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from kernels.paged_attention import AttentionMeta  # noqa: E402
+from tessera_kernels.paged_attention import AttentionMeta  # noqa: E402
 from router.atomic import write_file  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -59,7 +59,7 @@ def _sdpa(q, k, v, causal: bool):
 def setup(mode: str, batch: int, length: int, block_size: int, dtype, device: str = "cuda") -> tuple:
     """(ours(tiles) -> (run, max abs difference from SDPA's output), run SDPA, whether SDPA ran GQA natively,
     bytes moved)."""
-    from kernels.paged_attention import triton as ours
+    from tessera_kernels.paged_attention import triton as ours
 
     gen = torch.Generator().manual_seed(batch * 7 + length)
     tables, k_cache, v_cache, k, v = _paged(batch, length, block_size, dtype, gen, device)
@@ -92,7 +92,7 @@ def _time(fn) -> tuple[float, float]:
 
 def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth: float, tiles: list[int]):
     """One row per tile of the mode's kernel (the other mode's tile stays at TILES); SDPA timed once."""
-    from kernels.paged_attention.triton import TILES
+    from tessera_kernels.paged_attention.triton import TILES
 
     make_ours, run_sdpa, native_gqa, moved = setup(mode, batch, length, block_size, dtype)
     sdpa_us, sdpa_graph_us = _time(run_sdpa)
@@ -125,7 +125,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--tiles", nargs="+", type=int, default=[16, 32, 64],
                         help="context positions per kernel step to time (powers of two >= 16); the "
-                             "default tile of each kernel (kernels.paged_attention.triton.TILES) is marked")
+                             "default tile of each kernel (tessera_kernels.paged_attention.triton.TILES) is marked")
     args = parser.parse_args(argv)
     if any(t < 16 or t & (t - 1) for t in args.tiles):
         parser.error(f"--tiles must be powers of two >= 16, got {args.tiles}")

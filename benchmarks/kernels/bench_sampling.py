@@ -9,7 +9,7 @@ top-p 0.95, its own seed), for each S it times with bench_composed_lora's helper
     draw    given the filtered probs [S, V]:
               loop     per row: generator.manual_seed(draw_seed(...)), exponential_, p / E, argmax, store
                        (what server/engine/sampling.py ran before; a few launches a row; cannot be captured)
-              race     kernels.sampling.race_sample, eager and CUDA-graph replay
+              race     tessera_kernels.sampling.race_sample, eager and CUDA-graph replay
     step    sample_on_device as a whole (filter: sort, softmax, cumsum; then the draw), loop vs race
     floor   S * V * 4 bytes (race_sample reads probs once) / copy bandwidth measured in this run
 
@@ -51,7 +51,7 @@ def _loop_step(logits: torch.Tensor, params: list[SamplingParams], generators, s
 
 
 def _bench(rows: int, bandwidth: float) -> dict:
-    from kernels.sampling import triton as race
+    from tessera_kernels.sampling import triton as race
 
     gen = torch.Generator(device="cuda").manual_seed(rows)
     logits = torch.randn(rows, VOCAB, device="cuda", generator=gen) * 3  # [S, V] fp32

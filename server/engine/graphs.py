@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import NO_MODULE
+from tessera_kernels import NO_MODULE
 from server.model.backbone import Backbone
 from server.model.forward_context import BatchMetadata, forward_context
 

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kernels import NO_MODULE
+from tessera_kernels import NO_MODULE
 from server.engine.plan import PLACEHOLDER
 
 

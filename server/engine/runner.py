@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels.composed_lora import ModuleBatchMeta
+from tessera_kernels.composed_lora import ModuleBatchMeta
 from server.engine.graphs import DecodeGraphs
 from server.engine.host_rows import HostRows, StepRows
 from server.engine.penalties import TokenCounts, needs_counts, needs_processing, process

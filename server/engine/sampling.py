@@ -1,6 +1,6 @@
 """Choosing the next token of every sampling row: greedy, temperature, top-k, top-p, seeds, logprobs.
 
-Masks are built for the whole batch at once, and so is the draw: `kernels.sampling.race_sample`, an
+Masks are built for the whole batch at once, and so is the draw: `tessera_kernels.sampling.race_sample`, an
 exponential race (argmax of p / E with E ~ Exp(1)) whose uniforms are a counter-based function of each
 row's seed and token index (splitmix64 on CPU, Philox in one Triton launch on CUDA). Every draw's seed is
 `draw_seed(request seed, position)`, so a seeded request draws the same tokens whatever else shares its
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.sampling import race_sample
-from kernels.sampling.reference import splitmix64_int
+from tessera_kernels.sampling import race_sample
+from tessera_kernels.sampling.reference import splitmix64_int
 from server.engine.request import SamplingParams, TokenLogprob
 from server.engine.transfer import to_device
 

@@ -4,7 +4,7 @@
 
 The interpreter tests (TRITON_INTERPRET=1) check what each kernel computes, not that it compiles for a
 GPU: the interpreter accepts tile shapes `tl.dot` rejects and any amount of shared memory. This check
-calls the kernels' own launch wrappers (`kernels.*.triton`) on CPU tensors with the shapes one decoder
+calls the kernels' own launch wrappers (`tessera_kernels.*.triton`) on CPU tensors with the shapes one decoder
 layer of the backbone (`server/model/llama.py`) launches them with, for real model configs, dtypes,
 step shapes and module-pool settings, with Triton's launch replaced by compile-only. Every
 specialisation goes through Triton's whole NVIDIA pipeline (TTIR, TTGIR, LLVM IR, PTX, then a cubin by
@@ -114,7 +114,7 @@ def _arch_spec(preset: str | None, config_dir: str | None):
 
 def _stack(in_features: int, widths: tuple[int, ...], pool: Pool, dtype: torch.dtype):
     """A LoraStack of never-touched buffers (torch.empty): only shapes, strides and dtypes matter here."""
-    from kernels.composed_lora import LoraStack
+    from tessera_kernels.composed_lora import LoraStack
 
     return LoraStack(
         lora_a=tuple(torch.empty(pool.max_slots, pool.max_rank, in_features, dtype=dtype) for _ in widths),
@@ -126,14 +126,14 @@ def _stack(in_features: int, widths: tuple[int, ...], pool: Pool, dtype: torch.d
 
 def launch_layer(spec, step: Step, dtype: torch.dtype, pool: Pool | None, block_size: int = 16) -> None:
     """Call every kernel wrapper as one decoder layer, the final norm and the sampler do for `step`."""
-    from kernels.composed_lora import ModuleBatchMeta
-    from kernels.composed_lora import triton as lora
-    from kernels.paged_attention import AttentionMeta
-    from kernels.paged_attention import triton as attention
-    from kernels.rms_norm.triton import rms_norm
-    from kernels.rotary.triton import rotary
-    from kernels.sampling.triton import race_sample
-    from kernels.silu_mul.triton import silu_mul
+    from tessera_kernels.composed_lora import ModuleBatchMeta
+    from tessera_kernels.composed_lora import triton as lora
+    from tessera_kernels.paged_attention import AttentionMeta
+    from tessera_kernels.paged_attention import triton as attention
+    from tessera_kernels.rms_norm.triton import rms_norm
+    from tessera_kernels.rotary.triton import rotary
+    from tessera_kernels.sampling.triton import race_sample
+    from tessera_kernels.silu_mul.triton import silu_mul
 
     tokens = sum(n for n, _ in step.seqs)
     hidden, heads, kv_heads, head_dim = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.composed_lora import ModuleBatchMeta
-from kernels.paged_attention import AttentionMeta
+from tessera_kernels.composed_lora import ModuleBatchMeta
+from tessera_kernels.paged_attention import AttentionMeta
 
 
 @dataclass

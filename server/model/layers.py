@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.composed_lora import LoraStack, composed_lora
-from kernels.rms_norm import rms_norm
-from kernels.rotary import rotary
+from tessera_kernels.composed_lora import LoraStack, composed_lora
+from tessera_kernels.rms_norm import rms_norm
+from tessera_kernels.rotary import rotary
 from server.model.forward_context import get_forward_context
 
 
@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 and cast back (as Hugging Face's Llama does).
 
     With `residual`, the residual add is fused in (vLLM's `hidden, residual = norm(x, residual)`): the
-    call returns (norm(x + residual), x + residual). `kernels.rms_norm` keeps HF's rounding points.
+    call returns (norm(x + residual), x + residual). `tessera_kernels.rms_norm` keeps HF's rounding points.
     """
 
     def __init__(self, width: int, eps: float, dtype: torch.dtype, device: torch.device | str):
@@ -49,7 +49,7 @@ def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 class RotaryEmbedding(nn.Module):
     """fp32 cos/sin tables for every position, built once; applied in place with the rotate-half convention
-    by `kernels.rotary` (cos/sin cast to the activations' dtype, then x * cos + rotate_half(x) * sin)."""
+    by `tessera_kernels.rotary` (cos/sin cast to the activations' dtype, then x * cos + rotate_half(x) * sin)."""
 
     def __init__(self, hf_config, head_dim: int, max_positions: int, device: torch.device | str):
         super().__init__()
@@ -70,7 +70,7 @@ class AdaptedLinear(nn.Module):
 
     `targets` names the output slices in order (for example q_proj, k_proj, v_proj of a fused qkv),
     `slice_widths` their widths. With `max_slots > 0` the layer owns a `LoraStack` that the module pool
-    writes into; the forward pass adds the step's compositions through `kernels.composed_lora`.
+    writes into; the forward pass adds the step's compositions through `tessera_kernels.composed_lora`.
     """
 
     def __init__(

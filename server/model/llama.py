@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.paged_attention import paged_attention, write_kv
-from kernels.silu_mul import silu_mul
+from tessera_kernels.paged_attention import paged_attention, write_kv
+from tessera_kernels.silu_mul import silu_mul
 from server.model.forward_context import get_forward_context
 from server.model.layers import AdaptedLinear, RMSNorm, RotaryEmbedding
 

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from kernels import NO_MODULE
-from kernels.composed_lora import LoraStack, ModuleBatchMeta
-from kernels.composed_lora import reference
-from kernels.composed_lora import triton as backend
+from tessera_kernels import NO_MODULE
+from tessera_kernels.composed_lora import LoraStack, ModuleBatchMeta
+from tessera_kernels.composed_lora import reference
+from tessera_kernels.composed_lora import triton as backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATTERNS = ("distinct", "uniform", "zipf", "identical", "skewed")

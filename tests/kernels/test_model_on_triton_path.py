@@ -1,6 +1,6 @@
 """The backbone's GPU path, the layers' wiring included, checked on the CPU.
 
-With `kernels.TRITON_ON_CPU` every op takes its Triton kernels on CPU tensors, which Triton's interpreter
+With `tessera_kernels.TRITON_ON_CPU` every op takes its Triton kernels on CPU tensors, which Triton's interpreter
 runs (tests/kernels/conftest.py): the q/k/v views of the fused projection, the q/k norms on 3-D views,
 rotary in place, the paged cache writes and reads, the fused residual adds, silu_mul, composed_lora on
 every adapted linear (compositions of k = 1..3 and none in one batch), the graph-shaped padded decode and
@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-import kernels
+import tessera_kernels
 from router.composition import Composition
 from router.library import fingerprint_from_hf_config, random_library
 from server.engine.config import EngineConfig
@@ -67,7 +67,7 @@ def test_engine_on_the_triton_path_equals_the_reference_path(tiny_checkpoints, t
 
 
 def test_seeded_sampling_runs_on_the_triton_path(tiny_checkpoints, tmp_path, monkeypatch):
-    """The one-launch sampler draws from Philox, the reference from splitmix64 (kernels.sampling): same
+    """The one-launch sampler draws from Philox, the reference from splitmix64 (tessera_kernels.sampling): same
     distribution, other streams, so only reproducibility is compared here."""
     model_dir = tiny_checkpoints("llama")
     library = random_library(fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir)), num_modules=4,

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from kernels.paged_attention import AttentionMeta
-from kernels.paged_attention import reference
-from kernels.paged_attention import triton as backend
+from tessera_kernels.paged_attention import AttentionMeta
+from tessera_kernels.paged_attention import reference
+from tessera_kernels.paged_attention import triton as backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from kernels import NO_MODULE
-from kernels.composed_lora import LoraStack, ModuleBatchMeta
-from kernels.composed_lora.reference import composed_lora
-from kernels.paged_attention import AttentionMeta
-from kernels.paged_attention.reference import paged_attention, write_kv
+from tessera_kernels import NO_MODULE
+from tessera_kernels.composed_lora import LoraStack, ModuleBatchMeta
+from tessera_kernels.composed_lora.reference import composed_lora
+from tessera_kernels.paged_attention import AttentionMeta
+from tessera_kernels.paged_attention.reference import paged_attention, write_kv
 
 
 def test_meta_segments_match_running_example():

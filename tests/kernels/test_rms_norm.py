@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from kernels.rms_norm import reference, rms_norm
-from kernels.rms_norm import triton as backend
+from tessera_kernels.rms_norm import reference, rms_norm
+from tessera_kernels.rms_norm import triton as backend
 from tests.kernels.tolerances import assert_elementwise_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from kernels.rotary import reference, rotary
-from kernels.rotary import triton as backend
+from tessera_kernels.rotary import reference, rotary
+from tessera_kernels.rotary import triton as backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

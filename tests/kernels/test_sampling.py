@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from kernels.sampling import race_sample, reference
-from kernels.sampling import triton as backend
+from tessera_kernels.sampling import race_sample, reference
+from tessera_kernels.sampling import triton as backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = {"reference": reference.race_sample, "triton": backend.race_sample}

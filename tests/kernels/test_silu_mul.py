@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from kernels.silu_mul import reference, silu_mul
-from kernels.silu_mul import triton as backend
+from tessera_kernels.silu_mul import reference, silu_mul
+from tessera_kernels.silu_mul import triton as backend
 from tests.kernels.tolerances import assert_elementwise_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from kernels import NO_MODULE
-from kernels.composed_lora import ModuleBatchMeta
+from tessera_kernels import NO_MODULE
+from tessera_kernels.composed_lora import ModuleBatchMeta
 from server.model.forward_context import forward_context
 from server.model.loader import BackboneConfig, load_backbone
 from tests.server.helpers import PagedSequences

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import NO_MODULE
+from tessera_kernels import NO_MODULE
 from router.composition import Composition
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine

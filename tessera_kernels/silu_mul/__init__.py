@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import use_triton
+from tessera_kernels import use_triton
 
 __all__ = ["silu_mul"]
 
@@ -27,7 +27,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"silu_mul takes gate_up [num_tokens, 2 * intermediate], got {list(gate_up.shape)}")
     if use_triton(gate_up):
-        from kernels.silu_mul import triton as backend
+        from tessera_kernels.silu_mul import triton as backend
     else:
-        from kernels.silu_mul import reference as backend
+        from tessera_kernels.silu_mul import reference as backend
     return backend.silu_mul(gate_up)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import use_triton
+from tessera_kernels import use_triton
 
 __all__ = ["AttentionMeta", "paged_attention", "write_kv"]
 
@@ -54,9 +54,9 @@ class AttentionMeta:
 
 def _backend(t: torch.Tensor):
     if use_triton(t):
-        from kernels.paged_attention import triton as backend
+        from tessera_kernels.paged_attention import triton as backend
     else:
-        from kernels.paged_attention import reference as backend
+        from tessera_kernels.paged_attention import reference as backend
     return backend
 
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention import AttentionMeta
+from tessera_kernels.paged_attention import AttentionMeta
 
 __all__ = ["paged_attention", "write_kv"]
 

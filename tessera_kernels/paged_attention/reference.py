@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.paged_attention import AttentionMeta
+from tessera_kernels.paged_attention import AttentionMeta
 
 
 def write_kv(

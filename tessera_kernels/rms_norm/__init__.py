@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import use_triton
+from tessera_kernels import use_triton
 
 __all__ = ["rms_norm"]
 
@@ -54,7 +54,7 @@ def rms_norm(
     """`out`, or `(out, s)` with a residual (see the module docstring)."""
     _check(x, weight, residual)
     if use_triton(x):
-        from kernels.rms_norm import triton as backend
+        from tessera_kernels.rms_norm import triton as backend
     else:
-        from kernels.rms_norm import reference as backend
+        from tessera_kernels.rms_norm import reference as backend
     return backend.rms_norm(x, weight, eps, residual)

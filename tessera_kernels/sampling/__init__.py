@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import use_triton
+from tessera_kernels import use_triton
 
 __all__ = ["race_sample"]
 
@@ -61,7 +61,7 @@ def race_sample(probs: torch.Tensor, seeds: torch.Tensor, greedy: torch.Tensor) 
     """One token id per row of `probs`: int64 [S] (see the module docstring)."""
     _check(probs, seeds, greedy)
     if use_triton(probs):
-        from kernels.sampling import triton as backend
+        from tessera_kernels.sampling import triton as backend
     else:
-        from kernels.sampling import reference as backend
+        from tessera_kernels.sampling import reference as backend
     return backend.race_sample(probs, seeds, greedy)

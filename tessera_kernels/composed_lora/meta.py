@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import NO_MODULE
+from tessera_kernels import NO_MODULE
 
 
 @dataclass

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.composed_lora import LoraStack
-from kernels.composed_lora.meta import ModuleBatchMeta
+from tessera_kernels.composed_lora import LoraStack
+from tessera_kernels.composed_lora.meta import ModuleBatchMeta
 
 __all__ = ["composed_lora"]
 

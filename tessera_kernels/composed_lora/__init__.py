@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import use_triton
+from tessera_kernels import use_triton
 
-from kernels.composed_lora.meta import ModuleBatchMeta
+from tessera_kernels.composed_lora.meta import ModuleBatchMeta
 
 __all__ = ["LoraStack", "ModuleBatchMeta", "composed_lora"]
 
@@ -115,7 +115,7 @@ class LoraStack:
 def composed_lora(y: torch.Tensor, x: torch.Tensor, stack: LoraStack, meta: ModuleBatchMeta) -> None:
     """Add every token's module composition to `y` in place (see the module docstring)."""
     if use_triton(x):
-        from kernels.composed_lora import triton as backend
+        from tessera_kernels.composed_lora import triton as backend
     else:
-        from kernels.composed_lora import reference as backend
+        from tessera_kernels.composed_lora import reference as backend
     backend.composed_lora(y, x, stack, meta)

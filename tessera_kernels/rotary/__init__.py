@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import use_triton
+from tessera_kernels import use_triton
 
 __all__ = ["rotary"]
 
@@ -46,7 +46,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch
     """Rotate q and k in place (see the module docstring)."""
     _check(q, k, positions, cos, sin)
     if use_triton(q):
-        from kernels.rotary import triton as backend
+        from tessera_kernels.rotary import triton as backend
     else:
-        from kernels.rotary import reference as backend
+        from tessera_kernels.rotary import reference as backend
     backend.rotary(q, k, positions, cos, sin)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.composed_lora import LoraStack
-from kernels.composed_lora.meta import ModuleBatchMeta
+from tessera_kernels.composed_lora import LoraStack
+from tessera_kernels.composed_lora.meta import ModuleBatchMeta
 
 
 def composed_lora(y: torch.Tensor, x: torch.Tensor, stack: LoraStack, meta: ModuleBatchMeta) -> None:
