@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.text import AUTO
 
-from server.api import translate
+from server.api import tools, translate
 from server.api.auth import APIKeyMiddleware
 from server.api.errors import APIError, from_router, install_handlers
 from server.api.protocol import (
@@ -74,8 +74,9 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
+        mode = tools.tool_mode(body)
         prompt = translate.chat_prompt(body, engine.tokenizer)
-        return await _serve(runner, "chat", body, [prompt] * body.n, request)
+        return await _serve(runner, "chat", body, [prompt] * body.n, request, tool_mode=mode)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -140,7 +141,7 @@ async def _change_modules(engine, change, body) -> None:
 
 
 async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], request: Request,
-                 echo_texts: list[str] | None = None):
+                 echo_texts: list[str] | None = None, tool_mode: str | None = None):
     """Resolve the composition and sampling params of every choice, then stream or collect them."""
     engine = runner.engine
     composition = await _composition(engine, body, request)
@@ -150,8 +151,9 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
         for i, p in enumerate(prompts)
     ]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    grammar = await _grammar(engine, body)
-    call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts)
+    grammar = await _grammar(engine, body, tool_mode)
+    call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts,
+                tool_mode)
     headers = composition_header(call)
     if body.stream:
         return StreamingResponse(stream(runner, call), media_type="text/event-stream", headers=headers)
@@ -161,9 +163,15 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
     return JSONResponse(result, headers=headers)
 
 
-async def _grammar(engine, body):
-    """The compiled structured-output constraint of `body` (compiled in a worker thread), or None."""
+async def _grammar(engine, body, tool_mode: str | None):
+    """The compiled structured-output constraint of `body` or of its tool calls (compiled in a worker
+    thread), or None."""
     asked = translate.grammar_spec(body)
+    if tool_mode is not None:
+        if asked is not None:
+            raise APIError(400, "tool calls are generated under the tools' schemas; drop response_format and "
+                                "structured_outputs, or tool_choice", "tool_choice")
+        asked = tools.tool_grammar(body, tool_mode), "tools"
     if asked is None:
         return None
     spec, param = asked

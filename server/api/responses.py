@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
 from server.api.serving import Call, Runner, sse, usage
+from server.api.tools import tool_calls
 
 
 def _tessera(call: Call) -> dict:
@@ -40,8 +41,9 @@ async def collect(runner: Runner, call: Call) -> dict:
     for i in range(n):
         wants = call.params[i].logprobs is not None
         if call.kind == "chat":
-            choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
-                            "logprobs": {"content": logprobs[i]} if wants else None, "finish_reason": reasons[i]})
+            message, reason = _reply(call, texts[i], reasons[i])
+            choices.append({"index": i, "message": message, "logprobs": {"content": logprobs[i]} if wants else None,
+                            "finish_reason": reason})
         else:
             choices.append({"index": i, "text": texts[i], "logprobs": text_lp[i] if wants else None,
                             "finish_reason": reasons[i]})
@@ -49,6 +51,26 @@ async def collect(runner: Runner, call: Call) -> dict:
     total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens))
     body.update(choices=choices, usage=total, tessera=_tessera(call))
     return body
+
+
+def _reply(call: Call, text: str, reason: str | None) -> tuple[dict, str | None]:
+    """A chat choice's message and finish reason: its text, or the tool calls it made (`api.tools`)."""
+    calls = tool_calls(call.tool_mode, text, reason == "stop") if call.tool_mode is not None else None
+    if calls is None:
+        return {"role": "assistant", "content": text}, reason
+    return {"role": "assistant", "content": None, "tool_calls": calls}, \
+        "tool_calls" if call.tool_mode == "required" else reason
+
+
+def _tool_chunk(call: Call, index: int, text: str, reason: str | None) -> dict:
+    """The one content chunk of a streamed tool-calling choice, sent when it ends: its calls (or its text)."""
+    message, reason = _reply(call, text, reason)
+    if "tool_calls" in message:
+        delta = {"tool_calls": [{"index": j} | c for j, c in enumerate(message["tool_calls"])]}
+    else:
+        delta = {"content": text}
+    return call.envelope(stream=True) | {"choices": [{"index": index, "delta": delta, "logprobs": None,
+                                                      "finish_reason": reason}], "tessera": _tessera(call)}
 
 
 def _echoes(call: Call, index: int, echoed: set[int]) -> bool:
@@ -83,10 +105,16 @@ async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
             yield sse(call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)})
     n = len(call.prompts)
     completion_tokens, cached_tokens, text_offsets, echoed = [0] * n, [0] * n, [0] * n, set()
+    calls_text = [""] * n
     try:
         async for index, output in runner.outputs(call):
             completion_tokens[index] = output.num_output_tokens
             cached_tokens[index] = output.num_cached_tokens
+            if call.tool_mode is not None:  # calls are parsed whole: sent as one chunk when the choice ends
+                calls_text[index] += output.text
+                if output.finished:
+                    yield sse(_tool_chunk(call, index, calls_text[index], output.finish_reason))
+                continue
             echo = _echoes(call, index, echoed)
             if output.text or output.finished or output.logprobs or echo:
                 yield sse(_chunk(call, runner, index, output, text_offsets[index], echo))

@@ -38,6 +38,8 @@ class Call:
     """The compiled structured-output constraint every choice follows (`Engine.compile_grammar`), or None."""
     echo_texts: list[str] | None = None
     """Completions with `echo`: per choice, the prompt text its output starts with."""
+    tool_mode: str | None = None
+    """Chat with tools: `required` or the function named by tool_choice (`api.tools`); None for text."""
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -11,6 +11,7 @@ from router.controller import TASK_JOIN
 from router.text import AUTO
 from server.api.errors import ROUTER_ERRORS, APIError, from_router
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.tools import template_messages, template_tools
 from server.engine.request import SamplingParams
 from server.engine.structured import GrammarSpec
 
@@ -105,10 +106,10 @@ def chat_prompt(body, tokenizer, add_generation_prompt: bool = True) -> list[int
     """The token ids of a body's `messages` under the tokenizer's chat template."""
     if add_generation_prompt and body.messages[-1].role == "assistant":
         raise APIError(400, "the last message must not be from the assistant", "messages")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     if tokenizer.chat_template is None:
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(template_messages(body), tools=template_tools(body), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
     return tokenizer.encode(text, add_special_tokens=False)
 
 

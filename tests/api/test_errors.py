@@ -85,7 +85,8 @@ def test_conflicting_or_invalid_tags_are_400(server, http, fields, header, param
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
     ({"model": ""}, "model"),
     ({"model": None}, "model"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # auto: no call parser
+    ({"tools": [{"type": "nope"}]}, "tools.0.type"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"response_format": {"type": "json_object", "json_schema": {"name": "x"}}}, "response_format.json_schema"),

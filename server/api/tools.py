@@ -1,0 +1,110 @@
+"""Tool calling in chat completions: the tools go into the prompt through the model's chat template, and
+the calls come out exactly, as a structured output.
+
+`tool_choice` decides what the model may say:
+
+- a named function (`{"type": "function", "function": {"name": ...}}`): the reply is that function's
+  arguments, constrained to its `parameters` schema; one call, finish_reason `stop` (as OpenAI);
+- `required`: the reply is a JSON array of `{"name", "parameters"}` objects whose names are the tools' and
+  whose parameters follow each tool's schema (one item unless `parallel_tool_calls`); finish_reason
+  `tool_calls`;
+- `none`: free text (the tools are still in the prompt, as OpenAI and vLLM render them).
+
+`auto` (OpenAI's default when tools are given) lets the model choose between text and a call. Telling one
+from the other needs a parser for each model family's call format, so it is refused with a 400 rather than
+guessed. vLLM without `--enable-auto-tool-choice` does the same.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from server.api.errors import APIError
+from server.api.protocol import ChatCompletionRequest, NamedToolChoice
+from server.engine.structured import GrammarSpec
+
+ANY_OBJECT = {"type": "object"}
+
+
+def tool_mode(body: ChatCompletionRequest) -> str | None:
+    """`required`, the name of the function to call, or None (free text); 400 for what cannot be served."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools", "tool_choice")
+        return None
+    if choice is None or choice == "auto":
+        raise APIError(400, "tool_choice auto (the default when tools are given) needs a parser of the model's own "
+                            "call format, which Tessera does not guess; use tool_choice required or a named "
+                            "function, whose calls are generated under the tools' schemas", "tool_choice")
+    if choice == "none":
+        return None
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in {tool.function.name for tool in body.tools}:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                           "tool_choice")
+        return choice.function.name
+    return "required"
+
+
+def tool_grammar(body: ChatCompletionRequest, mode: str) -> GrammarSpec:
+    """The JSON schema the reply follows in `mode`."""
+    schemas = {tool.function.name: tool.function.parameters or ANY_OBJECT for tool in body.tools}
+    if mode != "required":
+        return GrammarSpec("json_schema", json.dumps(schemas[mode]))
+    calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+              "required": ["name", "parameters"], "additionalProperties": False} for name, schema in schemas.items()]
+    array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if not body.parallel_tool_calls:
+        array["maxItems"] = 1
+    return GrammarSpec("json_schema", json.dumps(array))
+
+
+def template_messages(body: ChatCompletionRequest) -> list[dict]:
+    """Messages as chat templates read them: an assistant turn's calls with their arguments as objects (the
+    form transformers documents for templates), a tool turn with the id of the call it answers."""
+    messages = []
+    for message in body.messages:
+        entry = {"role": message.role, "content": message.text()}
+        if message.tool_calls:
+            entry["tool_calls"] = [{"id": call.id, "type": "function",
+                                    "function": {"name": call.function.name,
+                                                 "arguments": _arguments(call.function.arguments)}}
+                                   for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        messages.append(entry)
+    return messages
+
+
+def template_tools(body) -> list[dict] | None:
+    """The tools as chat templates read them (a /tokenize body has none)."""
+    given = getattr(body, "tools", None)
+    return [tool.model_dump(exclude_none=True) for tool in given] if given else None
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise APIError(400, f"tool call arguments are not JSON: {text[:80]!r}", "messages") from None
+
+
+def tool_calls(mode: str, text: str, finished: bool) -> list[dict] | None:
+    """The calls a reply in `mode` makes: one for a named function (its arguments as generated, even when
+    max_tokens cut them), the array's items for `required`; None when a `required` reply is cut short and
+    does not parse (the text is then returned as content)."""
+    if mode != "required":
+        return [_call(mode, text)]
+    try:
+        items = json.loads(text) if finished else None
+    except ValueError:
+        items = None
+    if not isinstance(items, list):
+        return None
+    return [_call(item["name"], json.dumps(item["parameters"])) for item in items]
+
+
+def _call(name: str, arguments: str) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}

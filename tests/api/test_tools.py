@@ -1,0 +1,94 @@
+"""Tool calling through the official `openai` client: named and required tool choices generated under the
+tools' schemas, streamed and not, and the requests Tessera refuses rather than guesses."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+MESSAGES = [{"role": "user", "content": "what is the weather in paris?"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "current weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["paris", "oslo"]}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+def _check_weather(arguments: str) -> None:
+    value = json.loads(arguments)
+    assert set(value) == {"city", "unit"} and value["city"] in ("paris", "oslo") and value["unit"] in ("c", "f")
+
+
+def test_a_named_function_is_called_with_arguments_that_fit_its_schema(client):
+    for model, seed in (("reverse", 1), ("uppercase", 2)):
+        reply = client.chat.completions.create(model=model, messages=MESSAGES, tools=[WEATHER, TIME], seed=seed,
+                                               tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                               max_tokens=60, temperature=1.0)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+        _check_weather(call.function.arguments)
+
+
+def test_required_picks_among_the_tools_and_streams_the_same_calls(client):
+    kwargs = dict(model="reverse", messages=MESSAGES, tools=[WEATHER, TIME], tool_choice="required", max_tokens=120,
+                  temperature=1.0, seed=3, parallel_tool_calls=False)
+    reply = client.chat.completions.create(**kwargs)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls  # parallel_tool_calls=False: exactly one
+    assert call.function.name in ("get_weather", "get_time")
+    if call.function.name == "get_weather":
+        _check_weather(call.function.arguments)
+    else:
+        assert isinstance(json.loads(call.function.arguments)["utc"], bool)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == \
+        [(0, call.function.name, call.function.arguments)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_a_conversation_with_calls_and_results_goes_on_and_none_gives_text(client):
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "paris", "unit": "c"})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, clear"},
+    ]
+    reply = client.chat.completions.create(model="reverse", messages=history, tools=[WEATHER], tool_choice="none",
+                                           max_tokens=8, temperature=0)
+    assert reply.choices[0].message.tool_calls is None and isinstance(reply.choices[0].message.content, str)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"tools": [WEATHER]}, "tool_choice auto"),
+    ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice auto"),
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "drop response"),
+    ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "distinct"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "none"}, "name"),
+    ({"tools": [WEATHER], "tool_choice": "none", "messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{oops"}}]},
+        {"role": "user", "content": "hi"}]}, "not JSON"),
+])
+def test_what_cannot_be_served_is_a_400_naming_why(server, fields, message):
+    body = {"model": "reverse", "messages": MESSAGES, "max_tokens": 4} | fields
+    response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_the_sdk_raises_bad_request_for_auto(client):
+    with pytest.raises(openai.BadRequestError, match="tool_choice auto"):
+        client.chat.completions.create(model="reverse", messages=MESSAGES, tools=[WEATHER], max_tokens=4)
