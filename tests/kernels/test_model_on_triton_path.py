@@ -1,8 +1,8 @@
 """The backbone's GPU path, the layers' wiring included, checked on the CPU.
 
-With `tessera_kernels.TRITON_ON_CPU` every op takes its Triton kernels on CPU tensors, which Triton's interpreter
-runs (tests/kernels/conftest.py): the q/k/v views of the fused projection, the q/k norms on 3-D views,
-rotary in place, the paged cache writes and reads, the fused residual adds, silu_mul, composed_lora on
+With `tessera_kernels.TRITON_ON_CPU` every op takes its Triton kernels on CPU tensors, which Triton's
+interpreter runs (tests/conftest.py sets TRITON_INTERPRET): the q/k/v views of the fused projection, the q/k
+norms on 3-D views, rotary in place, the paged cache writes and reads, the fused residual adds, silu_mul, composed_lora on
 every adapted linear (compositions of k = 1..3 and none in one batch), the graph-shaped padded decode and
 the seeded sampler. The kernel tests check each op alone; this checks what the layers hand them. Greedy
 tokens and logprobs must equal the reference path's.
@@ -54,7 +54,7 @@ def test_engine_on_the_triton_path_equals_the_reference_path(tiny_checkpoints, t
     library_dir = str(library.write(tmp_path / "lib"))
     greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
     expected = _generate(model_dir, library_dir, cuda_graphs, greedy)
-    monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(tessera_kernels, "TRITON_ON_CPU", True)
     got = _generate(model_dir, library_dir, cuda_graphs, greedy)
     for rid, (tokens, logprobs) in expected.items():
         assert got[rid][0] == tokens, rid
@@ -73,7 +73,7 @@ def test_seeded_sampling_runs_on_the_triton_path(tiny_checkpoints, tmp_path, mon
     library = random_library(fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir)), num_modules=4,
                              ranks=(4, 8, 8, 4), std=0.2)
     library_dir = str(library.write(tmp_path / "lib"))
-    monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(tessera_kernels, "TRITON_ON_CPU", True)
     seeded = SamplingParams(max_tokens=5, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
     first = _generate(model_dir, library_dir, "off", seeded)
     assert first == _generate(model_dir, library_dir, "off", seeded)
