@@ -153,7 +153,7 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     grammar = await _grammar(engine, body, tool_mode)
     call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts,
-                tool_mode)
+                tool_mode, body.prompt_logprobs is not None)
     headers = composition_header(call)
     if body.stream:
         return StreamingResponse(stream(runner, call), media_type="text/event-stream", headers=headers)

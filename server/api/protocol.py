@@ -144,6 +144,8 @@ class _Common(BaseModel):
     """vLLM's: > 1 discourages tokens of the prompt and the output so far; 1 is off."""
     min_tokens: int = Field(default=0, ge=0)
     """vLLM's: EOS and stop tokens are not drawn before this many tokens."""
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """vLLM's: return the logprob and rank of every prompt token, plus this many top alternatives."""
     ignore_eos: bool = False
     user: str | None = None
     task: str | None = Field(default=None, min_length=1)

@@ -23,9 +23,11 @@ async def collect(runner: Runner, call: Call) -> dict:
     n = len(call.prompts)
     texts, logprobs, reasons = [""] * n, [[] for _ in range(n)], [None] * n
     text_lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
-    completion_tokens, cached_tokens, echoed = [0] * n, [0] * n, set()
+    completion_tokens, cached_tokens, echoed, scored = [0] * n, [0] * n, set(), [None] * n
     async for index, output in runner.outputs(call):
         echo = _echoes(call, index, echoed)
+        if output.prompt_logprobs is not None:
+            scored[index] = output.prompt_logprobs
         if call.params[index].logprobs is not None:
             if call.kind == "chat":
                 logprobs[index] += runner.chat_logprobs(output)
@@ -47,9 +49,13 @@ async def collect(runner: Runner, call: Call) -> dict:
         else:
             choices.append({"index": i, "text": texts[i], "logprobs": text_lp[i] if wants else None,
                             "finish_reason": reasons[i]})
+            if call.prompt_logprobs:
+                choices[-1]["prompt_logprobs"] = runner.vllm_prompt_logprobs(scored[i] or ())
     body = call.envelope(stream=False)
     total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens))
     body.update(choices=choices, usage=total, tessera=_tessera(call))
+    if call.prompt_logprobs and call.kind == "chat":  # one prompt for every choice: at the top, as vLLM
+        body["prompt_logprobs"] = runner.vllm_prompt_logprobs(scored[0] or ())
     return body
 
 

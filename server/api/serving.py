@@ -39,6 +39,8 @@ class Call:
     echo_texts: list[str] | None = None
     """Completions with `echo`: per choice, the prompt text its output starts with."""
     tool_mode: str | None = None
+    prompt_logprobs: bool = False
+    """vLLM's `prompt_logprobs` was asked: the response carries them in vLLM's form."""
     """Chat with tools: `required` or the function named by tool_choice (`api.tools`); None for text."""
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
@@ -127,6 +129,23 @@ class Runner:
             token = self._token(lp.token_id)
             top = [{"token": self._token(t), "logprob": v, "bytes": list(self._token(t).encode())} for t, v in lp.top]
             entries.append({"token": token, "logprob": lp.logprob, "bytes": list(token.encode()), "top_logprobs": top})
+        return entries
+
+    def _scored(self, logprob: float, rank: int | None, token_id: int) -> dict:
+        return {"logprob": logprob, "rank": rank, "decoded_token": self._token(token_id)}
+
+    def vllm_prompt_logprobs(self, scored) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: per prompt token (None for the first), {token id: {logprob, rank,
+        decoded_token}} for the prompt's own token and the top alternatives."""
+        entries = []
+        for lp in scored:
+            if lp is None:
+                entries.append(None)
+                continue
+            entry = {str(lp.token_id): self._scored(lp.logprob, lp.rank, lp.token_id)}
+            for rank, (token_id, value) in enumerate(lp.top, start=1):
+                entry.setdefault(str(token_id), self._scored(value, rank, token_id))
+            entries.append(entry)
         return entries
 
     def text_logprobs(self, output: RequestOutput, offset: int, echoed: list[int] | None = None) -> dict:

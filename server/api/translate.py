@@ -171,7 +171,8 @@ def sampling_params(body, prompt_len: int, max_model_len: int, index: int, defau
         repetition_penalty=body.repetition_penalty,
         logit_bias=_logit_bias(body, vocab_size),
         min_tokens=_min_tokens(body, max_tokens, param),
-        prompt_logprobs=body.num_logprobs if getattr(body, "echo", False) else None,
+        prompt_logprobs=body.prompt_logprobs if body.prompt_logprobs is not None else
+        (body.num_logprobs if getattr(body, "echo", False) else None),
     )
 
 

@@ -72,6 +72,8 @@ class TokenLogprob:
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
     """(token id, logprob) of the most likely tokens, best first."""
+    rank: int | None = None
+    """Prompt tokens: 1 + how many tokens were more likely (None where not computed)."""
 
 
 @dataclass(frozen=True)

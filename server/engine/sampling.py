@@ -137,6 +137,8 @@ class DevicePromptLogprobs:
     """[N, most]."""
     top_ids: torch.Tensor
     """[N, most]."""
+    ranks: torch.Tensor
+    """1 + the number of tokens more likely than the scored one: [N]."""
 
 
 PROMPT_LOGITS_CHUNK = 512
@@ -148,14 +150,15 @@ def gather_prompt_logprobs(logits_of, rows: torch.Tensor, targets: torch.Tensor,
     """Logprob of `targets[i]` under the logits of token row `rows[i]` (the row before it), and the top
     alternatives; `logits_of(rows) -> fp32 [n, vocab]`. No host sync."""
     most = max(k for *_, k in spans)
-    chosen, values, ids = [], [], []
+    chosen, values, ids, ranks = [], [], [], []
     for start in range(0, len(rows), PROMPT_LOGITS_CHUNK):
         logp = torch.log_softmax(logits_of(rows[start : start + PROMPT_LOGITS_CHUNK]), dim=-1)  # [n, vocab]
         chosen.append(logp.gather(1, targets[start : start + PROMPT_LOGITS_CHUNK, None]).squeeze(1))  # [n]
+        ranks.append((logp > chosen[-1][:, None]).sum(dim=-1) + 1)  # [n]
         top = logp.topk(most, dim=-1) if most else (logp[:, :0], logp[:, :0].long())  # [n, most] each
         values.append(top[0])
         ids.append(top[1])
-    return DevicePromptLogprobs(spans, torch.cat(chosen), torch.cat(values), torch.cat(ids))
+    return DevicePromptLogprobs(spans, torch.cat(chosen), torch.cat(values), torch.cat(ids), torch.cat(ranks))
 
 
 def read_prompt_logprobs(gathered: DevicePromptLogprobs | None,
@@ -164,9 +167,10 @@ def read_prompt_logprobs(gathered: DevicePromptLogprobs | None,
     if gathered is None:
         return {}
     chosen, values, ids = gathered.chosen.tolist(), gathered.top_values.tolist(), gathered.top_ids.tolist()
+    ranks = gathered.ranks.tolist()
     out, row = {}, 0
     for request_id, first, count, k in gathered.spans:
-        out[request_id] = (first, [TokenLogprob(targets[i], chosen[i], tuple(zip(ids[i][:k], values[i][:k])))
+        out[request_id] = (first, [TokenLogprob(targets[i], chosen[i], tuple(zip(ids[i][:k], values[i][:k])), ranks[i])
                                    for i in range(row, row + count)])
         row += count
     return out

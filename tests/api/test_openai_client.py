@@ -240,3 +240,25 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_merged_model_does(server, c
     assert [c.text[: len(tokenizer.decode(p))] for c, p in zip(echoed.choices, (ids, ids[:3]))] == \
         [tokenizer.decode(ids), tokenizer.decode(ids[:3])]
     assert echoed.choices[0].logprobs is None
+
+
+def test_vllm_prompt_logprobs_give_each_prompt_tokens_logprob_and_rank(server, client, tokenizer):
+    ids = tokenizer.encode(PROMPT)
+    reply = client.completions.create(model="uppercase", prompt=PROMPT, max_tokens=2, temperature=0,
+                                      extra_body={"prompt_logprobs": 3})
+    scored = reply.choices[0].model_extra["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    for position, entry in enumerate(scored[1:], start=1):
+        own = entry[str(ids[position])]
+        assert own["decoded_token"] == tokenizer.decode([ids[position]]) and own["rank"] >= 1
+        ranked = sorted(entry.values(), key=lambda e: e["rank"])
+        assert [e["rank"] for e in ranked[:3]] == [1, 2, 3] and len(entry) in (3, 4)
+        assert ranked[0]["logprob"] >= own["logprob"] and (own["rank"] == 1) == (own["logprob"] >= ranked[0]["logprob"])
+    echoed = client.completions.create(model="uppercase", prompt=PROMPT, max_tokens=2, temperature=0, echo=True,
+                                       logprobs=1)
+    assert echoed.choices[0].logprobs.token_logprobs[1 : len(ids)] == pytest.approx(
+        [entry[str(ids[i])]["logprob"] for i, entry in enumerate(scored[1:], start=1)], abs=1e-5)
+    chat = client.chat.completions.create(model="uppercase", messages=MESSAGES, max_tokens=2, n=2, temperature=0,
+                                          extra_body={"prompt_logprobs": 0})
+    assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"]) == \
+        chat.usage.prompt_tokens
