@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
 from server.api.serving import Call, Runner, sse, usage
-from server.api.tools import tool_calls
+from server.api.tools import new_call_id, tool_calls
 
 
 def _tessera(call: Call) -> dict:
@@ -79,6 +79,23 @@ def _tool_chunk(call: Call, index: int, text: str, reason: str | None) -> dict:
                                                       "finish_reason": reason}], "tessera": _tessera(call)}
 
 
+def _named_call_chunks(call: Call, index: int, output, call_id: str | None) -> list[dict]:
+    """A streamed named-function choice: its call's id and name first (when `call_id` is given, on its first
+    increment), then its arguments as they are generated, as OpenAI streams them."""
+    deltas = []
+    if call_id is not None:
+        deltas.append({"index": 0, "id": call_id, "type": "function",
+                       "function": {"name": call.tool_mode, "arguments": ""}})
+    if output.text or output.finished:
+        deltas.append({"index": 0, "function": {"arguments": output.text}})
+    chunks = [call.envelope(stream=True) | {"choices": [{"index": index, "delta": {"tool_calls": [d]},
+                                                         "logprobs": None, "finish_reason": None}]} for d in deltas]
+    if output.finished:
+        chunks[-1]["choices"][0]["finish_reason"] = output.finish_reason
+        chunks[-1]["tessera"] = _tessera(call)
+    return chunks
+
+
 def _echoes(call: Call, index: int, echoed: set[int]) -> bool:
     """Whether this increment of choice `index` is its first of a completion with `echo` (marks it seen)."""
     if call.echo_texts is None or index in echoed:
@@ -111,12 +128,18 @@ async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
             yield sse(call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)})
     n = len(call.prompts)
     completion_tokens, cached_tokens, text_offsets, echoed = [0] * n, [0] * n, [0] * n, set()
-    calls_text = [""] * n
+    calls_text, opened = [""] * n, set()
     try:
         async for index, output in runner.outputs(call):
             completion_tokens[index] = output.num_output_tokens
             cached_tokens[index] = output.num_cached_tokens
-            if call.tool_mode is not None:  # calls are parsed whole: sent as one chunk when the choice ends
+            if call.tool_mode not in (None, "required"):  # a named call: its arguments stream as they come
+                first = index not in opened
+                opened.add(index)
+                for chunk in _named_call_chunks(call, index, output, new_call_id() if first else None):
+                    yield sse(chunk)
+                continue
+            if call.tool_mode is not None:  # required: the calls are parsed whole and sent when the choice ends
                 calls_text[index] += output.text
                 if output.finished:
                     yield sse(_tool_chunk(call, index, calls_text[index], output.finish_reason))

@@ -106,6 +106,10 @@ def tool_calls(mode: str, text: str, finished: bool) -> list[dict] | None:
     return [_call(item["name"], json.dumps(item["parameters"])) for item in items]
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def _call(name: str, arguments: str) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+    return {"id": new_call_id(), "type": "function",
             "function": {"name": name, "arguments": arguments}}

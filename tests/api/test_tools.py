@@ -37,6 +37,20 @@ def test_a_named_function_is_called_with_arguments_that_fit_its_schema(client):
         (call,) = choice.message.tool_calls
         assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
         _check_weather(call.function.arguments)
+    streamed = list(client.chat.completions.create(
+        model="reverse", messages=MESSAGES, tools=[WEATHER], stream=True, seed=1, max_tokens=60, temperature=1.0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    deltas = [d for c in streamed if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert len(deltas) > 2, "the arguments stream in pieces"
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
+    assert all(d.index == 0 and d.id is None for d in deltas[1:])
+    arguments = "".join(d.function.arguments for d in deltas)
+    _check_weather(arguments)
+    first = client.chat.completions.create(model="reverse", messages=MESSAGES, tools=[WEATHER], seed=1,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                           max_tokens=60, temperature=1.0)
+    assert arguments == first.choices[0].message.tool_calls[0].function.arguments
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "stop"
 
 
 def test_required_picks_among_the_tools_and_streams_the_same_calls(client):
