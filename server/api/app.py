@@ -38,6 +38,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     down. Metrics live in a registry of
     the app's own (`app.state.metrics.registry`), fed by the engine's step observer.
     """
+    tools.check_parser(engine.config.tool_call_parser)
     metrics = Metrics()
     engine.step_observer = metrics.observe_step
     metrics.observe_step(engine.stats())
@@ -74,7 +75,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        mode = tools.tool_mode(body)
+        mode = tools.tool_mode(body, engine.config.tool_call_parser)
         prompt = translate.chat_prompt(body, engine.tokenizer)
         return await _serve(runner, "chat", body, [prompt] * body.n, request, tool_mode=mode)
 
@@ -153,7 +154,8 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     grammar = await _grammar(engine, body, tool_mode)
     call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts,
-                tool_mode, body.prompt_logprobs is not None)
+                tool_mode, body.prompt_logprobs is not None,
+                frozenset(t.function.name for t in getattr(body, "tools", None) or ()))
     headers = composition_header(call)
     if body.stream:
         return StreamingResponse(stream(runner, call), media_type="text/event-stream", headers=headers)
@@ -167,7 +169,7 @@ async def _grammar(engine, body, tool_mode: str | None):
     """The compiled structured-output constraint of `body` or of its tool calls (compiled in a worker
     thread), or None."""
     asked = translate.grammar_spec(body)
-    if tool_mode is not None:
+    if tool_mode not in (None, "auto"):  # auto generates free text, which the parser reads
         if asked is not None:
             raise APIError(400, "tool calls are generated under the tools' schemas; drop response_format and "
                                 "structured_outputs, or tool_choice", "tool_choice")

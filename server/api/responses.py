@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
 from server.api.serving import Call, Runner, sse, usage
-from server.api.tools import new_call_id, tool_calls
+from server.api.tools import hermes_calls, new_call_id, streamable, tool_calls
 
 
 def _tessera(call: Call) -> dict:
@@ -61,6 +61,11 @@ async def collect(runner: Runner, call: Call) -> dict:
 
 def _reply(call: Call, text: str, reason: str | None) -> tuple[dict, str | None]:
     """A chat choice's message and finish reason: its text, or the tool calls it made (`api.tools`)."""
+    if call.tool_mode == "auto":
+        content, calls = hermes_calls(text, call.tool_names)
+        if calls is None:
+            return {"role": "assistant", "content": text}, reason
+        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
     calls = tool_calls(call.tool_mode, text, reason == "stop") if call.tool_mode is not None else None
     if calls is None:
         return {"role": "assistant", "content": text}, reason
@@ -68,13 +73,14 @@ def _reply(call: Call, text: str, reason: str | None) -> tuple[dict, str | None]
         "tool_calls" if call.tool_mode == "required" else reason
 
 
-def _tool_chunk(call: Call, index: int, text: str, reason: str | None) -> dict:
-    """The one content chunk of a streamed tool-calling choice, sent when it ends: its calls (or its text)."""
+def _tool_chunk(call: Call, index: int, text: str, reason: str | None, sent: int = 0) -> dict:
+    """The last chunk of a streamed tool-calling choice, sent when it ends: its calls, or the rest of its
+    text after the `sent` characters streamed already."""
     message, reason = _reply(call, text, reason)
     if "tool_calls" in message:
         delta = {"tool_calls": [{"index": j} | c for j, c in enumerate(message["tool_calls"])]}
     else:
-        delta = {"content": text}
+        delta = {"content": text[sent:]}
     return call.envelope(stream=True) | {"choices": [{"index": index, "delta": delta, "logprobs": None,
                                                       "finish_reason": reason}], "tessera": _tessera(call)}
 
@@ -128,16 +134,27 @@ async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
             yield sse(call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)})
     n = len(call.prompts)
     completion_tokens, cached_tokens, text_offsets, echoed = [0] * n, [0] * n, [0] * n, set()
-    calls_text, opened = [""] * n, set()
+    calls_text, opened, sent = [""] * n, set(), [0] * n
     try:
         async for index, output in runner.outputs(call):
             completion_tokens[index] = output.num_output_tokens
             cached_tokens[index] = output.num_cached_tokens
-            if call.tool_mode not in (None, "required"):  # a named call: its arguments stream as they come
+            if call.tool_mode not in (None, "required", "auto"):  # a named call: arguments stream as they come
                 first = index not in opened
                 opened.add(index)
                 for chunk in _named_call_chunks(call, index, output, new_call_id() if first else None):
                     yield sse(chunk)
+                continue
+            if call.tool_mode == "auto":  # text streams until a call block may begin; calls come at the end
+                calls_text[index] += output.text
+                ready = streamable(calls_text[index])
+                if len(ready) > sent[index] and not output.finished:
+                    delta = {"index": index, "delta": {"content": ready[sent[index]:]}, "logprobs": None,
+                             "finish_reason": None}
+                    yield sse(call.envelope(stream=True) | {"choices": [delta]})
+                    sent[index] = len(ready)
+                if output.finished:
+                    yield sse(_tool_chunk(call, index, calls_text[index], output.finish_reason, sent[index]))
                 continue
             if call.tool_mode is not None:  # required: the calls are parsed whole and sent when the choice ends
                 calls_text[index] += output.text

@@ -39,9 +39,11 @@ class Call:
     echo_texts: list[str] | None = None
     """Completions with `echo`: per choice, the prompt text its output starts with."""
     tool_mode: str | None = None
+    """Chat with tools: `required`, the function named by tool_choice, or `auto` (`api.tools`); None for text."""
     prompt_logprobs: bool = False
     """vLLM's `prompt_logprobs` was asked: the response carries them in vLLM's form."""
-    """Chat with tools: `required` or the function named by tool_choice (`api.tools`); None for text."""
+    tool_names: frozenset[str] = frozenset()
+    """The request's tools (an `auto` reply may call only these)."""
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -10,14 +10,17 @@ the calls come out exactly, as a structured output.
   `tool_calls`;
 - `none`: free text (the tools are still in the prompt, as OpenAI and vLLM render them).
 
-`auto` (OpenAI's default when tools are given) lets the model choose between text and a call. Telling one
-from the other needs a parser for each model family's call format, so it is refused with a 400 rather than
-guessed. vLLM without `--enable-auto-tool-choice` does the same.
+`auto` (OpenAI's default when tools are given) lets the model choose between text and a call, in its own
+format. It needs the parser of that format, named at start-up (`--tool-call-parser`, as vLLM's): `hermes`
+reads `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen2.5, Qwen3, Hermes). Without
+one, auto is a 400 rather than a guess; vLLM without `--enable-auto-tool-choice` refuses it too. The text
+before the first block is the message's content; a block that does not parse, or names no tool, stays text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 from server.api.errors import APIError
@@ -25,18 +28,30 @@ from server.api.protocol import ChatCompletionRequest, NamedToolChoice
 from server.engine.structured import GrammarSpec
 
 ANY_OBJECT = {"type": "object"}
+PARSERS = ("hermes",)
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
-def tool_mode(body: ChatCompletionRequest) -> str | None:
-    """`required`, the name of the function to call, or None (free text); 400 for what cannot be served."""
+def check_parser(parser: str | None) -> None:
+    if parser is not None and parser not in PARSERS:
+        raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {parser!r}")
+
+
+def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> str | None:
+    """`required`, the name of the function to call, `auto` (free text read by `parser`), or None (free
+    text); 400 for what cannot be served."""
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none"):
             raise APIError(400, "tool_choice needs tools", "tool_choice")
         return None
     if choice is None or choice == "auto":
+        if parser is not None:
+            return "auto"
         raise APIError(400, "tool_choice auto (the default when tools are given) needs a parser of the model's own "
-                            "call format, which Tessera does not guess; use tool_choice required or a named "
+                            "call format (start the server with --tool-call-parser hermes for Qwen and Hermes "
+                            "models), which Tessera does not guess; or use tool_choice required or a named "
                             "function, whose calls are generated under the tools' schemas", "tool_choice")
     if choice == "none":
         return None
@@ -89,6 +104,35 @@ def _arguments(text: str):
         return json.loads(text)
     except ValueError:
         raise APIError(400, f"tool call arguments are not JSON: {text[:80]!r}", "messages") from None
+
+
+def hermes_calls(text: str, names: set[str]) -> tuple[str | None, list[dict] | None]:
+    """(content, calls) of a reply in the hermes format; calls None when it makes none."""
+    calls = []
+    for block in _HERMES_BLOCK.findall(text):
+        try:
+            item = json.loads(block)
+        except ValueError:
+            return text, None
+        if not isinstance(item, dict) or item.get("name") not in names or not isinstance(item.get("arguments"), dict):
+            return text, None
+        calls.append(_call(item["name"], json.dumps(item["arguments"])))
+    if not calls:
+        return text, None
+    content = text[: text.index(HERMES_OPEN)].strip()
+    return content or None, calls
+
+
+def streamable(text: str) -> str:
+    """The part of an `auto` reply that can be streamed as content so far: up to its first call block, and
+    never a tail that could be the start of one."""
+    start = text.find(HERMES_OPEN)
+    if start >= 0:
+        return text[:start]
+    for size in range(len(HERMES_OPEN) - 1, 0, -1):
+        if text.endswith(HERMES_OPEN[:size]):
+            return text[:-size]
+    return text
 
 
 def tool_calls(mode: str, text: str, finished: bool) -> list[dict] | None:

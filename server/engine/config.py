@@ -48,6 +48,10 @@ class EngineConfig:
     """Allow loading PEFT LoRA adapters as modules while serving (POST /v1/load_lora_adapter, as vLLM's
     VLLM_ALLOW_RUNTIME_LORA_UPDATING): the pool then has max_loaded_modules slots of rank max_rank (default
     at least 16) even when the library is smaller or absent. Off by default: it reads server-side paths."""
+    tool_call_parser: str | None = None
+    """How the API reads tool calls out of free text for tool_choice auto, as vLLM's --tool-call-parser:
+    hermes (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the format of Qwen2.5, Qwen3 and Hermes
+    chat templates). None refuses auto with a 400; required and named tool choices need no parser."""
     seed: int = 0
     """Seed for requests that give none."""
     cuda_graphs: str = "auto"

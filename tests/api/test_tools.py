@@ -106,3 +106,66 @@ def test_what_cannot_be_served_is_a_400_naming_why(server, fields, message):
 def test_the_sdk_raises_bad_request_for_auto(client):
     with pytest.raises(openai.BadRequestError, match="tool_choice auto"):
         client.chat.completions.create(model="reverse", messages=MESSAGES, tools=[WEATHER], max_tokens=4)
+
+
+def test_hermes_blocks_parse_into_calls_and_anything_else_stays_text():
+    from server.api.tools import hermes_calls, streamable
+
+    names = {"get_time", "get_weather"}
+    content, calls = hermes_calls('On it.\n<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>'
+                                  '<tool_call>{"name": "get_weather", "arguments": {"city": "oslo"}}</tool_call>', names)
+    assert content == "On it." and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] \
+        == [("get_time", {"utc": True}), ("get_weather", {"city": "oslo"})]
+    for text in ("plain text", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',
+                 "<tool_call>{not json}</tool_call>", '<tool_call>{"name": "get_time"}</tool_call>'):
+        assert hermes_calls(text, names) == (text, None), text
+    assert streamable("hello <tool") == "hello " and streamable("a < b") == "a < b"
+    assert streamable("x <tool_call>{") == "x " and streamable("done") == "done"
+
+
+FORCED = 'Let me check.\n<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def hermes(tiny_llama, library_dir):
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from tests.api.conftest import MAX_MODEL_LEN, serve
+
+    engine = Engine(EngineConfig(model=tiny_llama, library=library_dir, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN,
+                                 tool_call_parser="hermes"))
+    with serve(engine) as served:
+        yield served
+
+
+def test_auto_with_the_hermes_parser_reads_the_calls_out_of_the_text(hermes):
+    import re
+
+    client = hermes.client()
+    pattern = re.sub(r"([.^$*+?{}\[\]\\|()])", r"\\\1", FORCED)  # metacharacters escaped, nothing else
+    force = {"structured_outputs": {"regex": pattern}}  # the tiny model says what a Qwen model would
+    reply = client.chat.completions.create(model="reverse", messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=180,
+                                           extra_body=force)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_time" and json.loads(call.function.arguments) == {"utc": True}
+    chunks = list(client.chat.completions.create(model="reverse", messages=MESSAGES, tools=[WEATHER, TIME],
+                                                 max_tokens=180, extra_body=force, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content.strip() == "Let me check." and "<tool" not in content
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == [("get_time", {"utc": True})]
+    plain = client.chat.completions.create(model="reverse", messages=MESSAGES, tools=[WEATHER], max_tokens=6,
+                                           temperature=0)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason in ("stop", "length")
+
+
+def test_an_unknown_parser_fails_at_start_up(tiny_llama, library_dir):
+    from server.api.app import create_app
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+
+    engine = Engine(EngineConfig(model=tiny_llama, num_kv_blocks=8, tool_call_parser="llama9"))
+    with pytest.raises(ValueError, match="tool_call_parser must be one of hermes"):
+        create_app(engine)
