@@ -21,7 +21,7 @@ def composition_header(call: Call) -> dict[str, str]:
 async def collect(runner: Runner, call: Call) -> dict:
     """The non-streaming body of a call."""
     n = len(call.prompts)
-    texts, logprobs, reasons = [""] * n, [[] for _ in range(n)], [None] * n
+    texts, logprobs, reasons, stop_reasons = [""] * n, [[] for _ in range(n)], [None] * n, [None] * n
     text_lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
     completion_tokens, cached_tokens, echoed, scored = [0] * n, [0] * n, set(), [None] * n
     async for index, output in runner.outputs(call):
@@ -38,17 +38,17 @@ async def collect(runner: Runner, call: Call) -> dict:
         texts[index] += (call.echo_texts[index] if echo else "") + output.text
         completion_tokens[index] = output.num_output_tokens
         cached_tokens[index] = output.num_cached_tokens
-        reasons[index] = output.finish_reason
+        reasons[index], stop_reasons[index] = output.finish_reason, output.stop_reason
     choices = []
     for i in range(n):
         wants = call.params[i].logprobs is not None
         if call.kind == "chat":
             message, reason = _reply(call, texts[i], reasons[i])
             choices.append({"index": i, "message": message, "logprobs": {"content": logprobs[i]} if wants else None,
-                            "finish_reason": reason})
+                            "finish_reason": reason, "stop_reason": stop_reasons[i]})
         else:
             choices.append({"index": i, "text": texts[i], "logprobs": text_lp[i] if wants else None,
-                            "finish_reason": reasons[i]})
+                            "finish_reason": reasons[i], "stop_reason": stop_reasons[i]})
             if call.prompt_logprobs:
                 choices[-1]["prompt_logprobs"] = runner.vllm_prompt_logprobs(scored[i] or ())
     body = call.envelope(stream=False)
@@ -122,6 +122,7 @@ def _chunk(call: Call, runner: Runner, index: int, output, text_offset: int, ech
                   else None, "finish_reason": output.finish_reason}
     chunk = call.envelope(stream=True) | {"choices": [choice]}
     if output.finished:
+        choice["stop_reason"] = output.stop_reason
         chunk["tessera"] = _tessera(call)
     return chunk
 

@@ -56,6 +56,8 @@ class Detokenizer:
     """Characters of the output text already released."""
     stream: bool = True
     """Stream the text where the tokenizer allows it (`streaming_backend`); False: re-decode every update."""
+    matched_stop: str | None = field(default=None, init=False)
+    """The stop string the text ended at, once one matched."""
     backend: object = field(default=None, init=False, repr=False)
     """The `tokenizers.Tokenizer` streamed with; None: re-decode every update."""
     _stream: object = field(default=None, init=False, repr=False)
@@ -78,10 +80,12 @@ class Detokenizer:
     def update(self, output_ids: list[int], finished: bool) -> tuple[str, bool]:
         """(new text to release, whether a stop string matched)."""
         text = self._decode(output_ids)
-        for stop in self.stop:
-            at = text.find(stop, max(self.emitted - len(stop) + 1, 0))
-            if at != -1:
-                return self._release(text, at), True
+        matches = [(at, i) for i, stop in enumerate(self.stop)
+                   if (at := text.find(stop, max(self.emitted - len(stop) + 1, 0))) != -1]
+        if matches:  # the earliest match ends the text, whichever stop string it is
+            at, index = min(matches)
+            self.matched_stop = self.stop[index]
+            return self._release(text, at), True
         return self._release(text, len(text) if finished else self._held_back_end(text)), False
 
     def _decode(self, output_ids: list[int]) -> str:

@@ -95,6 +95,8 @@ class RequestOutput:
     """Tokens generated so far in total."""
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache instead of being computed."""
+    stop_reason: str | int | None = None
+    """With finish_reason `stop`: the stop string matched, or the stop token id drawn (None for EOS), as vLLM."""
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     """Per prompt token (None for the first, which nothing predicts), in the first increment of a request
     that asked for them (`SamplingParams.prompt_logprobs`); None otherwise."""

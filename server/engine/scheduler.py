@@ -73,6 +73,8 @@ class RequestState:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     """Logprobs of its prompt tokens from position 1 on, as far as steps have scored them."""
     prompt_logprobs_sent: bool = False
+    stop_token: int | None = None
+    """The stop token id (not EOS) that ended it."""
     matcher: object | None = None
     """Its structured-output matcher (`structured.new_matcher`), fed every token it samples; None when free."""
 
@@ -374,7 +376,10 @@ class Scheduler:
 
     def _finish_reason(self, state: RequestState, token_id: int) -> str | None:
         sampling = state.request.sampling
-        if token_id in sampling.stop_token_ids or (token_id in self.eos_ids and not sampling.ignore_eos):
+        if token_id in sampling.stop_token_ids:
+            state.stop_token = token_id
+            return "stop"
+        if token_id in self.eos_ids and not sampling.ignore_eos:
             return "stop"
         num_known = len(state.token_ids) - state.num_placeholders
         if state.num_output_ids >= sampling.max_tokens or num_known >= self.config.max_model_len:

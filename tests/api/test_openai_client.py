@@ -262,3 +262,15 @@ def test_vllm_prompt_logprobs_give_each_prompt_tokens_logprob_and_rank(server, c
                                           extra_body={"prompt_logprobs": 0})
     assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"]) == \
         chat.usage.prompt_tokens
+
+
+def test_stop_reason_names_the_stop_string_that_ended_the_text(server, client):
+    kwargs = dict(model="reverse", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs).choices[0]
+    assert full.finish_reason == "length" and full.model_extra["stop_reason"] is None
+    stop = full.text[3:5]
+    cut = client.completions.create(**kwargs, stop=["never-there", stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.model_extra["stop_reason"] == stop
+    assert cut.text == full.text[: full.text.index(stop)]
+    streamed = list(client.completions.create(**kwargs, stop=[stop], stream=True))
+    assert [c.choices[0].model_extra.get("stop_reason") for c in streamed if c.choices][-1] == stop

@@ -125,3 +125,11 @@ def test_only_plain_fast_tokenizers_stream(tokenizers):
         assert streaming_backend(tokenizers["char"]) is None
     finally:
         tokenizers["char"].clean_up_tokenization_spaces = False
+
+
+def test_the_earliest_stop_string_ends_the_text_whichever_is_listed_first(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = tokenizer.encode("the cat sat on the mat", add_special_tokens=False)
+    detokenizer = Detokenizer(tokenizer, ("mat", "sat"), stream=False)
+    text, stopped = detokenizer.update(ids, finished=False)  # both stops arrive in one update
+    assert stopped and text == "the cat " and detokenizer.matched_stop == "sat"
