@@ -63,6 +63,13 @@ class EngineConfig:
     """Plan and launch step N+1 before step N's tokens are read back, so the CPU work between steps overlaps
     the device's: auto (on CUDA; off on the CPU), on or off. Outputs are the same either way."""
 
+    def served_name(self) -> str:
+        """The backbone's model name in the API: a local directory's name, or the Hub id as given."""
+        from pathlib import Path
+
+        local = Path(self.model).expanduser()
+        return local.name if local.is_dir() else self.model
+
     def graph_mode(self, device: str) -> str:
         """`capture`, `padded` or `off`: how decode steps run on `device`."""
         if self.cuda_graphs not in ("auto", "off", "padded"):

@@ -29,7 +29,6 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 from server.engine.config import EngineConfig
 from server.engine.detokenize import Detokenizer
@@ -63,8 +62,7 @@ class Engine:
         self.max_model_len = parts.max_model_len
         self.async_scheduling = config.async_scheduling_on(str(self.model.device))
         self._pending: tuple[StepPlan, PendingStep] | None = None
-        local = Path(config.model).expanduser()
-        self.model_name = local.name if local.is_dir() else config.model  # a Hub id is served by its id
+        self.model_name = config.served_name()  # a Hub id is served by its id
         self._rng = random.Random(config.seed)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()

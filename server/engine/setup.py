@@ -50,6 +50,8 @@ def _load_library(config: EngineConfig, model_dir: str):
             raise ValueError(f"--lora-modules {spec!r}: give NAME=PATH (a PEFT LoRA directory)")
         if library is not None and name in library.tasks:  # a module of that name: with_module refuses it
             raise ValueError(f"--lora-modules {spec!r}: {name!r} already names a task of the library")
+        if name in (config.served_name(), "auto"):  # requests could not address the module by it
+            raise ValueError(f"--lora-modules {spec!r}: {name!r} already names the backbone or text routing (auto)")
         try:
             info, weights = import_peft(path, expect, check_name("module", name), f"PEFT adapter {path}")
             library = with_standalone_module(library, expect, info, weights)

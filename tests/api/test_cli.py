@@ -51,7 +51,10 @@ def test_serve_rejects_an_invalid_library(tiny_llama, tmp_path):
 
 
 def test_serve_rejects_bad_lora_modules(tiny_llama, tmp_path):
-    for spec, message in (("sql", "give NAME=PATH"), (f"sql={tmp_path / 'nope'}", "not a directory")):
+    backbone = Path(tiny_llama).name
+    for spec, message in (("sql", "give NAME=PATH"), (f"sql={tmp_path / 'nope'}", "not a directory"),
+                          (f"auto={tmp_path}", "names the backbone or text routing"),
+                          (f"{backbone}={tmp_path}", "names the backbone or text routing")):
         result = run_cli("serve", "--model", tiny_llama, "--lora-modules", spec)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"tessera: error: --lora-modules {spec!r}") and message in result.stderr
