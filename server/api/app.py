@@ -98,7 +98,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        translate.check_token_ids(body.tokens, engine.tokenizer, "tokens")
+        translate.check_token_ids(body.tokens, len(engine.tokenizer), "tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/load_lora_adapter")

@@ -113,10 +113,9 @@ def chat_prompt(body, tokenizer, add_generation_prompt: bool = True) -> list[int
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def check_token_ids(ids: list[int], tokenizer, param: str) -> None:
-    vocab = len(tokenizer)
-    if any(not 0 <= t < vocab for t in ids):
-        raise APIError(400, f"token ids must be in [0, {vocab})", param)
+def check_token_ids(ids, vocab_size: int, param: str) -> None:
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise APIError(400, f"{param} token ids must be in [0, {vocab_size})", param)
 
 
 def completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
@@ -131,7 +130,7 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
         prompts = [list(p) for p in prompt]
     if not prompts or any(not p for p in prompts):
         raise APIError(400, "prompt must not be empty", "prompt")
-    check_token_ids([t for p in prompts for t in p], tokenizer, "prompt")
+    check_token_ids([t for p in prompts for t in p], len(tokenizer), "prompt")
     return prompts
 
 
@@ -178,9 +177,7 @@ def sampling_params(body, prompt_len: int, max_model_len: int, index: int, defau
 
 def _logit_bias(body, vocab_size: int) -> tuple[tuple[int, float], ...]:
     biases = tuple(sorted((int(token), float(bias)) for token, bias in (body.logit_bias or {}).items() if bias))
-    outside = [token for token, _ in biases if token >= vocab_size]
-    if outside:
-        raise APIError(400, f"logit_bias token ids must be in [0, {vocab_size}), got {outside[0]}", "logit_bias")
+    check_token_ids([token for token, _ in biases], vocab_size, "logit_bias")
     return biases
 
 

@@ -358,7 +358,7 @@ class Engine:
             num_prompt_tokens=state.num_prompt_tokens,
             num_output_tokens=len(output_ids),
             num_cached_tokens=state.num_cached_tokens or 0,
-            stop_reason=self._detok[request_id].matched_stop or state.stop_token if finished else None,
+            stop_reason=(self._detok[request_id].matched_stop or state.stop_token) if finished else None,
             prompt_logprobs=prompt_logprobs,
         )
         sink = self._sinks.pop(request_id) if finished else self._sinks[request_id]

@@ -81,7 +81,8 @@ def process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
     """A copy of `logits` [S, vocab] (fp32) with each of `rows` adjusted by its `params`; `count_rows[i]` is
     the request's `TokenCounts` row (None when it needs none), `num_outputs[i]` the tokens it generated."""
     device = logits.device
-    sub = logits[to_device(torch.tensor(rows, dtype=torch.int64), device)]  # [R, vocab], a copy
+    rows_t = to_device(torch.tensor(rows, dtype=torch.int64), device)  # [R]
+    sub = logits[rows_t]  # [R, vocab], a copy
     counted = [i for i, row in enumerate(count_rows) if row is not None]
     if counted:
         index = to_device(torch.tensor(counted, dtype=torch.int64), device)  # [C]
@@ -106,7 +107,7 @@ def process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
         where = to_device(torch.tensor(early, dtype=torch.int64), device)  # [E, 2]
         sub[where[:, 0], where[:, 1]] = float("-inf")
     out = logits.clone()
-    out[to_device(torch.tensor(rows, dtype=torch.int64), device)] = sub
+    out[rows_t] = sub
     return out
 
 

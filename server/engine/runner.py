@@ -15,6 +15,7 @@ ids with an index copy into the static `input_ids` buffer, before the forward or
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -120,6 +121,8 @@ class ModelRunner:
         self.eos_ids = set(eos_ids)
         self.counts: TokenCounts | None = None
         """Token counts of the requests with penalties, on the device; made when the first one comes."""
+        self._extras: Counter[str] = Counter()
+        """Held requests per extra a step may owe them (`_extras_of`), so steps without any skip the checks."""
         device = model.device
         modules = (
             ModuleBatchMeta.allocate(config.max_num_batched_tokens, config.max_k, model.max_slots, device)
@@ -173,6 +176,8 @@ class ModelRunner:
     def _score_prompts(self, plan: StepPlan, order: list[str], hidden: torch.Tensor):
         """For the requests that ask for prompt logprobs: the logprob of every prompt token this step's
         rows predict (the row of position p predicts the token at p + 1), as (device logprobs, targets)."""
+        if not self._extras["scored"]:
+            return None
         spans, rows, targets, offset = [], [], [], 0
         for request_id in order:
             held, count = self.held[request_id], plan.num_scheduled_tokens[request_id]
@@ -219,13 +224,24 @@ class ModelRunner:
                 self.counts = TokenCounts(self.model.hf_config.vocab_size, self.model.device)
             prompt = data.num_prompt_tokens
             self.counts.hold(data.request_id, data.token_ids[:prompt], data.token_ids[prompt:])
+        self._extras.update(self._extras_of(data))
         return _Held(data, list(data.token_ids), list(data.block_ids), data.num_computed_tokens, row,
                      processed=needs_processing(data.sampling))
+
+    @staticmethod
+    def _extras_of(data: NewRequestData) -> list[str]:
+        """What a request needs beyond the plain draw: processed logits, device token counts, a grammar mask,
+        prompt scoring."""
+        sampling = data.sampling
+        wanted = {"processed": needs_processing(sampling), "counted": needs_counts(sampling),
+                  "structured": data.matcher is not None, "scored": sampling.prompt_logprobs is not None}
+        return [name for name, needed in wanted.items() if needed]
 
     def _forget(self, request_id: str) -> None:
         held = self.held.pop(request_id, None)
         if held is not None:
             self.host_rows.release(held.row)
+            self._extras.subtract(self._extras_of(held.data))
             if self.counts is not None:
                 self.counts.forget(request_id)
 
@@ -288,12 +304,12 @@ class ModelRunner:
         held = [self.held[r] for r in request_ids]
         params = [h.data.sampling for h in held]
         seeds = [self._seed_for_next_token(h) for h in held]
-        scores = self._processed(logits, held, params)
-        matchers = [h.data.matcher for h in held]
-        if any(m is not None for m in matchers):
-            scores = self._constrained(scores, held, matchers)
+        scores = self._processed(logits, held, params) if self._extras["processed"] else logits
+        if self._extras["structured"]:
+            scores = self._constrained(scores, held, [h.data.matcher for h in held])
         sampled = sample_on_device(scores, params, seeds)  # [num_sampling]
-        self._count(held, params, sampled)
+        if self._extras["counted"]:
+            self._count(held, params, sampled)
         positions = [len(h.token_ids) for h in held]
         step = PendingStep(request_ids, held, positions, params, sampled, gather_logprobs(logits, sampled, params))
         for row, h in enumerate(held):
@@ -323,6 +339,8 @@ class ModelRunner:
         """`logits` with each structured row's forbidden tokens at -inf; its matcher must have seen every token."""
         from server.engine.structured import constrain
 
+        if all(m is None for m in matchers):
+            return logits
         late = [h.request_id for h, m in zip(held, matchers) if m is not None and h.pending]
         if late:
             raise RuntimeError(f"structured requests {late} sample before their last token was read back")
