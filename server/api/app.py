@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -38,7 +39,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     down. Metrics live in a registry of
     the app's own (`app.state.metrics.registry`), fed by the engine's step observer.
     """
-    tools.check_parser(engine.config.tool_call_parser)
+    tools.parser_named(engine.config.tool_call_parser)  # an unknown parser fails at start-up
     metrics = Metrics()
     engine.step_observer = metrics.observe_step
     metrics.observe_step(engine.stats())
@@ -76,12 +77,14 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         mode = tools.tool_mode(body, engine.config.tool_call_parser)
-        prompt = translate.chat_prompt(body, engine.tokenizer)
-        return await _serve(runner, "chat", body, [prompt] * body.n, request, tool_mode=mode)
+        prompt = translate.truncated(translate.chat_prompt(body, engine.tokenizer), body, engine.max_model_len)
+        echo = translate.chat_echo(body, mode)
+        return await _serve(runner, "chat", body, [prompt] * body.n, request,
+                            None if echo is None else [echo] * body.n, mode)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompts = translate.completion_prompts(body, engine.tokenizer)
+        prompts = translate.completion_prompts(body, engine.tokenizer, engine.max_model_len)
         echo = translate.echo_texts(body, prompts, engine.tokenizer)
         echo = [text for text in echo for _ in range(body.n)] if echo is not None else None
         return await _serve(runner, "text", body, [p for p in prompts for _ in range(body.n)], request, echo)
@@ -90,7 +93,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     async def tokenize(body: TokenizeRequest):
         tokenizer = engine.tokenizer
         if body.messages is not None:
-            ids = translate.chat_prompt(body, tokenizer, body.add_generation_prompt)
+            ids = translate.chat_prompt(body, tokenizer)
         else:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
@@ -152,10 +155,13 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
         for i, p in enumerate(prompts)
     ]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    parser = tools.parser_named(engine.config.tool_call_parser) if tool_mode == "auto" else None
+    if parser is not None and parser.keeps_special_tokens:  # its markers are special tokens
+        params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
     grammar = await _grammar(engine, body, tool_mode)
     call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts,
                 tool_mode, body.prompt_logprobs is not None,
-                frozenset(t.function.name for t in getattr(body, "tools", None) or ()))
+                frozenset(t.function.name for t in getattr(body, "tools", None) or ()), parser)
     headers = composition_header(call)
     if body.stream:
         return StreamingResponse(stream(runner, call), media_type="text/event-stream", headers=headers)

@@ -1,10 +1,12 @@
 """Request bodies of the OpenAI-compatible endpoints, with Tessera's extensions `task` and `modules`.
 
-Unknown fields are ignored, as OpenAI-compatible servers do; fields Tessera cannot honour (tools,
-suffix) are rejected with a 400 naming them rather than silently dropped. Every check is a field validator,
-so the error's location names the parameter. Beside OpenAI's fields, vLLM's `repetition_penalty`,
-`min_tokens`, `ignore_eos` and `structured_outputs` (json, regex, choice, grammar, json_object; the
-alternative to OpenAI's `response_format`) are accepted.
+Unknown fields are ignored, as OpenAI-compatible servers do; fields Tessera cannot honour (suffix) are
+rejected with a 400 naming them rather than silently dropped. Every check is a field validator, so the
+error's location names the parameter. Beside OpenAI's fields, vLLM's sampling extensions (`min_p`,
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`,
+`skip_special_tokens`, `truncate_prompt_tokens`, `prompt_logprobs`), its `structured_outputs` (json,
+regex, choice, grammar, json_object; the alternative to OpenAI's `response_format`) and its chat-template
+controls (`add_generation_prompt`, `continue_final_message`, `chat_template_kwargs`, `echo`) are accepted.
 """
 
 from __future__ import annotations
@@ -131,9 +133,19 @@ class _Common(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=-1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    """vLLM's: drop tokens less likely than min_p times the most likely one (after temperature); 0 is off."""
     n: int = Field(default=1, ge=1, le=16)
     seed: int | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    """vLLM's: token ids that end the output (kept in token ids, not in text), besides EOS."""
+    include_stop_str_in_output: bool = False
+    """vLLM's: the text ends after the matched stop string instead of before it."""
+    skip_special_tokens: bool = True
+    """vLLM's: leave special tokens (e.g. `<|im_end|>`) out of the output text."""
+    truncate_prompt_tokens: int | None = None
+    """vLLM's: keep only the prompt's last this many tokens (-1: as many as the context holds)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -168,6 +180,13 @@ class _Common(BaseModel):
             raise ValueError("at most 8 non-empty stop strings")
         return stops
 
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation(cls, value):
+        if value is not None and value != -1 and value < 1:
+            raise ValueError("must be -1 (the context length) or >= 1")
+        return value
+
     @field_validator("logit_bias")
     @classmethod
     def _token_biases(cls, value):
@@ -195,7 +214,40 @@ class _Common(BaseModel):
         return value
 
 
-class ChatCompletionRequest(_Common):
+class ChatTemplateControls(BaseModel):
+    """vLLM's controls of how `messages` render under the chat template (chat completions and /tokenize)."""
+
+    add_generation_prompt: bool = True
+    """End the prompt with the template's opening of an assistant turn."""
+    continue_final_message: bool = False
+    """The last message is an assistant turn left open, which the output continues."""
+    chat_template_kwargs: dict | None = None
+    """Extra variables for the chat template (e.g. Qwen3's `enable_thinking`)."""
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _one_way_to_end(cls, value, info: ValidationInfo):
+        if value and info.data.get("add_generation_prompt", True):
+            raise ValueError("continues the last message: set add_generation_prompt to false with it")
+        return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _free_names(cls, value):
+        taken = sorted(set(value or ()) & TEMPLATE_ARGUMENTS)
+        if taken:
+            raise ValueError(f"{taken} are set by the server or by their own request fields")
+        return value
+
+
+TEMPLATE_ARGUMENTS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+                                "add_generation_prompt", "continue_final_message", "return_dict", "return_tensors",
+                                "padding", "truncation", "max_length", "tokenizer_kwargs",
+                                "return_assistant_tokens_mask"})
+"""Names `chat_template_kwargs` may not use: arguments of `apply_chat_template` itself."""
+
+
+class ChatCompletionRequest(ChatTemplateControls, _Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -204,6 +256,8 @@ class ChatCompletionRequest(_Common):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     """With tool_choice required: allow several calls in one turn (else exactly one)."""
+    echo: bool = False
+    """vLLM's: the reply starts with the last message's text when that message is an assistant turn."""
 
     @field_validator("top_logprobs")
     @classmethod
@@ -251,7 +305,7 @@ class CompletionRequest(_Common):
         return self.logprobs
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatTemplateControls):
     """POST /tokenize, vLLM's body: a prompt, or chat messages rendered with the chat template, tokenized
     exactly as /v1/completions and /v1/chat/completions tokenize them. `model` is accepted and not used:
     every served model shares the backbone's tokenizer."""
@@ -259,8 +313,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    add_generation_prompt: bool = True
-    """Messages only: end with the assistant turn's opening, as a chat completion does."""
+    """Rendered with the chat template's controls (`ChatTemplateControls`), as a chat completion renders them."""
     add_special_tokens: bool = True
     """Prompt only: the tokenizer's special tokens (e.g. BOS), as a completion does."""
     return_token_strs: bool = False

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
 from server.api.serving import Call, Runner, sse, usage
-from server.api.tools import hermes_calls, new_call_id, streamable, tool_calls
+from server.api.tools import auto_calls, new_call_id, tool_calls
 
 
 def _tessera(call: Call) -> dict:
@@ -62,7 +62,7 @@ async def collect(runner: Runner, call: Call) -> dict:
 def _reply(call: Call, text: str, reason: str | None) -> tuple[dict, str | None]:
     """A chat choice's message and finish reason: its text, or the tool calls it made (`api.tools`)."""
     if call.tool_mode == "auto":
-        content, calls = hermes_calls(text, call.tool_names)
+        content, calls = auto_calls(call.tool_parser, text, call.tool_names)
         if calls is None:
             return {"role": "assistant", "content": text}, reason
         return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
@@ -112,7 +112,8 @@ def _echoes(call: Call, index: int, echoed: set[int]) -> bool:
 
 def _chunk(call: Call, runner: Runner, index: int, output, text_offset: int, echo: bool = False) -> dict:
     if call.kind == "chat":
-        choice = {"index": index, "delta": {"content": output.text} if output.text else {},
+        text = (call.echo_texts[index] if echo else "") + output.text
+        choice = {"index": index, "delta": {"content": text} if text else {},
                   "logprobs": {"content": runner.chat_logprobs(output)} if output.logprobs is not None else None,
                   "finish_reason": output.finish_reason}
     else:
@@ -148,7 +149,7 @@ async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
                 continue
             if call.tool_mode == "auto":  # text streams until a call block may begin; calls come at the end
                 calls_text[index] += output.text
-                ready = streamable(calls_text[index])
+                ready = call.tool_parser.streamable(calls_text[index])
                 if len(ready) > sent[index] and not output.finished:
                     delta = {"index": index, "delta": {"content": ready[sent[index]:]}, "logprobs": None,
                              "finish_reason": None}

@@ -37,13 +37,16 @@ class Call:
     grammar: object | None = None
     """The compiled structured-output constraint every choice follows (`Engine.compile_grammar`), or None."""
     echo_texts: list[str] | None = None
-    """Completions with `echo`: per choice, the prompt text its output starts with."""
+    """With `echo`: per choice, the text its output starts with (a completion's prompt, a chat's open
+    assistant turn)."""
     tool_mode: str | None = None
     """Chat with tools: `required`, the function named by tool_choice, or `auto` (`api.tools`); None for text."""
     prompt_logprobs: bool = False
     """vLLM's `prompt_logprobs` was asked: the response carries them in vLLM's form."""
     tool_names: frozenset[str] = frozenset()
     """The request's tools (an `auto` reply may call only these)."""
+    tool_parser: object | None = None
+    """With tool_mode `auto`: the `tool_parsers.ToolParser` that reads the calls out of the reply."""
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -11,31 +11,30 @@ the calls come out exactly, as a structured output.
 - `none`: free text (the tools are still in the prompt, as OpenAI and vLLM render them).
 
 `auto` (OpenAI's default when tools are given) lets the model choose between text and a call, in its own
-format. It needs the parser of that format, named at start-up (`--tool-call-parser`, as vLLM's): `hermes`
-reads `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen2.5, Qwen3, Hermes). Without
-one, auto is a 400 rather than a guess; vLLM without `--enable-auto-tool-choice` refuses it too. The text
-before the first block is the message's content; a block that does not parse, or names no tool, stays text.
+format. It needs the parser of that format, named at start-up (`--tool-call-parser`, as vLLM's; see
+`server.api.tool_parsers`: hermes, llama3_json, mistral). Without one, auto is a 400 rather than a guess;
+vLLM without `--enable-auto-tool-choice` refuses it too. The text before the calls is the message's content;
+a reply whose calls do not parse, or name no tool of the request, stays text.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, NamedToolChoice
+from server.api.tool_parsers import PARSERS, ToolParser
 from server.engine.structured import GrammarSpec
 
 ANY_OBJECT = {"type": "object"}
-PARSERS = ("hermes",)
-HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
-def check_parser(parser: str | None) -> None:
-    if parser is not None and parser not in PARSERS:
-        raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {parser!r}")
+def parser_named(name: str | None) -> ToolParser | None:
+    """The parser `--tool-call-parser` names (None for none); a ValueError naming the choices otherwise."""
+    if name is not None and name not in PARSERS:
+        raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {name!r}")
+    return PARSERS.get(name) if name is not None else None
 
 
 def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> str | None:
@@ -50,9 +49,9 @@ def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> str | N
         if parser is not None:
             return "auto"
         raise APIError(400, "tool_choice auto (the default when tools are given) needs a parser of the model's own "
-                            "call format (start the server with --tool-call-parser hermes for Qwen and Hermes "
-                            "models), which Tessera does not guess; or use tool_choice required or a named "
-                            "function, whose calls are generated under the tools' schemas", "tool_choice")
+                            "call format, which Tessera does not guess: start the server with --tool-call-parser "
+                            "hermes (Qwen, Hermes), llama3_json (Llama 3) or mistral; or use tool_choice required or a "
+                            "named function, whose calls are generated under the tools' schemas", "tool_choice")
     if choice == "none":
         return None
     if isinstance(choice, NamedToolChoice):
@@ -106,33 +105,16 @@ def _arguments(text: str):
         raise APIError(400, f"tool call arguments are not JSON: {text[:80]!r}", "messages") from None
 
 
-def hermes_calls(text: str, names: set[str]) -> tuple[str | None, list[dict] | None]:
-    """(content, calls) of a reply in the hermes format; calls None when it makes none."""
-    calls = []
-    for block in _HERMES_BLOCK.findall(text):
-        try:
-            item = json.loads(block)
-        except ValueError:
-            return text, None
-        if not isinstance(item, dict) or item.get("name") not in names or not isinstance(item.get("arguments"), dict):
-            return text, None
-        calls.append(_call(item["name"], json.dumps(item["arguments"])))
-    if not calls:
+def auto_calls(parser: ToolParser, text: str, names: frozenset[str]) -> tuple[str | None, list[dict] | None]:
+    """(content, calls) of an `auto` reply read by `parser`; (text, None) when it makes no call, or when a call
+    does not name one of the request's tools with an object of arguments."""
+    parsed = parser.parse(text)
+    if parsed is None:
         return text, None
-    content = text[: text.index(HERMES_OPEN)].strip()
-    return content or None, calls
-
-
-def streamable(text: str) -> str:
-    """The part of an `auto` reply that can be streamed as content so far: up to its first call block, and
-    never a tail that could be the start of one."""
-    start = text.find(HERMES_OPEN)
-    if start >= 0:
-        return text[:start]
-    for size in range(len(HERMES_OPEN) - 1, 0, -1):
-        if text.endswith(HERMES_OPEN[:size]):
-            return text[:-size]
-    return text
+    content, found = parsed
+    if any(name not in names or not isinstance(arguments, dict) for name, arguments in found):
+        return text, None
+    return content, [_call(name, json.dumps(arguments)) for name, arguments in found]
 
 
 def tool_calls(mode: str, text: str, finished: bool) -> list[dict] | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 from router.compose import compose
 from router.composition import Composition
 from router.controller import TASK_JOIN
@@ -102,15 +104,34 @@ def routing_text(body, tokenizer) -> str:
     return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=True)
 
 
-def chat_prompt(body, tokenizer, add_generation_prompt: bool = True) -> list[int]:
-    """The token ids of a body's `messages` under the tokenizer's chat template."""
-    if add_generation_prompt and body.messages[-1].role == "assistant":
-        raise APIError(400, "the last message must not be from the assistant", "messages")
+def chat_prompt(body, tokenizer) -> list[int]:
+    """The token ids of a body's `messages` under the tokenizer's chat template, rendered as its
+    `ChatTemplateControls` ask; a template that refuses the conversation is a 400 with its message."""
+    last = body.messages[-1].role
+    if body.continue_final_message and last != "assistant":
+        raise APIError(400, f"continue_final_message continues an assistant turn; the last message is {last!r}",
+                       "messages")
+    if body.add_generation_prompt and last == "assistant":
+        raise APIError(400, "the last message must not be from the assistant (to continue it, set "
+                            "continue_final_message and add_generation_prompt false)", "messages")
     if tokenizer.chat_template is None:
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
-    text = tokenizer.apply_chat_template(template_messages(body), tools=template_tools(body), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(
+            template_messages(body), tools=template_tools(body), tokenize=False,
+            add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+            **(body.chat_template_kwargs or {}))
+    except (TemplateError, ValueError, TypeError) as error:  # e.g. the template's raise_exception on roles
+        raise APIError(400, f"the chat template refused the messages: {error}", "messages") from None
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def truncated(prompt: list[int], body, max_model_len: int) -> list[int]:
+    """The prompt's last `truncate_prompt_tokens` tokens (-1: the context length), or the whole prompt."""
+    keep = body.truncate_prompt_tokens
+    if keep is None:
+        return prompt
+    return prompt[-(max_model_len if keep == -1 else keep):]
 
 
 def check_token_ids(ids, vocab_size: int, param: str) -> None:
@@ -118,7 +139,7 @@ def check_token_ids(ids, vocab_size: int, param: str) -> None:
         raise APIError(400, f"{param} token ids must be in [0, {vocab_size})", param)
 
 
-def completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
+def completion_prompts(body: CompletionRequest, tokenizer, max_model_len: int) -> list[list[int]]:
     prompt = body.prompt
     if isinstance(prompt, str):
         prompts = [tokenizer.encode(prompt)]
@@ -131,17 +152,27 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
     if not prompts or any(not p for p in prompts):
         raise APIError(400, "prompt must not be empty", "prompt")
     check_token_ids([t for p in prompts for t in p], len(tokenizer), "prompt")
-    return prompts
+    return [truncated(p, body, max_model_len) for p in prompts]
 
 
 def echo_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer) -> list[str] | None:
-    """With `echo`: each prompt's text as the client sent it (token-id prompts decoded), else None."""
+    """With `echo`: each prompt's text as the client sent it (token-id or truncated prompts decoded), else None."""
     if not body.echo:
         return None
     given = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if all(isinstance(p, str) for p in given):
+    if all(isinstance(p, str) for p in given) and body.truncate_prompt_tokens is None:
         return list(given)
     return [tokenizer.decode(p) for p in prompts]
+
+
+def chat_echo(body: ChatCompletionRequest, tool_mode: str | None) -> str | None:
+    """With `echo`: the last message's text when it is an assistant turn (the reply continues it), else None."""
+    if not body.echo:
+        return None
+    if tool_mode is not None:
+        raise APIError(400, "echo is not supported with tool calls", "echo")
+    last = body.messages[-1]
+    return last.text() if last.role == "assistant" else None
 
 
 def sampling_params(body, prompt_len: int, max_model_len: int, index: int, default_max: int | None,
@@ -161,8 +192,12 @@ def sampling_params(body, prompt_len: int, max_model_len: int, index: int, defau
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
+        min_p=body.min_p,
         seed=None if body.seed is None else body.seed + index,
         stop=tuple(body.stop or ()),
+        stop_token_ids=_stop_token_ids(body, vocab_size),
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
         ignore_eos=body.ignore_eos,
         logprobs=body.num_logprobs,
         presence_penalty=body.presence_penalty,
@@ -179,6 +214,12 @@ def _logit_bias(body, vocab_size: int) -> tuple[tuple[int, float], ...]:
     biases = tuple(sorted((int(token), float(bias)) for token, bias in (body.logit_bias or {}).items() if bias))
     check_token_ids([token for token, _ in biases], vocab_size, "logit_bias")
     return biases
+
+
+def _stop_token_ids(body, vocab_size: int) -> tuple[int, ...]:
+    ids = tuple(dict.fromkeys(body.stop_token_ids or ()))
+    check_token_ids(ids, vocab_size, "stop_token_ids")
+    return ids
 
 
 def _min_tokens(body, max_tokens: int, param: str) -> int:

@@ -50,8 +50,9 @@ class EngineConfig:
     at least 16) even when the library is smaller or absent. Off by default: it reads server-side paths."""
     tool_call_parser: str | None = None
     """How the API reads tool calls out of free text for tool_choice auto, as vLLM's --tool-call-parser:
-    hermes (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the format of Qwen2.5, Qwen3 and Hermes
-    chat templates). None refuses auto with a 400; required and named tool choices need no parser."""
+    hermes (`<tool_call>{...}</tool_call>`: Qwen2.5, Qwen3, Hermes), llama3_json (`{"name": ..., "parameters":
+    {...}}`: Llama 3.x) or mistral (`[TOOL_CALLS]...`); see `server.api.tool_parsers`. None refuses auto with a
+    400; required and named tool choices need no parser."""
     seed: int = 0
     """Seed for requests that give none."""
     cuda_graphs: str = "auto"

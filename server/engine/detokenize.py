@@ -56,6 +56,10 @@ class Detokenizer:
     """Characters of the output text already released."""
     stream: bool = True
     """Stream the text where the tokenizer allows it (`streaming_backend`); False: re-decode every update."""
+    include_stop: bool = False
+    """A matched stop string stays in the text (which ends after it) instead of being cut."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the text."""
     matched_stop: str | None = field(default=None, init=False)
     """The stop string the text ended at, once one matched."""
     backend: object = field(default=None, init=False, repr=False)
@@ -75,7 +79,7 @@ class Detokenizer:
         if self.backend is not None:
             from tokenizers.decoders import DecodeStream
 
-            self._stream = DecodeStream(skip_special_tokens=True)
+            self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
 
     def update(self, output_ids: list[int], finished: bool) -> tuple[str, bool]:
         """(new text to release, whether a stop string matched)."""
@@ -85,7 +89,7 @@ class Detokenizer:
         if matches:  # the earliest match ends the text, whichever stop string it is
             at, index = min(matches)
             self.matched_stop = self.stop[index]
-            return self._release(text, at), True
+            return self._release(text, at + len(self.matched_stop) if self.include_stop else at), True
         return self._release(text, len(text) if finished else self._held_back_end(text)), False
 
     def _decode(self, output_ids: list[int]) -> str:
@@ -96,7 +100,7 @@ class Detokenizer:
             except Exception as error:  # noqa: BLE001 - the stream gave up on this output: re-decode from now on
                 logger.debug("streamed detokenization stopped (%s); decoding whole outputs", error)
         self._stream = None
-        return self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        return self.tokenizer.decode(output_ids, skip_special_tokens=self.skip_special_tokens)
 
     def _streamed(self, output_ids: list[int]) -> str:
         for token_id in output_ids[self._fed :]:
@@ -109,22 +113,24 @@ class Detokenizer:
             return self._text
         pending = self._pending_text(output_ids)
         if pending is None:
-            return self.tokenizer.decode(output_ids, skip_special_tokens=True)
+            return self.tokenizer.decode(output_ids, skip_special_tokens=self.skip_special_tokens)
         return self._text + pending
 
     def _pending_text(self, output_ids: list[int]) -> str | None:
         """Text of the tokens after the release point, decoded over the stream's window; None if inconsistent."""
         window = output_ids[self._window :]
-        known = self.backend.decode(window[: self._released - self._window], skip_special_tokens=True)
-        grown = self.backend.decode(window, skip_special_tokens=True)
+        skip = self.skip_special_tokens
+        known = self.backend.decode(window[: self._released - self._window], skip_special_tokens=skip)
+        grown = self.backend.decode(window, skip_special_tokens=skip)
         return grown[len(known) :] if grown.startswith(known) else None
 
     def _held_back_end(self, text: str) -> int:
-        """Where the releasable text ends: before a trailing cut UTF-8 sequence and any stop string's prefix."""
+        """Where the releasable text ends: before a trailing cut UTF-8 sequence and any stop string's prefix
+        (unless a matched stop stays in the text: then what precedes it and its prefix are released alike)."""
         end = len(text)
         while end and text[end - 1] == _REPLACEMENT:
             end -= 1
-        for stop in self.stop:
+        for stop in () if self.include_stop else self.stop:
             for n in range(min(len(stop) - 1, end), 0, -1):
                 if text.endswith(stop[:n], 0, end):
                     end -= n

@@ -297,7 +297,10 @@ class Engine:
             return
         seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(63)
         self._sinks[request.request_id] = sink
-        self._detok[request.request_id] = Detokenizer(self.tokenizer, request.sampling.stop)
+        sampling = request.sampling
+        self._detok[request.request_id] = Detokenizer(self.tokenizer, sampling.stop,
+                                                      include_stop=sampling.include_stop_str_in_output,
+                                                      skip_special_tokens=sampling.skip_special_tokens)
         self.scheduler.add(request, seed)
 
     def step(self) -> None:
@@ -338,7 +341,9 @@ class Engine:
         request_id = state.request_id
         finished = state.finish_reason is not None
         output_ids = state.output_ids  # a copy: read once (finishing drops placeholders only, never outputs)
-        text, stopped = self._detok[request_id].update(output_ids, finished)
+        detok = self._detok[request_id]
+        cut = state.stopped_by_token and not detok.include_stop  # the ending token's text is left out, as vLLM
+        text, stopped = detok.update(output_ids[:-1] if cut else output_ids, finished)
         if stopped and not finished:
             self.scheduler.finish(request_id, "stop")
             finished = True
@@ -358,7 +363,7 @@ class Engine:
             num_prompt_tokens=state.num_prompt_tokens,
             num_output_tokens=len(output_ids),
             num_cached_tokens=state.num_cached_tokens or 0,
-            stop_reason=(self._detok[request_id].matched_stop or state.stop_token) if finished else None,
+            stop_reason=(detok.matched_stop or state.stop_token) if finished else None,
             prompt_logprobs=prompt_logprobs,
         )
         sink = self._sinks.pop(request_id) if finished else self._sinks[request_id]

@@ -24,10 +24,17 @@ class SamplingParams:
     """Nucleus sampling mass in (0, 1]."""
     top_k: int = -1
     """Keep the k most likely tokens; -1 keeps all."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one, after temperature and before top-k and
+    top-p (vLLM's order); 0 is off."""
     seed: int | None = None
     """Seeds this request's own generator, so its output does not depend on batch neighbours."""
     stop: tuple[str, ...] = ()
-    """Stop strings; the text returned ends before the first match."""
+    """Stop strings; the text returned ends at the earliest match."""
+    include_stop_str_in_output: bool = False
+    """The text ends after the matched stop string instead of before it (vLLM)."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the output text (their ids stay in the token ids)."""
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation (in addition to EOS unless `ignore_eos`)."""
     ignore_eos: bool = False

@@ -30,18 +30,28 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature-scaled logits [S, vocab] with top-k and top-p applied (-inf outside)."""
+    """Temperature-scaled logits [S, vocab] with min-p, then top-k and top-p applied (-inf outside).
+
+    The order is vLLM's: min-p keeps the tokens at least min_p times as likely as the most likely one, and
+    top-p then counts mass within what min-p kept (top-k is the same before or after: both keep a prefix of
+    the sorted tokens)."""
     device = logits.device
     vocab = logits.shape[1]
     temperature = _to_device([max(p.temperature, 1e-5) for p in params], torch.float32, device)  # [S]
     top_k = _to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64, device)  # [S]
-    top_p = _to_device([p.top_p for p in params], torch.float32, device)  # [S]
+    top_p = _to_device([p.top_p for p in params], torch.float32, device)[:, None]  # [S, 1]
     scaled = logits / temperature[:, None]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [S, vocab]
     ranks = torch.arange(vocab, device=device)[None, :]
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop = (ranks >= top_k[:, None]) | (mass_before >= top_p[:, None])
+    drop = ranks >= top_k[:, None]
+    if any(p.min_p > 0.0 for p in params):
+        min_p = _to_device([p.min_p for p in params], torch.float32, device)[:, None]  # [S, 1]
+        below = probs < min_p * probs[:, :1]  # [S, vocab]: a suffix of each sorted row
+        top_p = top_p * probs.masked_fill(below, 0.0).sum(dim=-1, keepdim=True)  # top-p of the kept mass
+        drop |= below
+    drop |= mass_before >= top_p
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(scaled).scatter_(1, order, sorted_logits)

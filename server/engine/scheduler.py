@@ -75,6 +75,8 @@ class RequestState:
     prompt_logprobs_sent: bool = False
     stop_token: int | None = None
     """The stop token id (not EOS) that ended it."""
+    stopped_by_token: bool = False
+    """Its last token is the EOS or stop token that ended it (whose text the output leaves out)."""
     matcher: object | None = None
     """Its structured-output matcher (`structured.new_matcher`), fed every token it samples; None when free."""
 
@@ -377,9 +379,10 @@ class Scheduler:
     def _finish_reason(self, state: RequestState, token_id: int) -> str | None:
         sampling = state.request.sampling
         if token_id in sampling.stop_token_ids:
-            state.stop_token = token_id
+            state.stop_token, state.stopped_by_token = token_id, True
             return "stop"
         if token_id in self.eos_ids and not sampling.ignore_eos:
+            state.stopped_by_token = True
             return "stop"
         num_known = len(state.token_ids) - state.num_placeholders
         if state.num_output_ids >= sampling.max_tokens or num_known >= self.config.max_model_len:

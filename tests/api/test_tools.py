@@ -109,16 +109,19 @@ def test_the_sdk_raises_bad_request_for_auto(client):
 
 
 def test_hermes_blocks_parse_into_calls_and_anything_else_stays_text():
-    from server.api.tools import hermes_calls, streamable
+    from server.api.tool_parsers import PARSERS
+    from server.api.tools import auto_calls
 
-    names = {"get_time", "get_weather"}
-    content, calls = hermes_calls('On it.\n<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>'
-                                  '<tool_call>{"name": "get_weather", "arguments": {"city": "oslo"}}</tool_call>', names)
+    hermes, names = PARSERS["hermes"], frozenset({"get_time", "get_weather"})
+    content, calls = auto_calls(hermes, 'On it.\n<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n'
+                                '</tool_call><tool_call>{"name": "get_weather", "arguments": {"city": "oslo"}}</tool_call>',
+                                names)
     assert content == "On it." and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] \
         == [("get_time", {"utc": True}), ("get_weather", {"city": "oslo"})]
     for text in ("plain text", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',
                  "<tool_call>{not json}</tool_call>", '<tool_call>{"name": "get_time"}</tool_call>'):
-        assert hermes_calls(text, names) == (text, None), text
+        assert auto_calls(hermes, text, names) == (text, None), text
+    streamable = hermes.streamable
     assert streamable("hello <tool") == "hello " and streamable("a < b") == "a < b"
     assert streamable("x <tool_call>{") == "x " and streamable("done") == "done"
 

@@ -133,3 +133,22 @@ def test_the_earliest_stop_string_ends_the_text_whichever_is_listed_first(tiny_l
     detokenizer = Detokenizer(tokenizer, ("mat", "sat"), stream=False)
     text, stopped = detokenizer.update(ids, finished=False)  # both stops arrive in one update
     assert stopped and text == "the cat " and detokenizer.matched_stop == "sat"
+
+
+def test_a_stop_string_kept_in_the_text_is_not_held_back(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = tokenizer.encode("the cat sat on the mat", add_special_tokens=False)
+    for stream in (False, True):
+        kept = Detokenizer(tokenizer, ("sat on",), stream=stream, include_stop=True)
+        cut = Detokenizer(tokenizer, ("sat on",), stream=stream)
+        texts, stops, checked = ["", ""], [False, False], False
+        for end in range(1, len(ids) + 1):
+            for i, detokenizer in enumerate((kept, cut)):
+                if not stops[i]:
+                    new, stops[i] = detokenizer.update(ids[:end], finished=False)
+                    texts[i] += new
+            if tokenizer.decode(ids[:end]).endswith("sat"):  # a stop's prefix: held back only when cut
+                assert texts[0] == "the cat sat" and texts[1] == "the cat "
+                checked = True
+        assert checked and stops == [True, True] and kept.matched_stop == "sat on"
+        assert texts == ["the cat sat on", "the cat "]

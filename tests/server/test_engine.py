@@ -140,3 +140,30 @@ def test_leaving_a_stream_early_aborts_and_frees_blocks(setup):
         assert engine.scheduler.modules.num_pinned == 0
     finally:
         engine.shutdown()
+
+
+def test_stop_text_and_special_tokens_follow_the_request(setup):
+    engine = _engine(setup)
+    greedy = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
+    ids = _tokens(engine.generate_batch([Request("free", PROMPTS[1], SamplingParams(**greedy))])["free"])
+    stop_id = next(t for i, t in enumerate(ids) if i >= 2 and t not in ids[:i])
+    first = ids.index(stop_id)
+    decode = engine.tokenizer.decode
+    for include in (False, True):
+        out = engine.generate_batch([Request("id", PROMPTS[1], SamplingParams(
+            **greedy, stop_token_ids=(stop_id,), include_stop_str_in_output=include))])["id"]
+        assert _tokens(out) == ids[: first + 1] and out[-1].stop_reason == stop_id
+        assert "".join(o.text for o in out) == decode(ids[: first + 1 if include else first])
+
+    text = decode(ids)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    out = engine.generate_batch([Request("s", PROMPTS[1], SamplingParams(**greedy, stop=(stop,),
+                                                                        include_stop_str_in_output=True))])["s"]
+    assert "".join(o.text for o in out) == text[: text.index(stop) + len(stop)] and out[-1].stop_reason == stop
+
+    special = engine.tokenizer.convert_tokens_to_ids("<|im_start|>")  # a special token, forced by its bias
+    forced = dict(greedy, max_tokens=3, logit_bias=((special, 100.0),))
+    shown, hidden = (engine.generate_batch([Request("sp", PROMPTS[1], SamplingParams(
+        **forced, skip_special_tokens=skip))])["sp"] for skip in (False, True))
+    assert _tokens(shown) == _tokens(hidden) == [special] * 3
+    assert "".join(o.text for o in shown) == "<|im_start|>" * 3 and "".join(o.text for o in hidden) == ""

@@ -86,3 +86,40 @@ def test_greedy_rows_in_a_sampled_batch_take_the_first_argmax_of_their_logits():
         tokens = sample(logits, params, seeds)
         assert tokens[0] == 9 and tokens[2] == int(logits[2].argmax())
         assert tokens[1] in logits[1].topk(4).indices.tolist()
+
+
+def _kept_by_vllm_order(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The tokens one row may draw, filtered one rule at a time in vLLM's order: temperature, min-p, then
+    top-k and top-p over what is left (renormalised)."""
+    probs = torch.softmax(row / params.temperature, dim=-1)
+    keep = probs >= params.min_p * probs.max()
+    if params.top_k > 0:
+        keep &= probs >= probs.sort(descending=True).values[params.top_k - 1]
+    left = torch.where(keep, probs, 0.0) / torch.where(keep, probs, 0.0).sum()
+    order = left.argsort(descending=True)
+    before = left[order].cumsum(0) - left[order]
+    nucleus = torch.zeros_like(keep)
+    nucleus[order[before < params.top_p]] = True
+    return keep & nucleus
+
+
+def test_min_p_then_top_k_and_top_p_keep_the_tokens_vllm_keeps():
+    n = 3000
+    row = _logits(1, seed=12)[0] / 2  # flat enough that min-p keeps many tokens
+    for params in (SamplingParams(temperature=1.0, min_p=0.1), SamplingParams(temperature=0.8, min_p=0.05, top_p=0.7),
+                   SamplingParams(temperature=1.0, min_p=0.3, top_p=0.8),  # top-p of the full mass would keep 7, not 5
+                   SamplingParams(temperature=1.5, min_p=0.2, top_k=4, top_p=0.9)):
+        keep = _kept_by_vllm_order(row, params)
+        assert 1 < keep.sum() < VOCAB, f"{params}: the case must drop some tokens and keep several"
+        probs = torch.where(keep, torch.softmax(row / params.temperature, dim=-1), 0.0)
+        expected = probs / probs.sum()
+        counts = torch.bincount(_draws(row, params, n), minlength=VOCAB).float() / n
+        assert counts[~keep].sum() == 0, f"{params}: drew a token outside the kept set"
+        off = (counts - expected).abs().max()
+        assert off < 0.035, f"{params}: frequencies off by {off}"
+    logits = _logits(5, seed=4)
+    seeds = [draw_seed(i, 0) for i in range(5)]
+    assert sample(logits, [SamplingParams(temperature=1.0, min_p=1.0)] * 5, seeds) == logits.argmax(-1).tolist()
+    mixed = [SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=1.0, min_p=0.3, seed=3)]
+    alone = sample(logits[:1], mixed[:1], [draw_seed(3, 0)])
+    assert sample(logits[:2], mixed, [draw_seed(3, 0)] * 2)[0] == alone[0]  # a min-p neighbour changes nothing

@@ -1,0 +1,122 @@
+"""vLLM's request extensions over HTTP: chat-template controls, chat echo, prompt truncation, min_p,
+stop_token_ids, include_stop_str_in_output and skip_special_tokens."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from server.api.errors import APIError
+from server.api.protocol import ChatCompletionRequest
+from server.api.translate import chat_prompt
+
+USER = {"role": "user", "content": "reverse: abc"}
+GREEDY = {"temperature": 0.0, "max_tokens": 6, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def _post(http, path: str, body: dict) -> dict:
+    response = http.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_continued_assistant_turn_is_echoed_and_continued_as_its_prompt_tokens_say(server, http):
+    messages = [USER, {"role": "assistant", "content": "the quick"}]
+    controls = {"add_generation_prompt": False, "continue_final_message": True}
+    prompt = _post(http, "/tokenize", {"messages": messages, **controls})["tokens"]
+    tokenizer = server.engine.tokenizer
+    assert tokenizer.decode(prompt).endswith("assistant\nthe quick")  # open: no end-of-turn after it
+    body = {"model": "reverse", "messages": messages, **controls, **GREEDY}
+    reply = _post(http, "/v1/chat/completions", body)
+    plain = _post(http, "/v1/completions", {"model": "reverse", "prompt": prompt, **GREEDY})
+    assert reply["usage"]["prompt_tokens"] == len(prompt)
+    assert reply["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
+    echoed = _post(http, "/v1/chat/completions", body | {"echo": True})
+    assert echoed["choices"][0]["message"]["content"] == "the quick" + plain["choices"][0]["text"]
+    openai_fields = {k: body[k] for k in ("model", "messages", "temperature", "max_tokens")}
+    stream = server.client().chat.completions.create(**openai_fields, n=2, stream=True, extra_body={
+        "echo": True, "ignore_eos": True, **controls})
+    texts = ["", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [echoed["choices"][0]["message"]["content"]] * 2
+    after_user = _post(http, "/v1/chat/completions", {"model": "reverse", "messages": [USER], "echo": True, **GREEDY})
+    assert after_user["choices"][0]["message"]["content"] == _post(http, "/v1/chat/completions", {
+        "model": "reverse", "messages": [USER], **GREEDY})["choices"][0]["message"]["content"]  # nothing to echo
+
+
+def test_chat_template_kwargs_reach_the_template_and_its_refusals_are_400(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with a user turn') }}{% endif %}"
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant:' }}{% if enable_thinking %}{{ ' <think>' }}{% endif %}"
+        "{% endif %}")
+
+    def rendered(**fields) -> str:
+        return tokenizer.decode(chat_prompt(ChatCompletionRequest(model="m", **fields), tokenizer))
+
+    assert rendered(messages=[USER]) == "user: reverse: abc\nassistant:"
+    assert rendered(messages=[USER], chat_template_kwargs={"enable_thinking": True}).endswith("assistant: <think>")
+    with pytest.raises(APIError) as refused:
+        rendered(messages=[{"role": "system", "content": "hi"}, USER])
+    assert refused.value.status == 400 and "start with a user turn" in refused.value.message
+    assert refused.value.param == "messages"
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_tail(server, http):
+    ids = list(range(40, 80))
+    tail = _post(http, "/v1/completions", {"model": "uppercase", "prompt": ids[-10:], **GREEDY})
+    cut = _post(http, "/v1/completions", {"model": "uppercase", "prompt": ids, "truncate_prompt_tokens": 10, **GREEDY})
+    assert cut["usage"]["prompt_tokens"] == 10 and cut["choices"][0]["text"] == tail["choices"][0]["text"]
+    whole = _post(http, "/v1/completions", {"model": "uppercase", "prompt": ids, "truncate_prompt_tokens": -1,
+                                            **GREEDY})
+    assert whole["usage"]["prompt_tokens"] == 40  # -1: up to the context length, which this fits
+    chat = _post(http, "/v1/chat/completions", {"model": "uppercase", "messages": [USER], "truncate_prompt_tokens": 3,
+                                                **GREEDY})
+    assert chat["usage"]["prompt_tokens"] == 3
+
+
+def test_min_p_of_one_is_greedy_and_stop_and_special_token_controls_shape_the_text(server, http):
+    sampled = {"model": "reverse", "prompt": "the quick", "max_tokens": 8, "ignore_eos": True, "seed": 1}
+    greedy = _post(http, "/v1/completions", sampled | {"temperature": 0.0})["choices"][0]["text"]
+    assert _post(http, "/v1/completions", sampled | {"temperature": 1.5, "min_p": 1.0})["choices"][0]["text"] == greedy
+    stop = greedy[2:4]
+    kept = _post(http, "/v1/completions", sampled | {"temperature": 0.0, "stop": [stop],
+                                                      "include_stop_str_in_output": True})["choices"][0]
+    assert kept["text"] == greedy[: greedy.index(stop) + len(stop)] and kept["stop_reason"] == stop
+
+    special = server.engine.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    forced = sampled | {"temperature": 0.0, "max_tokens": 2, "logit_bias": {str(special): 100}}
+    assert _post(http, "/v1/completions", forced)["choices"][0]["text"] == ""
+    assert _post(http, "/v1/completions", forced | {"skip_special_tokens": False})["choices"][0]["text"] == \
+        "<|im_start|>" * 2
+    ended = _post(http, "/v1/completions", forced | {"stop_token_ids": [special], "skip_special_tokens": False})
+    assert ended["choices"][0]["finish_reason"] == "stop" and ended["choices"][0]["stop_reason"] == special
+    assert ended["usage"]["completion_tokens"] == 1 and ended["choices"][0]["text"] == ""  # its text left out
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": [USER], "continue_final_message": True}, "continue_final_message"),
+    ({"messages": [USER], "continue_final_message": True, "add_generation_prompt": False}, "messages"),
+    ({"messages": [USER, {"role": "assistant", "content": "x"}]}, "messages"),
+    ({"messages": [USER], "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+    ({"messages": [USER], "min_p": 1.5}, "min_p"),
+    ({"messages": [USER], "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"messages": [USER], "stop_token_ids": [10**9]}, "stop_token_ids"),
+    ({"messages": [USER], "echo": True, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": "required"}, "echo"),
+])
+def test_bad_extensions_are_400_naming_the_parameter(http, body, param):
+    response = http.post("/v1/chat/completions", json={"model": "reverse", **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
