@@ -17,6 +17,7 @@ from router.text import AUTO
 from server.api import tools, translate
 from server.api.auth import APIKeyMiddleware
 from server.api.errors import APIError, from_router, install_handlers
+from server.api.reasoning import reasoning_parser_named
 from server.api.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest,
     UnloadAdapterRequest,
@@ -40,6 +41,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     the app's own (`app.state.metrics.registry`), fed by the engine's step observer.
     """
     tools.parser_named(engine.config.tool_call_parser)  # an unknown parser fails at start-up
+    reasoning = reasoning_parser_named(engine.config.reasoning_parser)
     metrics = Metrics()
     engine.step_observer = metrics.observe_step
     metrics.observe_step(engine.stats())
@@ -78,9 +80,10 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request):
         mode = tools.tool_mode(body, engine.config.tool_call_parser)
         prompt = translate.truncated(translate.chat_prompt(body, engine.tokenizer), body, engine.max_model_len)
-        echo = translate.chat_echo(body, mode)
+        echo = translate.chat_echo(body, mode, reasoning is not None)
+        start = reasoning.start(engine.tokenizer.decode(prompt)) if reasoning is not None else None
         return await _serve(runner, "chat", body, [prompt] * body.n, request,
-                            None if echo is None else [echo] * body.n, mode)
+                            None if echo is None else [echo] * body.n, mode, start)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -145,8 +148,10 @@ async def _change_modules(engine, change, body) -> None:
 
 
 async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], request: Request,
-                 echo_texts: list[str] | None = None, tool_mode: str | None = None):
-    """Resolve the composition and sampling params of every choice, then stream or collect them."""
+                 echo_texts: list[str] | None = None, tool_mode: str | None = None,
+                 reasoning_start: str | None = None):
+    """Resolve the composition and sampling params of every choice, then stream or collect them (a chat reply
+    of a reasoning model starts where `reasoning_start` says: `server.api.reasoning`)."""
     engine = runner.engine
     composition = await _composition(engine, body, request)
     default_max = None if kind == "chat" else 16
@@ -159,9 +164,16 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
     if parser is not None and parser.keeps_special_tokens:  # its markers are special tokens
         params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
     grammar = await _grammar(engine, body, tool_mode)
+    reasoning = reasoning_parser_named(engine.config.reasoning_parser) if reasoning_start is not None else None
+    grammar_after = None
+    if reasoning is not None and grammar is not None and reasoning_start != "answer":
+        grammar_after = _single_token(engine.tokenizer, reasoning.CLOSE)  # the grammar shapes the answer only
+        if grammar_after is None:  # no `</think>` token to start it at: constrained from the first token
+            reasoning_start = "answer"
     call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts,
                 tool_mode, body.prompt_logprobs is not None,
-                frozenset(t.function.name for t in getattr(body, "tools", None) or ()), parser)
+                frozenset(t.function.name for t in getattr(body, "tools", None) or ()), parser,
+                reasoning, reasoning_start, grammar_after)
     headers = composition_header(call)
     if body.stream:
         return StreamingResponse(stream(runner, call), media_type="text/event-stream", headers=headers)
@@ -169,6 +181,12 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
     if result is None:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(result, headers=headers)
+
+
+def _single_token(tokenizer, text: str) -> int | None:
+    """The id of the one token that is `text`, or None where the tokenizer spells it with several."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
 
 
 async def _grammar(engine, body, tool_mode: str | None):

@@ -45,6 +45,9 @@ class ChatMessage(BaseModel):
     """An assistant turn's calls, sent back in a later request."""
     tool_call_id: str | None = None
     """A tool turn: the call it answers."""
+    reasoning: str | None = None
+    """An assistant turn's reasoning, sent back (vLLM's name; `reasoning_content` is the older one)."""
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -60,7 +60,24 @@ async def collect(runner: Runner, call: Call) -> dict:
 
 
 def _reply(call: Call, text: str, reason: str | None) -> tuple[dict, str | None]:
-    """A chat choice's message and finish reason: its text, or the tool calls it made (`api.tools`)."""
+    """A whole chat choice's message and finish reason; a reasoning model's reasoning apart (`api.reasoning`)."""
+    if call.reasoning is None:
+        return _message(call, text, reason)
+    reasoning, content = call.reasoning.split(text, call.reasoning_start, finished=True)
+    message, reason = _message(call, content, reason)
+    if message["content"] == "":
+        message["content"] = None
+    return message | _reasoning(reasoning or None), reason
+
+
+def _reasoning(text: str | None) -> dict:
+    """The reasoning fields of a message or delta: vLLM's current `reasoning` and the older `reasoning_content`."""
+    return {"reasoning": text, "reasoning_content": text}
+
+
+def _message(call: Call, text: str, reason: str | None) -> tuple[dict, str | None]:
+    """A chat choice's message and finish reason from its content: its text, or the tool calls it made
+    (`api.tools`)."""
     if call.tool_mode == "auto":
         content, calls = auto_calls(call.tool_parser, text, call.tool_names)
         if calls is None:
@@ -76,7 +93,7 @@ def _reply(call: Call, text: str, reason: str | None) -> tuple[dict, str | None]
 def _tool_chunk(call: Call, index: int, text: str, reason: str | None, sent: int = 0) -> dict:
     """The last chunk of a streamed tool-calling choice, sent when it ends: its calls, or the rest of its
     text after the `sent` characters streamed already."""
-    message, reason = _reply(call, text, reason)
+    message, reason = _message(call, text, reason)
     if "tool_calls" in message:
         delta = {"tool_calls": [{"index": j} | c for j, c in enumerate(message["tool_calls"])]}
     else:
@@ -85,15 +102,16 @@ def _tool_chunk(call: Call, index: int, text: str, reason: str | None, sent: int
                                                       "finish_reason": reason}], "tessera": _tessera(call)}
 
 
-def _named_call_chunks(call: Call, index: int, output, call_id: str | None) -> list[dict]:
-    """A streamed named-function choice: its call's id and name first (when `call_id` is given, on its first
-    increment), then its arguments as they are generated, as OpenAI streams them."""
+def _named_call_chunks(call: Call, index: int, text: str, output, call_id: str | None) -> list[dict]:
+    """A streamed named-function choice: its call's id and name first (when `call_id` is given, with its first
+    content), then its arguments (`text`, this increment's content) as they are generated, as OpenAI streams
+    them."""
     deltas = []
     if call_id is not None:
         deltas.append({"index": 0, "id": call_id, "type": "function",
                        "function": {"name": call.tool_mode, "arguments": ""}})
-    if output.text or output.finished:
-        deltas.append({"index": 0, "function": {"arguments": output.text}})
+    if text or output.finished:
+        deltas.append({"index": 0, "function": {"arguments": text}})
     chunks = [call.envelope(stream=True) | {"choices": [{"index": index, "delta": {"tool_calls": [d]},
                                                          "logprobs": None, "finish_reason": None}]} for d in deltas]
     if output.finished:
@@ -111,16 +129,11 @@ def _echoes(call: Call, index: int, echoed: set[int]) -> bool:
 
 
 def _chunk(call: Call, runner: Runner, index: int, output, text_offset: int, echo: bool = False) -> dict:
-    if call.kind == "chat":
-        text = (call.echo_texts[index] if echo else "") + output.text
-        choice = {"index": index, "delta": {"content": text} if text else {},
-                  "logprobs": {"content": runner.chat_logprobs(output)} if output.logprobs is not None else None,
-                  "finish_reason": output.finish_reason}
-    else:
-        prompt = call.prompts[index] if echo else None
-        choice = {"index": index, "text": (call.echo_texts[index] if echo else "") + output.text,
-                  "logprobs": runner.text_logprobs(output, text_offset, prompt) if output.logprobs is not None
-                  else None, "finish_reason": output.finish_reason}
+    """A streamed completion's increment."""
+    prompt = call.prompts[index] if echo else None
+    choice = {"index": index, "text": (call.echo_texts[index] if echo else "") + output.text,
+              "logprobs": runner.text_logprobs(output, text_offset, prompt) if output.logprobs is not None
+              else None, "finish_reason": output.finish_reason}
     chunk = call.envelope(stream=True) | {"choices": [choice]}
     if output.finished:
         choice["stop_reason"] = output.stop_reason
@@ -128,40 +141,84 @@ def _chunk(call: Call, runner: Runner, index: int, output, text_offset: int, ech
     return chunk
 
 
+class _ChatChoice:
+    """One streamed chat choice: its reply so far, split into reasoning and content, and what was sent."""
+
+    def __init__(self, call: Call, runner: Runner, index: int):
+        self.call, self.runner, self.index = call, runner, index
+        self.text = ""
+        """The reply generated so far."""
+        self.reasoning_sent = 0
+        """Characters of its reasoning streamed."""
+        self.content = ""
+        """Its content so far, as far as released (all of it without a reasoning parser)."""
+        self.sent = 0
+        """tool_choice auto: characters of the content streamed before the calls."""
+        self.opened = False
+        """A named call: its id and name were sent."""
+        self.echo = call.echo_texts[index] if call.echo_texts is not None else ""
+
+    def chunks(self, output) -> list[dict]:
+        """The chunks one increment of the choice's output makes."""
+        call = self.call
+        self.text += output.text
+        if call.reasoning is None:
+            reasoning, content = "", self.text
+        else:
+            reasoning, content = call.reasoning.split(self.text, call.reasoning_start, output.finished)
+        thought, new = reasoning[self.reasoning_sent:], content[len(self.content):]
+        self.reasoning_sent, self.content = len(reasoning), content
+        if call.tool_mode is None:
+            return self._text_chunks(output, thought, new)
+        chunks = [self._delta(_reasoning(thought))] if thought else []
+        if call.tool_mode == "auto":  # content streams until a call may begin; calls come at the end
+            ready = call.tool_parser.streamable(content)
+            if len(ready) > self.sent and not output.finished:
+                chunks.append(self._delta({"content": ready[self.sent:]}))
+                self.sent = len(ready)
+            if output.finished:
+                chunks.append(_tool_chunk(call, self.index, content, output.finish_reason, self.sent))
+        elif call.tool_mode == "required":  # the calls are parsed whole and sent when the choice ends
+            if output.finished:
+                chunks.append(_tool_chunk(call, self.index, content, output.finish_reason))
+        elif new or output.finished:  # a named call: its arguments stream as they come
+            chunks += _named_call_chunks(call, self.index, new, output, None if self.opened else new_call_id())
+            self.opened = True
+        return chunks
+
+    def _delta(self, fields: dict) -> dict:
+        return self.call.envelope(stream=True) | {"choices": [{"index": self.index, "delta": fields,
+                                                               "logprobs": None, "finish_reason": None}]}
+
+    def _text_chunks(self, output, thought: str, new: str) -> list[dict]:
+        new, self.echo = self.echo + new, ""
+        delta = (_reasoning(thought) if thought else {}) | ({"content": new} if new else {})
+        if not (delta or output.finished or output.logprobs):
+            return []
+        logprobs = {"content": self.runner.chat_logprobs(output)} if output.logprobs is not None else None
+        choice = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": output.finish_reason}
+        chunk = self.call.envelope(stream=True) | {"choices": [choice]}
+        if output.finished:
+            choice["stop_reason"] = output.stop_reason
+            chunk["tessera"] = _tessera(self.call)
+        return [chunk]
+
+
 async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
     """SSE chunks: a role chunk per choice (chat), content increments, usage if asked, [DONE]."""
-    if call.kind == "chat":
-        for i in range(len(call.prompts)):
-            first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            yield sse(call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)})
     n = len(call.prompts)
+    choices = [_ChatChoice(call, runner, i) for i in range(n)] if call.kind == "chat" else None
+    for i in range(n if choices else 0):
+        first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        yield sse(call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)})
     completion_tokens, cached_tokens, text_offsets, echoed = [0] * n, [0] * n, [0] * n, set()
-    calls_text, opened, sent = [""] * n, set(), [0] * n
     try:
         async for index, output in runner.outputs(call):
             completion_tokens[index] = output.num_output_tokens
             cached_tokens[index] = output.num_cached_tokens
-            if call.tool_mode not in (None, "required", "auto"):  # a named call: arguments stream as they come
-                first = index not in opened
-                opened.add(index)
-                for chunk in _named_call_chunks(call, index, output, new_call_id() if first else None):
+            if choices is not None:
+                for chunk in choices[index].chunks(output):
                     yield sse(chunk)
-                continue
-            if call.tool_mode == "auto":  # text streams until a call block may begin; calls come at the end
-                calls_text[index] += output.text
-                ready = call.tool_parser.streamable(calls_text[index])
-                if len(ready) > sent[index] and not output.finished:
-                    delta = {"index": index, "delta": {"content": ready[sent[index]:]}, "logprobs": None,
-                             "finish_reason": None}
-                    yield sse(call.envelope(stream=True) | {"choices": [delta]})
-                    sent[index] = len(ready)
-                if output.finished:
-                    yield sse(_tool_chunk(call, index, calls_text[index], output.finish_reason, sent[index]))
-                continue
-            if call.tool_mode is not None:  # required: the calls are parsed whole and sent when the choice ends
-                calls_text[index] += output.text
-                if output.finished:
-                    yield sse(_tool_chunk(call, index, calls_text[index], output.finish_reason))
                 continue
             echo = _echoes(call, index, echoed)
             if output.text or output.finished or output.logprobs or echo:

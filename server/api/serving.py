@@ -47,6 +47,12 @@ class Call:
     """The request's tools (an `auto` reply may call only these)."""
     tool_parser: object | None = None
     """With tool_mode `auto`: the `tool_parsers.ToolParser` that reads the calls out of the reply."""
+    reasoning: object | None = None
+    """A chat call's `reasoning.ReasoningParser`, which splits each reply into reasoning and content; or None."""
+    reasoning_start: str | None = None
+    """With `reasoning`: where the replies start (`reasoning.Start`)."""
+    grammar_after: int | None = None
+    """With `grammar`: the token id it begins after (`Request.grammar_after`)."""
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -83,7 +89,7 @@ class Runner:
 
     async def _choice(self, call: Call, index: int, sink: asyncio.Queue) -> None:
         request = Request(f"{call.call_id}-{index}", call.prompts[index], call.params[index], call.composition,
-                          grammar=call.grammar)
+                          grammar=call.grammar, grammar_after=call.grammar_after)
         timing = RequestTiming(time.monotonic())
         timing.num_prompt_tokens = len(call.prompts[index])
         status = "abort"

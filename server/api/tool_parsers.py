@@ -42,7 +42,7 @@ class ToolParser:
         raise NotImplementedError
 
 
-def _before_marker(text: str, marker: str) -> str:
+def before_marker(text: str, marker: str) -> str:
     """`text` up to `marker`, without a tail that could be the marker's start."""
     start = text.find(marker)
     if start >= 0:
@@ -73,7 +73,7 @@ class Hermes(ToolParser):
         return text[: text.index(self.OPEN)].strip() or None, calls
 
     def streamable(self, text: str) -> str:
-        return _before_marker(text, self.OPEN)
+        return before_marker(text, self.OPEN)
 
 
 class Llama3Json(ToolParser):
@@ -136,7 +136,7 @@ class Mistral(ToolParser):
         return text[:start].strip() or None, calls
 
     def streamable(self, text: str) -> str:
-        return _before_marker(text, self.CALLS)
+        return before_marker(text, self.CALLS)
 
 
 PARSERS: dict[str, ToolParser] = {parser.name: parser for parser in (Hermes(), Llama3Json(), Mistral())}

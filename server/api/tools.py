@@ -77,7 +77,7 @@ def tool_grammar(body: ChatCompletionRequest, mode: str) -> GrammarSpec:
 
 def template_messages(body: ChatCompletionRequest) -> list[dict]:
     """Messages as chat templates read them: an assistant turn's calls with their arguments as objects (the
-    form transformers documents for templates), a tool turn with the id of the call it answers."""
+    form transformers documents for templates) and its reasoning, a tool turn with the id of the call it answers."""
     messages = []
     for message in body.messages:
         entry = {"role": message.role, "content": message.text()}
@@ -88,6 +88,9 @@ def template_messages(body: ChatCompletionRequest) -> list[dict]:
                                    for call in message.tool_calls]
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
+        reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
+        if reasoning is not None:  # Qwen3's and DeepSeek's templates read reasoning_content
+            entry["reasoning_content"] = entry["reasoning"] = reasoning
         messages.append(entry)
     return messages
 

@@ -165,12 +165,14 @@ def echo_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer) -> 
     return [tokenizer.decode(p) for p in prompts]
 
 
-def chat_echo(body: ChatCompletionRequest, tool_mode: str | None) -> str | None:
+def chat_echo(body: ChatCompletionRequest, tool_mode: str | None, reasoning: bool = False) -> str | None:
     """With `echo`: the last message's text when it is an assistant turn (the reply continues it), else None."""
     if not body.echo:
         return None
     if tool_mode is not None:
         raise APIError(400, "echo is not supported with tool calls", "echo")
+    if reasoning:
+        raise APIError(400, "echo is not supported with a reasoning parser (the server's --reasoning-parser)", "echo")
     last = body.messages[-1]
     return last.text() if last.role == "assistant" else None
 

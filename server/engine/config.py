@@ -53,6 +53,10 @@ class EngineConfig:
     hermes (`<tool_call>{...}</tool_call>`: Qwen2.5, Qwen3, Hermes), llama3_json (`{"name": ..., "parameters":
     {...}}`: Llama 3.x) or mistral (`[TOOL_CALLS]...`); see `server.api.tool_parsers`. None refuses auto with a
     400; required and named tool choices need no parser."""
+    reasoning_parser: str | None = None
+    """Return a reasoning model's `<think>` block apart from its answer (the message's `reasoning` and
+    `reasoning_content`), as vLLM's --reasoning-parser: qwen3 or deepseek_r1 (`server.api.reasoning`). Tool
+    calls and structured outputs then apply to the answer. None: the whole reply is content."""
     seed: int = 0
     """Seed for requests that give none."""
     cuda_graphs: str = "auto"

@@ -69,6 +69,9 @@ class Request:
     grammar: object | None = None
     """A compiled structured-output constraint (`Engine.compile_grammar`), or None; each request walks its own
     matcher of it."""
+    grammar_after: int | None = None
+    """With `grammar`: a token id the constraint begins after (a reasoning model's end of reasoning, so the
+    grammar shapes the answer only); None: from the first token."""
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ class Scheduler:
         if request.grammar is not None:
             from server.engine.structured import new_matcher
 
-            state.matcher = new_matcher(request.grammar)
+            state.matcher = new_matcher(request.grammar, request.grammar_after)
             self.num_structured += 1
         self.states[request.request_id] = state
         self.waiting.append(state)

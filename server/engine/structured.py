@@ -78,11 +78,37 @@ class GrammarCompiler:
             raise ValueError(f"invalid {spec.kind.replace('_', ' ')}: {error}") from None
 
 
-def new_matcher(compiled):
-    """A fresh matcher at the start of `compiled`'s grammar (one per request)."""
+def new_matcher(compiled, start_after: int | None = None):
+    """A fresh matcher at the start of `compiled`'s grammar (one per request); with `start_after`, one whose
+    grammar begins only after that token was sampled (`DeferredMatcher`)."""
     import xgrammar
 
-    return xgrammar.GrammarMatcher(compiled)
+    matcher = xgrammar.GrammarMatcher(compiled)
+    return matcher if start_after is None else DeferredMatcher(matcher, start_after)
+
+
+class DeferredMatcher:
+    """A matcher that lets every token through until `start_after` is sampled, then constrains as `matcher`.
+
+    A reasoning model's grammar applies to its answer, not to its reasoning: with a reasoning parser the
+    grammar begins after the token that ends the reasoning (`</think>`), as vLLM does. It has the interface
+    the scheduler and `constrain` use: `accept_token`, `is_terminated` and `fill_next_token_bitmask`."""
+
+    def __init__(self, matcher, start_after: int):
+        self.matcher, self.start_after, self.started = matcher, start_after, False
+
+    def accept_token(self, token_id: int) -> bool:
+        if self.started:
+            return self.matcher.accept_token(token_id)
+        self.started = token_id == self.start_after
+        return True
+
+    def is_terminated(self) -> bool:
+        return self.started and self.matcher.is_terminated()
+
+    def fill_next_token_bitmask(self, bitmask, row: int) -> None:
+        if self.started:  # before, the row stays as allocated: every token allowed
+            self.matcher.fill_next_token_bitmask(bitmask, row)
 
 
 def constrain(logits: torch.Tensor, matchers: list) -> torch.Tensor:

@@ -18,6 +18,20 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+THINKING_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% set content = message['content'] %}"
+    "{% if message['role'] == 'assistant' and message.reasoning_content is defined and message.reasoning_content %}"
+    "{% set content = '<think>\n' + message.reasoning_content + '\n</think>\n\n' + content %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}"
+    "{% else %}{{ '<think>\n' }}{% endif %}{% endif %}"
+)
+"""A reasoning model's template (as Qwen3-2507's thinking models and DeepSeek-R1 write theirs): the assistant
+turn opens a `<think>` block, or writes an empty one when `enable_thinking` is false; an earlier assistant turn's
+`reasoning_content` is rendered in its own block."""
+THINK_TOKENS = ("<think>", "</think>")
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -50,13 +64,17 @@ class TinyConfig:
     """Std of the random weights; large enough that greedy decoding has no near-ties."""
     tie_word_embeddings: bool = False
     """Share the embedding and LM head (Qwen's small models do)."""
+    thinking: bool = False
+    """A reasoning model's tokenizer: `<think>` and `</think>` are tokens (not special ones, as in Qwen3) and the
+    chat template is `THINKING_CHAT_TEMPLATE`."""
     seed: int = 0
     """Seed of the random weights."""
 
 
-def write_tokenizer(path: str | Path, vocab_size: int = 384) -> None:
-    """Train a byte-level BPE tokenizer on a fixed corpus and save it with a ChatML chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def write_tokenizer(path: str | Path, vocab_size: int = 384, thinking: bool = False) -> None:
+    """Train a byte-level BPE tokenizer on a fixed corpus and save it with a ChatML chat template (with
+    `thinking`, the think tokens after the trained vocabulary and `THINKING_CHAT_TEMPLATE`)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -69,6 +87,8 @@ def write_tokenizer(path: str | Path, vocab_size: int = 384) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
+    if thinking:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|bos|>",
@@ -76,7 +96,7 @@ def write_tokenizer(path: str | Path, vocab_size: int = 384) -> None:
         pad_token="<|pad|>",
         additional_special_tokens=["<|im_start|>", "<|eos|>"],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = THINKING_CHAT_TEMPLATE if thinking else CHAT_TEMPLATE
     fast.save_pretrained(str(path))
 
 
@@ -115,7 +135,7 @@ def write_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), max_shard
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(path)
+    write_tokenizer(path, thinking=cfg.thinking)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     config = _hf_config(
         cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -119,3 +119,24 @@ def test_spec_kinds_and_choice_escaping():
     with pytest.raises(ValueError, match="unknown structured output kind 'xml'"):
         GrammarSpec("xml", "")
     assert choice_grammar(['say "hi"', "a\\b", "say \"hi\""]) == 'root ::= "say \\"hi\\"" | "a\\\\b"'
+
+
+def test_a_deferred_grammar_starts_after_its_token_and_leaves_the_tokens_before_free(setup):
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    free = [t for o in _engine(setup).generate_batch([Request("f", PROMPT, greedy)])["f"] for t in o.token_ids]
+    start = next(i for i, t in enumerate(free) if i >= 2 and t not in free[:i])  # the reasoning's end, say
+    unseen = next(t for t in range(300) if t not in free)
+    for overrides in ({}, {"async_scheduling": "on"}):
+        engine = _engine(setup, **overrides)
+        grammar = engine.compile_grammar(SPECS["regex"])
+        outputs = engine.generate_batch([
+            Request("d", PROMPT, SamplingParams(max_tokens=12, temperature=0.0), grammar=grammar,
+                    grammar_after=free[start]),
+            Request("never", PROMPT, greedy, grammar=grammar, grammar_after=unseen),
+            Request("f", PROMPT, greedy)])
+        ids = [t for o in outputs["d"] for t in o.token_ids]
+        assert ids[: start + 1] == free[: start + 1], overrides  # free until its token, itself included
+        _check("regex", engine.tokenizer.decode(ids[start + 1:], skip_special_tokens=True))
+        assert outputs["d"][-1].finish_reason == "stop"
+        assert [t for o in outputs["never"] for t in o.token_ids] == free and outputs["never"][-1].finish_reason == \
+            "length"

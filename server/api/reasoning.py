@@ -1,0 +1,83 @@
+"""Reasoning parsers (`--reasoning-parser`, as vLLM's): a reasoning model's `<think>...</think>` block is
+returned apart from its answer, in the message's `reasoning` (vLLM's current name; `reasoning_content`,
+DeepSeek's and the older one, carries the same text), and the answer alone is the `content`.
+
+Where the reply starts depends on the prompt, so each request's start is read from its rendered prompt
+(`ReasoningParser.start`):
+
+- the prompt leaves a `<think>` block open (DeepSeek-R1, Qwen3 thinking models, a continued turn): the reply
+  starts inside the reasoning;
+- the prompt ends just after a closed block (Qwen3 with `enable_thinking: false`): the reply is all answer;
+- otherwise the parser's default: `qwen3` looks at the reply (a reply that opens `<think>` reasons first, any
+  other is all answer); `deepseek_r1` starts inside the reasoning.
+
+A reply cut before `</think>` is all reasoning. Tool calls and structured outputs apply to the answer: the
+tool parser reads the content only, and a grammar begins after the `</think>` token (`Request.grammar_after`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from server.api.tool_parsers import before_marker
+
+Start = Literal["reasoning", "answer", "detect"]
+
+
+class ReasoningParser:
+    """A `<think>...</think>` reasoning format."""
+
+    name: ClassVar[str]
+    OPEN: ClassVar[str] = "<think>"
+    CLOSE: ClassVar[str] = "</think>"
+    default: ClassVar[Start]
+    """Where a reply starts when its prompt says nothing."""
+
+    def start(self, prompt_text: str) -> Start:
+        """Where the reply to a prompt whose text is `prompt_text` starts."""
+        opened, closed = prompt_text.rfind(self.OPEN), prompt_text.rfind(self.CLOSE)
+        if opened > closed:
+            return "reasoning"
+        if closed >= 0 and not prompt_text[closed + len(self.CLOSE):].strip():
+            return "answer"
+        return self.default
+
+    def split(self, text: str, start: Start, finished: bool) -> tuple[str, str]:
+        """(reasoning, content) of a reply's text so far. Before the reply ends, both are only what no later
+        text can change (a possible start of a tag is held back), so each grows by appending as the reply
+        grows; at the end they are the whole reply's."""
+        if start == "answer":
+            return "", text
+        if start == "detect":
+            body = text.lstrip()
+            if body.startswith(self.OPEN):
+                text = body[len(self.OPEN):]
+            elif not finished and self.OPEN.startswith(body):
+                return "", ""  # the reply may still open a block
+            else:
+                return "", text
+        at = text.find(self.CLOSE)
+        if at >= 0:
+            return text[:at].strip("\n"), text[at + len(self.CLOSE):].lstrip("\n")
+        reasoning = text if finished else before_marker(text, self.CLOSE)
+        return reasoning.strip("\n"), ""
+
+
+class Qwen3(ReasoningParser):
+    name = "qwen3"
+    default = "detect"
+
+
+class DeepSeekR1(ReasoningParser):
+    name = "deepseek_r1"
+    default = "reasoning"
+
+
+REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (Qwen3(), DeepSeekR1())}
+
+
+def reasoning_parser_named(name: str | None) -> ReasoningParser | None:
+    """The parser `--reasoning-parser` names (None for none); a ValueError naming the choices otherwise."""
+    if name is not None and name not in REASONING_PARSERS:
+        raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got {name!r}")
+    return REASONING_PARSERS.get(name) if name is not None else None
