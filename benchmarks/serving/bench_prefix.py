@@ -3,13 +3,16 @@
     python benchmarks/serving/bench_prefix.py --out results/bench_prefix.json                 # GPU, Llama-3-8B shape
     python benchmarks/serving/bench_prefix.py --device cpu --config small --requests 16 \\
         --prefix-len 512 --out /tmp/bench_prefix.json                                          # CPU
+    python benchmarks/serving/bench_prefix.py --cold ...                     # no warm-up: a burst on an empty cache
 
 Every request is one shared prefix (a system prompt of --prefix-len random token ids) plus --unique-len
 token ids of its own, and generates --new-tokens tokens (greedy, `ignore_eos`). Requests are spread over
 --modules random rank-16 modules, one per request (k = 1), so the cache holds one copy of the prefix per
 module: KV computed under one module is never valid under another. A warm-up request per module runs
-first, as the earlier traffic of a server that has seen the prompt; then all requests are submitted at
-once and timed. Both engines get the same weights and requests and must generate the same tokens.
+first, as the earlier traffic of a server that has seen the prompt (`--cold` skips it: the burst meets an
+empty cache, and each module's first request shares its prefix with the others admitted in the same step);
+then all requests are submitted at once and timed. Both engines get the same weights and requests and must
+generate the same tokens.
 
 The table reports, per engine: prompt tokens computed (prefill work), prompt tokens taken from the cache,
 wall seconds of the timed batch and generated tokens per second over it, and the ratio of the two
@@ -60,6 +63,8 @@ class PrefixSettings:
     block_size: int
     seed: int
     out: str
+    cold: bool = False
+    """Skip the warm-up: the timed requests arrive at an empty cache."""
 
 
 class _Work:
@@ -108,7 +113,8 @@ def run(settings: PrefixSettings) -> dict:
         )
         engine = tessera_engine(hf_model, word_tokenizer(shape.vocab_size), library, engine_settings,
                                 settings.dtype, work)
-        engine.generate_batch(warm)
+        if not settings.cold:
+            engine.generate_batch(warm)
         work.__init__()
         if settings.device == "cuda":
             torch.cuda.synchronize()
@@ -134,7 +140,8 @@ def run(settings: PrefixSettings) -> dict:
 def table(document: dict) -> str:
     s = document["settings"]
     lines = [f"{s['config']} on {s['device']} ({s['dtype']}): {s['requests']} requests of {s['prefix_len']} shared "
-             f"+ {s['unique_len']} own prompt tokens, {s['new_tokens']} new tokens, {s['modules']} modules",
+             f"+ {s['unique_len']} own prompt tokens, {s['new_tokens']} new tokens, {s['modules']} modules"
+             + (", cold cache" if s.get("cold") else ""),
              f"{'prefix caching':>14} {'prompt tok':>10} {'cached':>8} {'computed':>9} {'seconds':>8} {'gen tok/s':>10}"]
     for row in document["rows"]:
         lines.append(f"{'on' if row['prefix_caching'] else 'off':>14} {row['prompt_tokens']:>10} "
@@ -160,6 +167,7 @@ def _parse(argv: list[str] | None) -> PrefixSettings:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/serving/results/bench_prefix.json")
+    parser.add_argument("--cold", action="store_true", help="no warm-up: the timed burst meets an empty cache")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available (use --device cpu --config small)")
@@ -170,7 +178,7 @@ def _parse(argv: list[str] | None) -> PrefixSettings:
         parser.error("--modules must be >= 0")
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     return PrefixSettings(args.config, args.device, dtype, args.requests, args.prefix_len, args.unique_len,
-                          args.new_tokens, args.modules, args.block_size, args.seed, args.out)
+                          args.new_tokens, args.modules, args.block_size, args.seed, args.out, args.cold)
 
 
 def main(argv: list[str] | None = None) -> dict:

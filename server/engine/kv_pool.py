@@ -128,7 +128,8 @@ class BlockPool:
             self._refs[block] += 1
 
     def register(self, block: int, block_hash: bytes) -> None:
-        """Cache a held block whose KV is complete under `block_hash`. A hash cached already keeps its
+        """Cache a held block whose KV is complete under `block_hash` (or will be once the step being planned
+        has run). A hash cached already keeps its
         block (this one, with the same content, then stays uncached and is freed as such)."""
         if not self.caching or block_hash in self._block_of or block in self._hash_of:
             return

@@ -9,9 +9,11 @@ waits at the front of the queue, to be recomputed from its prompt and output so 
 
 Prefix caching (`kv_pool`): a request admitted (or readmitted) starts from the longest run of cached
 full blocks that match its tokens under its composition, and computes only the rest; at least its last
-token is always computed, since sampling needs its logits. Blocks are registered in the cache by
-`update`, once the step that computed them was launched and its result read, never by the step that is
-still filling them, so a request never reads KV that its own step's neighbours write.
+token is always computed, since sampling needs its logits. A block is registered in the cache as soon as
+a step is planned to fill it (or, when it holds a token still in flight, once `update` reads that token),
+so requests admitted later in the same step share it: n > 1 choices, or a burst of requests with one
+system prompt, compute their prefix once. That is sound because every layer writes the step's KV before
+its attention reads any, and later steps run after this one on the device.
 
 `schedule` counts the tokens it gives a request as computed at once, and a request that samples gets a
 `PLACEHOLDER` token until `update` reads the step's result. So the next step can be planned while this
@@ -63,8 +65,6 @@ class RequestState:
     """Logprobs of tokens sampled since the engine last read them."""
     num_cached_tokens: int | None = None
     """Prompt tokens its first admission found in the prefix cache (None until admitted)."""
-    admissions: int = 0
-    """Times admitted: a step's record of it is stale once it was preempted and admitted again."""
     block_hashes: list[bytes] = field(default_factory=list)
     """Prefix-cache hashes of its first full blocks (tokens only grow, and the composition is fixed)."""
     hash_root: bytes | None = None
@@ -131,9 +131,6 @@ class Scheduler:
         self._dropped: list[str] = []
         self._in_flight: dict[int, dict[str, RequestState]] = {}
         """Per planned step not updated yet: the requests that sample in it, in batch order."""
-        self._computed: dict[int, list[tuple[RequestState, int, int]]] = {}
-        """Per planned step not updated yet: (request, its admission count, tokens computed once the step
-        ran) for every request whose KV it takes past a block's end; `update` registers the blocks filled."""
         self._num_steps = 0
         self.num_preempted_last_step = 0
         self.num_structured = 0
@@ -161,7 +158,6 @@ class Scheduler:
         self._num_steps += 1
         plan = StepPlan(step_id=self._num_steps, dropped=self._take_dropped())
         self._in_flight[plan.step_id] = {}
-        self._computed[plan.step_id] = []
         budget = self.config.max_num_batched_tokens
         self.num_preempted_last_step = self.prefix_queries_last_step = self.prefix_hits_last_step = 0
         preempted = False
@@ -214,7 +210,6 @@ class Scheduler:
         state.block_ids = hits + self.blocks.allocate(need)
         state.num_computed_tokens = num_cached
         state.num_registered_blocks = len(hits)
-        state.admissions += 1
         if state.num_cached_tokens is None:
             state.num_cached_tokens = min(num_cached, state.num_prompt_tokens)
         if self.blocks.caching:
@@ -248,19 +243,22 @@ class Scheduler:
             state.block_hashes += block_hashes(state.hash_root, state.token_ids, have, num_blocks, size, parent)
         return state.block_hashes[:num_blocks]
 
-    def _register_computed(self, step_id: int) -> None:
-        """Register in the prefix cache the full blocks that step `step_id` completed (its requests that
-        still hold those blocks: not finished, not preempted since)."""
-        for state, admissions, computed in self._computed.pop(step_id, []):
-            if state.status is not Status.RUNNING or state.admissions != admissions:
-                continue
-            num_full = computed // self.blocks.block_size
-            if num_full <= state.num_registered_blocks:
-                continue
-            hashes = self._hashes(state, num_full)
-            for index in range(state.num_registered_blocks, num_full):
-                self.blocks.register(state.block_ids[index], hashes[index])
-            state.num_registered_blocks = num_full
+    def _register_full_blocks(self, state: RequestState) -> None:
+        """Register in the prefix cache the blocks of `state` that planned steps fill and whose tokens are
+        known (a block holding a placeholder waits for `update` to read it).
+
+        At once, not after the step: a request admitted later in the same step may share them, since each
+        layer writes the whole step's KV before any of the step's attention reads it, and any later step runs
+        after this one on the device. (A failed step resets the cache: `cancel_in_flight`.)"""
+        size = self.blocks.block_size
+        num_known = len(state.token_ids) - state.num_placeholders  # placeholders are always last
+        num_full = min(state.num_computed_tokens, num_known) // size
+        if num_full <= state.num_registered_blocks:
+            return
+        hashes = self._hashes(state, num_full)
+        for index in range(state.num_registered_blocks, num_full):
+            self.blocks.register(state.block_ids[index], hashes[index])
+        state.num_registered_blocks = num_full
 
     def _put(self, plan: StepPlan, state: RequestState, num_tokens: int, new_blocks: list[int]) -> None:
         if state.request_id in self._known_to_runner:
@@ -270,9 +268,8 @@ class Scheduler:
             self._known_to_runner.add(state.request_id)
         plan.num_scheduled_tokens[state.request_id] = num_tokens
         state.num_computed_tokens += num_tokens
-        block_end = (state.num_registered_blocks + 1) * self.blocks.block_size
-        if self.blocks.caching and state.num_computed_tokens >= block_end:  # it fills a block: register it after
-            self._computed[plan.step_id].append((state, state.admissions, state.num_computed_tokens))
+        if self.blocks.caching:
+            self._register_full_blocks(state)
         if state.num_computed_tokens == len(state.token_ids):
             plan.samples.add(state.request_id)
             self._in_flight[plan.step_id][state.request_id] = state
@@ -332,7 +329,6 @@ class Scheduler:
         if min(self._in_flight) < plan.step_id:
             raise RuntimeError(f"step {plan.step_id} updated before step {min(self._in_flight)}")
         samplers = self._in_flight.pop(plan.step_id)
-        self._register_computed(plan.step_id)  # before any of them finishes and frees its blocks
         self._add_prompt_logprobs(result)
         sampled = {r: (t, lp) for r, t, lp in zip(result.request_ids, result.sampled_token_ids, result.logprobs)}
         changed = []
@@ -344,6 +340,8 @@ class Scheduler:
             token_id, logprob = sampled[request_id]
             state.token_ids[len(state.token_ids) - state.num_placeholders] = token_id
             state.num_placeholders -= 1
+            if self.blocks.caching:  # a block the token completes (before a finish frees it, still cached)
+                self._register_full_blocks(state)
             state.new_logprobs.append(logprob)
             reason = self._finish_reason(state, token_id)
             if state.matcher is not None:
@@ -372,9 +370,10 @@ class Scheduler:
         return "stop" if state.matcher.is_terminated() else None
 
     def cancel_in_flight(self) -> None:
-        """Forget every step not updated yet (after a failed step, whose requests were all finished)."""
+        """Forget every step not updated yet (after a failed step, whose requests were all finished), and every
+        cached prefix: blocks registered for a step that failed may never have been written."""
         self._in_flight.clear()
-        self._computed.clear()
+        self.blocks.reset_cache()
 
     def _finish_reason(self, state: RequestState, token_id: int) -> str | None:
         sampling = state.request.sampling

@@ -114,15 +114,31 @@ def test_the_last_prompt_token_is_always_computed():
     assert plan.new[0].num_computed_tokens == 4 and plan.num_scheduled_tokens["b"] == 4
 
 
-def test_nothing_is_shared_within_the_step_that_computes_it():
+def test_a_request_shares_the_blocks_an_earlier_one_fills_in_the_same_step():
     scheduler = _scheduler()
     scheduler.add(_request("a", PROMPT), 1)
     scheduler.add(_request("b", PROMPT), 2)
     plan = _run(scheduler)
-    assert [d.num_computed_tokens for d in plan.new] == [0, 0]
-    assert not set(plan.new[0].block_ids) & set(plan.new[1].block_ids)
-    scheduler.add(_request("c", PROMPT), 3)
-    assert _run(scheduler).new[0].num_computed_tokens == 8  # the first copy of each block was registered
+    assert [d.num_computed_tokens for d in plan.new] == [0, 8]  # b computes only its last, partial block
+    assert plan.new[1].block_ids[:2] == plan.new[0].block_ids[:2] and plan.num_scheduled_tokens == {"a": 10, "b": 2}
+    assert plan.new[1].block_ids[2] != plan.new[0].block_ids[2]
+    chunked = _scheduler(budget=6)  # a's prefill in two chunks; b arrives with its second
+    chunked.add(_request("a", PROMPT), 1)
+    assert _run(chunked).num_scheduled_tokens == {"a": 6}
+    chunked.add(_request("b", PROMPT), 2)
+    plan = chunked.schedule()  # a fills its second block in this step, and b starts after it
+    assert plan.num_scheduled_tokens == {"a": 4, "b": 2} and plan.new[0].num_computed_tokens == 8
+
+
+def test_a_failed_step_forgets_the_blocks_it_was_to_fill():
+    scheduler = _scheduler()
+    scheduler.add(_request("a", PROMPT), 1)
+    scheduler.schedule()
+    assert scheduler.blocks.num_cached == 2
+    scheduler.cancel_in_flight()  # the engine's reaction to a step that raised
+    scheduler.finish("a", "error")
+    scheduler.add(_request("b", PROMPT), 2)
+    assert scheduler.schedule().new[0].num_computed_tokens == 0
 
 
 @pytest.mark.parametrize("other", [
@@ -205,8 +221,8 @@ def _rounds() -> list[list[Request]]:
     mix = Composition(("m1", "m2"), (0.6, 0.4), "explicit")
     greedy = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True, logprobs=2)
     sampled = SamplingParams(max_tokens=7, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True, logprobs=2)
-    first = [Request("a", SYSTEM + [5, 6, 7], greedy, m0), Request("b", SYSTEM + [8], sampled, mix),
-             Request("c", SYSTEM + [9, 10], greedy)]
+    first = [Request("a", SYSTEM + [5, 6, 7], greedy, m0), Request("h", SYSTEM + [11], sampled, m0),
+             Request("b", SYSTEM + [8], sampled, mix), Request("c", SYSTEM + [9, 10], greedy)]
     second = [Request("d", SYSTEM + [20, 21, 22, 23, 24], greedy, m0), Request("e", SYSTEM + [8], sampled, mix),
               Request("f", SYSTEM + [9, 10], greedy, m0), Request("g", SYSTEM[:6], sampled)]
     return [first, second]
@@ -231,10 +247,10 @@ def test_cached_prefixes_change_no_token_and_no_logprob(setup, async_scheduling)
         assert [lp.logprob for lp in ours] == pytest.approx([lp.logprob for lp in theirs], abs=1e-4)
         assert plain[-1].num_cached_tokens == 0
     cached = {request_id: outs[-1].num_cached_tokens for request_id, outs in results[True].items()}
-    # d and f share SYSTEM (two full blocks) with a under m0; e repeats b whole: two blocks, never the last
-    # token; g's 6 tokens hold one full block, which c computed without modules. f shares nothing with c
-    # (another composition), and the first round's requests ran in one step, so they shared nothing.
-    assert cached == {"a": 0, "b": 0, "c": 0, "d": 8, "e": 8, "f": 8, "g": 4}
+    # h shares SYSTEM (two full blocks) with a under m0, admitted in the step where a computes them; d and f
+    # share them later; e repeats b whole: two blocks, never the last token; g's 6 tokens hold one full
+    # block, which c computed without modules. f shares nothing with c (another composition).
+    assert cached == {"a": 0, "h": 8, "b": 0, "c": 0, "d": 8, "e": 8, "f": 8, "g": 4}
 
 
 def test_a_multi_turn_chat_reuses_its_history(setup):
