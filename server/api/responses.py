@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
 from server.api.serving import Call, Runner, sse, usage
-from server.api.tools import auto_calls, new_call_id, tool_calls
+from server.api.tools import auto_calls, new_call_id, required_calls_so_far, tool_calls
 
 
 def _tessera(call: Call) -> dict:
@@ -156,6 +156,8 @@ class _ChatChoice:
         """tool_choice auto: characters of the content streamed before the calls."""
         self.opened = False
         """A named call: its id and name were sent."""
+        self.arguments_sent: list[int] = []
+        """tool_choice required: per call announced, the characters of its arguments streamed."""
         self.echo = call.echo_texts[index] if call.echo_texts is not None else ""
 
     def chunks(self, output) -> list[dict]:
@@ -178,13 +180,35 @@ class _ChatChoice:
                 self.sent = len(ready)
             if output.finished:
                 chunks.append(_tool_chunk(call, self.index, content, output.finish_reason, self.sent))
-        elif call.tool_mode == "required":  # the calls are parsed whole and sent when the choice ends
-            if output.finished:
-                chunks.append(_tool_chunk(call, self.index, content, output.finish_reason))
+        elif call.tool_mode == "required":  # each call's id and name once known, then its arguments as they come
+            chunks += self._required_chunks(content, output)
         elif new or output.finished:  # a named call: its arguments stream as they come
             chunks += _named_call_chunks(call, self.index, new, output, None if self.opened else new_call_id())
             self.opened = True
         return chunks
+
+    def _required_chunks(self, content: str, output) -> list[dict]:
+        chunks = []
+        for j, (name, arguments, _) in enumerate(required_calls_so_far(content)):
+            if name is None:
+                break
+            if j == len(self.arguments_sent):
+                self.arguments_sent.append(0)
+                chunks.append(self._delta({"tool_calls": [{"index": j, "id": new_call_id(), "type": "function",
+                                                           "function": {"name": name, "arguments": ""}}]}))
+            if len(arguments) > self.arguments_sent[j]:
+                piece = arguments[self.arguments_sent[j]:]
+                chunks.append(self._delta({"tool_calls": [{"index": j, "function": {"arguments": piece}}]}))
+                self.arguments_sent[j] = len(arguments)
+        if not output.finished:
+            return chunks
+        if not self.arguments_sent:  # nothing announced (a reply cut before any name): sent whole, as text
+            return chunks + [_tool_chunk(self.call, self.index, content, output.finish_reason)]
+        parsed = tool_calls("required", content, output.finish_reason == "stop") is not None
+        last = self._delta({})
+        last["choices"][0]["finish_reason"] = "tool_calls" if parsed else output.finish_reason
+        last["tessera"] = _tessera(self.call)
+        return chunks + [last]
 
     def _delta(self, fields: dict) -> dict:
         return self.call.envelope(stream=True) | {"choices": [{"index": self.index, "delta": fields,

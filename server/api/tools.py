@@ -122,8 +122,9 @@ def auto_calls(parser: ToolParser, text: str, names: frozenset[str]) -> tuple[st
 
 def tool_calls(mode: str, text: str, finished: bool) -> list[dict] | None:
     """The calls a reply in `mode` makes: one for a named function (its arguments as generated, even when
-    max_tokens cut them), the array's items for `required`; None when a `required` reply is cut short and
-    does not parse (the text is then returned as content)."""
+    max_tokens cut them), the array's items for `required` (each one's arguments as generated, the text
+    its stream sent); None when a `required` reply is cut short and does not parse (the text is then
+    returned as content)."""
     if mode != "required":
         return [_call(mode, text)]
     try:
@@ -132,7 +133,100 @@ def tool_calls(mode: str, text: str, finished: bool) -> list[dict] | None:
         items = None
     if not isinstance(items, list):
         return None
-    return [_call(item["name"], json.dumps(item["parameters"])) for item in items]
+    return [_call(name, arguments) for name, arguments, _ in required_calls_so_far(text)]
+
+
+_SPACE = " \t\n\r"
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in _SPACE:
+        at += 1
+    return at
+
+
+def _string_end(text: str, at: int) -> int | None:
+    """The index after the JSON string that opens at `at`, or None where the text ends inside it."""
+    at += 1
+    while at < len(text):
+        if text[at] == "\\":
+            at += 2
+        elif text[at] == '"':
+            return at + 1
+        else:
+            at += 1
+    return None
+
+
+def _value_end(text: str, at: int) -> int | None:
+    """The index after the JSON value that starts at `at`, or None where the text ends inside it."""
+    if text[at] == '"':
+        return _string_end(text, at)
+    if text[at] not in "{[":
+        end = at
+        while end < len(text) and text[end] not in ",}]" + _SPACE:
+            end += 1
+        return end if end < len(text) else None
+    depth = 0
+    while at < len(text):
+        char = text[at]
+        if char == '"':
+            at = _string_end(text, at)
+            if at is None:
+                return None
+            continue
+        depth += 1 if char in "{[" else -1 if char in "}]" else 0
+        at += 1
+        if depth == 0:
+            return at
+    return None
+
+
+def required_calls_so_far(text: str) -> list[tuple[str | None, str, bool]]:
+    """(name or None while unknown, arguments text so far, whether the call is complete) of each call a
+    `required` reply has begun. The reply follows `tool_grammar`'s array of `{"name", "parameters"}` objects,
+    so only its end can be cut; a call's arguments are the `parameters` value's text as generated."""
+    calls = []
+    at = _skip_space(text, 0)
+    if at >= len(text) or text[at] != "[":
+        return calls
+    at += 1
+    while True:
+        at = _skip_space(text, at)
+        if at < len(text) and text[at] == ",":
+            at = _skip_space(text, at + 1)
+        if at >= len(text) or text[at] != "{":
+            return calls
+        name, arguments, done, at = _required_item(text, at + 1)
+        calls.append((name, arguments, done))
+        if not done:
+            return calls
+
+
+def _required_item(text: str, at: int) -> tuple[str | None, str, bool, int]:
+    """(name, arguments so far, complete, index after it) of the call object whose members start at `at`."""
+    name, arguments = None, ""
+    while True:
+        at = _skip_space(text, at)
+        if at < len(text) and text[at] == ",":
+            at = _skip_space(text, at + 1)
+        if at >= len(text):
+            return name, arguments, False, at
+        if text[at] == "}":
+            return name, arguments, True, at + 1
+        key_end = _string_end(text, at)
+        colon = _skip_space(text, key_end) if key_end is not None else len(text)
+        start = _skip_space(text, colon + 1)
+        if colon >= len(text) or start >= len(text):
+            return name, arguments, False, len(text)
+        key, end = json.loads(text[at:key_end]), _value_end(text, start)
+        if key == "parameters":
+            arguments = text[start:end]  # the end of the text while cut
+        elif key == "name" and end is not None:
+            name = json.loads(text[start:end])
+        if end is None:
+            return name, arguments, False, len(text)
+        at = end
 
 
 def new_call_id() -> str:

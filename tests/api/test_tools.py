@@ -67,9 +67,39 @@ def test_required_picks_among_the_tools_and_streams_the_same_calls(client):
         assert isinstance(json.loads(call.function.arguments)["utc"], bool)
     chunks = list(client.chat.completions.create(**kwargs, stream=True))
     deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
-    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == \
-        [(0, call.function.name, call.function.arguments)]
+    assert len(deltas) > 2, "the arguments stream in pieces"
+    assert deltas[0].id.startswith("call_") and (deltas[0].function.name, deltas[0].function.arguments) == \
+        (call.function.name, "")
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:])
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    several = dict(kwargs, parallel_tool_calls=True, seed=5, max_tokens=200)
+    whole = client.chat.completions.create(**several).choices[0].message.tool_calls
+    assert len(whole) == 2  # this seed calls both tools
+    deltas = [d for c in client.chat.completions.create(**several, stream=True) if c.choices
+              for d in c.choices[0].delta.tool_calls or ()]
+    streamed = {}
+    for d in deltas:
+        name, arguments = streamed.get(d.index, (d.function.name, ""))
+        streamed[d.index] = (name, arguments + d.function.arguments)
+    assert [streamed[i] for i in sorted(streamed)] == [(c.function.name, c.function.arguments) for c in whole]
+
+
+def test_required_calls_are_read_while_they_are_generated():
+    from server.api.tools import required_calls_so_far
+
+    text = '[{"name": "get_weather", "parameters": {"city": "pa\\"ris]", "unit": "c"}}, {"name": "get_time", ' \
+           '"parameters": {"utc": true}}]'
+    whole = [("get_weather", '{"city": "pa\\"ris]", "unit": "c"}', True), ("get_time", '{"utc": true}', True)]
+    assert required_calls_so_far(text) == whole
+    seen = [[], []]
+    for end in range(len(text) + 1):
+        for j, (name, arguments, done) in enumerate(required_calls_so_far(text[:end])):
+            assert name in (None, whole[j][0]) and whole[j][1].startswith(arguments) and done <= whole[j][2]
+            seen[j].append(arguments)
+    assert seen[0][-1] == whole[0][1] and seen[1][-1] == whole[1][1]
+    assert required_calls_so_far("not an array") == [] and required_calls_so_far('[{"name": "get_') == \
+        [(None, "", False)]
 
 
 def test_a_conversation_with_calls_and_results_goes_on_and_none_gives_text(client):
