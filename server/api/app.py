@@ -18,6 +18,7 @@ from server.api import tools, translate
 from server.api.auth import APIKeyMiddleware
 from server.api.errors import APIError, from_router, install_handlers
 from server.api.reasoning import reasoning_parser_named
+from server.api.resolver import AdapterResolver
 from server.api.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest,
     UnloadAdapterRequest,
@@ -59,6 +60,8 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="Tessera", lifespan=lifespan)
     app.state.engine, app.state.metrics = engine, metrics
+    resolver_dir = engine.config.lora_resolver_dir
+    app.state.resolver = AdapterResolver(engine, resolver_dir) if resolver_dir is not None else None
     runner = Runner(engine, metrics)
     install_handlers(app, metrics.observe_error)
     if api_key:
@@ -208,7 +211,10 @@ async def _grammar(engine, body, tool_mode: str | None):
 
 
 async def _composition(engine, body, request: Request):
-    """The request's composition; text routing (`auto`) runs its blocking encoder in a worker thread."""
+    """The request's composition; text routing (`auto`) runs its blocking encoder in a worker thread, and
+    adapters of the LoRA resolver directory load first (`api.resolver`)."""
+    if request.app.state.resolver is not None:
+        await request.app.state.resolver.resolve(body)
     tags = translate.requested_tags(body, request.headers.get(translate.TASK_HEADER), engine.model_name,
                                     engine.library)
     if tags.task != AUTO or text_router(engine) is None:

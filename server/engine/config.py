@@ -48,6 +48,11 @@ class EngineConfig:
     """Allow loading PEFT LoRA adapters as modules while serving (POST /v1/load_lora_adapter, as vLLM's
     VLLM_ALLOW_RUNTIME_LORA_UPDATING): the pool then has max_loaded_modules slots of rank max_rank (default
     at least 16) even when the library is smaller or absent. Off by default: it reads server-side paths."""
+    lora_resolver_dir: str | None = None
+    """A directory of PEFT LoRA adapters, one per subdirectory: a request naming an unknown model or module
+    NAME (as `model`, or in `modules`) loads DIR/NAME as a module on first use and keeps it (vLLM's filesystem
+    LoRA resolver; LoRAX's dynamic adapters). The module pool is then sized as with runtime_modules; the
+    load and unload endpoints stay off unless runtime_modules is set too."""
     tool_call_parser: str | None = None
     """How the API reads tool calls out of free text for tool_choice auto, as vLLM's --tool-call-parser:
     hermes (`<tool_call>{...}</tool_call>`: Qwen2.5, Qwen3, Hermes), llama3_json (`{"name": ..., "parameters":
@@ -67,6 +72,10 @@ class EngineConfig:
     async_scheduling: str = "auto"
     """Plan and launch step N+1 before step N's tokens are read back, so the CPU work between steps overlaps
     the device's: auto (on CUDA; off on the CPU), on or off. Outputs are the same either way."""
+
+    def modules_added_while_serving(self) -> bool:
+        """Whether modules can join the library after start-up (runtime_modules or a LoRA resolver)."""
+        return self.runtime_modules is True or self.lora_resolver_dir is not None
 
     def served_name(self) -> str:
         """The backbone's model name in the API: a local directory's name, or the Hub id as given."""

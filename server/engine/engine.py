@@ -177,9 +177,9 @@ class Engine:
             future.set_result(None)
 
     def _add_module(self, info, weights, replace: bool) -> None:
-        if self.config.runtime_modules is not True:
+        if not self.config.modules_added_while_serving():
             raise ValueError("modules cannot be added while serving: start the engine with runtime_modules "
-                             "(`tessera serve --runtime-modules`)")
+                             "(`tessera serve --runtime-modules`) or a lora_resolver_dir")
         from router.library import with_standalone_module
 
         library, replacing = self.library, replace and info.name in self.runtime_modules

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -104,7 +105,9 @@ def build_parts(config: EngineConfig) -> EngineParts:
     model_dir = str(resolve_model_dir(config.model))
     library = _load_library(config, model_dir)
     largest = max((m.rank for m in library.modules.values()), default=8) if library else 8
-    if config.runtime_modules:
+    if config.lora_resolver_dir is not None and not Path(config.lora_resolver_dir).expanduser().is_dir():
+        raise ValueError(f"lora_resolver_dir {config.lora_resolver_dir!r} is not a directory")
+    if config.modules_added_while_serving():
         largest = max(largest, RUNTIME_MIN_RANK)
         num_slots = config.max_loaded_modules
     else:
