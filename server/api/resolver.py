@@ -29,7 +29,7 @@ class AdapterResolver:
         """(name, the request parameter that names it) of each adapter `body` asks for that the library lacks
         and the directory holds."""
         backbone, library = self.engine.model_name, self.engine.library
-        prefix, sep, rest = body.model.partition(":")
+        prefix, sep, rest = body.model.rpartition(":")
         names = [(rest if sep and prefix == backbone else body.model, "model")]
         names += [(name, "modules") for name in body.modules or {}]
         found = []

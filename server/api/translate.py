@@ -40,7 +40,7 @@ def _task_from_model(model: str, backbone: str, library) -> tuple[str | None, st
     """
     if model == backbone:
         return None, None
-    prefix, sep, rest = model.partition(":")
+    prefix, sep, rest = model.rpartition(":")  # names never hold ":"; a backbone may
     name = rest if sep and prefix == backbone and rest else model
     if name == AUTO:
         return AUTO, None

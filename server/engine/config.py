@@ -11,6 +11,9 @@ class EngineConfig:
 
     model: str
     """Hugging Face model directory (config.json, safetensors, tokenizer), or a Hub id (org/name)."""
+    served_model_name: str | None = None
+    """The backbone's name in the API (requests' `model`, /v1/models), as vLLM's --served-model-name; None:
+    the model directory's name, or the Hub id."""
     library: str | None = None
     """Module library directory; none serves the backbone alone."""
     dtype: str = "auto"
@@ -78,9 +81,15 @@ class EngineConfig:
         return self.runtime_modules is True or self.lora_resolver_dir is not None
 
     def served_name(self) -> str:
-        """The backbone's model name in the API: a local directory's name, or the Hub id as given."""
+        """The backbone's model name in the API: served_model_name, else a local directory's name, or the Hub
+        id as given."""
         from pathlib import Path
 
+        if self.served_model_name is not None:
+            if not self.served_model_name.strip() or self.served_model_name == "auto":
+                raise ValueError(f"served_model_name must be a non-empty name other than auto, got "
+                                 f"{self.served_model_name!r}")
+            return self.served_model_name
         local = Path(self.model).expanduser()
         return local.name if local.is_dir() else self.model
 

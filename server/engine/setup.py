@@ -45,6 +45,10 @@ def _load_library(config: EngineConfig, model_dir: str):
 
     expect = fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
     library = ModuleLibrary.load(config.library, expect=expect) if config.library is not None else None
+    served = config.served_name()
+    if library is not None and (served in library.tasks or served in library.modules):
+        raise ValueError(f"the backbone's served name {served!r} is also a task or module of the library; "
+                         "choose another --served-model-name")
     for spec in config.lora_modules:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
