@@ -14,14 +14,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.text import AUTO
 
-from server.api import tools, translate
+from server.api import openai_responses, tools, translate
 from server.api.auth import APIKeyMiddleware
 from server.api.errors import APIError, from_router, install_handlers
 from server.api.reasoning import reasoning_parser_named
 from server.api.resolver import AdapterResolver
 from server.api.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest,
-    UnloadAdapterRequest,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, ResponsesRequest,
+    TokenizeRequest, UnloadAdapterRequest,
 )
 from server.api.responses import collect, composition_header, stream
 from server.api.serving import Call, Runner, until_disconnected
@@ -79,21 +79,37 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     async def models():
         return {"object": "list", "data": model_cards(engine)}
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request):
+    async def chat_call(body: ChatCompletionRequest, request: Request) -> Call:
         mode = tools.tool_mode(body, engine.config.tool_call_parser)
         prompt = translate.truncated(translate.chat_prompt(body, engine.tokenizer), body, engine.max_model_len)
         echo = translate.chat_echo(body, mode, reasoning is not None)
         start = reasoning.start(engine.tokenizer.decode(prompt)) if reasoning is not None else None
-        return await _serve(runner, "chat", body, [prompt] * body.n, request,
-                            None if echo is None else [echo] * body.n, mode, start)
+        return await _call(runner, "chat", body, [prompt] * body.n, request,
+                           None if echo is None else [echo] * body.n, mode, start)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        return await _respond(runner, await chat_call(body, request), body.stream, request)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        chat_body = openai_responses.chat_request(body)
+        call = await chat_call(chat_body, request)
+        if body.stream:
+            return StreamingResponse(openai_responses.events(runner, call, body), media_type="text/event-stream",
+                                     headers=composition_header(call))
+        result = await until_disconnected(request, collect(runner, call))
+        if result is None:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(openai_responses.response_body(result, body, call, engine.tokenizer), headers=composition_header(call))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompts = translate.completion_prompts(body, engine.tokenizer, engine.max_model_len)
         echo = translate.echo_texts(body, prompts, engine.tokenizer)
         echo = [text for text in echo for _ in range(body.n)] if echo is not None else None
-        return await _serve(runner, "text", body, [p for p in prompts for _ in range(body.n)], request, echo)
+        call = await _call(runner, "text", body, [p for p in prompts for _ in range(body.n)], request, echo)
+        return await _respond(runner, call, body.stream, request)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -150,11 +166,11 @@ async def _change_modules(engine, change, body) -> None:
         raise APIError(400, str(error), None, "invalid_adapter") from None
 
 
-async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], request: Request,
-                 echo_texts: list[str] | None = None, tool_mode: str | None = None,
-                 reasoning_start: str | None = None):
-    """Resolve the composition and sampling params of every choice, then stream or collect them (a chat reply
-    of a reasoning model starts where `reasoning_start` says: `server.api.reasoning`)."""
+async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], request: Request,
+                echo_texts: list[str] | None = None, tool_mode: str | None = None,
+                reasoning_start: str | None = None) -> Call:
+    """The call a body asks for: the composition and sampling params of every choice, its constraint (a chat
+    reply of a reasoning model starts where `reasoning_start` says: `server.api.reasoning`)."""
     engine = runner.engine
     composition = await _composition(engine, body, request)
     default_max = None if kind == "chat" else 16
@@ -177,8 +193,13 @@ async def _serve(runner: Runner, kind: str, body, prompts: list[list[int]], requ
                 tool_mode, body.prompt_logprobs is not None,
                 frozenset(t.function.name for t in getattr(body, "tools", None) or ()), parser,
                 reasoning, reasoning_start, grammar_after)
+    return call
+
+
+async def _respond(runner: Runner, call: Call, streamed: bool, request: Request):
+    """Stream `call`'s chunks, or collect them into one body (nothing if the client left first)."""
     headers = composition_header(call)
-    if body.stream:
+    if streamed:
         return StreamingResponse(stream(runner, call), media_type="text/event-stream", headers=headers)
     result = await until_disconnected(request, collect(runner, call))
     if result is None:

@@ -350,3 +350,134 @@ class UnloadAdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     lora_name: str = Field(min_length=1)
+
+
+class ResponseContentPart(BaseModel):
+    """A text part of a Responses API item (images and files are not served)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["input_text", "output_text", "text", "reasoning_text", "summary_text"]
+    text: str
+
+
+class ResponseInputItem(BaseModel):
+    """One item of a Responses API `input`: a message, a function call the model made, its output, or the
+    model's earlier reasoning."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["message", "function_call", "function_call_output", "reasoning"] = "message"
+    role: Literal["user", "system", "developer", "assistant"] | None = None
+    content: str | list[ResponseContentPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+    summary: list[ResponseContentPart] | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self):
+        needs = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
+                 "function_call_output": ("call_id", "output"), "reasoning": ()}[self.type]
+        missing = [name for name in needs if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.type} item needs {', '.join(missing)}")
+        return self
+
+    def text(self) -> str:
+        parts = self.content if isinstance(self.content, list) else None
+        if parts is None:
+            return self.content or ""
+        return "".join(part.text for part in parts)
+
+
+class ResponsesTool(BaseModel):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ResponsesNamedTool(BaseModel):
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+
+
+class ResponsesTextFormat(BaseModel):
+    """`text.format`: plain text, any JSON object, or JSON under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponsesText(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    format: ResponsesTextFormat | None = None
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses, OpenAI's Responses API, stateless: the whole conversation comes in `input`.
+
+    Served as a chat completion (`openai_responses.chat_request`). Beside OpenAI's fields, Tessera's `task` and
+    `modules` and these of the chat endpoint are accepted: `RESPONSES_EXTRAS`."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    input: str | list[ResponseInputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    tools: list[ResponsesTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedTool | None = None
+    parallel_tool_calls: bool = True
+    text: ResponsesText | None = None
+    store: bool | None = None
+    """Accepted and not honoured: nothing is stored (the response says `store: false`)."""
+    metadata: dict[str, str] | None = None
+    previous_response_id: str | None = None
+    truncation: Literal["disabled", "auto"] = "disabled"
+    user: str | None = None
+    task: str | None = Field(default=None, min_length=1)
+    modules: dict[str, float] | None = None
+    seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    chat_template_kwargs: dict | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value):
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("previous_response_id")
+    @classmethod
+    def _stateless(cls, value):
+        if value is not None:
+            raise ValueError("responses are not stored: send the whole conversation in input")
+        return value
+
+    @field_validator("truncation")
+    @classmethod
+    def _no_truncation(cls, value):
+        if value == "auto":
+            raise ValueError("auto truncation is not supported; shorten the input (or use truncate_prompt_tokens "
+                             "on /v1/chat/completions)")
+        return value
+
+
+RESPONSES_EXTRAS = ("task", "modules", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "stop", "ignore_eos", "min_tokens", "chat_template_kwargs")
+"""ResponsesRequest fields passed to the chat completion as they are, when given."""

@@ -229,12 +229,22 @@ class _ChatChoice:
 
 
 async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
-    """SSE chunks: a role chunk per choice (chat), content increments, usage if asked, [DONE]."""
+    """SSE chunks: a role chunk per choice (chat), content increments, usage if asked, [DONE] (not after an
+    error, whose body is the last event)."""
+    async for chunk in chunks(runner, call):
+        yield sse(chunk)
+        if "error" in chunk:
+            return
+    yield sse("[DONE]")
+
+
+async def chunks(runner: Runner, call: Call) -> AsyncIterator[dict]:
+    """The chunks of a streamed call, as dicts; an error's body ends them."""
     n = len(call.prompts)
     choices = [_ChatChoice(call, runner, i) for i in range(n)] if call.kind == "chat" else None
     for i in range(n if choices else 0):
         first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        yield sse(call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)})
+        yield call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)}
     completion_tokens, cached_tokens, text_offsets, echoed = [0] * n, [0] * n, [0] * n, set()
     try:
         async for index, output in runner.outputs(call):
@@ -242,16 +252,15 @@ async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
             cached_tokens[index] = output.num_cached_tokens
             if choices is not None:
                 for chunk in choices[index].chunks(output):
-                    yield sse(chunk)
+                    yield chunk
                 continue
             echo = _echoes(call, index, echoed)
             if output.text or output.finished or output.logprobs or echo:
-                yield sse(_chunk(call, runner, index, output, text_offsets[index], echo))
+                yield _chunk(call, runner, index, output, text_offsets[index], echo)
             text_offsets[index] += len(output.text) + (len(call.echo_texts[index]) if echo else 0)
     except APIError as error:
-        yield sse(error.body())
+        yield error.body()
         return
     if call.include_usage:
         total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens))
-        yield sse(call.envelope(stream=True) | {"choices": [], "usage": total, "tessera": _tessera(call)})
-    yield sse("[DONE]")
+        yield call.envelope(stream=True) | {"choices": [], "usage": total, "tessera": _tessera(call)}

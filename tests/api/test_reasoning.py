@@ -126,3 +126,19 @@ def test_earlier_reasoning_reaches_the_template_and_echo_is_refused(thinker):
     assert "<think>\nit scatters blue light\n</think>\n\nyes" in served.engine.tokenizer.decode(ids)
     response = http.post("/v1/chat/completions", json={"model": served.backbone, "messages": MESSAGES, "echo": True})
     assert response.status_code == 400 and response.json()["error"]["param"] == "echo"
+
+
+def test_the_responses_api_returns_the_reasoning_as_its_own_item(thinker):
+    served, http = thinker
+    client = served.client()
+    chat = _post(http, "/v1/chat/completions", {"model": served.backbone, "messages": MESSAGES, **GREEDY})
+    reasoning = chat["choices"][0]["message"]["reasoning"]
+    kwargs = dict(model=served.backbone, input=MESSAGES, temperature=0.0, max_output_tokens=8,
+                  extra_body={"ignore_eos": True})
+    response = client.responses.create(**kwargs)
+    (item,) = response.output
+    assert item.type == "reasoning" and item.content[0].text == reasoning and response.output_text == ""
+    assert response.usage.output_tokens_details.reasoning_tokens > 0
+    events = list(client.responses.create(**kwargs, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == reasoning
+    assert events[-1].response.output[0].content[0].text == reasoning
