@@ -43,7 +43,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     """
     tools.parser_named(engine.config.tool_call_parser)  # an unknown parser fails at start-up
     reasoning = reasoning_parser_named(engine.config.reasoning_parser)
-    metrics = Metrics()
+    metrics = Metrics(engine.model_name, engine.scheduler.modules.num_slots)
     engine.step_observer = metrics.observe_step
     metrics.observe_step(engine.stats())
 

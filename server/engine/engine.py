@@ -410,6 +410,8 @@ class Engine:
             modules_resident=scheduler.modules.num_resident,
             module_slots_total=scheduler.modules.num_slots,
             kv_blocks_cached=scheduler.blocks.num_cached,
+            running_modules=scheduler.modules.pinned,
+            waiting_modules=scheduler.waiting_module_ids(),
         )
 
     # -- synchronous use (tests, offline batches) -------------------------------------------------

@@ -76,5 +76,10 @@ class ModulePool:
         return len(self._slot_of)
 
     @property
+    def pinned(self) -> tuple[str, ...]:
+        """Modules running requests use."""
+        return tuple(self._pins)
+
+    @property
     def num_pinned(self) -> int:
         return len(self._pins)

@@ -142,3 +142,7 @@ class StepStats:
     """Of those, tokens found cached."""
     kv_blocks_cached: int = 0
     """KV blocks registered in the prefix cache after the step (held or free)."""
+    running_modules: tuple[str, ...] = ()
+    """Modules that running requests use, after the step."""
+    waiting_modules: tuple[str, ...] = ()
+    """Modules that waiting requests use, after the step."""

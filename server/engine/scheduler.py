@@ -31,7 +31,7 @@ one still runs (asynchronous scheduling), with these rules:
 from __future__ import annotations
 
 import enum
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from server.engine.kv_pool import BlockPool, block_hashes, composition_root
@@ -125,6 +125,8 @@ class Scheduler:
         self.modules = modules
         self.eos_ids = eos_ids
         self.waiting: deque[RequestState] = deque()
+        self.waiting_modules: Counter[str] = Counter()
+        """How many waiting requests use each module (only modules some waiting request uses)."""
         self.running: list[RequestState] = []
         self.states: dict[str, RequestState] = {}
         self._known_to_runner: set[str] = set()
@@ -149,7 +151,18 @@ class Scheduler:
             self.num_structured += 1
         self.states[request.request_id] = state
         self.waiting.append(state)
+        self.waiting_modules.update(request.composition.module_ids)
         return state
+
+    def waiting_module_ids(self) -> tuple[str, ...]:
+        """Modules that waiting requests use."""
+        return tuple(self.waiting_modules)
+
+    def _unwait_modules(self, state: RequestState) -> None:
+        for module_id in state.request.composition.module_ids:
+            self.waiting_modules[module_id] -= 1
+            if not self.waiting_modules[module_id]:
+                del self.waiting_modules[module_id]
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -217,6 +230,7 @@ class Scheduler:
             self.prefix_hits_last_step += num_cached
         state.status = Status.RUNNING
         self.waiting.popleft()
+        self._unwait_modules(state)
         self.running.append(state)
         self._put(plan, state, num_tokens, state.block_ids)
         return num_tokens
@@ -298,6 +312,7 @@ class Scheduler:
         state.status = Status.WAITING
         state.num_computed_tokens = 0
         self.waiting.appendleft(state)
+        self.waiting_modules.update(state.request.composition.module_ids)
         self.num_preempted_last_step += 1
 
     def _release(self, state: RequestState) -> None:
@@ -395,6 +410,7 @@ class Scheduler:
             return None
         if state.status is Status.WAITING:
             self.waiting.remove(state)
+            self._unwait_modules(state)
         self._release(state)
         if state.num_placeholders:
             del state.token_ids[-state.num_placeholders :]

@@ -55,6 +55,52 @@ def test_metrics_count_requests_tokens_latency_and_steps(server):
         assert after[(gauge, ())] == 0
 
 
+def test_vllm_metric_names_report_the_same_traffic(server):
+    name = {"model_name": server.backbone}
+    before = scrape(server)
+    responses = [chat(server), chat(server)]
+    usage = [r.json()["usage"] for r in responses]
+    after = scrape(server)
+
+    def delta(sample: str, **labels) -> float:
+        key = (sample, tuple(sorted((name | labels).items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("vllm:request_success_total", finished_reason="length") == 2
+    assert delta("vllm:prompt_tokens_total") == sum(u["prompt_tokens"] for u in usage)
+    assert delta("vllm:generation_tokens_total") == sum(u["completion_tokens"] for u in usage)
+    assert delta("vllm:time_to_first_token_seconds_count") == delta("vllm:e2e_request_latency_seconds_count") == 2
+    assert delta("vllm:prefix_cache_hits_total") == sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage)
+    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert after[(gauge, tuple(name.items()))] == 0
+
+
+def test_vllm_lora_requests_info_names_the_modules_of_running_and_waiting_requests(server):
+    from prometheus_client import generate_latest
+
+    from server.engine.request import StepStats
+    from server.metrics import Metrics
+
+    def series(metrics: Metrics) -> list[dict]:
+        text = generate_latest(metrics.registry).decode()
+        return [s.labels for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "vllm:lora_requests_info"]
+
+    metrics = Metrics("llama", max_modules=4)
+    step = dict(num_seqs=2, num_tokens=2, num_running=2, num_waiting=1, kv_blocks_used=3, kv_blocks_total=10,
+                num_preempted=0, step_seconds=0.01)
+    metrics.observe_step(StepStats(**step, running_modules=("m1", "m0"), waiting_modules=("m2",)))
+    assert series(metrics) == [{"max_lora": "4", "waiting_lora_adapters": "m2", "running_lora_adapters": "m0,m1"}]
+    metrics.observe_step(StepStats(**step, running_modules=("m2",)))
+    assert series(metrics) == [{"max_lora": "4", "waiting_lora_adapters": "", "running_lora_adapters": "m2"}]
+
+    response = chat(server, model=server.backbone, modules={"m1": 1.0})  # the real server, once idle again
+    assert response.status_code == 200
+    (labels,) = [dict(labels) for (name, labels), _ in scrape(server).items() if name == "vllm:lora_requests_info"]
+    assert labels == {"max_lora": str(server.engine.scheduler.modules.num_slots), "waiting_lora_adapters": "",
+                      "running_lora_adapters": ""}
+
+
 def wait_for(condition, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

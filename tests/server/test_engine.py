@@ -167,3 +167,15 @@ def test_stop_text_and_special_tokens_follow_the_request(setup):
         **forced, skip_special_tokens=skip))])["sp"] for skip in (False, True))
     assert _tokens(shown) == _tokens(hidden) == [special] * 3
     assert "".join(o.text for o in shown) == "<|im_start|>" * 3 and "".join(o.text for o in hidden) == ""
+
+
+def test_step_stats_name_the_modules_of_running_and_waiting_requests(setup):
+    engine = _engine(setup, max_num_seqs=1)
+    seen = []
+    engine.step_observer = lambda stats: seen.append((stats.running_modules, stats.waiting_modules))
+    greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    engine.generate_batch([Request("a", PROMPTS[1], greedy, COMPOSITIONS[0]),
+                           Request("b", PROMPTS[2], greedy, COMPOSITIONS[1])])
+    assert seen[0] == (("m0",), ("m1", "m2"))  # b waits: one sequence at a time
+    assert (tuple(sorted(seen[-2][0])), seen[-2][1]) == (("m1", "m2"), ())
+    assert seen[-1] == ((), ())

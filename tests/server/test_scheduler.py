@@ -134,3 +134,22 @@ def test_request_waits_for_module_slots():
         _step(scheduler)
     plan = _step(scheduler)
     assert list(plan.num_scheduled_tokens) == ["b"] and plan.module_loads == [(0, "m1")]
+
+
+def test_the_modules_of_running_and_waiting_requests_are_known_at_every_step():
+    scheduler = _scheduler(num_blocks=4, block_size=2, budget=100, max_seqs=2, slots=3)
+    scheduler.add(_request("a", 3, max_tokens=5, modules=("m0",)), seed=0)
+    scheduler.add(_request("b", 3, max_tokens=5, modules=("m1", "m0")), seed=0)
+    scheduler.add(_request("c", 1, max_tokens=1, modules=("m2",)), seed=0)  # over max_seqs: waits
+    assert sorted(scheduler.waiting_module_ids()) == ["m0", "m1", "m2"] and scheduler.modules.pinned == ()
+    _step(scheduler)
+    assert sorted(scheduler.modules.pinned) == ["m0", "m1"] and scheduler.waiting_module_ids() == ("m2",)
+    _step(scheduler)
+    _step(scheduler)  # b is preempted for blocks: its modules wait again
+    assert scheduler.states["b"].status is Status.WAITING
+    assert sorted(scheduler.waiting_module_ids()) == ["m0", "m1", "m2"] and scheduler.modules.pinned == ("m0",)
+    scheduler.finish("c", "abort")  # a waiting request that leaves takes its module with it
+    assert sorted(scheduler.waiting_module_ids()) == ["m0", "m1"]
+    while scheduler.has_work():
+        _step(scheduler)
+    assert scheduler.waiting_module_ids() == () and scheduler.modules.pinned == ()
