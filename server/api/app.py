@@ -192,8 +192,14 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
     call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts,
                 tool_mode, body.prompt_logprobs is not None,
                 frozenset(t.function.name for t in getattr(body, "tools", None) or ()), parser,
-                reasoning, reasoning_start, grammar_after)
+                reasoning, reasoning_start, grammar_after, _priority(engine, body))
     return call
+
+
+def _priority(engine, body) -> int:
+    if body.priority and engine.config.scheduling_policy != "priority":
+        raise APIError(400, "priority needs the server started with --scheduling-policy priority", "priority")
+    return body.priority
 
 
 async def _respond(runner: Runner, call: Call, streamed: bool, request: Request):

@@ -162,6 +162,8 @@ class _Common(BaseModel):
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     """vLLM's: return the logprob and rank of every prompt token, plus this many top alternatives."""
     ignore_eos: bool = False
+    priority: int = 0
+    """vLLM's: with --scheduling-policy priority, lower values are served first (and preempted last)."""
     user: str | None = None
     task: str | None = Field(default=None, min_length=1)
     modules: dict[str, float] | None = None
@@ -454,6 +456,7 @@ class ResponsesRequest(BaseModel):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     chat_template_kwargs: dict | None = None
+    priority: int | None = None
 
     @field_validator("input")
     @classmethod
@@ -479,5 +482,5 @@ class ResponsesRequest(BaseModel):
 
 
 RESPONSES_EXTRAS = ("task", "modules", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "stop", "ignore_eos", "min_tokens", "chat_template_kwargs")
+                    "frequency_penalty", "stop", "ignore_eos", "min_tokens", "chat_template_kwargs", "priority")
 """ResponsesRequest fields passed to the chat completion as they are, when given."""

@@ -53,6 +53,8 @@ class Call:
     """With `reasoning`: where the replies start (`reasoning.Start`)."""
     grammar_after: int | None = None
     """With `grammar`: the token id it begins after (`Request.grammar_after`)."""
+    priority: int = 0
+    """`Request.priority` of every choice."""
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -89,7 +91,7 @@ class Runner:
 
     async def _choice(self, call: Call, index: int, sink: asyncio.Queue) -> None:
         request = Request(f"{call.call_id}-{index}", call.prompts[index], call.params[index], call.composition,
-                          grammar=call.grammar, grammar_after=call.grammar_after)
+                          grammar=call.grammar, grammar_after=call.grammar_after, priority=call.priority)
         timing = RequestTiming(time.monotonic())
         timing.num_prompt_tokens = len(call.prompts[index])
         status = "abort"

@@ -24,6 +24,9 @@ class EngineConfig:
     """Tokens per KV-cache block."""
     max_num_seqs: int = 64
     """Requests running at once at most."""
+    scheduling_policy: str = "fcfs"
+    """fcfs (first come, first served) or priority: requests' `priority` (lower first, then arrival) orders
+    admission, and the lowest ranked running request is preempted first (vLLM's --scheduling-policy)."""
     max_num_batched_tokens: int = 512
     """Tokens per step at most (the token budget); longer prompts are prefilled in chunks."""
     max_model_len: int | None = None

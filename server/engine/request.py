@@ -69,6 +69,8 @@ class Request:
     grammar: object | None = None
     """A compiled structured-output constraint (`Engine.compile_grammar`), or None; each request walks its own
     matcher of it."""
+    priority: int = 0
+    """Under the priority scheduling policy: lower values are admitted first and preempted last (vLLM's)."""
     grammar_after: int | None = None
     """With `grammar`: a token id the constraint begins after (a reasoning model's end of reasoning, so the
     grammar shapes the answer only); None: from the first token."""

@@ -30,6 +30,7 @@ one still runs (asynchronous scheduling), with these rules:
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -79,6 +80,13 @@ class RequestState:
     """Its last token is the EOS or stop token that ended it (whose text the output leaves out)."""
     matcher: object | None = None
     """Its structured-output matcher (`structured.new_matcher`), fed every token it samples; None when free."""
+    arrival: int = 0
+    """Its place in the order requests reached the scheduler."""
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Its place under the priority policy: lower priority values first, then earlier arrivals."""
+        return self.request.priority, self.arrival
 
     @property
     def request_id(self) -> str:
@@ -116,6 +124,16 @@ class SchedulerConfig:
     """Tokens per step at most."""
     max_model_len: int
     """Prompt plus output tokens at most."""
+    policy: str = "fcfs"
+    """fcfs: first come, first served; priority: by `Request.priority` (lower first), then arrival (vLLM's
+    --scheduling-policy)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+
+
+POLICIES = ("fcfs", "priority")
 
 
 class Scheduler:
@@ -134,6 +152,7 @@ class Scheduler:
         self._in_flight: dict[int, dict[str, RequestState]] = {}
         """Per planned step not updated yet: the requests that sample in it, in batch order."""
         self._num_steps = 0
+        self._num_arrivals = 0
         self.num_preempted_last_step = 0
         self.num_structured = 0
         """Unfinished requests with a structured-output matcher."""
@@ -143,20 +162,32 @@ class Scheduler:
         """Of those, tokens found cached (not computed)."""
 
     def add(self, request: Request, seed: int) -> RequestState:
-        state = RequestState(request, list(request.prompt_token_ids), seed)
+        state = RequestState(request, list(request.prompt_token_ids), seed, arrival=self._num_arrivals)
+        self._num_arrivals += 1
         if request.grammar is not None:
             from server.engine.structured import new_matcher
 
             state.matcher = new_matcher(request.grammar, request.grammar_after)
             self.num_structured += 1
         self.states[request.request_id] = state
-        self.waiting.append(state)
-        self.waiting_modules.update(request.composition.module_ids)
+        self._enqueue(state)
         return state
 
     def waiting_module_ids(self) -> tuple[str, ...]:
         """Modules that waiting requests use."""
         return tuple(self.waiting_modules)
+
+    def _enqueue(self, state: RequestState, preempted: bool = False) -> None:
+        """Queue `state` for admission: FCFS at the back (a preempted request at the front); by priority at its
+        rank's place (a preempted request keeps its arrival, so it goes before later ones of its priority)."""
+        if self.config.policy == "priority":
+            ranks = [waiting.rank for waiting in self.waiting]
+            self.waiting.insert(bisect.bisect_right(ranks, state.rank), state)
+        elif preempted:
+            self.waiting.appendleft(state)
+        else:
+            self.waiting.append(state)
+        self.waiting_modules.update(state.request.composition.module_ids)
 
     def _unwait_modules(self, state: RequestState) -> None:
         for module_id in state.request.composition.module_ids:
@@ -174,11 +205,12 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         self.num_preempted_last_step = self.prefix_queries_last_step = self.prefix_hits_last_step = 0
         preempted = False
-        for state in list(self.running):
+        by_priority = self.config.policy == "priority"
+        for state in sorted(self.running, key=_rank) if by_priority else list(self.running):
             if budget == 0 or state.status is not Status.RUNNING or state.will_finish(self.config.max_model_len):
                 continue
             num_tokens = min(len(state.token_ids) - state.num_computed_tokens, budget)
-            new_blocks = self._grow(state, num_tokens)
+            new_blocks = self._grow(state, num_tokens, plan)
             if new_blocks is None:
                 preempted = True
                 continue
@@ -192,11 +224,16 @@ class Scheduler:
         plan.dropped += self._take_dropped()
         return plan
 
-    def _grow(self, state: RequestState, num_tokens: int) -> list[int] | None:
-        """Blocks `state` needs for `num_tokens` more tokens, preempting others (or itself) for room."""
+    def _grow(self, state: RequestState, num_tokens: int, plan: StepPlan) -> list[int] | None:
+        """Blocks `state` needs for `num_tokens` more tokens, preempting others (or itself) for room: the last
+        admitted (FCFS) or the lowest ranked (priority) of the requests this step has not scheduled yet, which
+        running requests are visited in that order, so never one already in the plan."""
         need = self.blocks.blocks_for(state.num_computed_tokens + num_tokens) - len(state.block_ids)
         while need > self.blocks.num_free:
-            victim = self.running[-1]
+            if self.config.policy == "priority":
+                victim = max((r for r in self.running if r.request_id not in plan.num_scheduled_tokens), key=_rank)
+            else:
+                victim = self.running[-1]
             self._preempt(victim)
             if victim is state:
                 return None
@@ -311,8 +348,7 @@ class Scheduler:
         self._release(state)
         state.status = Status.WAITING
         state.num_computed_tokens = 0
-        self.waiting.appendleft(state)
-        self.waiting_modules.update(state.request.composition.module_ids)
+        self._enqueue(state, preempted=True)
         self.num_preempted_last_step += 1
 
     def _release(self, state: RequestState) -> None:
@@ -420,3 +456,7 @@ class Scheduler:
         if state.matcher is not None:
             self.num_structured -= 1
         return state
+
+
+def _rank(state: RequestState) -> tuple[int, int]:
+    return state.rank

@@ -112,6 +112,7 @@ def test_min_p_of_one_is_greedy_and_stop_and_special_token_controls_shape_the_te
     ({"messages": [USER], "min_p": 1.5}, "min_p"),
     ({"messages": [USER], "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ({"messages": [USER], "stop_token_ids": [10**9]}, "stop_token_ids"),
+    ({"messages": [USER], "priority": 1}, "priority"),  # the server schedules first come, first served
     ({"messages": [USER], "echo": True, "tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": "required"}, "echo"),
 ])
@@ -120,3 +121,16 @@ def test_bad_extensions_are_400_naming_the_parameter(http, body, param):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
+
+
+def test_priorities_are_served_under_the_priority_policy(tiny_llama, library_dir):
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from tests.api.conftest import MAX_MODEL_LEN, serve
+
+    engine = Engine(EngineConfig(model=tiny_llama, library=library_dir, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN,
+                                 scheduling_policy="priority"))
+    with serve(engine) as served, httpx.Client(base_url=served.url, timeout=60) as http:
+        body = {"model": "reverse", "prompt": "the quick", **GREEDY}
+        texts = {p: _post(http, "/v1/completions", body | {"priority": p})["choices"][0]["text"] for p in (-3, 0, 7)}
+        assert len(set(texts.values())) == 1  # priority orders the queue; it changes no token

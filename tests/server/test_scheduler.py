@@ -153,3 +153,45 @@ def test_the_modules_of_running_and_waiting_requests_are_known_at_every_step():
     while scheduler.has_work():
         _step(scheduler)
     assert scheduler.waiting_module_ids() == () and scheduler.modules.pinned == ()
+
+
+def _prioritized(rid, n, priority, max_tokens=4):
+    request = _request(rid, n, max_tokens)
+    return Request(request.request_id, request.prompt_token_ids, request.sampling, request.composition,
+                   priority=priority)
+
+
+def test_the_priority_policy_admits_by_priority_then_arrival():
+    order = {}
+    for policy in ("fcfs", "priority"):
+        scheduler = Scheduler(SchedulerConfig(1, 8, 128, policy), BlockPool(16, 4, caching=False), ModulePool(2), {0})
+        for rid, priority in (("late", 5), ("first", 0), ("second", 0)):
+            scheduler.add(_prioritized(rid, 3, priority, max_tokens=1), seed=0)
+        admitted = []
+        while scheduler.has_work():
+            admitted += [d.request_id for d in _step(scheduler).new]
+        order[policy] = admitted
+    assert order == {"fcfs": ["late", "first", "second"], "priority": ["first", "second", "late"]}
+
+
+def test_the_priority_policy_preempts_the_lowest_ranked_request_not_the_last_admitted():
+    waiting = {}
+    for policy in ("fcfs", "priority"):
+        scheduler = Scheduler(SchedulerConfig(2, 100, 128, policy), BlockPool(4, 2, caching=False), ModulePool(2), {0})
+        scheduler.add(_prioritized("low", 3, 1, max_tokens=5), seed=0)
+        _step(scheduler)  # low runs alone first
+        scheduler.add(_prioritized("high", 3, 0, max_tokens=5), seed=0)
+        _step(scheduler)  # high prefilled, low decodes: the pool is full
+        _step(scheduler)  # someone needs a third block
+        waiting[policy] = [rid for rid, state in scheduler.states.items() if state.status is Status.WAITING]
+        while scheduler.has_work():
+            _step(scheduler)
+        assert not scheduler.states and scheduler.blocks.num_used == 0
+    assert waiting == {"fcfs": ["high"], "priority": ["low"]}
+
+
+def test_an_unknown_policy_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, priority"):
+        SchedulerConfig(1, 8, 128, "lifo")
