@@ -1,0 +1,67 @@
+"""Random combinations of request fields against a real server: every answer is a 200 or a 4xx in the
+OpenAI error shape, never a 500 and never an error inside a 200 (a stream's error event included)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+
+import httpx
+
+def _body(rng: random.Random, kind: str) -> dict:
+    """A chat or text completion body with a random subset of the fields, some of them in conflict."""
+    b = {"model": rng.choice(["reverse", "uppercase", "auto", "m0", "reverse+uppercase"])}
+    if kind == "chat":
+        msgs = [{"role": "user", "content": rng.choice(["hi", "reverse: abc", "the quick brown fox"])}]
+        if rng.random() < 0.3:
+            msgs += [{"role": "assistant", "content": "the"}]
+        b["messages"] = msgs
+    else:
+        b["prompt"] = rng.choice(["the quick", ["a b", "c d"], [5, 6, 7], [[5, 6], [7, 8, 9]]])
+    opts = {
+        "max_tokens": lambda: rng.choice([1, 3, 8, 30]), "temperature": lambda: rng.choice([0, 0.7, 1.5]),
+        "top_p": lambda: rng.choice([0.5, 1.0]), "top_k": lambda: rng.choice([-1, 1, 5]),
+        "min_p": lambda: rng.choice([0.0, 0.2, 1.0]), "n": lambda: rng.choice([1, 2, 3]),
+        "seed": lambda: rng.randrange(100),
+        "stop": lambda: rng.choice(["e", ["o", " "], "the"]), "stream": lambda: rng.random() < 0.5,
+        "logprobs": lambda: (rng.random() < 0.5) if kind == "chat" else rng.choice([0, 2]),
+        "presence_penalty": lambda: rng.choice([0, 1.0]), "frequency_penalty": lambda: 0.5,
+        "repetition_penalty": lambda: rng.choice([1.0, 1.3]), "min_tokens": lambda: rng.choice([0, 2]),
+        "ignore_eos": lambda: rng.random() < 0.5, "include_stop_str_in_output": lambda: rng.random() < 0.5,
+        "skip_special_tokens": lambda: rng.random() < 0.5, "truncate_prompt_tokens": lambda: rng.choice([2, -1]),
+        "stop_token_ids": lambda: [rng.randrange(300)], "logit_bias": lambda: {str(rng.randrange(300)): 5},
+        "prompt_logprobs": lambda: rng.choice([0, 1]), "echo": lambda: rng.random() < 0.5,
+        "structured_outputs": lambda: rng.choice([{"choice": ["yes", "no"]}, {"regex": "[ab]{2,4}"},
+                                                  {"json_object": True}]),
+        "response_format": lambda: {"type": "json_object"},
+    }
+    if kind == "chat":
+        opts["top_logprobs"] = lambda: 2
+        opts["continue_final_message"] = lambda: True
+        opts["add_generation_prompt"] = lambda: False
+        schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+        opts["tools"] = lambda: [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+        opts["tool_choice"] = lambda: rng.choice(["required", "none", {"type": "function", "function": {"name": "f"}}])
+    for k in rng.sample(list(opts), rng.randrange(0, 8)):
+        b[k] = opts[k]()
+    if b.get("stream") and rng.random() < 0.5:
+        b["stream_options"] = {"include_usage": True}
+    return b
+
+def test_random_bodies_get_answers_or_clear_errors_never_a_server_error(server):
+    rng = random.Random(0)
+    bad, codes = [], []
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for _ in range(80):
+            kind = rng.choice(["chat", "text"])
+            body = _body(rng, kind)
+            path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+            r = http.post(path, json=body)
+            text = r.text
+            codes.append(r.status_code)
+            if r.status_code >= 500 or (r.status_code == 200 and '"server_error"' in text) or "Internal" in text:
+                bad.append((r.status_code, json.dumps(body), text[:300]))
+    assert not bad, bad[:5]
+    counts = collections.Counter(codes)
+    assert counts[200] >= 0.4 * len(codes) and set(counts) <= {200, 400, 404}, counts  # most combinations serve
