@@ -18,7 +18,7 @@
 #                (the web stack the GPU machine lacks, for the online stage, and xgrammar for the structured-output
 #                tests of stage `tests`, which skip without it)
 # Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer", ".wheels"]); results land in
-#                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online, prefix (default: first).
+#                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online, prefix, slots (default: first).
 # Budget:        a task that is lent a GPU now gets 15 minutes of device time in all, the machine's start
 #                (a minute or more) included, so a session has one full call and a short rerun. `first` is
 #                that call (about 8.5 minutes, every step under its own limit): no Triton code of this
@@ -72,7 +72,9 @@ for stage in $STAGES; do
       timeout 540 python3 benchmarks/serving/bench_online.py --out "$OUT/online.json" 2>&1 | tail -12 ;;
     prefix)
       timeout 240 python3 benchmarks/serving/bench_prefix.py --out "$OUT/bench_prefix.json" 2>&1 | tail -8 ;;
+    slots)
+      timeout 240 python3 benchmarks/serving/bench_module_slots.py --out "$OUT/bench_module_slots.json" 2>&1 | tail -6 ;;
     *)
-      echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online, prefix)" >&2; exit 2 ;;
+      echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online, prefix, slots)" >&2; exit 2 ;;
   esac
 done

@@ -178,6 +178,8 @@ class EngineSettings:
     """EngineConfig.async_scheduling: plan and launch step N+1 while N runs (auto: on CUDA), on, or off."""
     enable_prefix_caching: bool = True
     """EngineConfig.enable_prefix_caching."""
+    module_wait_steps: int = 32
+    """EngineConfig.module_wait_steps (0: requests waiting for module slots hold up the queue)."""
 
 
 def tessera_engine(
@@ -202,6 +204,7 @@ def tessera_engine(
         cuda_graphs=settings.cuda_graphs,
         async_scheduling=settings.async_scheduling,
         enable_prefix_caching=settings.enable_prefix_caching,
+        module_wait_steps=settings.module_wait_steps,
     )
     parts = assemble_parts(config, backbone, tokenizer, library, eos_ids=set())
     return Engine(config, step_observer=observer, parts=parts)

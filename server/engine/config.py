@@ -27,6 +27,9 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     """fcfs (first come, first served) or priority: requests' `priority` (lower first, then arrival) orders
     admission, and the lowest ranked running request is preempted first (vLLM's --scheduling-policy)."""
+    module_wait_steps: int = 32
+    """Steps a request waiting for module pool slots lets later requests (whose modules can be resident) be
+    admitted before it; then it holds the line until slots free (0: strict arrival order)."""
     max_num_batched_tokens: int = 512
     """Tokens per step at most (the token budget); longer prompts are prefilled in chunks."""
     max_model_len: int | None = None

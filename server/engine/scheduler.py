@@ -2,10 +2,12 @@
 
 Every request counts `num_computed_tokens` against its known tokens (prompt plus output). A step gives
 each scheduled request some tokens: 1 for a decode, a chunk for a prefill. Running requests go first, in
-admission order; waiting ones are admitted first come, first served while the token budget, the
-sequence limit, free KV blocks and module slots allow. When a running request needs a block and none is
-free, the most recently admitted running request is preempted: its blocks and slots are freed and it
-waits at the front of the queue, to be recomputed from its prompt and output so far.
+admission order; waiting ones are admitted first come, first served (or by priority) while the token
+budget, the sequence limit, free KV blocks and module slots allow. A request whose modules cannot get slots
+is passed over for a while (`SchedulerConfig.module_wait_steps`) rather than holding up the whole queue. When a running
+request needs a block and none is free, the most recently admitted running request is preempted: its
+blocks and slots are freed and it waits at the front of the queue, to be recomputed from its prompt and
+output so far.
 
 Prefix caching (`kv_pool`): a request admitted (or readmitted) starts from the longest run of cached
 full blocks that match its tokens under its composition, and computes only the rest; at least its last
@@ -82,6 +84,8 @@ class RequestState:
     """Its structured-output matcher (`structured.new_matcher`), fed every token it samples; None when free."""
     arrival: int = 0
     """Its place in the order requests reached the scheduler."""
+    module_waits: int = 0
+    """Steps in which it could not be admitted for want of module slots (and later requests went first)."""
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -127,13 +131,21 @@ class SchedulerConfig:
     policy: str = "fcfs"
     """fcfs: first come, first served; priority: by `Request.priority` (lower first), then arrival (vLLM's
     --scheduling-policy)."""
+    module_wait_steps: int = 32
+    """A waiting request whose modules cannot get slots (all are pinned by running requests) lets later
+    requests whose modules can be admitted go past it, as vLLM skips requests over its LoRA limit, for this
+    many steps; then it holds the line, so the pinned slots drain and it cannot starve. 0: strict order."""
 
     def __post_init__(self) -> None:
+        if self.module_wait_steps < 0:
+            raise ValueError(f"module_wait_steps must be >= 0, got {self.module_wait_steps}")
         if self.policy not in POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
 
 
 POLICIES = ("fcfs", "priority")
+
+_NO_SLOTS = -1
 
 
 class Scheduler:
@@ -216,8 +228,17 @@ class Scheduler:
                 continue
             self._put(plan, state, num_tokens, new_blocks)
             budget -= num_tokens
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            num_tokens = self._admit(self.waiting[0], budget, plan)
+        passed_over = 0  # waiting requests at the front that wait for module slots
+        while (len(self.waiting) > passed_over and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
+            state = self.waiting[passed_over]
+            num_tokens = self._admit(state, budget, plan)
+            if num_tokens == _NO_SLOTS:
+                state.module_waits += 1
+                if state.module_waits > self.config.module_wait_steps:  # passed over long enough: it holds the line
+                    break
+                passed_over += 1
+                continue
             if num_tokens == 0:
                 break
             budget -= num_tokens
@@ -242,7 +263,8 @@ class Scheduler:
         return new_blocks
 
     def _admit(self, state: RequestState, budget: int, plan: StepPlan) -> int:
-        """Admit the head of the queue if blocks and module slots allow; the tokens it got (0: none)."""
+        """Admit waiting `state` if blocks and module slots allow; the tokens it got (0: no blocks now, or a
+        token in flight; `_NO_SLOTS`: its modules cannot all have slots now)."""
         if state.num_placeholders:  # preempted while its last token was in flight: wait until it is read
             return 0
         hits = self._cached_prefix(state)
@@ -253,7 +275,7 @@ class Scheduler:
             return 0
         acquired = self.modules.acquire(state.request.composition.module_ids)
         if acquired is None:
-            return 0
+            return _NO_SLOTS
         state.module_slots, loads = acquired
         plan.module_loads += loads
         self.blocks.take(hits)
@@ -266,7 +288,10 @@ class Scheduler:
             self.prefix_queries_last_step += len(state.token_ids)
             self.prefix_hits_last_step += num_cached
         state.status = Status.RUNNING
-        self.waiting.popleft()
+        if self.waiting[0] is state:
+            self.waiting.popleft()
+        else:  # admitted past requests that wait for module slots
+            self.waiting.remove(state)
         self._unwait_modules(state)
         self.running.append(state)
         self._put(plan, state, num_tokens, state.block_ids)

@@ -150,7 +150,8 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     max_model_len = min(config.max_model_len or model.max_position_embeddings, num_blocks * config.block_size)
     max_blocks_per_seq = -(-max_model_len // config.block_size)
     scheduler = Scheduler(
-        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.scheduling_policy),
+        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.scheduling_policy,
+                        config.module_wait_steps),
         BlockPool(num_blocks, config.block_size, caching=config.enable_prefix_caching),
         ModulePool(model.max_slots),
         eos_ids,

@@ -190,8 +190,38 @@ def test_the_priority_policy_preempts_the_lowest_ranked_request_not_the_last_adm
     assert waiting == {"fcfs": ["high"], "priority": ["low"]}
 
 
-def test_an_unknown_policy_is_refused():
+def test_an_unknown_policy_or_a_negative_wait_is_refused():
     import pytest
 
     with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, priority"):
         SchedulerConfig(1, 8, 128, "lifo")
+    with pytest.raises(ValueError, match="module_wait_steps must be >= 0"):
+        SchedulerConfig(1, 8, 128, "fcfs", -1)
+
+
+def test_requests_whose_modules_are_resident_pass_one_waiting_for_slots_but_it_cannot_starve():
+    scheduler = _scheduler(slots=1, budget=64, num_blocks=64)
+    wait_steps = scheduler.config.module_wait_steps
+    scheduler.add(_request("a", 2, max_tokens=200, modules=("m0",)), seed=0)
+    scheduler.add(_request("b", 2, max_tokens=3, modules=("m1",)), seed=0)  # no slot while a runs
+    scheduler.add(_request("c", 2, max_tokens=3, modules=("m0",)), seed=0)
+    plan = _step(scheduler)
+    assert sorted(plan.num_scheduled_tokens) == ["a", "c"]  # c went past b: its module is resident
+    assert scheduler.states["b"].status is Status.WAITING and scheduler.states["b"].module_waits == 1
+    arrivals, steps = 0, 1
+    while steps <= wait_steps:  # a stream of m0 requests keeps m0 pinned ...
+        scheduler.add(_request(f"m0-{arrivals}", 2, max_tokens=3, modules=("m0",)), seed=0)
+        arrivals += 1
+        _step(scheduler)
+        steps += 1
+    assert scheduler.states["b"].module_waits == wait_steps + 1
+    late = _request("late", 2, max_tokens=3, modules=("m0",))
+    scheduler.add(late, seed=0)
+    plan = _step(scheduler)  # ... until b has been passed over long enough: now it holds the line
+    assert "late" not in plan.num_scheduled_tokens and scheduler.states["late"].status is Status.WAITING
+    scheduler.finish("a", "abort")
+    while "b" in scheduler.states and scheduler.states["b"].status is Status.WAITING:
+        plan = _step(scheduler)
+    assert scheduler.states["late"].status is Status.WAITING  # b goes first once the m0 requests drain
+    while scheduler.has_work():
+        _step(scheduler)
