@@ -101,7 +101,8 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
         result = await until_disconnected(request, collect(runner, call))
         if result is None:
             return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(openai_responses.response_body(result, body, call, engine.tokenizer), headers=composition_header(call))
+        return JSONResponse(openai_responses.response_body(result, body, call, engine.tokenizer),
+                            headers=composition_header(call))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -191,7 +192,7 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
             reasoning_start = "answer"
     call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts,
                 tool_mode, body.prompt_logprobs is not None,
-                frozenset(t.function.name for t in getattr(body, "tools", None) or ()), parser,
+                {t.function.name: t.function.parameters or {} for t in getattr(body, "tools", None) or ()}, parser,
                 reasoning, reasoning_start, grammar_after, _priority(engine, body))
     return call
 

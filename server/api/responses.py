@@ -79,7 +79,7 @@ def _message(call: Call, text: str, reason: str | None) -> tuple[dict, str | Non
     """A chat choice's message and finish reason from its content: its text, or the tool calls it made
     (`api.tools`)."""
     if call.tool_mode == "auto":
-        content, calls = auto_calls(call.tool_parser, text, call.tool_names)
+        content, calls = auto_calls(call.tool_parser, text, call.tool_schemas)
         if calls is None:
             return {"role": "assistant", "content": text}, reason
         return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"

@@ -43,8 +43,8 @@ class Call:
     """Chat with tools: `required`, the function named by tool_choice, or `auto` (`api.tools`); None for text."""
     prompt_logprobs: bool = False
     """vLLM's `prompt_logprobs` was asked: the response carries them in vLLM's form."""
-    tool_names: frozenset[str] = frozenset()
-    """The request's tools (an `auto` reply may call only these)."""
+    tool_schemas: dict[str, dict] = field(default_factory=dict)
+    """The request's tools, name -> parameters schema (an `auto` reply may call only these)."""
     tool_parser: object | None = None
     """With tool_mode `auto`: the `tool_parsers.ToolParser` that reads the calls out of the reply."""
     reasoning: object | None = None

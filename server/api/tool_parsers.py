@@ -11,6 +11,8 @@ generated can be streamed as content without showing part of a call:
 - `mistral`: text, then `[TOOL_CALLS]` followed by a JSON array of `{"name", "arguments"}` objects (tokenizer
   v3 and earlier), or by `name[ARGS]{...}`, once per call (v11 and later). `[TOOL_CALLS]` is a special token,
   so requests read by this parser keep special tokens in their text (as vLLM's mistral parser does).
+- `qwen3_coder`: `<tool_call><function=NAME><parameter=KEY>value</parameter></function></tool_call>` blocks
+  after optional text (Qwen3-Coder), values typed by the tool's schema.
 
 A parser only reads: `parse` returns the calls as (name, arguments) pairs, and `server.api.tools` checks them
 against the request's tools. A reply that does not parse in full is text, never a partial call.
@@ -33,8 +35,9 @@ class ToolParser:
     keeps_special_tokens: ClassVar[bool] = False
     """Its markers are special tokens: the text it reads must be decoded with them."""
 
-    def parse(self, text: str) -> Parsed | None:
-        """The content and calls of a whole reply; None when it makes no call or does not parse."""
+    def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
+        """The content and calls of a whole reply; None when it makes no call or does not parse. `tools` (name
+        -> parameters schema) is for formats whose arguments are untyped text."""
         raise NotImplementedError
 
     def streamable(self, text: str) -> str:
@@ -58,7 +61,7 @@ class Hermes(ToolParser):
     OPEN = "<tool_call>"
     _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
-    def parse(self, text: str) -> Parsed | None:
+    def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
         calls = []
         for block in self._BLOCK.findall(text):
             try:
@@ -80,7 +83,7 @@ class Llama3Json(ToolParser):
     name = "llama3_json"
     PYTHON_TAG = "<|python_tag|>"
 
-    def parse(self, text: str) -> Parsed | None:
+    def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
         body = text.strip()
         if body.startswith(self.PYTHON_TAG):
             body = body[len(self.PYTHON_TAG):].lstrip()
@@ -114,7 +117,7 @@ class Mistral(ToolParser):
     keeps_special_tokens = True
     CALLS, ARGS = "[TOOL_CALLS]", "[ARGS]"
 
-    def parse(self, text: str) -> Parsed | None:
+    def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
         start = text.find(self.CALLS)
         if start < 0:
             return None
@@ -139,4 +142,55 @@ class Mistral(ToolParser):
         return before_marker(text, self.CALLS)
 
 
-PARSERS: dict[str, ToolParser] = {parser.name: parser for parser in (Hermes(), Llama3Json(), Mistral())}
+class Qwen3Coder(ToolParser):
+    """Qwen3-Coder's XML calls: `<tool_call><function=NAME><parameter=KEY>value</parameter>...</function>
+    </tool_call>`. Values are text; each is read as the type its tool's schema gives the parameter (integer,
+    number, boolean, null, object, array), and stays a string where the schema says string or nothing."""
+
+    name = "qwen3_coder"
+    OPEN, FUNCTION = "<tool_call>", "<function="
+    _CALL = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.S)
+    _PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
+
+    def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
+        calls = []
+        for name, body in self._CALL.findall(text):
+            name = name.strip()
+            properties = (tools.get(name) or {}).get("properties") or {}
+            arguments = {}
+            for key, value in self._PARAMETER.findall(body):
+                key = key.strip()
+                arguments[key] = _typed(value.removeprefix("\n").removesuffix("\n"), properties.get(key))
+            calls.append((name, arguments))
+        if not calls:
+            return None
+        starts = [at for at in (text.find(self.OPEN), text.find(self.FUNCTION)) if at >= 0]
+        return text[: min(starts)].strip() or None, calls
+
+    def streamable(self, text: str) -> str:
+        return min(before_marker(text, self.OPEN), before_marker(text, self.FUNCTION), key=len)
+
+
+def _typed(value: str, schema: dict | None):
+    """`value` as the JSON type `schema` names (the first non-null one of a list), or as it is."""
+    kind = (schema or {}).get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None) if value.strip() != "null" else "null"
+    if kind in (None, "string"):
+        return value
+    text = value.strip()
+    if kind == "boolean" and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if kind == "null" and text == "null":
+        return None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return value
+    valid = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+             "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+             "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list)}
+    return parsed if valid.get(kind, lambda v: False)(parsed) else value
+
+
+PARSERS: dict[str, ToolParser] = {parser.name: parser for parser in (Hermes(), Llama3Json(), Mistral(), Qwen3Coder())}

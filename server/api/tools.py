@@ -12,8 +12,8 @@ the calls come out exactly, as a structured output.
 
 `auto` (OpenAI's default when tools are given) lets the model choose between text and a call, in its own
 format. It needs the parser of that format, named at start-up (`--tool-call-parser`, as vLLM's; see
-`server.api.tool_parsers`: hermes, llama3_json, mistral). Without one, auto is a 400 rather than a guess;
-vLLM without `--enable-auto-tool-choice` refuses it too. The text before the calls is the message's content;
+`server.api.tool_parsers`: hermes, llama3_json, mistral, qwen3_coder). Without one, auto is a 400 rather
+than a guess; vLLM without `--enable-auto-tool-choice` refuses it too. The text before the calls is the message's content;
 a reply whose calls do not parse, or name no tool of the request, stays text.
 """
 
@@ -50,8 +50,9 @@ def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> str | N
             return "auto"
         raise APIError(400, "tool_choice auto (the default when tools are given) needs a parser of the model's own "
                             "call format, which Tessera does not guess: start the server with --tool-call-parser "
-                            "hermes (Qwen, Hermes), llama3_json (Llama 3) or mistral; or use tool_choice required or a "
-                            "named function, whose calls are generated under the tools' schemas", "tool_choice")
+                            "hermes (Qwen, Hermes), llama3_json (Llama 3), mistral or qwen3_coder; or use tool_choice "
+                            "required or a named function, whose calls are generated under the tools' schemas",
+                       "tool_choice")
     if choice == "none":
         return None
     if isinstance(choice, NamedToolChoice):
@@ -108,14 +109,14 @@ def _arguments(text: str):
         raise APIError(400, f"tool call arguments are not JSON: {text[:80]!r}", "messages") from None
 
 
-def auto_calls(parser: ToolParser, text: str, names: frozenset[str]) -> tuple[str | None, list[dict] | None]:
+def auto_calls(parser: ToolParser, text: str, tools: dict[str, dict]) -> tuple[str | None, list[dict] | None]:
     """(content, calls) of an `auto` reply read by `parser`; (text, None) when it makes no call, or when a call
-    does not name one of the request's tools with an object of arguments."""
-    parsed = parser.parse(text)
+    does not name one of the request's `tools` (name -> parameters schema) with an object of arguments."""
+    parsed = parser.parse(text, tools)
     if parsed is None:
         return text, None
     content, found = parsed
-    if any(name not in names or not isinstance(arguments, dict) for name, arguments in found):
+    if any(name not in tools or not isinstance(arguments, dict) for name, arguments in found):
         return text, None
     return content, [_call(name, json.dumps(arguments)) for name, arguments in found]
 

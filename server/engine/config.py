@@ -65,7 +65,8 @@ class EngineConfig:
     tool_call_parser: str | None = None
     """How the API reads tool calls out of free text for tool_choice auto, as vLLM's --tool-call-parser:
     hermes (`<tool_call>{...}</tool_call>`: Qwen2.5, Qwen3, Hermes), llama3_json (`{"name": ..., "parameters":
-    {...}}`: Llama 3.x) or mistral (`[TOOL_CALLS]...`); see `server.api.tool_parsers`. None refuses auto with a
+    {...}}`: Llama 3.x), mistral (`[TOOL_CALLS]...`) or qwen3_coder (`<function=...>` XML: Qwen3-Coder); see
+    `server.api.tool_parsers`. None refuses auto with a
     400; required and named tool choices need no parser."""
     reasoning_parser: str | None = None
     """Return a reasoning model's `<think>` block apart from its answer (the message's `reasoning` and

@@ -12,7 +12,7 @@ from server.api.tool_parsers import PARSERS
 from server.api.tools import auto_calls
 from tests.api.test_tools import MESSAGES, TIME, WEATHER
 
-NAMES = frozenset({"get_time", "get_weather"})
+NAMES = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (TIME, WEATHER)}
 
 
 def _calls(parser: str, text: str) -> tuple[str | None, list[tuple[str, dict]] | None]:
@@ -34,6 +34,12 @@ OSLO_CALL = ("get_weather", {"city": "oslo", "unit": "c"})
                 '"arguments": {"city": "oslo", "unit": "c"}}]', None, [TIME_CALL, OSLO_CALL]),
     ("mistral", 'Checking. [TOOL_CALLS]get_time[ARGS]{"utc": true}[TOOL_CALLS]get_weather[ARGS]'
                 '{"city": "oslo", "unit": "c"}', "Checking.", [TIME_CALL, OSLO_CALL]),
+    ("qwen3_coder", "Let me look.\n<tool_call>\n<function=get_time>\n<parameter=utc>\ntrue\n</parameter>\n"
+                    "</function>\n</tool_call>\n<tool_call>\n<function=get_weather>\n<parameter=city>\noslo\n"
+                    "</parameter>\n<parameter=unit>\nc\n</parameter>\n</function>\n</tool_call>", "Let me look.",
+     [TIME_CALL, OSLO_CALL]),
+    ("qwen3_coder", "<function=get_time><parameter=utc>false</parameter></function>", None,
+     [("get_time", {"utc": False})]),  # without the tool_call wrapper
 ])
 def test_each_format_reads_its_calls(parser, text, content, calls):
     assert _calls(parser, text) == (content, calls)
@@ -53,9 +59,23 @@ def test_each_format_reads_its_calls(parser, text, content, calls):
     ("mistral", '[TOOL_CALLS]["get_time"]'),
     ("mistral", '[TOOL_CALLS]'),
     ("hermes", '<tool_call>["get_time"]</tool_call>'),
+    ("qwen3_coder", "no calls, just <b>markup</b>"),
+    ("qwen3_coder", "<tool_call>\n<function=get_time>\n<parameter=utc>\ntrue"),  # cut by max_tokens
+    ("qwen3_coder", "<function=rm_rf></function>"),  # not a tool of the request
 ])
 def test_anything_else_stays_text(parser, text):
     assert _calls(parser, text) == (text, None)
+
+
+def test_qwen3_coder_values_take_their_schemas_types():
+    from server.api.tool_parsers import _typed
+
+    assert _typed("3", {"type": "integer"}) == 3 and _typed("3.5", {"type": "integer"}) == "3.5"
+    assert _typed(" 2.5 ", {"type": "number"}) == 2.5 and _typed("True", {"type": "boolean"}) is True
+    assert _typed('{"a": [1]}', {"type": "object"}) == {"a": [1]} and _typed("[1, 2]", {"type": "array"}) == [1, 2]
+    assert _typed("null", {"type": ["string", "null"]}) is None and _typed("7", {"type": ["integer", "null"]}) == 7
+    assert _typed("007", {"type": "string"}) == "007" and _typed("007", None) == "007"  # text stays text
+    assert _typed("not json", {"type": "object"}) == "not json"
 
 
 def test_content_streams_up_to_where_a_call_may_begin():
@@ -64,6 +84,8 @@ def test_content_streams_up_to_where_a_call_may_begin():
     assert llama("<|python_tag|>{") == "" and llama("<b>bold</b>") == "<b>bold</b>"
     assert mistral("Checking. [TOOL") == "Checking. " and mistral("a [b] c") == "a [b] c"
     assert mistral("x[TOOL_CALLS]get") == "x"
+    coder = PARSERS["qwen3_coder"].streamable
+    assert coder("On it. <func") == "On it. " and coder("a <tool_") == "a " and coder("x<function=f>") == "x"
 
 
 def _forced(text: str) -> dict:
@@ -71,11 +93,13 @@ def _forced(text: str) -> dict:
     return {"structured_outputs": {"regex": re.sub(r"([.^$*+?{}\[\]\\|()])", r"\\\1", text)}}
 
 
-@pytest.mark.parametrize(("parser", "said"), [
-    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "oslo", "unit": "c"}}'),
-    ("mistral", 'On it.[TOOL_CALLS]get_weather[ARGS]{"city": "oslo", "unit": "c"}'),
+@pytest.mark.parametrize(("parser", "said", "content"), [
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "oslo", "unit": "c"}}', None),
+    ("mistral", 'On it.[TOOL_CALLS]get_weather[ARGS]{"city": "oslo", "unit": "c"}', "On it."),
+    ("qwen3_coder", "On it.\n<tool_call>\n<function=get_weather>\n<parameter=city>\noslo\n</parameter>\n"
+                    "<parameter=unit>\nc\n</parameter>\n</function>\n</tool_call>", "On it."),
 ])
-def test_auto_reads_the_calls_through_a_real_server(tiny_llama, library_dir, parser, said):
+def test_auto_reads_the_calls_through_a_real_server(tiny_llama, library_dir, parser, said, content):
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
     from tests.api.conftest import MAX_MODEL_LEN, serve
@@ -87,11 +111,11 @@ def test_auto_reads_the_calls_through_a_real_server(tiny_llama, library_dir, par
         ask = dict(model="reverse", messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=200, extra_body=_forced(said))
         choice = client.chat.completions.create(**ask).choices[0]
         assert choice.finish_reason == "tool_calls"
-        assert choice.message.content == ("On it." if parser == "mistral" else None)
+        assert choice.message.content == content
         assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [OSLO_CALL]
         chunks = list(client.chat.completions.create(**ask, stream=True))
-        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert content == ("On it." if parser == "mistral" else "")
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed.strip() == (content or "") and "<" not in streamed and "[" not in streamed
         deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
         assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == [OSLO_CALL]
 

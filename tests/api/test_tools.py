@@ -142,7 +142,7 @@ def test_hermes_blocks_parse_into_calls_and_anything_else_stays_text():
     from server.api.tool_parsers import PARSERS
     from server.api.tools import auto_calls
 
-    hermes, names = PARSERS["hermes"], frozenset({"get_time", "get_weather"})
+    hermes, names = PARSERS["hermes"], {"get_time": {}, "get_weather": {}}
     content, calls = auto_calls(hermes, 'On it.\n<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n'
                                 '</tool_call><tool_call>{"name": "get_weather", "arguments": {"city": "oslo"}}</tool_call>',
                                 names)
