@@ -13,6 +13,8 @@ generated can be streamed as content without showing part of a call:
   so requests read by this parser keep special tokens in their text (as vLLM's mistral parser does).
 - `qwen3_coder`: `<tool_call><function=NAME><parameter=KEY>value</parameter></function></tool_call>` blocks
   after optional text (Qwen3-Coder), values typed by the tool's schema.
+- `pythonic`: a reply that is a Python list of calls, `[f(a=1), g(b="x")]` (Llama 3.2, Llama 4), read with
+  `ast`, never executed.
 
 A parser only reads: `parse` returns the calls as (name, arguments) pairs, and `server.api.tools` checks them
 against the request's tools. A reply that does not parse in full is text, never a partial call.
@@ -20,6 +22,7 @@ against the request's tools. A reply that does not parse in full is text, never 
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from typing import ClassVar
@@ -193,4 +196,39 @@ def _typed(value: str, schema: dict | None):
     return parsed if valid.get(kind, lambda v: False)(parsed) else value
 
 
-PARSERS: dict[str, ToolParser] = {parser.name: parser for parser in (Hermes(), Llama3Json(), Mistral(), Qwen3Coder())}
+class Pythonic(ToolParser):
+    """A reply that is a Python list of calls with literal keyword arguments, `[get_weather(city="paris"),
+    get_time(utc=True)]` (Llama 3.2 and Llama 4 templates), optionally between `<|python_start|>` and
+    `<|python_end|>`. It is read with `ast` and `ast.literal_eval`, never executed; a reply that starts
+    otherwise is text."""
+
+    name = "pythonic"
+    START, END = "<|python_start|>", "<|python_end|>"
+
+    def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
+        body = text.strip().removeprefix(self.START).removesuffix(self.END).strip()
+        if not (body.startswith("[") and body.endswith("]")):
+            return None
+        try:
+            tree = ast.parse(body, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                return None
+            calls = []
+            for node in tree.elts:
+                if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+                    return None
+                calls.append((node.func.id, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords
+                                             if kw.arg is not None}))
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+            return None
+        return None, calls
+
+    def streamable(self, text: str) -> str:
+        body = text.lstrip()
+        if not body or body.startswith("[") or self.START.startswith(body[: len(self.START)]):
+            return ""  # a call may be coming: the whole reply is decided at its end
+        return text
+
+
+PARSERS: dict[str, ToolParser] = {parser.name: parser for parser in (
+    Hermes(), Llama3Json(), Mistral(), Qwen3Coder(), Pythonic())}

@@ -12,9 +12,9 @@ the calls come out exactly, as a structured output.
 
 `auto` (OpenAI's default when tools are given) lets the model choose between text and a call, in its own
 format. It needs the parser of that format, named at start-up (`--tool-call-parser`, as vLLM's; see
-`server.api.tool_parsers`: hermes, llama3_json, mistral, qwen3_coder). Without one, auto is a 400 rather
-than a guess; vLLM without `--enable-auto-tool-choice` refuses it too. The text before the calls is the message's content;
-a reply whose calls do not parse, or name no tool of the request, stays text.
+`server.api.tool_parsers`: hermes, llama3_json, mistral, qwen3_coder, pythonic). Without one, auto is a 400
+rather than a guess; vLLM without `--enable-auto-tool-choice` refuses it too. The text before the calls is
+the message's content; a reply whose calls do not parse, or name no tool of the request, stays text.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> str | N
             return "auto"
         raise APIError(400, "tool_choice auto (the default when tools are given) needs a parser of the model's own "
                             "call format, which Tessera does not guess: start the server with --tool-call-parser "
-                            "hermes (Qwen, Hermes), llama3_json (Llama 3), mistral or qwen3_coder; or use tool_choice "
-                            "required or a named function, whose calls are generated under the tools' schemas",
+                            "hermes (Qwen, Hermes), llama3_json or pythonic (Llama), mistral or qwen3_coder; or use "
+                            "tool_choice required or a named function, whose calls are generated under the tools' "
+                            "schemas",
                        "tool_choice")
     if choice == "none":
         return None

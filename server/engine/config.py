@@ -65,9 +65,9 @@ class EngineConfig:
     tool_call_parser: str | None = None
     """How the API reads tool calls out of free text for tool_choice auto, as vLLM's --tool-call-parser:
     hermes (`<tool_call>{...}</tool_call>`: Qwen2.5, Qwen3, Hermes), llama3_json (`{"name": ..., "parameters":
-    {...}}`: Llama 3.x), mistral (`[TOOL_CALLS]...`) or qwen3_coder (`<function=...>` XML: Qwen3-Coder); see
-    `server.api.tool_parsers`. None refuses auto with a
-    400; required and named tool choices need no parser."""
+    {...}}`: Llama 3.x), mistral (`[TOOL_CALLS]...`), qwen3_coder (`<function=...>` XML: Qwen3-Coder) or pythonic
+    (`[f(a=1)]`: Llama 3.2, Llama 4); see `server.api.tool_parsers`. None refuses auto with a 400; required
+    and named tool choices need no parser."""
     reasoning_parser: str | None = None
     """Return a reasoning model's `<think>` block apart from its answer (the message's `reasoning` and
     `reasoning_content`), as vLLM's --reasoning-parser: qwen3 or deepseek_r1 (`server.api.reasoning`). Tool

@@ -40,6 +40,8 @@ OSLO_CALL = ("get_weather", {"city": "oslo", "unit": "c"})
      [TIME_CALL, OSLO_CALL]),
     ("qwen3_coder", "<function=get_time><parameter=utc>false</parameter></function>", None,
      [("get_time", {"utc": False})]),  # without the tool_call wrapper
+    ("pythonic", '[get_time(utc=True), get_weather(city="oslo", unit="c")]', None, [TIME_CALL, OSLO_CALL]),
+    ("pythonic", '<|python_start|>[get_time(utc=True)]<|python_end|>\n', None, [TIME_CALL]),
 ])
 def test_each_format_reads_its_calls(parser, text, content, calls):
     assert _calls(parser, text) == (content, calls)
@@ -62,6 +64,12 @@ def test_each_format_reads_its_calls(parser, text, content, calls):
     ("qwen3_coder", "no calls, just <b>markup</b>"),
     ("qwen3_coder", "<tool_call>\n<function=get_time>\n<parameter=utc>\ntrue"),  # cut by max_tokens
     ("qwen3_coder", "<function=rm_rf></function>"),  # not a tool of the request
+    ("pythonic", "It is noon."),
+    ("pythonic", "[1, 2]"),
+    ("pythonic", '[get_time(utc=__import__("os").system("true"))]'),  # not a literal: never evaluated
+    ("pythonic", "[get_time(True)]"),  # positional arguments have no names
+    ("pythonic", '[get_time(utc=True)'),  # cut by max_tokens
+    ("pythonic", "[]"),
 ])
 def test_anything_else_stays_text(parser, text):
     assert _calls(parser, text) == (text, None)
@@ -84,6 +92,8 @@ def test_content_streams_up_to_where_a_call_may_begin():
     assert llama("<|python_tag|>{") == "" and llama("<b>bold</b>") == "<b>bold</b>"
     assert mistral("Checking. [TOOL") == "Checking. " and mistral("a [b] c") == "a [b] c"
     assert mistral("x[TOOL_CALLS]get") == "x"
+    pythonic = PARSERS["pythonic"].streamable
+    assert pythonic("[get_") == "" and pythonic("<|python_s") == "" and pythonic("Sure.") == "Sure."
     coder = PARSERS["qwen3_coder"].streamable
     assert coder("On it. <func") == "On it. " and coder("a <tool_") == "a " and coder("x<function=f>") == "x"
 
