@@ -16,10 +16,8 @@ is the same in both.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,9 +26,13 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.serving.bench_engine import MODULE_RANK, _environment, _write_json  # noqa: E402
+from benchmarks.serving import side_by_side  # noqa: E402
+from benchmarks.serving.bench_engine import MODULE_RANK, _environment  # noqa: E402
 from benchmarks.serving.engine_models import (  # noqa: E402
     PAD_ID, SHAPES, EngineSettings, random_hf_model, random_modules, tessera_engine, word_tokenizer,
+)
+from benchmarks.serving.side_by_side import (  # noqa: E402
+    differing, model_dtype, parser_with_model_flags, same_tokens_note, timed_batch,
 )
 from router.composition import Composition  # noqa: E402
 from router.library import fingerprint_from_hf_config  # noqa: E402
@@ -85,12 +87,7 @@ def run(settings: SlotSettings) -> dict:
             module_wait_steps=wait)
         engine = tessera_engine(hf_model, word_tokenizer(shape.vocab_size), library, engine_settings,
                                 settings.dtype, steps.append)
-        if settings.device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        outputs = engine.generate_batch(requests)
-        seconds = time.perf_counter() - started
-        tokens[wait] = {r: [t for o in outs for t in o.token_ids] for r, outs in outputs.items()}
+        outputs, seconds, tokens[wait] = timed_batch(engine, requests, settings.device)
         generated = sum(len(t) for t in tokens[wait].values())
         ran = [s for s in steps if s.num_seqs]
         rows.append({"module_wait_steps": wait, "steps": len(ran),
@@ -99,9 +96,7 @@ def run(settings: SlotSettings) -> dict:
                      "module_loads": sum(s.num_module_loads for s in ran)})
         del engine
     strict, passing = rows
-    different = [r for r in tokens[0] if tokens[0][r] != tokens[EngineSettings.module_wait_steps][r]]
-    if different and settings.dtype == "float32":
-        raise RuntimeError(f"the schedulers generated different greedy tokens for {different[:5]}")
+    different = differing(tokens[0], tokens[EngineSettings.module_wait_steps], settings.dtype, "passing over")
     return {"settings": asdict(settings), "environment": _environment(settings), "rows": rows,
             "steps_ratio": strict["steps"] / passing["steps"], "speedup": strict["seconds"] / passing["seconds"],
             "requests_with_other_tokens": len(different)}
@@ -115,18 +110,13 @@ def table(document: dict) -> str:
     for row in document["rows"]:
         lines.append(f"{row['module_wait_steps']:>10} {row['steps']:>6} {row['mean_batch']:>10.1f} "
                      f"{row['module_loads']:>6} {row['seconds']:>8.3f} {row['generated_per_s']:>10.1f}")
-    lines.append(f"steps strict / passing: {document['steps_ratio']:.2f}x, time: {document['speedup']:.2f}x ("
-                 + ("same greedy tokens)" if not document["requests_with_other_tokens"]
-                    else f"{document['requests_with_other_tokens']} requests differ)"))
+    lines.append(f"steps strict / passing: {document['steps_ratio']:.2f}x, time: {document['speedup']:.2f}x "
+                 f"({same_tokens_note(document)})")
     return "\n".join(lines)
 
 
 def _parse(argv: list[str] | None) -> SlotSettings:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="llama3-8b", choices=sorted(SHAPES))
-    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser = parser_with_model_flags(__doc__)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--modules", type=int, default=16)
     parser.add_argument("--slots", type=int, default=4)
@@ -137,26 +127,17 @@ def _parse(argv: list[str] | None) -> SlotSettings:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/serving/results/bench_module_slots.json")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available (use --device cpu --config tiny)")
+    dtype = model_dtype(parser, args, ("prompt_len", "long_tokens", "new_tokens", "max_num_seqs"))
     if not 1 <= args.slots < args.modules:
         parser.error("--slots must be at least 1 and fewer than --modules")
     if args.requests <= args.slots:
         parser.error("--requests must be more than --slots")
-    for name in ("prompt_len", "long_tokens", "new_tokens", "max_num_seqs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     return SlotSettings(args.config, args.device, dtype, args.requests, args.modules, args.slots, args.prompt_len,
                         args.long_tokens, args.new_tokens, args.max_num_seqs, args.seed, args.out)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    settings = _parse(argv)
-    document = run(settings)
-    _write_json(settings.out, document)
-    print(table(document))
-    return document
+    return side_by_side.main(_parse, run, table, argv)
 
 
 if __name__ == "__main__":
