@@ -142,3 +142,27 @@ def test_the_responses_api_returns_the_reasoning_as_its_own_item(thinker):
     events = list(client.responses.create(**kwargs, stream=True))
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == reasoning
     assert events[-1].response.output[0].content[0].text == reasoning
+
+
+def test_tool_calls_are_read_from_the_answer_after_the_reasoning(tiny_checkpoints):
+    import json
+    import re
+
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from tests.api.conftest import MAX_MODEL_LEN, serve
+    from tests.api.test_tools import TIME
+
+    engine = Engine(EngineConfig(model=tiny_checkpoints("qwen3", thinking=True), num_kv_blocks=64,
+                                 max_model_len=MAX_MODEL_LEN, reasoning_parser="deepseek_r1", tool_call_parser="hermes"))
+    said = '<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>'
+    with serve(engine) as served:
+        close = engine.tokenizer.convert_tokens_to_ids("</think>")
+        reply = served.client().chat.completions.create(
+            model=served.backbone, messages=MESSAGES, tools=[TIME], max_tokens=80, temperature=0,
+            logit_bias={str(close): 100},  # the reasoning ends at once; the grammar then writes the call
+            extra_body={"structured_outputs": {"regex": re.sub(r"([.^$*+?{}\[\]\\|()])", r"\\\1", said)}})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_time" and json.loads(call.function.arguments) == {"utc": True}
