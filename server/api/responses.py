@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
 from server.api.serving import Call, Runner, sse, usage
-from server.api.tools import auto_calls, new_call_id, required_calls_so_far, tool_calls
+from server.api.tools import RequiredCallsReader, auto_calls, new_call_id, tool_calls
 
 
 def _tessera(call: Call) -> dict:
@@ -158,6 +158,8 @@ class _ChatChoice:
         """A named call: its id and name were sent."""
         self.arguments_sent: list[int] = []
         """tool_choice required: per call announced, the characters of its arguments streamed."""
+        self.reader = RequiredCallsReader()
+        """tool_choice required: the calls read out of the content so far."""
         self.echo = call.echo_texts[index] if call.echo_texts is not None else ""
 
     def chunks(self, output) -> list[dict]:
@@ -181,15 +183,15 @@ class _ChatChoice:
             if output.finished:
                 chunks.append(_tool_chunk(call, self.index, content, output.finish_reason, self.sent))
         elif call.tool_mode == "required":  # each call's id and name once known, then its arguments as they come
-            chunks += self._required_chunks(content, output)
+            chunks += self._required_chunks(new, content, output)
         elif new or output.finished:  # a named call: its arguments stream as they come
             chunks += _named_call_chunks(call, self.index, new, output, None if self.opened else new_call_id())
             self.opened = True
         return chunks
 
-    def _required_chunks(self, content: str, output) -> list[dict]:
+    def _required_chunks(self, new: str, content: str, output) -> list[dict]:
         chunks = []
-        for j, (name, arguments, _) in enumerate(required_calls_so_far(content)):
+        for j, (name, arguments, _) in enumerate(self.reader.feed(new)):
             if name is None:
                 break
             if j == len(self.arguments_sent):

@@ -141,94 +141,110 @@ def tool_calls(mode: str, text: str, finished: bool) -> list[dict] | None:
 _SPACE = " \t\n\r"
 
 
-def _skip_space(text: str, at: int) -> int:
-    while at < len(text) and text[at] in _SPACE:
-        at += 1
-    return at
+class RequiredCallsReader:
+    """Reads the calls of a `required` reply as its text grows, each character once (a stream rescanning the
+    whole reply at every increment would cost quadratic time in a long call's arguments).
 
+    The reply follows `tool_grammar`'s array of `{"name": ..., "parameters": {...}}` objects, so only its end
+    can be cut; a call's arguments are the `parameters` value's text as generated."""
 
-def _string_end(text: str, at: int) -> int | None:
-    """The index after the JSON string that opens at `at`, or None where the text ends inside it."""
-    at += 1
-    while at < len(text):
-        if text[at] == "\\":
-            at += 2
-        elif text[at] == '"':
-            return at + 1
-        else:
-            at += 1
-    return None
+    def __init__(self) -> None:
+        self.text = ""
+        self._at = 0
+        self._state = "start"
+        self._calls: list[list] = []
+        """[name or None, index of the arguments' start or None, index of their end or None, complete]."""
+        self._key = ""
+        self._key_start = self._value_start = 0
+        self._depth = 0
+        self._in_string = self._escaped = False
 
+    def feed(self, more: str) -> list[tuple[str | None, str, bool]]:
+        """Read `more` text; (name or None while unknown, arguments text so far, complete) of each call begun."""
+        self.text += more
+        while self._at < len(self.text):
+            if self._step(self.text[self._at]):
+                self._at += 1
+        return [(name, self.text[start:end] if start is not None else "", done)
+                for name, start, end, done in self._calls]
 
-def _value_end(text: str, at: int) -> int | None:
-    """The index after the JSON value that starts at `at`, or None where the text ends inside it."""
-    if text[at] == '"':
-        return _string_end(text, at)
-    if text[at] not in "{[":
-        end = at
-        while end < len(text) and text[end] not in ",}]" + _SPACE:
-            end += 1
-        return end if end < len(text) else None
-    depth = 0
-    while at < len(text):
-        char = text[at]
-        if char == '"':
-            at = _string_end(text, at)
-            if at is None:
-                return None
-            continue
-        depth += 1 if char in "{[" else -1 if char in "}]" else 0
-        at += 1
-        if depth == 0:
-            return at
-    return None
+    def _step(self, char: str) -> bool:
+        """Advance the state machine by `char`; False to read the same character again in the new state."""
+        state = self._state
+        if state in ("start", "items", "members", "colon", "value") and char in _SPACE:
+            return True
+        if state == "start":
+            self._state = "items" if char == "[" else "stop"
+        elif state == "items":
+            if char == "{":
+                self._calls.append([None, None, None, False])
+                self._state = "members"
+            elif char != ",":
+                self._state = "stop"
+        elif state == "members":
+            if char == "}":
+                self._calls[-1][3] = True
+                self._state = "items"
+            elif char == '"':
+                self._key_start, self._state, self._escaped = self._at, "key", False
+            elif char != ",":
+                self._state = "stop"
+        elif state == "key":
+            if not self._string_char(char):
+                self._key = json.loads(self.text[self._key_start : self._at + 1])
+                self._state = "colon"
+        elif state == "colon":
+            self._state = "value" if char == ":" else "stop"
+        elif state == "value":
+            self._value_start, self._in_string, self._escaped = self._at, char == '"', False
+            self._depth = 1 if char in "{[" else 0
+            if self._key == "parameters":
+                self._calls[-1][1] = self._at
+            self._state = "string" if char == '"' else "compound" if self._depth else "literal"
+            return char != "" and self._state != "literal"
+        elif state == "string":
+            if not self._string_char(char):
+                self._end_value(self._at + 1)
+        elif state == "compound":
+            if self._in_string:
+                self._in_string = self._string_char(char)
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    self._end_value(self._at + 1)
+        elif state == "literal":
+            if char in ",}]" + _SPACE:
+                self._end_value(self._at)
+                return False
+        return True
+
+    def _string_char(self, char: str) -> bool:
+        """Whether the string that `char` is in goes on after it (False: `char` closed it)."""
+        if self._escaped:
+            self._escaped = False
+            return True
+        if char == "\\":
+            self._escaped = True
+            return True
+        return char != '"'
+
+    def _end_value(self, end: int) -> None:
+        call = self._calls[-1]
+        if self._key == "parameters":
+            call[2] = end
+        elif self._key == "name":
+            call[0] = json.loads(self.text[self._value_start : end])
+        self._state = "members"
 
 
 def required_calls_so_far(text: str) -> list[tuple[str | None, str, bool]]:
     """(name or None while unknown, arguments text so far, whether the call is complete) of each call a
-    `required` reply has begun. The reply follows `tool_grammar`'s array of `{"name", "parameters"}` objects,
-    so only its end can be cut; a call's arguments are the `parameters` value's text as generated."""
-    calls = []
-    at = _skip_space(text, 0)
-    if at >= len(text) or text[at] != "[":
-        return calls
-    at += 1
-    while True:
-        at = _skip_space(text, at)
-        if at < len(text) and text[at] == ",":
-            at = _skip_space(text, at + 1)
-        if at >= len(text) or text[at] != "{":
-            return calls
-        name, arguments, done, at = _required_item(text, at + 1)
-        calls.append((name, arguments, done))
-        if not done:
-            return calls
-
-
-def _required_item(text: str, at: int) -> tuple[str | None, str, bool, int]:
-    """(name, arguments so far, complete, index after it) of the call object whose members start at `at`."""
-    name, arguments = None, ""
-    while True:
-        at = _skip_space(text, at)
-        if at < len(text) and text[at] == ",":
-            at = _skip_space(text, at + 1)
-        if at >= len(text):
-            return name, arguments, False, at
-        if text[at] == "}":
-            return name, arguments, True, at + 1
-        key_end = _string_end(text, at)
-        colon = _skip_space(text, key_end) if key_end is not None else len(text)
-        start = _skip_space(text, colon + 1)
-        if colon >= len(text) or start >= len(text):
-            return name, arguments, False, len(text)
-        key, end = json.loads(text[at:key_end]), _value_end(text, start)
-        if key == "parameters":
-            arguments = text[start:end]  # the end of the text while cut
-        elif key == "name" and end is not None:
-            name = json.loads(text[start:end])
-        if end is None:
-            return name, arguments, False, len(text)
-        at = end
+    `required` reply has begun (`RequiredCallsReader` on the whole text)."""
+    return RequiredCallsReader().feed(text)
 
 
 def new_call_id() -> str:

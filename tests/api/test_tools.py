@@ -100,6 +100,19 @@ def test_required_calls_are_read_while_they_are_generated():
     assert seen[0][-1] == whole[0][1] and seen[1][-1] == whole[1][1]
     assert required_calls_so_far("not an array") == [] and required_calls_so_far('[{"name": "get_') == \
         [(None, "", False)]
+    import random
+
+    from server.api.tools import RequiredCallsReader
+
+    rng = random.Random(0)
+    for _ in range(20):  # fed in pieces, the reader says at every piece what a fresh read of the text says
+        reader, end = RequiredCallsReader(), 0
+        while end < len(text):
+            step = rng.randint(1, 9)
+            assert reader.feed(text[end : end + step]) == required_calls_so_far(text[: end + step])
+            end += step
+    assert required_calls_so_far('[{"name": "get_time", "parameters": {"n": -1.5e3, "ok": true}}]') == \
+        [("get_time", '{"n": -1.5e3, "ok": true}', True)]
 
 
 def test_a_conversation_with_calls_and_results_goes_on_and_none_gives_text(client):
