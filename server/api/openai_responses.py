@@ -48,6 +48,8 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     elif fmt is not None and fmt.type == "json_schema":
         data["response_format"] = {"type": "json_schema", "json_schema": {
             "name": fmt.name or "response", "schema": fmt.schema_, "strict": fmt.strict}}
+    if wants_logprobs(body):
+        data |= {"logprobs": True, "top_logprobs": body.top_logprobs or 0}
     data |= {name: getattr(body, name) for name in RESPONSES_EXTRAS if getattr(body, name) is not None}
     try:
         return ChatCompletionRequest.model_validate(data)
@@ -55,6 +57,14 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         first = error.errors()[0]
         param = _PARAMS.get(str(first["loc"][0]), str(first["loc"][0])) if first["loc"] else None
         raise APIError(400, f"{param}: {first['msg']}", param) from None
+
+
+LOGPROBS = "message.output_text.logprobs"
+
+
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    """Whether the output text carries its tokens' logprobs (every generated token's, as in chat)."""
+    return LOGPROBS in (body.include or ())
 
 
 def _messages(body: ResponsesRequest) -> list[dict]:
@@ -116,9 +126,9 @@ def _usage(chat_usage: dict | None, reasoning: str, tokenizer) -> dict | None:
                                       if reasoning else 0}}
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict:
+def _message_item(item_id: str, text: str, status: str, logprobs: list | None = None) -> dict:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]}
 
 
 def _reasoning_item(item_id: str, text: str, status: str) -> dict:
@@ -140,7 +150,8 @@ def response_body(chat_body: dict, body: ResponsesRequest, call: Call, tokenizer
     if reasoning:
         output.append(_reasoning_item(_id("rs"), reasoning, "completed"))
     if message.get("content"):
-        output.append(_message_item(_id("msg"), message["content"], status))
+        logprobs = (choice.get("logprobs") or {}).get("content")
+        output.append(_message_item(_id("msg"), message["content"], status, logprobs))
     for tool_call in message.get("tool_calls") or ():
         function = tool_call["function"]
         output.append(_call_item(_id("fc"), tool_call["id"], function["name"], function["arguments"], "completed"))
@@ -160,6 +171,9 @@ class _Events:
         self.calls: dict[int, dict] = {}
         """Function calls by their chat index: {"id", "index", "call_id", "name", "arguments"}."""
         self.reasoning = ""
+        self.logprobs: list[dict] = []
+        """Logprobs of the tokens streamed so far, not yet sent with a text delta."""
+        self.sent_logprobs: list[dict] = []
 
     def event(self, kind: str, **fields) -> str:
         payload = {"type": kind, "sequence_number": next(self._numbers), **fields}
@@ -170,7 +184,8 @@ class _Events:
         return [self.event("response.created", response=response), self.event("response.in_progress",
                                                                               response=response)]
 
-    def delta(self, delta: dict) -> list[str]:
+    def delta(self, delta: dict, logprobs: dict | None = None) -> list[str]:
+        self.logprobs += (logprobs or {}).get("content") or []
         events = []
         for kind, key in (("reasoning", "reasoning"), ("message", "content")):
             if delta.get(key):
@@ -200,8 +215,11 @@ class _Events:
             self.reasoning += piece
             return events + [self.event("response.reasoning_text.delta", item_id=self.text["id"],
                                         output_index=self.text["index"], content_index=0, delta=piece)]
+        logprobs, self.logprobs = self.logprobs, []
+        self.sent_logprobs += logprobs
         return events + [self.event("response.output_text.delta", item_id=self.text["id"],
-                                    output_index=self.text["index"], content_index=0, delta=piece, logprobs=[])]
+                                    output_index=self.text["index"], content_index=0, delta=piece,
+                                    logprobs=logprobs)]
 
     def _close_text(self, status: str) -> list[str]:
         text, self.text = self.text, None
@@ -211,10 +229,11 @@ class _Events:
             events = [self.event("response.reasoning_text.done", item_id=item_id, output_index=index, content_index=0,
                                  text=text["text"])]
         else:
-            item = _message_item(item_id, text["text"], status)
+            self.sent_logprobs, self.logprobs = self.sent_logprobs + self.logprobs, []
+            item = _message_item(item_id, text["text"], status, self.sent_logprobs)
             part = item["content"][0]
             events = [self.event("response.output_text.done", item_id=item_id, output_index=index, content_index=0,
-                                 text=text["text"], logprobs=[]),
+                                 text=text["text"], logprobs=self.sent_logprobs),
                       self.event("response.content_part.done", item_id=item_id, output_index=index, content_index=0,
                                  part=part)]
         self.output.append((index, item))
@@ -269,7 +288,7 @@ async def events(runner: Runner, call: Call, body: ResponsesRequest) -> AsyncIte
         if chunk.get("usage"):
             chat_usage = chunk["usage"]
         for choice in chunk["choices"]:
-            for event in writer.delta(choice["delta"]):
+            for event in writer.delta(choice["delta"], choice.get("logprobs")):
                 yield event
             finish_reason = choice["finish_reason"] or finish_reason
     for event in writer.finish(finish_reason, chat_usage, runner.tokenizer):

@@ -442,6 +442,10 @@ class ResponsesRequest(BaseModel):
     """Accepted and not honoured: nothing is stored (the response says `store: false`)."""
     metadata: dict[str, str] | None = None
     previous_response_id: str | None = None
+    include: list[str] | None = None
+    """Of OpenAI's extras, `message.output_text.logprobs` is honoured; the others are ignored."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With `message.output_text.logprobs` included: alternatives per token."""
     truncation: Literal["disabled", "auto"] = "disabled"
     user: str | None = None
     task: str | None = Field(default=None, min_length=1)

@@ -1,4 +1,4 @@
-"""Random combinations of request fields against a real server: every answer is a 200 or a 4xx in the
+"""Random combinations of request fields (chat, completions and the Responses API) against a real server: every answer is a 200 or a 4xx in the
 OpenAI error shape, never a 500 and never an error inside a 200 (a stream's error event included)."""
 
 from __future__ import annotations
@@ -49,18 +49,45 @@ def _body(rng: random.Random, kind: str) -> dict:
         b["stream_options"] = {"include_usage": True}
     return b
 
+_CALL_INPUT = [{"role": "user", "content": "w?"},
+               {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{\"x\": 1}"},
+               {"type": "function_call_output", "call_id": "c1", "output": "5"}]
+
+
+def _responses_body(rng: random.Random) -> dict:
+    """A Responses API body with a random subset of its fields."""
+    body = {"model": rng.choice(["reverse", "uppercase", "m0"]),
+            "input": rng.choice(["hi", [{"role": "user", "content": "abc"}], _CALL_INPUT, [
+                {"type": "reasoning", "summary": [{"type": "summary_text", "text": "hmm"}]},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
+                {"role": "user", "content": "more"}]])}
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    opts = {"instructions": lambda: "be brief", "max_output_tokens": lambda: rng.choice([1, 5, 40]),
+            "temperature": lambda: rng.choice([0, 1.0]), "stream": lambda: rng.random() < 0.5,
+            "tools": lambda: [{"type": "function", "name": "f", "parameters": schema}],
+            "tool_choice": lambda: rng.choice(["required", "none", {"type": "function", "name": "f"}, "auto"]),
+            "text": lambda: rng.choice([{"format": {"type": "json_object"}}, {"format": {"type": "text"}}]),
+            "include": lambda: ["message.output_text.logprobs"], "top_logprobs": lambda: 2,
+            "metadata": lambda: {"k": "v"}, "store": lambda: True, "seed": lambda: 3,
+            "parallel_tool_calls": lambda: False, "top_p": lambda: 0.5}
+    for key in rng.sample(list(opts), rng.randrange(0, 6)):
+        body[key] = opts[key]()
+    return body
+
+
 def test_random_bodies_get_answers_or_clear_errors_never_a_server_error(server):
     rng = random.Random(0)
     bad, codes = [], []
     with httpx.Client(base_url=server.url, timeout=60) as http:
-        for _ in range(80):
-            kind = rng.choice(["chat", "text"])
-            body = _body(rng, kind)
-            path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        for _ in range(100):
+            kind = rng.choice(["chat", "text", "chat", "text", "responses"])
+            body = _responses_body(rng) if kind == "responses" else _body(rng, kind)
+            path = {"chat": "/v1/chat/completions", "text": "/v1/completions", "responses": "/v1/responses"}[kind]
             r = http.post(path, json=body)
             text = r.text
             codes.append(r.status_code)
-            if r.status_code >= 500 or (r.status_code == 200 and '"server_error"' in text) or "Internal" in text:
+            failed_inside = r.status_code == 200 and ('"server_error"' in text or '"internal_error"' in text)
+            if r.status_code >= 500 or failed_inside or "Internal" in text:
                 bad.append((r.status_code, json.dumps(body), text[:300]))
     assert not bad, bad[:5]
     counts = collections.Counter(codes)

@@ -104,3 +104,20 @@ def test_text_format_json_schema_shapes_the_output(client):
 def test_what_a_stateless_server_cannot_serve_is_an_openai_error(server, body, status, param):
     response = httpx.post(server.url + "/v1/responses", json={"model": "reverse", **body}, timeout=30)
     assert error_of(response, status)["param"] == param
+
+
+def test_output_text_logprobs_when_included(client):
+    kwargs = dict(model="reverse", input="reverse: abc", include=["message.output_text.logprobs"], top_logprobs=2,
+                  extra_body={"ignore_eos": True}, **GREEDY)
+    response = client.responses.create(**kwargs)
+    part = response.output[0].content[0]
+    assert len(part.logprobs) == response.usage.output_tokens == 6
+    assert "".join(lp.token for lp in part.logprobs) == response.output_text
+    assert all(len(lp.top_logprobs) == 2 and lp.top_logprobs[0].token == lp.token for lp in part.logprobs)  # greedy
+    events = list(client.responses.create(**kwargs, stream=True))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [(lp.token, lp.logprob) for lp in streamed] == [(lp.token, lp.logprob) for lp in part.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert len(done.logprobs) == 6
+    plain = client.responses.create(model="reverse", input="reverse: abc", **GREEDY)
+    assert plain.output[0].content[0].logprobs == []
