@@ -166,3 +166,13 @@ def test_tool_calls_are_read_from_the_answer_after_the_reasoning(tiny_checkpoint
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_time" and json.loads(call.function.arguments) == {"utc": True}
+
+
+def test_an_unknown_reasoning_parser_fails_at_start_up(tiny_llama):
+    from server.api.app import create_app
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+
+    engine = Engine(EngineConfig(model=tiny_llama, num_kv_blocks=8, reasoning_parser="o1"))
+    with pytest.raises(ValueError, match="reasoning_parser must be one of qwen3, deepseek_r1"):
+        create_app(engine)
