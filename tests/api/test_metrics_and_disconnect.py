@@ -134,3 +134,17 @@ def test_client_disconnect_aborts_the_request(server, stream):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.15))
     assert_engine_idle_after_abort(server, aborted_before)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_responses_client_that_leaves_aborts_the_request(server, stream):
+    aborted_before = scrape(server).get(("tessera_requests_total", (("status", "abort"), ("task", "reverse"))), 0.0)
+    body = {"model": "reverse", "input": MESSAGES, "stream": stream, "max_output_tokens": 200, "temperature": 0,
+            "ignore_eos": True}
+    if stream:
+        with httpx.stream("POST", server.url + "/v1/responses", json=body, timeout=60) as response:
+            assert next(line for line in response.iter_lines() if "response.output_text.delta" in line)
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/responses", json=body, timeout=httpx.Timeout(60, read=0.15))
+    assert_engine_idle_after_abort(server, aborted_before)
