@@ -4,7 +4,9 @@ SSE framing (per the HTML spec): an event is a run of lines ended by a blank lin
 the payload (one optional space after the colon is dropped; several data lines join with newlines);
 lines starting with `:` are comments; other fields (`event:`, `id:`, `retry:`) are ignored here. The
 OpenAI stream ends with the event `data: [DONE]`; a JSON event with an `error` key is a failure even
-after a 200 status. A stream that closes without `[DONE]` failed too.
+after a 200 status. A stream that closes without `[DONE]` failed too. A Responses API stream (typed
+events) ends with `response.completed` (or `response.incomplete`), which carries the usage, and fails
+with an `error` or `response.failed` event.
 """
 
 from __future__ import annotations
@@ -39,8 +41,17 @@ async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[str]:
         yield "\n".join(data)
 
 
+RESPONSE_ENDS = ("response.completed", "response.incomplete")
+
+
 def _text(chunk: dict) -> str:
-    """The output text of a chat or completion chunk (first choice; the benchmark sends n=1)."""
+    """The output text of a chat or completion chunk (first choice; the benchmark sends n=1), or of a
+    Responses API event (its text, function-call argument or reasoning delta)."""
+    if "type" in chunk and "choices" not in chunk:
+        kind = chunk["type"]
+        deltas = ("response.output_text.delta", "response.function_call_arguments.delta",
+                  "response.reasoning_text.delta")
+        return chunk.get("delta") or "" if kind in deltas else ""
     choices = chunk.get("choices") or []
     if not choices:
         return ""
@@ -71,6 +82,15 @@ class _Timer:
                 record.itl.append(now - self.last)
             self.last = now
             record.num_chunks += 1
+        if payload.get("type") in RESPONSE_ENDS:  # the Responses API's usage, in its own names
+            usage = (payload.get("response") or {}).get("usage") or {}
+            if isinstance(usage.get("output_tokens"), int):
+                record.output_tokens, record.prompt_tokens = usage["output_tokens"], usage.get("input_tokens")
+                cached = (usage.get("input_tokens_details") or {}).get("cached_tokens")
+                if isinstance(cached, int):
+                    record.cached_tokens = cached
+                record.tokens_from = "usage"
+            return
         usage = payload.get("usage")
         if isinstance(usage, dict) and "completion_tokens" in usage:
             record.output_tokens = int(usage["completion_tokens"])
@@ -94,11 +114,15 @@ async def _read_stream(response: httpx.Response, timer: _Timer) -> None:
         except json.JSONDecodeError:
             record.error = f"not JSON in the stream: {data[:500]}"
             return
-        if not isinstance(payload, dict) or "error" in payload:
+        if not isinstance(payload, dict) or "error" in payload or payload.get("type") in ("error", "response.failed"):
             record.error = data
             return
         timer.chunk(payload)
-    record.error = "the stream ended without data: [DONE]"
+        if payload.get("type") in RESPONSE_ENDS:
+            if record.tokens_from == "chunks":
+                record.output_tokens = record.num_chunks
+            return
+    record.error = "the stream ended without data: [DONE] (or a Responses API end event)"
 
 
 async def send(client: httpx.AsyncClient, url: str, request: BenchRequest, index: int,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 SLO_METRICS = ("ttft", "tpot", "e2e")
 """Per-request latencies an SLO can bound (seconds)."""
-ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses"}
 TAG_ROUTES = ("model", "header", "body")
 
 
@@ -93,7 +93,8 @@ class BenchConfig:
     model: str
     """The `model` field of requests without a task tag (the backbone's name or any served model id)."""
     endpoint: str = "chat"
-    """chat (/v1/chat/completions) or completions (/v1/completions); both are streamed."""
+    """chat (/v1/chat/completions), completions (/v1/completions) or responses (/v1/responses, OpenAI's
+    Responses API); all are streamed."""
     rate: tuple[float, ...] = ()
     """Request rates (requests/s; inf sends all at once); several run one after another."""
     burstiness: float = 1.0

@@ -162,11 +162,16 @@ class Workload:
     def sample(self) -> BenchRequest:
         """The next request."""
         config, prompt = self.config, self._prompt()
-        body: dict = {"model": config.model, "max_tokens": config.output_dist.sample(self.rng), "stream": True,
-                      "stream_options": {"include_usage": True}}
+        max_tokens = config.output_dist.sample(self.rng)
+        if config.endpoint == "responses":  # OpenAI's Responses API: usage comes with response.completed
+            body: dict = {"model": config.model, "max_output_tokens": max_tokens, "stream": True,
+                          "input": list(prompt.messages)}
+        else:
+            body = {"model": config.model, "max_tokens": max_tokens, "stream": True,
+                    "stream_options": {"include_usage": True}}
         if config.endpoint == "chat":
             body["messages"] = list(prompt.messages)
-        else:
+        elif config.endpoint == "completions":
             body["prompt"] = "\n\n".join(m["content"] for m in prompt.messages)
         if config.ignore_eos:
             body["ignore_eos"] = True

@@ -93,6 +93,19 @@ def test_completions_by_concurrency_record_unknown_tasks_as_404(server):
     assert all(r["output_tokens"] == 3 for r in requests if r["label"] == "reverse")
 
 
+def test_the_responses_api_is_benchmarked_from_its_typed_events(server):
+    config = BenchConfig(base_url=server.url, model=server.backbone, endpoint="responses", concurrency=2,
+                         num_requests=6, input_len="4", output_len="3", ignore_eos=True, tasks=("reverse", "uppercase"),
+                         seed=5, progress=False)
+    before = generation_tokens(server.url)
+    run = benchmark(config)["runs"][0]
+    after = generation_tokens(server.url)
+    check_run_adds_up(run)
+    assert run["failures"] == [] and all(r["output_tokens"] == 3 for r in run["requests"])
+    served = sum(after.get(t, 0.0) - before.get(t, 0.0) for t in ("reverse", "uppercase"))
+    assert served == run["summary"]["output_tokens"] == 18
+
+
 def test_cli_runs_module_compositions_sent_in_the_body(server, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--base-url", server.url, "--model", server.backbone, "--concurrency", "3",
