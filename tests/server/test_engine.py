@@ -179,3 +179,20 @@ def test_step_stats_name_the_modules_of_running_and_waiting_requests(setup):
     assert seen[0] == (("m0",), ("m1", "m2"))  # b waits: one sequence at a time
     assert (tuple(sorted(seen[-2][0])), seen[-2][1]) == (("m1", "m2"), ())
     assert seen[-1] == ((), ())
+
+
+def test_requests_passing_one_that_waits_for_module_slots_change_no_token(setup):
+    sampled = SamplingParams(max_tokens=6, temperature=0.9, seed=4, ignore_eos=True)
+    compositions = [Composition(("m0",), (1.0,), "explicit"), Composition(("m1",), (1.0,), "explicit"),
+                    Composition(("m2",), (1.0,), "explicit"), Composition(("m0",), (0.5,), "explicit"),
+                    Composition(), Composition(("m1",), (1.0,), "explicit")]
+    requests = lambda: [Request(f"r{i}", PROMPTS[i % 4] + [60 + i], sampled, c)  # noqa: E731
+                        for i, c in enumerate(compositions)]
+    reference = _engine(setup, max_loaded_modules=3).generate_batch(requests())
+    for overrides in ({"async_scheduling": "on"}, {"async_scheduling": "off", "module_wait_steps": 0}):
+        loads = []
+        engine = _engine(setup, max_loaded_modules=1, max_num_seqs=4, **overrides)
+        engine.step_observer = lambda stats: loads.append(stats.num_module_loads)
+        outputs = engine.generate_batch(requests())
+        assert {r: _tokens(o) for r, o in outputs.items()} == {r: _tokens(o) for r, o in reference.items()}
+        assert sum(loads) >= 3, "one slot for three modules: they were swapped"
