@@ -101,8 +101,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
         result = await until_disconnected(request, collect(runner, call))
         if result is None:
             return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(openai_responses.response_body(result, body, call, engine.tokenizer),
-                            headers=composition_header(call))
+        return JSONResponse(openai_responses.response_body(result, body, call), headers=composition_header(call))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -193,7 +192,8 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
     call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts,
                 tool_mode, body.prompt_logprobs is not None,
                 {t.function.name: t.function.parameters or {} for t in getattr(body, "tools", None) or ()}, parser,
-                reasoning, reasoning_start, grammar_after, _priority(engine, body))
+                reasoning, reasoning_start, grammar_after, _priority(engine, body),
+                _single_token(engine.tokenizer, reasoning.CLOSE) if reasoning is not None else None)
     return call
 
 

@@ -114,16 +114,15 @@ def _response(body: ResponsesRequest, call: Call, output: list[dict], status: st
     }
 
 
-def _usage(chat_usage: dict | None, reasoning: str, tokenizer) -> dict | None:
-    """Responses usage from chat usage; reasoning tokens are the reasoning text's tokens, encoded again (the
-    engine does not count them apart)."""
+def _usage(chat_usage: dict | None) -> dict | None:
+    """Responses usage from chat usage (reasoning tokens as the engine counted them; 0 where uncounted)."""
     if chat_usage is None:
         return None
+    reasoning = (chat_usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
     return {"input_tokens": chat_usage["prompt_tokens"], "output_tokens": chat_usage["completion_tokens"],
             "total_tokens": chat_usage["total_tokens"],
             "input_tokens_details": {"cached_tokens": chat_usage["prompt_tokens_details"]["cached_tokens"]},
-            "output_tokens_details": {"reasoning_tokens": len(tokenizer.encode(reasoning, add_special_tokens=False))
-                                      if reasoning else 0}}
+            "output_tokens_details": {"reasoning_tokens": reasoning}}
 
 
 def _message_item(item_id: str, text: str, status: str, logprobs: list | None = None) -> dict:
@@ -141,7 +140,7 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
             "status": status}
 
 
-def response_body(chat_body: dict, body: ResponsesRequest, call: Call, tokenizer) -> dict:
+def response_body(chat_body: dict, body: ResponsesRequest, call: Call) -> dict:
     """The Responses body of a collected chat completion."""
     choice = chat_body["choices"][0]
     message, status = choice["message"], "incomplete" if choice["finish_reason"] == "length" else "completed"
@@ -155,7 +154,7 @@ def response_body(chat_body: dict, body: ResponsesRequest, call: Call, tokenizer
     for tool_call in message.get("tool_calls") or ():
         function = tool_call["function"]
         output.append(_call_item(_id("fc"), tool_call["id"], function["name"], function["arguments"], "completed"))
-    return _response(body, call, output, status, _usage(chat_body["usage"], reasoning, tokenizer))
+    return _response(body, call, output, status, _usage(chat_body["usage"]))
 
 
 class _Events:
@@ -170,7 +169,6 @@ class _Events:
         """The reasoning or message item streaming now: {"kind", "id", "index", "text"}."""
         self.calls: dict[int, dict] = {}
         """Function calls by their chat index: {"id", "index", "call_id", "name", "arguments"}."""
-        self.reasoning = ""
         self.logprobs: list[dict] = []
         """Logprobs of the tokens streamed so far, not yet sent with a text delta."""
         self.sent_logprobs: list[dict] = []
@@ -212,7 +210,6 @@ class _Events:
                                          content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
         self.text["text"] += piece
         if kind == "reasoning":
-            self.reasoning += piece
             return events + [self.event("response.reasoning_text.delta", item_id=self.text["id"],
                                         output_index=self.text["index"], content_index=0, delta=piece)]
         logprobs, self.logprobs = self.logprobs, []
@@ -259,7 +256,7 @@ class _Events:
     def _next_index(self) -> int:
         return len(self.output) + (self.text is not None) + len(self.calls)
 
-    def finish(self, finish_reason: str | None, chat_usage: dict | None, tokenizer) -> list[str]:
+    def finish(self, finish_reason: str | None, chat_usage: dict | None) -> list[str]:
         status = "incomplete" if finish_reason == "length" else "completed"
         events = self._close_text(status) if self.text is not None else []
         for state in self.calls.values():
@@ -269,7 +266,7 @@ class _Events:
             events.append(self.event("response.output_item.done", output_index=state["index"], item=item))
             self.output.append((state["index"], item))
         output = [item for _, item in sorted(self.output, key=lambda pair: pair[0])]
-        response = _response(self.body, self.call, output, status, _usage(chat_usage, self.reasoning, tokenizer))
+        response = _response(self.body, self.call, output, status, _usage(chat_usage))
         return events + [self.event("response.completed" if status == "completed" else "response.incomplete",
                                     response=response)]
 
@@ -291,5 +288,5 @@ async def events(runner: Runner, call: Call, body: ResponsesRequest) -> AsyncIte
             for event in writer.delta(choice["delta"], choice.get("logprobs")):
                 yield event
             finish_reason = choice["finish_reason"] or finish_reason
-    for event in writer.finish(finish_reason, chat_usage, runner.tokenizer):
+    for event in writer.finish(finish_reason, chat_usage):
         yield event

@@ -459,6 +459,7 @@ class ResponsesRequest(BaseModel):
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None
     chat_template_kwargs: dict | None = None
     priority: int | None = None
 
@@ -486,5 +487,5 @@ class ResponsesRequest(BaseModel):
 
 
 RESPONSES_EXTRAS = ("task", "modules", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "stop", "ignore_eos", "min_tokens", "chat_template_kwargs", "priority")
+                    "frequency_penalty", "stop", "ignore_eos", "min_tokens", "logit_bias", "chat_template_kwargs", "priority")
 """ResponsesRequest fields passed to the chat completion as they are, when given."""

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
-from server.api.serving import Call, Runner, sse, usage
+from server.api.serving import Call, Runner, reasoning_tokens, sse, total_reasoning_tokens, usage
 from server.api.tools import RequiredCallsReader, auto_calls, new_call_id, tool_calls
 
 
@@ -24,7 +24,9 @@ async def collect(runner: Runner, call: Call) -> dict:
     texts, logprobs, reasons, stop_reasons = [""] * n, [[] for _ in range(n)], [None] * n, [None] * n
     text_lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
     completion_tokens, cached_tokens, echoed, scored = [0] * n, [0] * n, set(), [None] * n
+    token_ids: list[list[int]] = [[] for _ in range(n)]
     async for index, output in runner.outputs(call):
+        token_ids[index] += output.token_ids
         echo = _echoes(call, index, echoed)
         if output.prompt_logprobs is not None:
             scored[index] = output.prompt_logprobs
@@ -39,11 +41,12 @@ async def collect(runner: Runner, call: Call) -> dict:
         completion_tokens[index] = output.num_output_tokens
         cached_tokens[index] = output.num_cached_tokens
         reasons[index], stop_reasons[index] = output.finish_reason, output.stop_reason
-    choices = []
+    choices, thought = [], []
     for i in range(n):
         wants = call.params[i].logprobs is not None
         if call.kind == "chat":
             message, reason = _reply(call, texts[i], reasons[i])
+            thought.append(reasoning_tokens(call, token_ids[i], message.get("reasoning") or ""))
             choices.append({"index": i, "message": message, "logprobs": {"content": logprobs[i]} if wants else None,
                             "finish_reason": reason, "stop_reason": stop_reasons[i]})
         else:
@@ -52,7 +55,8 @@ async def collect(runner: Runner, call: Call) -> dict:
             if call.prompt_logprobs:
                 choices[-1]["prompt_logprobs"] = runner.vllm_prompt_logprobs(scored[i] or ())
     body = call.envelope(stream=False)
-    total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens))
+    total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens),
+                  total_reasoning_tokens(call, thought))
     body.update(choices=choices, usage=total, tessera=_tessera(call))
     if call.prompt_logprobs and call.kind == "chat":  # one prompt for every choice: at the top, as vLLM
         body["prompt_logprobs"] = runner.vllm_prompt_logprobs(scored[0] or ())
@@ -161,15 +165,20 @@ class _ChatChoice:
         self.reader = RequiredCallsReader()
         """tool_choice required: the calls read out of the content so far."""
         self.echo = call.echo_texts[index] if call.echo_texts is not None else ""
+        self.token_ids: list[int] = []
+        self.reasoning = ""
+        """Its reasoning so far (with a reasoning parser)."""
 
     def chunks(self, output) -> list[dict]:
         """The chunks one increment of the choice's output makes."""
         call = self.call
         self.text += output.text
+        self.token_ids += output.token_ids
         if call.reasoning is None:
             reasoning, content = "", self.text
         else:
             reasoning, content = call.reasoning.split(self.text, call.reasoning_start, output.finished)
+            self.reasoning = reasoning
         thought, new = reasoning[self.reasoning_sent:], content[len(self.content):]
         self.reasoning_sent, self.content = len(reasoning), content
         if call.tool_mode is None:
@@ -264,5 +273,7 @@ async def chunks(runner: Runner, call: Call) -> AsyncIterator[dict]:
         yield error.body()
         return
     if call.include_usage:
-        total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens))
+        thought = total_reasoning_tokens(call, [reasoning_tokens(call, choice.token_ids, choice.reasoning)
+                                                for choice in choices or ()])
+        total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens), thought)
         yield call.envelope(stream=True) | {"choices": [], "usage": total, "tessera": _tessera(call)}

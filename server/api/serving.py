@@ -55,6 +55,8 @@ class Call:
     """With `grammar`: the token id it begins after (`Request.grammar_after`)."""
     priority: int = 0
     """`Request.priority` of every choice."""
+    reasoning_close: int | None = None
+    """With `reasoning`: the id of the `</think>` token, or None where the tokenizer has no such single token."""
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -197,12 +199,34 @@ async def _disconnected(request) -> None:
         pass
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int | None = None) -> dict:
     """OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts prompt tokens whose KV came from
-    the prefix cache."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+    the prefix cache, and `completion_tokens_details.reasoning_tokens` (when counted) the generated tokens of the
+    reasoning, before the token that closed it."""
+    body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return body
+
+
+def reasoning_tokens(call: "Call", token_ids: list[int], reasoning: str) -> int | None:
+    """How many of a choice's generated tokens are reasoning: those before the `</think>` token, or all of them
+    when the reply ended inside its reasoning; None where the tokenizer spells `</think>` with several tokens
+    (they are not counted then)."""
+    if not reasoning:
+        return 0
+    if call.reasoning_close is None:
+        return None
+    return token_ids.index(call.reasoning_close) if call.reasoning_close in token_ids else len(token_ids)
+
+
+def total_reasoning_tokens(call: "Call", counts: list[int | None]) -> int | None:
+    """The call's reasoning tokens over its choices (None without a reasoning parser, or where uncounted)."""
+    if call.reasoning is None or any(count is None for count in counts):
+        return None
+    return sum(counts)
 
 
 def sse(payload: dict | str) -> str:

@@ -118,6 +118,29 @@ def test_a_grammar_shapes_the_answer_after_the_reasoning(thinker):
     assert open_block["message"]["content"] is None and open_block["finish_reason"] == "length"
 
 
+def test_reasoning_tokens_are_the_generated_tokens_before_the_block_closes(thinker):
+    served, http = thinker
+    close = served.engine.tokenizer.convert_tokens_to_ids("</think>")
+    client, counts = served.client(), set()
+    for bias in range(1, 7):  # the larger the bias, the sooner the tiny model closes its block
+        body = {"model": served.backbone, "messages": MESSAGES, **GREEDY, "logprobs": True,
+                "logit_bias": {str(close): bias}}
+        chat = _post(http, "/v1/chat/completions", body)
+        tokens = [entry["token"] for entry in chat["choices"][0]["logprobs"]["content"]]
+        expected = tokens.index("</think>") if "</think>" in tokens else len(tokens)
+        assert chat["usage"]["completion_tokens_details"] == {"reasoning_tokens": expected}, (bias, tokens)
+        streamed = [chunk.usage for chunk in client.chat.completions.create(
+            model=served.backbone, messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+            temperature=0, max_tokens=8, logit_bias={str(close): bias}, extra_body={"ignore_eos": True})
+            if chunk.usage is not None]
+        assert streamed[-1].completion_tokens_details.reasoning_tokens == expected
+        response = client.responses.create(model=served.backbone, input=MESSAGES, temperature=0.0, max_output_tokens=8,
+                                           extra_body={"ignore_eos": True, "logit_bias": {str(close): bias}})
+        assert response.usage.output_tokens_details.reasoning_tokens == expected
+        counts.add(expected)
+    assert 0 in counts and 8 in counts and counts - {0, 8}  # closed at once, never, and part way
+
+
 def test_earlier_reasoning_reaches_the_template_and_echo_is_refused(thinker):
     served, http = thinker
     history = [*MESSAGES, {"role": "assistant", "content": "yes", "reasoning": "it scatters blue light"},
