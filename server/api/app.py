@@ -174,8 +174,10 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
     engine = runner.engine
     composition = await _composition(engine, body, request)
     default_max = None if kind == "chat" else 16
+    bad_words = translate.bad_word_ids(body, engine.tokenizer)
     params = [
-        translate.sampling_params(body, len(p), engine.max_model_len, i % body.n, default_max, len(engine.tokenizer))
+        translate.sampling_params(body, len(p), engine.max_model_len, i % body.n, default_max, len(engine.tokenizer),
+                                  bad_words)
         for i, p in enumerate(prompts)
     ]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

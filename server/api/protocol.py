@@ -159,6 +159,10 @@ class _Common(BaseModel):
     """vLLM's: > 1 discourages tokens of the prompt and the output so far; 1 is off."""
     min_tokens: int = Field(default=0, ge=0)
     """vLLM's: EOS and stop tokens are not drawn before this many tokens."""
+    allowed_token_ids: list[int] | None = Field(default=None, min_length=1)
+    """vLLM's: only these tokens can be drawn."""
+    bad_words: list[str] | None = Field(default=None, max_length=128)
+    """vLLM's: words never generated (each as it tokenizes alone and after a space)."""
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     """vLLM's: return the logprob and rank of every prompt token, plus this many top alternatives."""
     ignore_eos: bool = False
@@ -202,6 +206,13 @@ class _Common(BaseModel):
                 raise ValueError(f"bias of token {key} must be in [-100, 100], got {bias}")
         if value is not None and len(value) > 1024:
             raise ValueError(f"at most 1024 biased tokens, got {len(value)}")
+        return value
+
+    @field_validator("bad_words")
+    @classmethod
+    def _words(cls, value):
+        if value is not None and any(not word.strip() for word in value):
+            raise ValueError("bad words must not be empty or blank")
         return value
 
     @field_validator("stream_options")
@@ -460,6 +471,8 @@ class ResponsesRequest(BaseModel):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     chat_template_kwargs: dict | None = None
     priority: int | None = None
 
@@ -487,5 +500,6 @@ class ResponsesRequest(BaseModel):
 
 
 RESPONSES_EXTRAS = ("task", "modules", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "stop", "ignore_eos", "min_tokens", "logit_bias", "chat_template_kwargs", "priority")
+                    "frequency_penalty", "stop", "ignore_eos", "min_tokens", "logit_bias", "allowed_token_ids",
+                    "bad_words", "chat_template_kwargs", "priority")
 """ResponsesRequest fields passed to the chat completion as they are, when given."""

@@ -178,8 +178,9 @@ def chat_echo(body: ChatCompletionRequest, tool_mode: str | None, reasoning: boo
 
 
 def sampling_params(body, prompt_len: int, max_model_len: int, index: int, default_max: int | None,
-                    vocab_size: int) -> SamplingParams:
-    """Sampling params of choice `index` (seeds advance per choice so n > 1 differ reproducibly)."""
+                    vocab_size: int, bad_words: tuple[tuple[int, ...], ...] = ()) -> SamplingParams:
+    """Sampling params of choice `index` (seeds advance per choice so n > 1 differ reproducibly); `bad_words`
+    as `bad_word_ids` tokenized them."""
     param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     room = max_model_len - prompt_len
     if room < 1:
@@ -207,6 +208,8 @@ def sampling_params(body, prompt_len: int, max_model_len: int, index: int, defau
         repetition_penalty=body.repetition_penalty,
         logit_bias=_logit_bias(body, vocab_size),
         min_tokens=_min_tokens(body, max_tokens, param),
+        allowed_token_ids=_allowed_token_ids(body, vocab_size),
+        bad_words=bad_words,
         prompt_logprobs=body.prompt_logprobs if body.prompt_logprobs is not None else
         (body.num_logprobs if getattr(body, "echo", False) else None),
     )
@@ -216,6 +219,24 @@ def _logit_bias(body, vocab_size: int) -> tuple[tuple[int, float], ...]:
     biases = tuple(sorted((int(token), float(bias)) for token, bias in (body.logit_bias or {}).items() if bias))
     check_token_ids([token for token, _ in biases], vocab_size, "logit_bias")
     return biases
+
+
+def _allowed_token_ids(body, vocab_size: int) -> tuple[int, ...]:
+    ids = tuple(sorted(set(body.allowed_token_ids or ())))
+    check_token_ids(ids, vocab_size, "allowed_token_ids")
+    return ids
+
+
+def bad_word_ids(body, tokenizer) -> tuple[tuple[int, ...], ...]:
+    """The token sequences a body's `bad_words` ban: each word as it tokenizes alone and after a space (at the
+    start of the text and inside it), without repeats."""
+    sequences: dict[tuple[int, ...], None] = {}
+    for word in body.bad_words or ():
+        for spelling in (word.lstrip(), " " + word.lstrip()):
+            ids = tuple(tokenizer.encode(spelling, add_special_tokens=False))
+            if ids:
+                sequences[ids] = None
+    return tuple(sequences)
 
 
 def _stop_token_ids(body, vocab_size: int) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
 """Penalties and biases on a request's logits: OpenAI's presence and frequency penalties and logit_bias,
-vLLM's repetition_penalty and min_tokens.
+vLLM's repetition_penalty, min_tokens, allowed_token_ids and bad_words.
 
 In the order they apply, for a row whose request generated the tokens counted in c (c[v]: how often token v
 was generated so far) from a prompt with tokens P:
@@ -8,10 +8,12 @@ was generated so far) from a prompt with tokens P:
     frequency and presence  logit -= frequency * c[v] + presence * (c[v] > 0)
     logit_bias              logit += bias[v]
     min_tokens              EOS and the request's stop tokens at -inf while fewer than min_tokens were generated
+    allowed_token_ids       every other token at -inf
+    bad_words               for each banned sequence (w_1 .. w_m): w_m at -inf where the output ends in w_1 .. w_m-1
 
-The counts live on the device (`TokenCounts`, a row per request that needs them), written when the runner
-takes a request (from its real token ids) and advanced after each step from the sampled ids on the device,
-so no step waits for the host: asynchronous scheduling and preemption keep working. Logprobs stay those of
+The counts and the last output tokens live on the device (`TokenCounts`, a row per request that needs them),
+written when the runner takes a request (from its real token ids) and advanced after each step from the
+sampled ids on the device, so no step waits for the host: asynchronous scheduling and preemption keep working. Logprobs stay those of
 the unprocessed distribution, as vLLM reports by default.
 """
 
@@ -25,39 +27,63 @@ from server.engine.transfer import to_device
 
 def needs_processing(params: SamplingParams) -> bool:
     """Whether any of this module's adjustments applies to a request."""
-    return bool(needs_counts(params) or params.logit_bias or params.min_tokens)
+    return bool(needs_history(params) or params.logit_bias or params.min_tokens or params.allowed_token_ids
+                or params.bad_words)
 
 
 def needs_counts(params: SamplingParams) -> bool:
+    """Whether a request's penalties read its token counts."""
     return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0 or params.repetition_penalty != 1.0
+
+
+def history_window(params: SamplingParams) -> int:
+    """How many of its last output tokens a request's bad words look back at."""
+    return max((len(word) - 1 for word in params.bad_words), default=0)
+
+
+def needs_history(params: SamplingParams) -> bool:
+    """Whether a request holds a `TokenCounts` row (its counts, or its last output tokens)."""
+    return needs_counts(params) or history_window(params) > 0
 
 
 class TokenCounts:
     """Per request that needs them: output token counts (int32) and a prompt-token mask (bool), each
-    [rows, vocab] on the device; rows are reused, and the tensors double when they run out."""
+    [rows, vocab], and the last `window` output tokens (int64, [rows, window], oldest first, -1 before the
+    first), on the device; rows are reused, the tensors double when they run out of rows, and the window
+    widens to the longest a request asks for."""
 
     def __init__(self, vocab_size: int, device: torch.device, rows: int = 4):
         self.vocab_size = vocab_size
         self.counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)  # [rows, vocab]
         self.in_prompt = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)  # [rows, vocab]
+        self.recent = torch.full((rows, 0), -1, dtype=torch.int64, device=device)  # [rows, window]
         self.row_of: dict[str, int] = {}
         self._free = list(range(rows - 1, -1, -1))
 
-    def hold(self, request_id: str, prompt_ids: list[int], output_ids: list[int]) -> None:
-        """A row for a request the runner takes (again, after a preemption), from its real token ids."""
+    def hold(self, request_id: str, prompt_ids: list[int], output_ids: list[int], window: int = 0) -> None:
+        """A row for a request the runner takes (again, after a preemption), from its real token ids; `window`:
+        how many last output tokens it reads."""
         self.forget(request_id)
         if not self._free:
             self._grow()
+        if window > self.recent.shape[1]:
+            pad = torch.full((self.recent.shape[0], window - self.recent.shape[1]), -1, dtype=torch.int64,
+                             device=self.recent.device)
+            self.recent = torch.cat([pad, self.recent], dim=1)
         row = self._free.pop()
         self.row_of[request_id] = row
         device = self.counts.device
         self.counts[row].zero_()
         self.in_prompt[row].zero_()
+        self.recent[row].fill_(-1)
         if prompt_ids:
             self.in_prompt[row, to_device(torch.tensor(prompt_ids, dtype=torch.int64), device)] = True
         if output_ids:
             ids = to_device(torch.tensor(output_ids, dtype=torch.int64), device)  # [num_outputs]
             self.counts[row].index_put_((ids,), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+            last = ids[-self.recent.shape[1]:] if self.recent.shape[1] else ids[:0]
+            if len(last):
+                self.recent[row, self.recent.shape[1] - len(last):] = last
 
     def forget(self, request_id: str) -> None:
         row = self.row_of.pop(request_id, None)
@@ -68,11 +94,14 @@ class TokenCounts:
         """Count each request's sampled token (`sampled[i]` is request_ids[i]'s, on the device)."""
         rows = to_device(torch.tensor([self.row_of[r] for r in request_ids], dtype=torch.int64), sampled.device)
         self.counts.index_put_((rows, sampled), torch.ones_like(sampled, dtype=torch.int32), accumulate=True)
+        if self.recent.shape[1]:
+            self.recent[rows] = torch.cat([self.recent[rows, 1:], sampled[:, None].to(torch.int64)], dim=1)
 
     def _grow(self) -> None:
         old = self.counts.shape[0]
         self.counts = torch.cat([self.counts, torch.zeros_like(self.counts)])
         self.in_prompt = torch.cat([self.in_prompt, torch.zeros_like(self.in_prompt)])
+        self.recent = torch.cat([self.recent, torch.full_like(self.recent, -1)])
         self._free = list(range(2 * old - 1, old - 1, -1))
 
 
@@ -83,7 +112,7 @@ def process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
     device = logits.device
     rows_t = to_device(torch.tensor(rows, dtype=torch.int64), device)  # [R]
     sub = logits[rows_t]  # [R, vocab], a copy
-    counted = [i for i, row in enumerate(count_rows) if row is not None]
+    counted = [i for i, row in enumerate(count_rows) if row is not None and needs_counts(params[i])]
     if counted:
         index = to_device(torch.tensor(counted, dtype=torch.int64), device)  # [C]
         state = to_device(torch.tensor([count_rows[i] for i in counted], dtype=torch.int64), device)  # [C]
@@ -106,9 +135,47 @@ def process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
     if early:
         where = to_device(torch.tensor(early, dtype=torch.int64), device)  # [E, 2]
         sub[where[:, 0], where[:, 1]] = float("-inf")
+    allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
+    if allowed:
+        where = to_device(torch.tensor([(j, t) for j, i in enumerate(allowed) for t in params[i].allowed_token_ids],
+                                       dtype=torch.int64), device)  # [A, 2]
+        keep = torch.zeros(len(allowed), sub.shape[1], dtype=torch.bool, device=device)  # [len(allowed), vocab]
+        keep[where[:, 0], where[:, 1]] = True
+        index = to_device(torch.tensor(allowed, dtype=torch.int64), device)
+        sub[index] = sub[index].masked_fill(~keep, float("-inf"))
+    if any(p.bad_words for p in params):
+        sub = _ban_words(sub, params, count_rows, counts)
     out = logits.clone()
     out[rows_t] = sub
     return out
+
+
+def _ban_words(sub: torch.Tensor, params: list[SamplingParams], count_rows: list[int | None],
+               counts: TokenCounts | None) -> torch.Tensor:
+    """`sub` [R, vocab] with each row's bad words' last tokens at -inf where its last output tokens (on the
+    device, `TokenCounts.recent`) are the words' other tokens."""
+    device = sub.device
+    single = [(i, word[0]) for i, p in enumerate(params) for word in p.bad_words if len(word) == 1]
+    banned = torch.zeros_like(sub)  # [R, vocab]
+    if single:
+        where = to_device(torch.tensor(single, dtype=torch.int64), device)  # [S1, 2]
+        banned[where[:, 0], where[:, 1]] = 1.0
+    longer = [(i, word) for i, p in enumerate(params) for word in p.bad_words if len(word) > 1]
+    if longer:
+        window = counts.recent.shape[1]
+        prefixes = torch.full((len(longer), window), -1, dtype=torch.int64)  # [L, window], right-aligned
+        checked = torch.zeros(len(longer), window, dtype=torch.bool)  # [L, window]
+        for e, (_, word) in enumerate(longer):
+            prefixes[e, window - len(word) + 1:] = torch.tensor(word[:-1])
+            checked[e, window - len(word) + 1:] = True
+        state = to_device(torch.tensor([count_rows[i] for i, _ in longer], dtype=torch.int64), device)  # [L]
+        seen = counts.recent[state]  # [L, window]
+        prefixes, checked = to_device(prefixes, device), to_device(checked, device)
+        match = ((seen == prefixes) | ~checked).all(dim=1)  # [L]
+        rows = to_device(torch.tensor([i for i, _ in longer], dtype=torch.int64), device)  # [L]
+        last = to_device(torch.tensor([word[-1] for _, word in longer], dtype=torch.int64), device)  # [L]
+        banned.index_put_((rows, last), match.to(banned.dtype), accumulate=True)
+    return sub.masked_fill(banned > 0, float("-inf"))
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

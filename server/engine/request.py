@@ -51,6 +51,11 @@ class SamplingParams:
     """(token id, bias) added to the logits (OpenAI)."""
     min_tokens: int = 0
     """EOS and stop tokens are not drawn before this many tokens were generated (vLLM)."""
+    allowed_token_ids: tuple[int, ...] = ()
+    """Only these tokens can be drawn (vLLM); empty: any token."""
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    """Token sequences never generated (vLLM's `bad_words`, tokenized): a sequence's last token is not drawn where
+    the output so far ends in the tokens before it (at once, for a one-token sequence)."""
     prompt_logprobs: int | None = None
     """None: none; k >= 0: the logprob of every prompt token after the first given the ones before it,
     plus the top k alternatives (for scoring, e.g. OpenAI's `echo` with `logprobs`). Such a request

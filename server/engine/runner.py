@@ -25,7 +25,7 @@ import torch
 from tessera_kernels.composed_lora import ModuleBatchMeta
 from server.engine.graphs import DecodeGraphs
 from server.engine.host_rows import HostRows, StepRows
-from server.engine.penalties import TokenCounts, needs_counts, needs_processing, process
+from server.engine.penalties import TokenCounts, history_window, needs_history, needs_processing, process
 from server.engine.plan import PLACEHOLDER, NewRequestData, StepPlan, StepResult
 from server.engine.request import SamplingParams
 from server.engine.sampling import (
@@ -219,11 +219,12 @@ class ModelRunner:
         except RuntimeError:
             self.host_rows.release(row)
             raise
-        if needs_counts(data.sampling):
+        if needs_history(data.sampling):
             if self.counts is None:
                 self.counts = TokenCounts(self.model.hf_config.vocab_size, self.model.device)
             prompt = data.num_prompt_tokens
-            self.counts.hold(data.request_id, data.token_ids[:prompt], data.token_ids[prompt:])
+            self.counts.hold(data.request_id, data.token_ids[:prompt], data.token_ids[prompt:],
+                             history_window(data.sampling))
         self._extras.update(self._extras_of(data))
         return _Held(data, list(data.token_ids), list(data.block_ids), data.num_computed_tokens, row,
                      processed=needs_processing(data.sampling))
@@ -233,7 +234,7 @@ class ModelRunner:
         """What a request needs beyond the plain draw: processed logits, device token counts, a grammar mask,
         prompt scoring."""
         sampling = data.sampling
-        wanted = {"processed": needs_processing(sampling), "counted": needs_counts(sampling),
+        wanted = {"processed": needs_processing(sampling), "counted": needs_history(sampling),
                   "structured": data.matcher is not None, "scored": sampling.prompt_logprobs is not None}
         return [name for name, needed in wanted.items() if needed]
 
@@ -328,8 +329,9 @@ class ModelRunner:
                        self.eos_ids)
 
     def _count(self, held: list[_Held], params: list[SamplingParams], sampled: torch.Tensor) -> None:
-        """Advance the device token counts of the penalized rows by the tokens just drawn (no host sync)."""
-        rows = [i for i, (h, p) in enumerate(zip(held, params)) if h.processed and needs_counts(p)]
+        """Advance the device token counts and last tokens of the rows that hold them by the tokens just drawn
+        (no host sync)."""
+        rows = [i for i, (h, p) in enumerate(zip(held, params)) if h.processed and needs_history(p)]
         if rows:
             index = to_device(torch.tensor(rows, dtype=torch.int64), sampled.device)  # [C]
             self.counts.record([held[i].request_id for i in rows], sampled.index_select(0, index))

@@ -1,5 +1,5 @@
 """vLLM's request extensions over HTTP: chat-template controls, chat echo, prompt truncation, min_p,
-stop_token_ids, include_stop_str_in_output and skip_special_tokens."""
+stop_token_ids, include_stop_str_in_output, skip_special_tokens, allowed_token_ids and bad_words."""
 
 from __future__ import annotations
 
@@ -104,7 +104,27 @@ def test_min_p_of_one_is_greedy_and_stop_and_special_token_controls_shape_the_te
     assert ended["usage"]["completion_tokens"] == 1 and ended["choices"][0]["text"] == ""  # its text left out
 
 
+def test_allowed_token_ids_and_bad_words_shape_the_reply(server, http):
+    tokenizer = server.engine.tokenizer
+    body = {"model": "reverse", "prompt": "the quick", "max_tokens": 8, "ignore_eos": True, "temperature": 0.0,
+            "logprobs": 0}
+    free = _post(http, "/v1/completions", body)["choices"][0]
+    allowed = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("a", "b", "c")})
+    only = _post(http, "/v1/completions", body | {"allowed_token_ids": allowed})["choices"][0]
+    assert only["text"] and set(only["text"]) <= {"a", "b", "c"}
+    said = free["logprobs"]["tokens"]
+    word = next(t for t in said if t.strip() and len(tokenizer.encode(t, add_special_tokens=False)) == 1)
+    banned = _post(http, "/v1/completions", body | {"bad_words": [word]})["choices"][0]
+    assert banned["text"] != free["text"] and word not in banned["logprobs"]["tokens"]
+    reply = _post(http, "/v1/chat/completions", {"model": "reverse", "messages": [USER], **GREEDY,
+                                                  "allowed_token_ids": allowed})["choices"][0]["message"]["content"]
+    assert reply and set(reply) <= {"a", "b", "c"}
+
+
 @pytest.mark.parametrize(("body", "param"), [
+    ({"messages": [USER], "allowed_token_ids": []}, "allowed_token_ids"),
+    ({"messages": [USER], "allowed_token_ids": [10**9]}, "allowed_token_ids"),
+    ({"messages": [USER], "bad_words": [" "]}, "bad_words"),
     ({"messages": [USER], "continue_final_message": True}, "continue_final_message"),
     ({"messages": [USER], "continue_final_message": True, "add_generation_prompt": False}, "messages"),
     ({"messages": [USER, {"role": "assistant", "content": "x"}]}, "messages"),

@@ -1,19 +1,21 @@
-"""Penalties, logit bias and min_tokens: the batched device math against a per-row loop, and the engine against
-transformers `generate` with the same logits processors."""
+"""Penalties, logit bias, min_tokens, allowed_token_ids and bad_words: the batched device math against a per-row
+loop, and the engine against transformers `generate` with the same logits processors."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers import (LogitsProcessor, LogitsProcessorList, NoBadWordsLogitsProcessor,
+                          PrefixConstrainedLogitsProcessor, RepetitionPenaltyLogitsProcessor)
 
 from router.composition import Composition
 from router.library import ModuleLibrary
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.penalties import TokenCounts, process
+from server.engine.penalties import TokenCounts, history_window, needs_history, process
 from server.engine.request import Request, SamplingParams
 from tests.router.helpers import merged_model
 
@@ -34,6 +36,12 @@ def _reference_row(logits: torch.Tensor, prompt: list[int], outputs: list[int], 
     if len(outputs) < p.min_tokens:
         for token in set(p.stop_token_ids) | (set() if p.ignore_eos else EOS):
             row[token] = float("-inf")
+    if p.allowed_token_ids:
+        for v in set(range(VOCAB)) - set(p.allowed_token_ids):
+            row[v] = float("-inf")
+    for word in p.bad_words:
+        if len(outputs) >= len(word) - 1 and outputs[len(outputs) - len(word) + 1:] == list(word[:-1]):
+            row[word[-1]] = float("-inf")
     return row
 
 
@@ -46,18 +54,22 @@ def test_batched_processing_equals_the_per_row_loop():
         p = SamplingParams(presence_penalty=rng.choice([0.0, 0.7, -0.4]), frequency_penalty=rng.choice([0.0, 0.3]),
                            repetition_penalty=rng.choice([1.0, 1.3, 0.8]), min_tokens=rng.choice([0, 5]),
                            logit_bias=tuple((rng.randrange(VOCAB), rng.uniform(-5, 5)) for _ in range(i % 3)),
-                           stop_token_ids=(7,) if i % 2 else (), ignore_eos=i == 4)
+                           stop_token_ids=(7,) if i % 2 else (), ignore_eos=i == 4,
+                           allowed_token_ids=tuple(rng.sample(range(VOCAB), 30)) if i % 3 == 1 else ())
         prompt = [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 9))]
         outputs = [rng.randrange(VOCAB) for _ in range(rng.randrange(0, 9))]
-        counted = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+        if i % 2:  # bad words: one token, and longer ones that end the output (banned) or do not (free)
+            words = [(rng.randrange(VOCAB),), (*outputs[-2:], rng.randrange(VOCAB)), (*outputs[-1:], 49, 48)]
+            p = SamplingParams(**{**p.__dict__, "bad_words": tuple(w for w in words if w)})
+        counted = needs_history(p)
         if counted:
-            counts.hold(f"r{i}", prompt, outputs)
+            counts.hold(f"r{i}", prompt, outputs, history_window(p))
         rows.append(i + 1)
         params.append(p)
         histories.append((prompt, outputs))
         count_rows.append(counts.row_of[f"r{i}"] if counted else None)
     counts.forget("r0")
-    counts.hold("r0", *histories[0])  # a reused row is rewritten whole
+    counts.hold("r0", *histories[0], history_window(params[0]))  # a reused row is rewritten whole
     count_rows[0] = counts.row_of.get("r0") if count_rows[0] is not None else None
     out = process(logits, rows, params, count_rows, [len(o) for _, o in histories], counts, EOS)
     assert torch.equal(out[0], logits[0]) and torch.equal(out[8], logits[8])  # rows not asked stay
@@ -74,6 +86,19 @@ def test_recorded_tokens_count_on_the_device():
     assert counts.counts[counts.row_of["a"]].nonzero().flatten().tolist() == [5, 6]
     assert counts.counts[counts.row_of["a"], 5] == 2 and counts.counts[counts.row_of["b"], 9] == 1
     assert counts.in_prompt[counts.row_of["a"]].nonzero().flatten().tolist() == [1, 2]
+
+
+def test_the_last_output_tokens_follow_the_draws_and_the_window_widens():
+    counts = TokenCounts(VOCAB, torch.device("cpu"), rows=1)
+    counts.hold("a", [1], [4, 5, 6, 7], window=2)
+    assert counts.recent[counts.row_of["a"]].tolist() == [6, 7]
+    counts.hold("b", [], [8], window=3)  # wider: the older rows keep their tokens, -1 in front
+    assert counts.recent[counts.row_of["a"]].tolist() == [-1, 6, 7]
+    assert counts.recent[counts.row_of["b"]].tolist() == [-1, -1, 8]
+    counts.record(["b", "a"], torch.tensor([9, 10]))
+    counts.record(["b"], torch.tensor([11]))
+    assert counts.recent[counts.row_of["a"]].tolist() == [6, 7, 10]
+    assert counts.recent[counts.row_of["b"]].tolist() == [8, 9, 11]
 
 
 class _OpenAIPenalties(LogitsProcessor):
@@ -155,7 +180,11 @@ def test_async_scheduling_and_preemption_keep_the_counts(setup, overrides, tempe
     the tokens still on the device."""
     sampled = [Request(r.request_id, r.prompt_token_ids, SamplingParams(
         **{**r.sampling.__dict__, "temperature": temperature, "seed": 4}), r.composition) for r in _requests()]
+    free = _tokens(_engine(setup).generate_batch([sampled[-1]])[sampled[-1].request_id])
+    banned = dataclasses.replace(sampled[-1].sampling, bad_words=((free[3], free[4]), (free[5], free[6], free[7])))
+    sampled.append(Request("rbad", sampled[-1].prompt_token_ids, banned, sampled[-1].composition))
     expected = _engine(setup).generate_batch(sampled)
+    assert _tokens(expected["rbad"]) != free
     engine = _engine(setup, **overrides)
     preempted = []
     engine.step_observer = lambda stats: preempted.append(stats.num_preempted)
@@ -178,3 +207,44 @@ def test_min_tokens_holds_back_eos_and_stop_tokens(setup):
                           min_tokens=3)
     stopped = engine.generate_batch([Request("stop", PROMPTS[1], stop)])["stop"]
     assert stopped[-1].finish_reason == "stop" and 40 not in _tokens(stopped)[:3] and len(_tokens(stopped)) == 4
+
+
+def test_bad_words_and_allowed_tokens_equal_transformers_generate(setup):
+    """Banned sequences picked from the free reply (a one-token word, a two-token one) and an allowed set that
+    leaves out some of its tokens change it, the same way transformers' processors do; a neighbour keeps its
+    own tokens."""
+    model_dir, library_dir = setup
+    engine = _engine(setup, async_scheduling="on")
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    free = _tokens(engine.generate_batch([Request("free", PROMPTS[1], greedy, COMPOSITIONS[2])])["free"])
+    words = ((free[1], free[2]), (free[6],))
+    allowed = tuple(t for t in range(VOCAB) if t not in free[8:])
+    asked = {"bad": dataclasses.replace(greedy, bad_words=words), "allowed": dataclasses.replace(greedy, allowed_token_ids=allowed),
+             "both": dataclasses.replace(greedy, bad_words=words, allowed_token_ids=allowed)}
+    outputs = engine.generate_batch([Request(name, PROMPTS[1], p, COMPOSITIONS[2]) for name, p in asked.items()]
+                                    + [Request("free", PROMPTS[1], greedy, COMPOSITIONS[2])])
+    model = merged_model(model_dir, ModuleLibrary.load(library_dir), COMPOSITIONS[2])
+    for name, p in asked.items():
+        processors = LogitsProcessorList()
+        if p.bad_words:
+            processors.append(_OutputOnly(len(PROMPTS[1]), NoBadWordsLogitsProcessor([list(w) for w in p.bad_words])))
+        if p.allowed_token_ids:
+            processors.append(PrefixConstrainedLogitsProcessor(lambda batch, ids: list(allowed), num_beams=1))
+        out = model.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                             logits_processor=processors)
+        assert _tokens(outputs[name]) == out[0, len(PROMPTS[1]):].tolist(), name
+        assert _tokens(outputs[name]) != free, name
+    assert _tokens(outputs["free"]) == free
+    bad = _tokens(outputs["bad"])
+    assert free[6] not in bad and all(bad[j:j + 2] != list(words[0]) for j in range(len(bad) - 1))
+    assert not set(_tokens(outputs["allowed"])) - set(allowed)
+
+
+class _OutputOnly(LogitsProcessor):
+    """A processor that sees the generated tokens only (vLLM's bad words look at the output, not the prompt)."""
+
+    def __init__(self, prompt_len: int, inner: LogitsProcessor):
+        self.prompt_len, self.inner = prompt_len, inner
+
+    def __call__(self, input_ids, scores):
+        return self.inner(input_ids[:, self.prompt_len:], scores)
