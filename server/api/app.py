@@ -195,7 +195,9 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
                 tool_mode, body.prompt_logprobs is not None,
                 {t.function.name: t.function.parameters or {} for t in getattr(body, "tools", None) or ()}, parser,
                 reasoning, reasoning_start, grammar_after, _priority(engine, body),
-                _single_token(engine.tokenizer, reasoning.CLOSE) if reasoning is not None else None)
+                _single_token(engine.tokenizer, reasoning.CLOSE) if reasoning is not None else None,
+                include_usage and body.stream_options.continuous_usage_stats,
+                request.headers.get("x-request-id") or body.request_id)
     return call
 
 

@@ -99,7 +99,7 @@ def _id(prefix: str) -> str:
 def _response(body: ResponsesRequest, call: Call, output: list[dict], status: str, usage: dict | None) -> dict:
     fmt = body.text.format if body.text is not None and body.text.format is not None else None
     return {
-        "id": "resp_" + call.call_id, "object": "response", "created_at": call.created, "status": status,
+        "id": "resp_" + call.public_id, "object": "response", "created_at": call.created, "status": status,
         "model": body.model, "output": output, "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,

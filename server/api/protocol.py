@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM's: with include_usage, every chunk carries the usage so far, not only the last one."""
 
 
 class TextPart(BaseModel):
@@ -168,6 +170,8 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     priority: int = 0
     """vLLM's: with --scheduling-policy priority, lower values are served first (and preempted last)."""
+    request_id: str | None = Field(default=None, min_length=1, max_length=256)
+    """vLLM's: the id the response's is built from (an `X-Request-Id` header wins over it)."""
     user: str | None = None
     task: str | None = Field(default=None, min_length=1)
     modules: dict[str, float] | None = None
@@ -475,6 +479,7 @@ class ResponsesRequest(BaseModel):
     bad_words: list[str] | None = None
     chat_template_kwargs: dict | None = None
     priority: int | None = None
+    request_id: str | None = None
 
     @field_validator("input")
     @classmethod
@@ -501,5 +506,5 @@ class ResponsesRequest(BaseModel):
 
 RESPONSES_EXTRAS = ("task", "modules", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "stop", "ignore_eos", "min_tokens", "logit_bias", "allowed_token_ids",
-                    "bad_words", "chat_template_kwargs", "priority")
+                    "bad_words", "chat_template_kwargs", "priority", "request_id")
 """ResponsesRequest fields passed to the chat completion as they are, when given."""

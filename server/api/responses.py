@@ -15,7 +15,9 @@ def _tessera(call: Call) -> dict:
 
 
 def composition_header(call: Call) -> dict[str, str]:
-    return {"X-Tessera-Composition": json.dumps(call.composition.as_dict(), separators=(",", ":"))}
+    """The response headers of a call: its composition, and its id (vLLM's `X-Request-Id`)."""
+    return {"X-Tessera-Composition": json.dumps(call.composition.as_dict(), separators=(",", ":")),
+            "X-Request-Id": call.public_id}
 
 
 async def collect(runner: Runner, call: Call) -> dict:
@@ -239,6 +241,14 @@ class _ChatChoice:
         return [chunk]
 
 
+def _so_far(call: Call, chunk: dict, completion_tokens: list[int]) -> dict:
+    """A chunk with the usage so far, under vLLM's `continuous_usage_stats` (the chunk itself otherwise)."""
+    if call.continuous_usage:
+        chunk["usage"] = {"prompt_tokens": call.num_prompt_tokens, "completion_tokens": sum(completion_tokens),
+                          "total_tokens": call.num_prompt_tokens + sum(completion_tokens)}
+    return chunk
+
+
 async def stream(runner: Runner, call: Call) -> AsyncIterator[str]:
     """SSE chunks: a role chunk per choice (chat), content increments, usage if asked, [DONE] (not after an
     error, whose body is the last event)."""
@@ -255,7 +265,7 @@ async def chunks(runner: Runner, call: Call) -> AsyncIterator[dict]:
     choices = [_ChatChoice(call, runner, i) for i in range(n)] if call.kind == "chat" else None
     for i in range(n if choices else 0):
         first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        yield call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)}
+        yield _so_far(call, call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)}, [0])
     completion_tokens, cached_tokens, text_offsets, echoed = [0] * n, [0] * n, [0] * n, set()
     try:
         async for index, output in runner.outputs(call):
@@ -263,11 +273,11 @@ async def chunks(runner: Runner, call: Call) -> AsyncIterator[dict]:
             cached_tokens[index] = output.num_cached_tokens
             if choices is not None:
                 for chunk in choices[index].chunks(output):
-                    yield chunk
+                    yield _so_far(call, chunk, completion_tokens)
                 continue
             echo = _echoes(call, index, echoed)
             if output.text or output.finished or output.logprobs or echo:
-                yield _chunk(call, runner, index, output, text_offsets[index], echo)
+                yield _so_far(call, _chunk(call, runner, index, output, text_offsets[index], echo), completion_tokens)
             text_offsets[index] += len(output.text) + (len(call.echo_texts[index]) if echo else 0)
     except APIError as error:
         yield error.body()

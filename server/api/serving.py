@@ -57,12 +57,22 @@ class Call:
     """`Request.priority` of every choice."""
     reasoning_close: int | None = None
     """With `reasoning`: the id of the `</think>` token, or None where the tokenizer has no such single token."""
+    continuous_usage: bool = False
+    """Streamed with vLLM's `continuous_usage_stats`: every chunk carries the usage so far."""
+    request_id: str | None = None
+    """The client's id for the call (an `X-Request-Id` header or vLLM's `request_id` field): the response's id
+    is built from it; the engine's request ids stay `call_id`'s, unique whatever clients send."""
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
+    def public_id(self) -> str:
+        """The id clients see: theirs where they gave one, else `call_id`."""
+        return self.request_id if self.request_id is not None else self.call_id
+
+    @property
     def object_id(self) -> str:
-        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.call_id
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.public_id
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,7 +1,10 @@
 """vLLM's request extensions over HTTP: chat-template controls, chat echo, prompt truncation, min_p,
-stop_token_ids, include_stop_str_in_output, skip_special_tokens, allowed_token_ids and bad_words."""
+stop_token_ids, include_stop_str_in_output, skip_special_tokens, allowed_token_ids, bad_words, continuous usage
+stats and request ids."""
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -119,6 +122,38 @@ def test_allowed_token_ids_and_bad_words_shape_the_reply(server, http):
     reply = _post(http, "/v1/chat/completions", {"model": "reverse", "messages": [USER], **GREEDY,
                                                   "allowed_token_ids": allowed})["choices"][0]["message"]["content"]
     assert reply and set(reply) <= {"a", "b", "c"}
+
+
+def test_continuous_usage_stats_count_every_chunk_and_end_at_the_final_usage(server):
+    chunks = list(server.client().chat.completions.create(
+        model="reverse", messages=[USER], n=2, stream=True, temperature=0, max_tokens=5,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    *streamed, final = chunks
+    assert final.choices == [] and final.usage.completion_tokens == 10
+    counts = [chunk.usage.completion_tokens for chunk in streamed]
+    assert counts[:2] == [0, 0] and counts == sorted(counts) and counts[-1] == 10  # the role chunks first
+    assert all(c.usage.prompt_tokens == final.usage.prompt_tokens and
+               c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in streamed)
+    plain = list(server.client().completions.create(model="reverse", prompt="abc", stream=True, max_tokens=3,
+                                                    stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage.completion_tokens == 3
+
+
+def test_a_clients_request_id_names_the_response_and_its_header(server):
+    client = server.client()
+    raw = client.chat.completions.with_raw_response.create(model="reverse", messages=[USER], max_tokens=2,
+                                                           extra_headers={"X-Request-Id": "trace-7"})
+    assert raw.headers["x-request-id"] == "trace-7" and raw.parse().id == "chatcmpl-trace-7"
+    with ThreadPoolExecutor(2) as pool:  # the same id twice at once: both served, each its own choices
+        same = list(pool.map(lambda prompt: client.completions.create(
+            model="reverse", prompt=prompt, max_tokens=4, n=2, temperature=0, extra_body={"request_id": "trace-7"}),
+            ["abc", "xyz"]))
+    assert [s.id for s in same] == ["cmpl-trace-7"] * 2 and same[0].choices[0].text != same[1].choices[0].text
+    response = client.responses.with_raw_response.create(model="reverse", input="abc", max_output_tokens=2,
+                                                         extra_headers={"X-Request-Id": "trace-8"})
+    assert response.parse().id == "resp_trace-8" and response.headers["x-request-id"] == "trace-8"
+    mine = client.chat.completions.with_raw_response.create(model="reverse", messages=[USER], max_tokens=2)
+    assert mine.parse().id == "chatcmpl-" + mine.headers["x-request-id"]
 
 
 @pytest.mark.parametrize(("body", "param"), [
