@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.metadata
 import logging
 import time
 
@@ -71,6 +72,15 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():
+        """vLLM's (and SageMaker's) liveness probe."""
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": _version()}
+
     @app.get("/metrics")
     async def metrics_route():
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -78,6 +88,14 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": model_cards(engine)}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        """OpenAI's model retrieval: one card of /v1/models."""
+        for card in model_cards(engine):
+            if card["id"] == model_id:
+                return card
+        raise APIError(404, f"The model '{model_id}' does not exist.", "model", "model_not_found")
 
     async def chat_call(body: ChatCompletionRequest, request: Request) -> Call:
         mode = tools.tool_mode(body, engine.config.tool_call_parser)
@@ -216,6 +234,13 @@ async def _respond(runner: Runner, call: Call, streamed: bool, request: Request)
     if result is None:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(result, headers=headers)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tessera-serve")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "unknown"
 
 
 def _single_token(tokenizer, text: str) -> int | None:

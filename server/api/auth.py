@@ -6,7 +6,7 @@ import hmac
 
 from server.api.errors import APIError, error_response
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/version"})
 """Routes reachable without the key (load balancers probe them)."""
 
 

@@ -140,9 +140,23 @@ def test_unknown_route_and_method_use_the_error_shape(http):
     error_of(http.get(CHAT), 405)
 
 
-def test_health(http):
+def test_health_ping_and_version(http):
     response = http.get("/health")
     assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert http.get("/ping").status_code == 200 and http.post("/ping").status_code == 200
+    from importlib.metadata import version
+
+    assert http.get("/version").json() == {"version": version("tessera-serve")}
+
+
+def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_404(server):
+    client = server.client()
+    listed = {m.id: m for m in client.models.list()}
+    for name in ("reverse", server.backbone):
+        assert client.models.retrieve(name) == listed[name]
+    with pytest.raises(Exception) as caught:
+        client.models.retrieve("no-such-model")
+    assert type(caught.value).__name__ == "NotFoundError" and caught.value.body["code"] == "model_not_found"
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +167,8 @@ def keyed(tiny_llama):
 
 
 @pytest.mark.parametrize("method, path", [
-    ("GET", "/v1/models"), ("POST", CHAT), ("POST", COMPLETIONS), ("GET", "/metrics"), ("GET", "/nowhere"),
+    ("GET", "/v1/models"), ("GET", "/v1/models/x"), ("POST", CHAT), ("POST", COMPLETIONS), ("GET", "/metrics"),
+    ("GET", "/nowhere"),
 ])
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", KEY, f"Bearer {KEY}x", "Basic abc"])
 def test_api_key_required_everywhere_but_health(keyed, method, path, authorization):
@@ -164,7 +179,8 @@ def test_api_key_required_everywhere_but_health(keyed, method, path, authorizati
 
 
 def test_api_key_accepted(keyed):
-    assert httpx.get(keyed.url + "/health", timeout=30).status_code == 200
+    for path in ("/health", "/ping", "/version"):  # probes need no key
+        assert httpx.get(keyed.url + path, timeout=30).status_code == 200
     headers = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(keyed.url + "/metrics", headers=headers, timeout=30).status_code == 200
     assert [m.id for m in keyed.client(KEY).models.list()] == [keyed.backbone]
