@@ -209,13 +209,16 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
         grammar_after = _single_token(engine.tokenizer, reasoning.CLOSE)  # the grammar shapes the answer only
         if grammar_after is None:  # no `</think>` token to start it at: constrained from the first token
             reasoning_start = "answer"
-    call = Call(kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts,
-                tool_mode, body.prompt_logprobs is not None,
-                {t.function.name: t.function.parameters or {} for t in getattr(body, "tools", None) or ()}, parser,
-                reasoning, reasoning_start, grammar_after, _priority(engine, body),
-                _single_token(engine.tokenizer, reasoning.CLOSE) if reasoning is not None else None,
-                include_usage and body.stream_options.continuous_usage_stats,
-                request.headers.get("x-request-id") or body.request_id)
+    call = Call(
+        kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts, tool_mode,
+        prompt_logprobs=body.prompt_logprobs is not None,
+        tool_schemas={t.function.name: t.function.parameters or {} for t in getattr(body, "tools", None) or ()},
+        tool_parser=parser, reasoning=reasoning, reasoning_start=reasoning_start, grammar_after=grammar_after,
+        priority=_priority(engine, body),
+        reasoning_close=_single_token(engine.tokenizer, reasoning.CLOSE) if reasoning is not None else None,
+        tokens_as_ids=body.return_tokens_as_token_ids,
+        continuous_usage=include_usage and body.stream_options.continuous_usage_stats,
+        request_id=request.headers.get("x-request-id") or body.request_id)
     return call
 
 

@@ -172,6 +172,8 @@ class _Common(BaseModel):
     """vLLM's: with --scheduling-policy priority, lower values are served first (and preempted last)."""
     request_id: str | None = Field(default=None, min_length=1, max_length=256)
     """vLLM's: the id the response's is built from (an `X-Request-Id` header wins over it)."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's: logprobs name their tokens `token_id:<id>` instead of by their text."""
     user: str | None = None
     task: str | None = Field(default=None, min_length=1)
     modules: dict[str, float] | None = None

@@ -34,9 +34,10 @@ async def collect(runner: Runner, call: Call) -> dict:
             scored[index] = output.prompt_logprobs
         if call.params[index].logprobs is not None:
             if call.kind == "chat":
-                logprobs[index] += runner.chat_logprobs(output)
+                logprobs[index] += runner.chat_logprobs(output, call.tokens_as_ids)
             else:
-                part = runner.text_logprobs(output, len(texts[index]), call.prompts[index] if echo else None)
+                part = runner.text_logprobs(output, len(texts[index]), call.prompts[index] if echo else None,
+                                            call.tokens_as_ids)
                 for key in text_lp[index]:
                     text_lp[index][key] += part[key]
         texts[index] += (call.echo_texts[index] if echo else "") + output.text
@@ -138,8 +139,8 @@ def _chunk(call: Call, runner: Runner, index: int, output, text_offset: int, ech
     """A streamed completion's increment."""
     prompt = call.prompts[index] if echo else None
     choice = {"index": index, "text": (call.echo_texts[index] if echo else "") + output.text,
-              "logprobs": runner.text_logprobs(output, text_offset, prompt) if output.logprobs is not None
-              else None, "finish_reason": output.finish_reason}
+              "logprobs": runner.text_logprobs(output, text_offset, prompt, call.tokens_as_ids)
+              if output.logprobs is not None else None, "finish_reason": output.finish_reason}
     chunk = call.envelope(stream=True) | {"choices": [choice]}
     if output.finished:
         choice["stop_reason"] = output.stop_reason
@@ -232,7 +233,8 @@ class _ChatChoice:
         delta = (_reasoning(thought) if thought else {}) | ({"content": new} if new else {})
         if not (delta or output.finished or output.logprobs):
             return []
-        logprobs = {"content": self.runner.chat_logprobs(output)} if output.logprobs is not None else None
+        logprobs = ({"content": self.runner.chat_logprobs(output, self.call.tokens_as_ids)}
+                    if output.logprobs is not None else None)
         choice = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": output.finish_reason}
         chunk = self.call.envelope(stream=True) | {"choices": [choice]}
         if output.finished:

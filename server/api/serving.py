@@ -57,6 +57,8 @@ class Call:
     """`Request.priority` of every choice."""
     reasoning_close: int | None = None
     """With `reasoning`: the id of the `</think>` token, or None where the tokenizer has no such single token."""
+    tokens_as_ids: bool = False
+    """vLLM's `return_tokens_as_token_ids`: logprobs name tokens `token_id:<id>`."""
     continuous_usage: bool = False
     """Streamed with vLLM's `continuous_usage_stats`: every chunk carries the usage so far."""
     request_id: str | None = None
@@ -145,14 +147,17 @@ class Runner:
 
     # -- logprobs ---------------------------------------------------------------------------------
 
-    def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def _token(self, token_id: int, as_id: bool = False) -> str:
+        """A token's text in logprobs; `as_id`: vLLM's `token_id:<id>` (`return_tokens_as_token_ids`), which
+        stays exact where a token's bytes are not text on their own."""
+        return f"token_id:{token_id}" if as_id else self.tokenizer.decode([token_id])
 
-    def chat_logprobs(self, output: RequestOutput) -> list[dict]:
+    def chat_logprobs(self, output: RequestOutput, as_ids: bool = False) -> list[dict]:
         entries = []
         for lp in output.logprobs or ():
-            token = self._token(lp.token_id)
-            top = [{"token": self._token(t), "logprob": v, "bytes": list(self._token(t).encode())} for t, v in lp.top]
+            token = self._token(lp.token_id, as_ids)
+            top = [{"token": self._token(t, as_ids), "logprob": v, "bytes": list(self._token(t, as_ids).encode())}
+                   for t, v in lp.top]
             entries.append({"token": token, "logprob": lp.logprob, "bytes": list(token.encode()), "top_logprobs": top})
         return entries
 
@@ -173,18 +178,20 @@ class Runner:
             entries.append(entry)
         return entries
 
-    def text_logprobs(self, output: RequestOutput, offset: int, echoed: list[int] | None = None) -> dict:
+    def text_logprobs(self, output: RequestOutput, offset: int, echoed: list[int] | None = None,
+                      as_ids: bool = False) -> dict:
         """Completion-style logprobs of an increment; with `echoed` (the prompt's token ids, for `echo`) the
-        prompt's tokens come first, from the output's prompt logprobs, the first one unscored (None)."""
+        prompt's tokens come first, from the output's prompt logprobs, the first one unscored (None). Text
+        offsets count the tokens' text, also where `as_ids` names them by id."""
         entries = [(lp.token_id, lp) for lp in output.logprobs or ()]
         if echoed is not None:
             entries = list(zip(echoed, output.prompt_logprobs or [None] * len(echoed))) + entries
         tokens, values, tops, offsets = [], [], [], []
         for token_id, lp in entries:
             token = self._token(token_id)
-            tokens.append(token)
+            tokens.append(self._token(token_id, as_ids))
             values.append(lp.logprob if lp is not None else None)
-            tops.append({self._token(t): v for t, v in lp.top} if lp is not None else None)
+            tops.append({self._token(t, as_ids): v for t, v in lp.top} if lp is not None else None)
             offsets.append(offset)
             offset += len(token)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}

@@ -1,6 +1,6 @@
 """vLLM's request extensions over HTTP: chat-template controls, chat echo, prompt truncation, min_p,
 stop_token_ids, include_stop_str_in_output, skip_special_tokens, allowed_token_ids, bad_words, continuous usage
-stats and request ids."""
+stats, request ids and return_tokens_as_token_ids."""
 
 from __future__ import annotations
 
@@ -154,6 +154,28 @@ def test_a_clients_request_id_names_the_response_and_its_header(server):
     assert response.parse().id == "resp_trace-8" and response.headers["x-request-id"] == "trace-8"
     mine = client.chat.completions.with_raw_response.create(model="reverse", messages=[USER], max_tokens=2)
     assert mine.parse().id == "chatcmpl-" + mine.headers["x-request-id"]
+
+
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(server, http):
+    body = {"model": "reverse", "prompt": "the quick", "max_tokens": 5, "ignore_eos": True, "temperature": 0.0,
+            "logprobs": 2}
+    named = _post(http, "/v1/completions", body)["choices"][0]
+    by_id = _post(http, "/v1/completions", body | {"return_tokens_as_token_ids": True})["choices"][0]
+    ids = [int(t.removeprefix("token_id:")) for t in by_id["logprobs"]["tokens"]]
+    assert [server.engine.tokenizer.decode([i]) for i in ids] == named["logprobs"]["tokens"]
+    assert by_id["text"] == named["text"] and by_id["logprobs"]["text_offset"] == named["logprobs"]["text_offset"]
+    assert all(all(k.startswith("token_id:") for k in top) and len(top) == 2
+               for top in by_id["logprobs"]["top_logprobs"])
+    chat = {"model": "reverse", "messages": [USER], **GREEDY, "logprobs": True, "top_logprobs": 1,
+            "return_tokens_as_token_ids": True}
+    entries = _post(http, "/v1/chat/completions", chat)["choices"][0]["logprobs"]["content"]
+    streamed = [e for c in server.client().chat.completions.create(
+        model="reverse", messages=[USER], stream=True, temperature=0, max_tokens=6, logprobs=True, top_logprobs=1,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}) for c in c.choices
+        for e in (c.logprobs.content if c.logprobs else None) or ()]
+    assert [e["token"] for e in entries] == [e.token for e in streamed]
+    assert all(e["token"].startswith("token_id:") and e["bytes"] == list(e["token"].encode()) and
+               e["top_logprobs"][0]["token"].startswith("token_id:") for e in entries)
 
 
 @pytest.mark.parametrize(("body", "param"), [
