@@ -217,7 +217,8 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        self.document["ratios"] = _ratios(self.settings, self.runs, self.workloads)
+        self.document["ratios"] = _ratios(self.settings, self.runs, self.workloads,
+                                          self.document["environment"]["device"])
         _write_json(self.settings.out, self.document)
 
 
@@ -315,7 +316,8 @@ def _throughput(settings: BenchSettings, runs: dict, system: str, workload: Work
     return None if run is None else run.tokens_per_s
 
 
-def _ratios(settings: BenchSettings, runs: dict[tuple[str, str], Run], workloads: list[Workload]) -> list[dict]:
+def _ratios(settings: BenchSettings, runs: dict[tuple[str, str], Run], workloads: list[Workload],
+            device_name: str) -> list[dict]:
     """b/a, c/a, d/a, b/peft, a/hf and (Llama-3-8B shape on CUDA in bf16 only) a/vLLM's published number."""
     wanted = [("tessera_b", "tessera_a"), ("tessera_c", "tessera_a"), ("tessera_d", "tessera_a"),
               ("tessera_b", "peft_mixed"), ("tessera_a", "hf_generate"), ("tessera_a", "vllm_published")]
@@ -329,6 +331,8 @@ def _ratios(settings: BenchSettings, runs: dict[tuple[str, str], Run], workloads
                     "workload": workload.name, "numerator": numerator, "denominator": denominator,
                     "numerator_tokens_per_s": top, "denominator_tokens_per_s": bottom, "value": top / bottom,
                 })
+                if denominator == "vllm_published":  # a number from elsewhere: like for like on an H100 only
+                    ratios[-1]["like_for_like"] = "H100" in device_name
     return ratios
 
 
@@ -342,7 +346,9 @@ def _print_summary(document: dict) -> None:
               f"{row['generated_tokens']:7d} {peak:>9}")
     print("\nratios (tokens/s)")
     for ratio in document["ratios"]:
-        print(f"  {ratio['workload']:<16} {ratio['numerator']:>10} / {ratio['denominator']:<15} {ratio['value']:6.3f}")
+        caveat = "" if ratio.get("like_for_like", True) else "  (vLLM's H100 number, on another GPU: not like for like)"
+        print(f"  {ratio['workload']:<16} {ratio['numerator']:>10} / {ratio['denominator']:<15} {ratio['value']:6.3f}"
+              + caveat)
     print("\nagreement of greedy tokens (exact requests, mean shared-prefix share)")
     for check in document["agreement"]:
         print(f"  {check['workload']:<16} {check['left']:>10} vs {check['right']:<12} "

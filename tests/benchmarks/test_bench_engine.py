@@ -151,5 +151,12 @@ def test_the_vllm_ratio_needs_the_published_setup(tmp_path):
         settings = dataclasses.replace(on_cpu, device="cuda")  # as the GPU run parses it
         results = Results(settings, _document(on_cpu, list(FULL_WORKLOADS)), list(FULL_WORKLOADS))
         results.add(run)
-        found = [r["value"] for r in results.document["ratios"] if r["denominator"] == "vllm_published"]
-        assert found == ([] if expected is None else [pytest.approx(expected)]), argv
+        found = [r for r in results.document["ratios"] if r["denominator"] == "vllm_published"]
+        assert [r["value"] for r in found] == ([] if expected is None else [pytest.approx(expected)]), argv
+        assert all(r["like_for_like"] is False for r in found)  # vLLM's numbers are an H100's; this is no H100
+    on_cpu = _parse(["--dtype", "bfloat16", "--out", str(tmp_path / "e.json")])
+    results = Results(dataclasses.replace(on_cpu, device="cuda"), _document(on_cpu, list(FULL_WORKLOADS)),
+                      list(FULL_WORKLOADS))
+    results.document["environment"]["device"] = "NVIDIA H100 80GB HBM3"
+    results.add(run)
+    assert [r["like_for_like"] for r in results.document["ratios"] if r["denominator"] == "vllm_published"] == [True]
