@@ -105,10 +105,20 @@ class TokenCounts:
         self._free = list(range(2 * old - 1, old - 1, -1))
 
 
+def allowed_mask(params: SamplingParams, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[vocab] bool on the device: the tokens a request with `allowed_token_ids` may draw (built once per
+    request, since the lists can be long)."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[to_device(torch.tensor(params.allowed_token_ids, dtype=torch.int64), device)] = True
+    return mask
+
+
 def process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams], count_rows: list[int | None],
-            num_outputs: list[int], counts: TokenCounts | None, eos_ids: set[int]) -> torch.Tensor:
+            num_outputs: list[int], counts: TokenCounts | None, eos_ids: set[int],
+            allowed: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """A copy of `logits` [S, vocab] (fp32) with each of `rows` adjusted by its `params`; `count_rows[i]` is
-    the request's `TokenCounts` row (None when it needs none), `num_outputs[i]` the tokens it generated."""
+    the request's `TokenCounts` row (None when it needs none), `num_outputs[i]` the tokens it generated,
+    `allowed[i]` its `allowed_mask` (None: built here from its params)."""
     device = logits.device
     rows_t = to_device(torch.tensor(rows, dtype=torch.int64), device)  # [R]
     sub = logits[rows_t]  # [R, vocab], a copy
@@ -135,14 +145,12 @@ def process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
     if early:
         where = to_device(torch.tensor(early, dtype=torch.int64), device)  # [E, 2]
         sub[where[:, 0], where[:, 1]] = float("-inf")
-    allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
-    if allowed:
-        where = to_device(torch.tensor([(j, t) for j, i in enumerate(allowed) for t in params[i].allowed_token_ids],
-                                       dtype=torch.int64), device)  # [A, 2]
-        keep = torch.zeros(len(allowed), sub.shape[1], dtype=torch.bool, device=device)  # [len(allowed), vocab]
-        keep[where[:, 0], where[:, 1]] = True
-        index = to_device(torch.tensor(allowed, dtype=torch.int64), device)
-        sub[index] = sub[index].masked_fill(~keep, float("-inf"))
+    limited = [i for i, p in enumerate(params) if p.allowed_token_ids]
+    if limited:
+        masks = [allowed[i] if allowed is not None and allowed[i] is not None
+                 else allowed_mask(params[i], sub.shape[1], device) for i in limited]
+        index = to_device(torch.tensor(limited, dtype=torch.int64), device)  # [len(limited)]
+        sub[index] = sub[index].masked_fill(~torch.stack(masks), float("-inf"))
     if any(p.bad_words for p in params):
         sub = _ban_words(sub, params, count_rows, counts)
     out = logits.clone()

@@ -25,7 +25,8 @@ import torch
 from tessera_kernels.composed_lora import ModuleBatchMeta
 from server.engine.graphs import DecodeGraphs
 from server.engine.host_rows import HostRows, StepRows
-from server.engine.penalties import TokenCounts, history_window, needs_history, needs_processing, process
+from server.engine.penalties import (TokenCounts, allowed_mask, history_window, needs_history, needs_processing,
+                                     process)
 from server.engine.plan import PLACEHOLDER, NewRequestData, StepPlan, StepResult
 from server.engine.request import SamplingParams
 from server.engine.sampling import (
@@ -120,7 +121,10 @@ class ModelRunner:
         self.load_module = load_module
         self.eos_ids = set(eos_ids)
         self.counts: TokenCounts | None = None
-        """Token counts of the requests with penalties, on the device; made when the first one comes."""
+        """Token counts and last tokens of the requests with penalties or bad words, on the device; made when the
+        first one comes."""
+        self.allowed: dict[str, torch.Tensor] = {}
+        """`allowed_mask` of each held request with `allowed_token_ids`."""
         self._extras: Counter[str] = Counter()
         """Held requests per extra a step may owe them (`_extras_of`), so steps without any skip the checks."""
         device = model.device
@@ -225,6 +229,9 @@ class ModelRunner:
             prompt = data.num_prompt_tokens
             self.counts.hold(data.request_id, data.token_ids[:prompt], data.token_ids[prompt:],
                              history_window(data.sampling))
+        if data.sampling.allowed_token_ids:
+            self.allowed[data.request_id] = allowed_mask(data.sampling, self.model.hf_config.vocab_size,
+                                                         self.model.device)
         self._extras.update(self._extras_of(data))
         return _Held(data, list(data.token_ids), list(data.block_ids), data.num_computed_tokens, row,
                      processed=needs_processing(data.sampling))
@@ -245,6 +252,7 @@ class ModelRunner:
             self._extras.subtract(self._extras_of(held.data))
             if self.counts is not None:
                 self.counts.forget(request_id)
+            self.allowed.pop(request_id, None)
 
     def _fill(self, plan: StepPlan, order: list[str]) -> list[int]:
         """Write the step into the static buffers; the batch positions of the sampling requests.
@@ -326,7 +334,7 @@ class ModelRunner:
         row_of = self.counts.row_of if self.counts is not None else {}
         return process(logits, rows, [params[i] for i in rows], [row_of.get(held[i].request_id) for i in rows],
                        [len(held[i].token_ids) - held[i].data.num_prompt_tokens for i in rows], self.counts,
-                       self.eos_ids)
+                       self.eos_ids, [self.allowed.get(held[i].request_id) for i in rows])
 
     def _count(self, held: list[_Held], params: list[SamplingParams], sampled: torch.Tensor) -> None:
         """Advance the device token counts and last tokens of the rows that hold them by the tokens just drawn
