@@ -15,7 +15,7 @@ from router.composition import Composition
 from router.errors import CompositionError, UnknownModuleError
 
 from server.api.errors import APIError, from_router
-from server.engine.request import Request, RequestOutput, SamplingParams
+from server.engine.request import NoDrawableTokenError, Request, RequestOutput, SamplingParams
 from server.metrics import Metrics, RequestTiming, task_label
 
 T = TypeVar("T")
@@ -117,6 +117,10 @@ class Runner:
                 await sink.put((index, output))
                 if output.finished:
                     status = output.finish_reason or "stop"
+        except NoDrawableTokenError as error:  # the client's to fix: no stack trace
+            logger.info("request %s failed: %s", request.request_id, error)
+            status = "error"
+            await sink.put((index, error))
         except Exception as error:  # noqa: BLE001 - reported to the client through the sink
             logger.exception("request %s failed", request.request_id)
             status = "error"
@@ -135,6 +139,8 @@ class Runner:
                 index, item = await sink.get()
                 if isinstance(item, (UnknownModuleError, CompositionError)):  # refused by the engine at admission
                     raise from_router(item, "model")
+                if isinstance(item, NoDrawableTokenError):  # the request's own parameters conflict
+                    raise APIError(400, str(item), None, "no_drawable_token")
                 if isinstance(item, Exception):
                     raise APIError(500, f"generation failed: {item}", None, "internal_error")
                 if item.finished:

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from server.engine.config import EngineConfig
 from server.engine.detokenize import Detokenizer
 from server.engine.plan import StepPlan
-from server.engine.request import Request, RequestOutput, StepStats
+from server.engine.request import NoDrawableTokenError, Request, RequestOutput, StepStats
 from server.engine.runner import PendingStep
 from server.engine.scheduler import RequestState
 from server.engine.setup import EngineParts, bind_device, build_parts, check_library_fits, module_loader
@@ -323,8 +323,16 @@ class Engine:
 
     def _collect(self, plan: StepPlan, launched: PendingStep) -> None:
         """Read a launched step's tokens (the host sync), update the scheduler, emit what changed."""
-        for state in self.scheduler.update(plan, launched.result()):
+        result = launched.result()
+        for state in self.scheduler.update(plan, result):
             self._emit(state)
+        for request_id in result.undrawable:  # fails alone; its neighbours go on
+            state = self.scheduler.states.get(request_id)
+            if state is not None and request_id in self._sinks:
+                error = NoDrawableTokenError(state.request, state.num_output_ids)
+                self.scheduler.finish(request_id, "error")
+                self._detok.pop(request_id, None)
+                self._sinks.pop(request_id)(error)
 
     def _flush(self) -> None:
         """Read the pending step, if any."""

@@ -89,3 +89,6 @@ class StepResult:
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)
     """Per request that asked for prompt logprobs and ran prompt tokens this step: (the position of the
     first prompt token they score, their logprobs in position order)."""
+    undrawable: set[str] = field(default_factory=set)
+    """Requests whose logits this step, after their own processing and grammar, had no finite entry: their
+    row's token is no draw (`NoDrawableTokenError`)."""

@@ -81,6 +81,22 @@ class Request:
     grammar shapes the answer only); None: from the first token."""
 
 
+class NoDrawableTokenError(ValueError):
+    """A request's own constraints left no token to draw at some output position (say, `min_tokens` holding back
+    EOS where the grammar allows nothing else, or `allowed_token_ids` outside the grammar). The request fails
+    alone, with this message; its batch neighbours go on."""
+
+    def __init__(self, request: "Request", position: int):
+        sampling = request.sampling
+        named = [name for name, given in (
+            ("min_tokens", sampling.min_tokens), ("allowed_token_ids", sampling.allowed_token_ids),
+            ("bad_words", sampling.bad_words), ("stop_token_ids", sampling.stop_token_ids),
+            ("the structured output", request.grammar is not None)) if given]
+        super().__init__(f"no token can be drawn at output position {position}: the request's constraints "
+                         f"({', '.join(named) or 'logit processing'}) exclude every token there")
+        self.position = position
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     """Logprob of one generated token and its top alternatives."""

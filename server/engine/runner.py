@@ -74,18 +74,25 @@ class PendingStep:
     prompt_logprobs: DevicePromptLogprobs | None = None
     prompt_targets: list[int] = field(default_factory=list)
     """The prompt tokens `prompt_logprobs` scores, in its row order."""
+    drawable: torch.Tensor | None = None
+    """With processed or constrained logits: bool [num_sampling], whether a row had any finite logit."""
     _result: StepResult | None = None
 
     def result(self) -> StepResult:
         """Read the sampled tokens back (the step's host sync) and put them into the runner's token ids."""
         if self._result is None:
-            token_ids = self.sampled.tolist() if self.sampled is not None else []
+            undrawable = set()
+            if self.drawable is not None:  # one copy for both
+                token_ids, drawable = torch.stack([self.sampled, self.drawable.to(torch.int64)]).tolist()
+                undrawable = {r for r, ok in zip(self.request_ids, drawable) if not ok}
+            else:
+                token_ids = self.sampled.tolist() if self.sampled is not None else []
             for held, position, token_id in zip(self.held, self.positions, token_ids):
                 held.token_ids[position] = token_id
                 held.pending.pop(position, None)
             logprobs = read_logprobs(self.logprobs, token_ids, self.params)
             prompt = read_prompt_logprobs(self.prompt_logprobs, self.prompt_targets)
-            self._result = StepResult(list(self.request_ids), token_ids, logprobs, prompt)
+            self._result = StepResult(list(self.request_ids), token_ids, logprobs, prompt, undrawable)
         return self._result
 
 
@@ -316,11 +323,16 @@ class ModelRunner:
         scores = self._processed(logits, held, params) if self._extras["processed"] else logits
         if self._extras["structured"]:
             scores = self._constrained(scores, held, [h.data.matcher for h in held])
+        drawable = None
+        if self._extras["processed"] or self._extras["structured"]:  # masks that may leave a row nothing
+            drawable = torch.isfinite(scores).any(dim=1)  # [num_sampling]
+            scores = scores.masked_fill(~drawable[:, None], 0.0)  # a harmless draw, discarded when read
         sampled = sample_on_device(scores, params, seeds)  # [num_sampling]
         if self._extras["counted"]:
             self._count(held, params, sampled)
         positions = [len(h.token_ids) for h in held]
-        step = PendingStep(request_ids, held, positions, params, sampled, gather_logprobs(logits, sampled, params))
+        step = PendingStep(request_ids, held, positions, params, sampled, gather_logprobs(logits, sampled, params),
+                           drawable=drawable)
         for row, h in enumerate(held):
             h.pending[len(h.token_ids)] = (step, row)
             h.token_ids.append(PLACEHOLDER)

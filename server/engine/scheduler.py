@@ -411,7 +411,7 @@ class Scheduler:
         for request_id, state in samplers.items():
             if request_id not in sampled:
                 raise RuntimeError(f"step {plan.step_id}'s result has no token for request {request_id!r}")
-            if state.status is Status.FINISHED:
+            if state.status is Status.FINISHED or request_id in result.undrawable:  # the engine fails the latter
                 continue
             token_id, logprob = sampled[request_id]
             state.token_ids[len(state.token_ids) - state.num_placeholders] = token_id

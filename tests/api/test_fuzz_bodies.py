@@ -35,6 +35,9 @@ def _body(rng: random.Random, kind: str) -> dict:
         "structured_outputs": lambda: rng.choice([{"choice": ["yes", "no"]}, {"regex": "[ab]{2,4}"},
                                                   {"json_object": True}]),
         "response_format": lambda: {"type": "json_object"},
+        "allowed_token_ids": lambda: rng.sample(range(300), rng.choice([1, 40])),
+        "bad_words": lambda: rng.choice([["e"], ["the", "o b"]]), "return_tokens_as_token_ids": lambda: True,
+        "request_id": lambda: rng.choice(["a", "same-id"]),
     }
     if kind == "chat":
         opts["top_logprobs"] = lambda: 2
@@ -46,7 +49,7 @@ def _body(rng: random.Random, kind: str) -> dict:
     for k in rng.sample(list(opts), rng.randrange(0, 8)):
         b[k] = opts[k]()
     if b.get("stream") and rng.random() < 0.5:
-        b["stream_options"] = {"include_usage": True}
+        b["stream_options"] = {"include_usage": True, "continuous_usage_stats": rng.random() < 0.5}
     return b
 
 _CALL_INPUT = [{"role": "user", "content": "w?"},

@@ -178,6 +178,20 @@ def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(server, http):
                e["top_logprobs"][0]["token"].startswith("token_id:") for e in entries)
 
 
+def test_constraints_that_leave_no_token_are_a_400_for_that_request_only(server, http):
+    eos = server.engine.tokenizer.eos_token_id
+    conflict = {"model": "reverse", "messages": [USER], "max_tokens": 4, "allowed_token_ids": [eos], "min_tokens": 2}
+    response = http.post("/v1/chat/completions", json=conflict)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "no_drawable_token" and "position 0" in error["message"], error
+    assert "min_tokens" in error["message"] and "allowed_token_ids" in error["message"]
+    with http.stream("POST", "/v1/chat/completions", json=conflict | {"stream": True}) as streamed:
+        events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert streamed.status_code == 200 and '"no_drawable_token"' in events[-1]  # the stream had begun
+    assert _post(http, "/v1/chat/completions", {"model": "reverse", "messages": [USER], **GREEDY})["choices"]
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"messages": [USER], "allowed_token_ids": []}, "allowed_token_ids"),
     ({"messages": [USER], "allowed_token_ids": [10**9]}, "allowed_token_ids"),

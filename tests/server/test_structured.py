@@ -140,3 +140,33 @@ def test_a_deferred_grammar_starts_after_its_token_and_leaves_the_tokens_before_
         assert outputs["d"][-1].finish_reason == "stop"
         assert [t for o in outputs["never"] for t in o.token_ids] == free and outputs["never"][-1].finish_reason == \
             "length"
+
+
+@pytest.mark.parametrize("overrides", [{}, {"async_scheduling": "on"}])
+def test_a_request_left_no_token_fails_alone_and_its_neighbours_go_on(setup, overrides):
+    """min_tokens holding back the EOS a finished grammar needs, or allowed tokens the grammar forbids: that
+    request fails with `NoDrawableTokenError` at the position where nothing was left; the others in its batch
+    get the tokens they get alone."""
+    from server.engine.request import NoDrawableTokenError
+
+    engine = _engine(setup, **overrides)
+    grammar = engine.compile_grammar(GrammarSpec("regex", "ab"))
+    eos = min(engine.scheduler.eos_ids)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    shaped = SamplingParams(max_tokens=8, seed=3)
+    neighbours = [Request("free", PROMPT, greedy),
+                  Request("shaped", PROMPT[1:], shaped, grammar=engine.compile_grammar(SPECS["regex"]))]
+    alone = _engine(setup).generate_batch(neighbours)
+    outputs = engine.generate_batch([
+        Request("held", PROMPT, SamplingParams(max_tokens=8, min_tokens=5), grammar=grammar),
+        Request("outside", PROMPT, SamplingParams(max_tokens=8, allowed_token_ids=(eos, 40)), grammar=grammar),
+        Request("only_eos", PROMPT, SamplingParams(max_tokens=8, min_tokens=2, allowed_token_ids=(eos,))),
+        *neighbours])
+    for name, position in (("held", 2), ("outside", 0), ("only_eos", 0)):
+        *before, error = outputs[name]
+        assert isinstance(error, NoDrawableTokenError) and error.position == position, (name, error)
+        assert sum(len(o.token_ids) for o in before) == position
+    assert "min_tokens" in str(outputs["held"][-1]) and "the structured output" in str(outputs["held"][-1])
+    for request in neighbours:
+        assert [o.token_ids for o in outputs[request.request_id]] == [o.token_ids for o in alone[request.request_id]]
+    assert not engine.has_work() and engine.scheduler.blocks.num_used == 0
