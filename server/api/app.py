@@ -9,7 +9,9 @@ import importlib.metadata
 import logging
 import time
 
-from fastapi import FastAPI, Request
+from typing import Literal
+
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -20,6 +22,7 @@ from server.api.auth import APIKeyMiddleware
 from server.api.errors import APIError, from_router, install_handlers
 from server.api.reasoning import reasoning_parser_named
 from server.api.resolver import AdapterResolver
+from server.api.response_store import ResponseStore
 from server.api.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, ResponsesRequest,
     TokenizeRequest, UnloadAdapterRequest,
@@ -109,17 +112,49 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request):
         return await _respond(runner, await chat_call(body, request), body.stream, request)
 
+    store = ResponseStore(engine.config.responses_store_size)
+    app.state.responses = store
+
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
-        chat_body = openai_responses.chat_request(body)
+        chat_body = openai_responses.chat_request(openai_responses.with_history(body, store))
         call = await chat_call(chat_body, request)
+        keep = None
+        if store.enabled and body.store is not False:
+            items = openai_responses.turn_items(body)
+            keep = lambda response: store.put(response, items, body.previous_response_id)  # noqa: E731
         if body.stream:
-            return StreamingResponse(openai_responses.events(runner, call, body), media_type="text/event-stream",
-                                     headers=composition_header(call))
+            return StreamingResponse(openai_responses.events(runner, call, body, keep),
+                                     media_type="text/event-stream", headers=composition_header(call))
         result = await until_disconnected(request, collect(runner, call))
         if result is None:
             return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(openai_responses.response_body(result, body, call), headers=composition_header(call))
+        return JSONResponse(openai_responses.response_body(result, body, call, keep), headers=composition_header(call))
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        return _stored(store, response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        _stored(store, response_id)
+        store.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def input_items(response_id: str, order: Literal["asc", "desc"] = "desc", limit: int = Query(20, ge=1, le=100),
+                          after: str | None = None):
+        """OpenAI's list of a response's input items (its own turn's), newest first unless `order` is asc."""
+        items = store.input_items(_stored(store, response_id).response["id"])
+        items = items[::-1] if order == "desc" else items
+        if after is not None:
+            at = next((i for i, item in enumerate(items) if item["id"] == after), None)
+            if at is None:
+                raise APIError(400, f"no input item {after!r} in response {response_id!r}", "after")
+            items = items[at + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -237,6 +272,13 @@ async def _respond(runner: Runner, call: Call, streamed: bool, request: Request)
     if result is None:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(result, headers=headers)
+
+
+def _stored(store: ResponseStore, response_id: str):
+    stored = store.get(response_id)
+    if stored is None:
+        raise APIError(404, f"Response with id '{response_id}' not found.", "response_id", "response_not_found")
+    return stored
 
 
 def _version() -> str:

@@ -8,8 +8,8 @@ reply becomes output items: a `reasoning` item (with a reasoning parser), a `mes
 one `function_call` per call. Streamed, the chat chunks become the Responses events (`response.created`,
 `response.output_item.added`, `response.output_text.delta`, ..., `response.completed`).
 
-It is stateless, as vLLM's is without a store: `previous_response_id` is a 400, and `store` is not honoured
-(responses say `store: false`).
+Finished responses are kept in memory unless `store` is false (`response_store`), so `previous_response_id`
+continues a conversation from its stored turns and GET/DELETE /v1/responses/{id} read and drop one.
 """
 
 from __future__ import annotations
@@ -17,14 +17,18 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from pydantic import ValidationError
 
 from server.api.errors import APIError
 from server.api.protocol import RESPONSES_EXTRAS, ChatCompletionRequest, ResponseInputItem, ResponsesRequest
+from server.api.response_store import MissingTurnError, ResponseStore
 from server.api.responses import chunks
 from server.api.serving import Call, Runner
+
+Keep = Callable[[dict], None]
+"""Takes a finished response to store."""
 
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
 """Chat fields -> the Responses fields they came from, for error messages."""
@@ -92,6 +96,35 @@ def _messages(body: ResponsesRequest) -> list[dict]:
     return messages
 
 
+def turn_items(body: ResponsesRequest) -> list[dict]:
+    """The input items of this turn as the store keeps (and lists) them: a message's text as its parts."""
+    given = [ResponseInputItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
+    items = []
+    for item in given:
+        item = item.model_dump(exclude_none=True)
+        if item["type"] == "message" and isinstance(item["content"], str):
+            kind = "output_text" if item["role"] == "assistant" else "input_text"
+            item["content"] = [{"type": kind, "text": item["content"]}]
+        items.append(item)
+    return items
+
+
+def with_history(body: ResponsesRequest, store: ResponseStore) -> ResponsesRequest:
+    """`body` with the stored conversation of its `previous_response_id` before its input (itself without
+    one); a 404 when that response, or an earlier turn of it, is not stored."""
+    if body.previous_response_id is None:
+        return body
+    if not store.enabled:
+        raise APIError(400, "this server keeps no responses (--responses-store-size 0): send the whole "
+                            "conversation in input", "previous_response_id")
+    try:
+        history = store.conversation(body.previous_response_id)
+    except MissingTurnError as error:
+        raise APIError(404, str(error), "previous_response_id", "previous_response_not_found") from None
+    items = [ResponseInputItem.model_validate(item) for item in history + turn_items(body)]
+    return body.model_copy(update={"input": items})
+
+
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
@@ -110,6 +143,7 @@ def _response(body: ResponsesRequest, call: Call, output: list[dict], status: st
         "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or ()],
         "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt is not None else {"type": "text"}},
         "store": False, "truncation": "disabled", "usage": usage,
+        "previous_response_id": body.previous_response_id,
         "tessera": {"composition": call.composition.as_dict()},
     }
 
@@ -140,8 +174,8 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
             "status": status}
 
 
-def response_body(chat_body: dict, body: ResponsesRequest, call: Call) -> dict:
-    """The Responses body of a collected chat completion."""
+def response_body(chat_body: dict, body: ResponsesRequest, call: Call, keep: Keep | None = None) -> dict:
+    """The Responses body of a collected chat completion, handed to `keep` (to be stored) when given."""
     choice = chat_body["choices"][0]
     message, status = choice["message"], "incomplete" if choice["finish_reason"] == "length" else "completed"
     output = []
@@ -154,14 +188,21 @@ def response_body(chat_body: dict, body: ResponsesRequest, call: Call) -> dict:
     for tool_call in message.get("tool_calls") or ():
         function = tool_call["function"]
         output.append(_call_item(_id("fc"), tool_call["id"], function["name"], function["arguments"], "completed"))
-    return _response(body, call, output, status, _usage(chat_body["usage"]))
+    return _kept(_response(body, call, output, status, _usage(chat_body["usage"])), keep)
+
+
+def _kept(response: dict, keep: Keep | None) -> dict:
+    if keep is not None:
+        response["store"] = True
+        keep(response)
+    return response
 
 
 class _Events:
     """The Responses events of one streamed reply, fed its chat chunks' deltas."""
 
-    def __init__(self, body: ResponsesRequest, call: Call):
-        self.body, self.call = body, call
+    def __init__(self, body: ResponsesRequest, call: Call, keep: Keep | None = None):
+        self.body, self.call, self.keep = body, call, keep
         self._numbers = itertools.count()
         self.output: list[tuple[int, dict]] = []
         """Items finished so far, with their output index."""
@@ -266,15 +307,16 @@ class _Events:
             events.append(self.event("response.output_item.done", output_index=state["index"], item=item))
             self.output.append((state["index"], item))
         output = [item for _, item in sorted(self.output, key=lambda pair: pair[0])]
-        response = _response(self.body, self.call, output, status, _usage(chat_usage))
+        response = _kept(_response(self.body, self.call, output, status, _usage(chat_usage)), self.keep)
         return events + [self.event("response.completed" if status == "completed" else "response.incomplete",
                                     response=response)]
 
 
-async def events(runner: Runner, call: Call, body: ResponsesRequest) -> AsyncIterator[str]:
-    """The SSE events of a streamed response (no `[DONE]`: the stream ends after `response.completed`)."""
+async def events(runner: Runner, call: Call, body: ResponsesRequest, keep: Keep | None = None) -> AsyncIterator[str]:
+    """The SSE events of a streamed response (no `[DONE]`: the stream ends after `response.completed`); the
+    finished response goes to `keep` when given (a failed one does not)."""
     call.include_usage = True  # the last chunk's usage goes into the final response
-    writer, finish_reason, chat_usage = _Events(body, call), None, None
+    writer, finish_reason, chat_usage = _Events(body, call, keep), None, None
     for event in writer.start():
         yield event
     async for chunk in chunks(runner, call):

@@ -438,7 +438,8 @@ class ResponsesText(BaseModel):
 
 
 class ResponsesRequest(BaseModel):
-    """POST /v1/responses, OpenAI's Responses API, stateless: the whole conversation comes in `input`.
+    """POST /v1/responses, OpenAI's Responses API: the conversation comes in `input`, after the stored turns
+    of `previous_response_id` when given (`server.api.response_store`).
 
     Served as a chat completion (`openai_responses.chat_request`). Beside OpenAI's fields, Tessera's `task` and
     `modules` and these of the chat endpoint are accepted: `RESPONSES_EXTRAS`."""
@@ -456,7 +457,8 @@ class ResponsesRequest(BaseModel):
     parallel_tool_calls: bool = True
     text: ResponsesText | None = None
     store: bool | None = None
-    """Accepted and not honoured: nothing is stored (the response says `store: false`)."""
+    """Keep the response (in memory) for `previous_response_id` and GET /v1/responses/{id}: the default, as
+    OpenAI's, unless false or the server keeps none (the response's `store` says which)."""
     metadata: dict[str, str] | None = None
     previous_response_id: str | None = None
     include: list[str] | None = None
@@ -488,13 +490,6 @@ class ResponsesRequest(BaseModel):
     def _some_input(cls, value):
         if not value:
             raise ValueError("must not be empty")
-        return value
-
-    @field_validator("previous_response_id")
-    @classmethod
-    def _stateless(cls, value):
-        if value is not None:
-            raise ValueError("responses are not stored: send the whole conversation in input")
         return value
 
     @field_validator("truncation")

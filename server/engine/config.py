@@ -72,6 +72,10 @@ class EngineConfig:
     """Return a reasoning model's `<think>` block apart from its answer (the message's `reasoning` and
     `reasoning_content`), as vLLM's --reasoning-parser: qwen3 or deepseek_r1 (`server.api.reasoning`). Tool
     calls and structured outputs then apply to the answer. None: the whole reply is content."""
+    responses_store_size: int = 1000
+    """Responses API: how many responses are kept in memory (least recently used out first) for
+    `previous_response_id` and GET/DELETE /v1/responses/{id}; 0 keeps none, and then a previous_response_id is
+    a 400. Nothing is written to disk: a restart forgets them."""
     seed: int = 0
     """Seed for requests that give none."""
     cuda_graphs: str = "auto"
