@@ -72,7 +72,8 @@ def _responses_body(rng: random.Random) -> dict:
             "text": lambda: rng.choice([{"format": {"type": "json_object"}}, {"format": {"type": "text"}}]),
             "include": lambda: ["message.output_text.logprobs"], "top_logprobs": lambda: 2,
             "metadata": lambda: {"k": "v"}, "store": lambda: True, "seed": lambda: 3,
-            "parallel_tool_calls": lambda: False, "top_p": lambda: 0.5}
+            "parallel_tool_calls": lambda: False, "top_p": lambda: 0.5,
+            "previous_response_id": lambda: "resp_unknown", "bad_words": lambda: ["a"]}
     for key in rng.sample(list(opts), rng.randrange(0, 6)):
         body[key] = opts[key]()
     return body
