@@ -179,6 +179,25 @@ class _Common(BaseModel):
     modules: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    """vLLM's older structured-output fields (vLLM dropped them in 0.12 and now ignores them, so the constraint
+    fails open there): honoured as the `structured_outputs` they stand for."""
+
+    @model_validator(mode="after")
+    def _guided_fields(self):
+        legacy = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        given = {kind: value for kind, value in legacy.items() if value is not None}
+        if not given:
+            return self
+        if len(given) > 1 or self.structured_outputs is not None:
+            named = [f"guided_{kind}" for kind in given] + (["structured_outputs"] if self.structured_outputs else [])
+            raise ValueError(f"give one structured-output constraint, got {', '.join(named)}")
+        self.structured_outputs = StructuredOutputs.model_validate(given)
+        return self
 
     @field_validator("top_k")
     @classmethod

@@ -78,3 +78,28 @@ def test_a_bad_constraint_is_a_400_in_the_openai_shape(client, server):
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 3}}}})
     assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
     assert server.engine.scheduler.num_structured == 0
+
+
+@pytest.mark.parametrize(("legacy", "current"), [
+    ({"guided_choice": ["yes", "no"]}, {"choice": ["yes", "no"]}),
+    ({"guided_regex": "[A-F]{2}-[0-9]{3}"}, {"regex": "[A-F]{2}-[0-9]{3}"}),
+    ({"guided_json": Pick.model_json_schema()}, {"json": Pick.model_json_schema()}),
+    ({"guided_grammar": 'root ::= "[" [1-9] "]"'}, {"grammar": 'root ::= "[" [1-9] "]"'}),
+])
+def test_vllm_older_guided_fields_constrain_as_structured_outputs_do(client, legacy, current):
+    """Clients written for vLLM before 0.12 still send guided_*; they are honoured, not ignored."""
+    kwargs = dict(model="reverse", messages=MESSAGES, max_tokens=40, temperature=1.0, seed=5)
+    old = client.chat.completions.create(**kwargs, extra_body=legacy).choices[0].message.content
+    new = client.chat.completions.create(**kwargs, extra_body={"structured_outputs": current}).choices[0].message.content
+    free = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert old == new != free
+
+
+@pytest.mark.parametrize("fields", [
+    {"guided_regex": "a", "guided_choice": ["a"]},
+    {"guided_regex": "a", "structured_outputs": {"regex": "b"}},
+])
+def test_more_than_one_constraint_with_guided_fields_is_a_400(server, fields):
+    response = httpx.post(server.url + "/v1/chat/completions", json={"model": "reverse", "messages": MESSAGES,
+                                                                     **fields}, timeout=30)
+    assert response.status_code == 400 and "one structured-output constraint" in response.json()["error"]["message"]
