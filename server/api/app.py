@@ -25,7 +25,7 @@ from server.api.resolver import AdapterResolver
 from server.api.response_store import ResponseStore
 from server.api.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, ResponsesRequest,
-    TokenizeRequest, UnloadAdapterRequest,
+    TokenizeRequest, UnloadAdapterRequest, ignored_fields,
 )
 from server.api.responses import collect, composition_header, stream
 from server.api.serving import Call, Runner, until_disconnected
@@ -119,6 +119,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     async def responses(body: ResponsesRequest, request: Request):
         chat_body = openai_responses.chat_request(openai_responses.with_history(body, store))
         call = await chat_call(chat_body, request)
+        _note_ignored(call, body)
         keep = None
         if store.enabled and body.store is not False:
             items = openai_responses.turn_items(body)
@@ -254,7 +255,16 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
         tokens_as_ids=body.return_tokens_as_token_ids,
         continuous_usage=include_usage and body.stream_options.continuous_usage_stats,
         request_id=request.headers.get("x-request-id") or body.request_id)
+    _note_ignored(call, body)
     return call
+
+
+def _note_ignored(call: Call, body) -> None:
+    """Record the body fields nothing reads; as vLLM does, warn: a field a client relies on (an old constraint,
+    say) does nothing here."""
+    call.ignored_fields = ignored_fields(body)
+    if call.ignored_fields:
+        logger.warning("request %s: ignored fields %s", call.public_id, ", ".join(call.ignored_fields))
 
 
 def _priority(engine, body) -> int:

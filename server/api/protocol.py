@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 
 class StreamOptions(BaseModel):
@@ -129,10 +129,26 @@ class StructuredOutputs(BaseModel):
         return self
 
 
-class _Common(BaseModel):
-    """Fields shared by chat and text completions."""
+class _NotesIgnored(BaseModel):
+    """A request body that drops the fields it does not know, as vLLM's do, but keeps their names
+    (`ignored_fields`), so the API can say what it ignored instead of dropping it unseen."""
 
     model_config = ConfigDict(extra="ignore")
+    _ignored: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_unknown(cls, data, handler):
+        body = handler(data)
+        if isinstance(data, dict):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            body._ignored = tuple(sorted(key for key in data if key not in known))
+        return body
+
+
+class _Common(_NotesIgnored):
+    """Fields shared by chat and text completions."""
+
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -456,14 +472,13 @@ class ResponsesText(BaseModel):
     format: ResponsesTextFormat | None = None
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(_NotesIgnored):
     """POST /v1/responses, OpenAI's Responses API: the conversation comes in `input`, after the stored turns
     of `previous_response_id` when given (`server.api.response_store`).
 
     Served as a chat completion (`openai_responses.chat_request`). Beside OpenAI's fields, Tessera's `task` and
     `modules` and these of the chat endpoint are accepted: `RESPONSES_EXTRAS`."""
 
-    model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1)
     input: str | list[ResponseInputItem]
     instructions: str | None = None
@@ -524,3 +539,8 @@ RESPONSES_EXTRAS = ("task", "modules", "seed", "top_k", "min_p", "repetition_pen
                     "frequency_penalty", "stop", "ignore_eos", "min_tokens", "logit_bias", "allowed_token_ids",
                     "bad_words", "chat_template_kwargs", "priority", "request_id")
 """ResponsesRequest fields passed to the chat completion as they are, when given."""
+
+
+def ignored_fields(body: BaseModel) -> tuple[str, ...]:
+    """The top-level fields of a request body that no part of Tessera reads, sorted."""
+    return getattr(body, "_ignored", ())

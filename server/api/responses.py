@@ -15,9 +15,13 @@ def _tessera(call: Call) -> dict:
 
 
 def composition_header(call: Call) -> dict[str, str]:
-    """The response headers of a call: its composition, and its id (vLLM's `X-Request-Id`)."""
-    return {"X-Tessera-Composition": json.dumps(call.composition.as_dict(), separators=(",", ":")),
-            "X-Request-Id": call.public_id}
+    """The response headers of a call: its composition, its id (vLLM's `X-Request-Id`), and the body fields it
+    ignored, if any."""
+    headers = {"X-Tessera-Composition": json.dumps(call.composition.as_dict(), separators=(",", ":")),
+               "X-Request-Id": call.public_id}
+    if call.ignored_fields:
+        headers["X-Tessera-Ignored-Fields"] = ",".join(call.ignored_fields)
+    return headers
 
 
 async def collect(runner: Runner, call: Call) -> dict:

@@ -61,6 +61,8 @@ class Call:
     """vLLM's `return_tokens_as_token_ids`: logprobs name tokens `token_id:<id>`."""
     continuous_usage: bool = False
     """Streamed with vLLM's `continuous_usage_stats`: every chunk carries the usage so far."""
+    ignored_fields: tuple[str, ...] = ()
+    """Top-level body fields nothing reads (`protocol.ignored_fields`): logged, and named in a response header."""
     request_id: str | None = None
     """The client's id for the call (an `X-Request-Id` header or vLLM's `request_id` field): the response's id
     is built from it; the engine's request ids stay `call_id`'s, unique whatever clients send."""

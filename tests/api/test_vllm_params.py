@@ -225,3 +225,21 @@ def test_priorities_are_served_under_the_priority_policy(tiny_llama, library_dir
         body = {"model": "reverse", "prompt": "the quick", **GREEDY}
         texts = {p: _post(http, "/v1/completions", body | {"priority": p})["choices"][0]["text"] for p in (-3, 0, 7)}
         assert len(set(texts.values())) == 1  # priority orders the queue; it changes no token
+
+
+def test_fields_nothing_reads_are_named_in_a_header_and_served_anyway(server, caplog):
+    import logging
+
+    client = server.client()
+    with caplog.at_level(logging.WARNING, logger="server.api.app"):
+        raw = client.chat.completions.with_raw_response.create(
+            model="reverse", messages=[USER], max_tokens=2, extra_body={"guided_decoding_backend": "xgrammar",
+                                                                      "no_such_field": 1})
+        answered = client.responses.with_raw_response.create(model="reverse", input="abc", max_output_tokens=2,
+                                                             extra_body={"frobnicate": True})
+    assert raw.headers["x-tessera-ignored-fields"] == "guided_decoding_backend,no_such_field"
+    assert raw.parse().choices[0].message.content is not None
+    assert answered.headers["x-tessera-ignored-fields"] == "frobnicate"
+    assert "ignored fields guided_decoding_backend, no_such_field" in caplog.text
+    plain = client.completions.with_raw_response.create(model="reverse", prompt="abc", max_tokens=2)
+    assert "x-tessera-ignored-fields" not in plain.headers
