@@ -73,6 +73,9 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        """200 while the engine serves; 503 once its loop died (an orchestrator should restart the server)."""
+        if not engine.healthy():
+            raise APIError(503, f"the engine stopped serving: {engine.dead}", None, "engine_dead")
         return {"status": "ok"}
 
     @app.api_route("/ping", methods=["GET", "POST"])

@@ -15,6 +15,7 @@ from router.composition import Composition
 from router.errors import CompositionError, UnknownModuleError
 
 from server.api.errors import APIError, from_router
+from server.engine.engine import EngineDeadError
 from server.engine.request import NoDrawableTokenError, Request, RequestOutput, SamplingParams
 from server.metrics import Metrics, RequestTiming, task_label
 
@@ -143,6 +144,8 @@ class Runner:
                     raise from_router(item, "model")
                 if isinstance(item, NoDrawableTokenError):  # the request's own parameters conflict
                     raise APIError(400, str(item), None, "no_drawable_token")
+                if isinstance(item, EngineDeadError):
+                    raise APIError(503, str(item), None, "engine_dead")
                 if isinstance(item, Exception):
                     raise APIError(500, f"generation failed: {item}", None, "internal_error")
                 if item.finished:

@@ -11,6 +11,11 @@ changed request gets its text. The CPU work of one step thus overlaps the device
 most one launched step waits to be read (`_pending`), and none once the engine is idle. The rules that
 keep the outputs identical to the synchronous loop are in `scheduler`'s docstring.
 
+A failed step fails the requests it held and the loop goes on; a failure the device cannot recover from (a
+CUDA error, after which its context is unusable) or a fault in the loop itself ends the engine instead:
+`dead` is set, every request then in or after it gets `EngineDeadError`, and the API's /health answers 503,
+so an orchestrator restarts the server rather than routing to it.
+
 No step needs a sync boundary (reading N before planning N+1): the one case that would (a request
 preempted while its token is in flight, readmitted at once) waits one step instead. Blocks and module
 slots freed while a launched step still uses them are safe to hand out again because every later write
@@ -39,6 +44,20 @@ from server.engine.scheduler import RequestState
 from server.engine.setup import EngineParts, bind_device, build_parts, check_library_fits, module_loader
 
 logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step loop ended on an unrecoverable error; nothing more is served until a restart."""
+
+
+def is_fatal(error: BaseException) -> bool:
+    """Whether a failed step leaves the device unusable: a CUDA error (illegal access, device-side assert, ...),
+    after which every later launch fails too. Out-of-memory is not fatal: the step's requests fail, the rest go
+    on."""
+    if isinstance(error, EngineDeadError):
+        return True
+    text = str(error)
+    return type(error).__name__ == "AcceleratorError" or "CUDA error" in text or "device-side assert" in text
 
 
 class Engine:
@@ -70,6 +89,8 @@ class Engine:
         self._detok: dict[str, Detokenizer] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.dead: BaseException | None = None
+        """The error that ended the step loop, or None while it serves."""
         self._last_stats = self._stats()
         self._grammar_compiler = None
         self._compiler_lock = threading.Lock()
@@ -112,8 +133,17 @@ class Engine:
 
     def submit(self, request: Request, sink: Callable[[RequestOutput | BaseException], None]) -> None:
         """Queue a request; `sink` receives its increments (or an exception) from the engine thread."""
+        if self.dead is not None:
+            sink(self._dead_error())
+            return
         self._inbox.put(("add", request, sink))
         self._wake.set()
+        if self.dead is not None:  # it died between the check and the put: nobody else will read the inbox
+            self._refuse_inbox()
+
+    def healthy(self) -> bool:
+        """Whether the engine serves: its loop has not died (and, once started, its thread runs)."""
+        return self.dead is None and (self._thread is None or self._thread.is_alive() or self._stopping)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
@@ -226,16 +256,43 @@ class Engine:
     # -- the step loop ----------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        bind_device(self.model.device)  # this thread's current CUDA device is its own
-        while not self._stopping:
-            self._drain_inbox()
-            if not self.has_work():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            self._guarded(self.step)
-        self._guarded(self._flush)
-        self._refuse_queued_changes()
+        try:
+            bind_device(self.model.device)  # this thread's current CUDA device is its own
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.has_work():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._guarded(self.step)
+            self._guarded(self._flush)
+            self._refuse_queued_changes()
+        except BaseException as error:  # noqa: BLE001 - a dead loop must say so, not leave requests hanging
+            self._die(error)
+
+    def _die(self, error: BaseException) -> None:
+        logger.critical("the engine stopped serving: %s", error, exc_info=error)
+        self.dead = error
+        for request_id in list(self._sinks):
+            self._detok.pop(request_id, None)
+            self._sinks.pop(request_id)(self._dead_error())
+        self._refuse_inbox()
+
+    def _dead_error(self) -> EngineDeadError:
+        return EngineDeadError(f"the engine stopped serving after an unrecoverable error ({self.dead}); restart the "
+                               "server")
+
+    def _refuse_inbox(self) -> None:
+        """Fail everything queued for a dead engine."""
+        while True:
+            try:
+                kind, _, sink = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                sink(self._dead_error())
+            elif kind == "change":
+                sink.set_exception(self._dead_error())
 
     def _refuse_queued_changes(self) -> None:
         """Fail the module changes still queued when the loop stops (their callers wait on them); keep the rest."""
@@ -258,6 +315,8 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - a failed step fails its requests, not the server
             logger.exception("engine step failed")
             self._fail_all(error)
+            if is_fatal(error):  # the device is gone: every later step would fail as well
+                raise EngineDeadError(str(error)) from error
 
     def has_work(self) -> bool:
         """Whether requests wait or run, or a launched step is still to be read."""
@@ -269,13 +328,23 @@ class Engine:
                 kind, payload, sink = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                self._add(payload, sink)
-            elif kind == "change":
-                self._run_change(payload, sink)
-            else:
-                self._finish(payload, "abort")
-                self._publish_stats(self._stats())
+            try:
+                if kind == "add":
+                    self._add(payload, sink)
+                elif kind == "change":
+                    self._run_change(payload, sink)
+                else:
+                    self._finish(payload, "abort")
+                    self._publish_stats(self._stats())
+            except Exception as error:  # noqa: BLE001 - one bad item fails alone
+                logger.exception("engine could not take a queued %s", kind)
+                if kind == "add":
+                    self.scheduler.finish(payload.request_id, "error")
+                    self._sinks.pop(payload.request_id, None)
+                    self._detok.pop(payload.request_id, None)
+                    sink(error)
+                elif kind == "change" and not sink.done():
+                    sink.set_exception(error)
 
     def _add(self, request: Request, sink) -> None:
         if request.request_id in self._sinks:

@@ -189,3 +189,41 @@ def test_api_key_accepted(keyed):
     with pytest.raises(Exception) as caught:
         keyed.client("wrong").models.list()
     assert type(caught.value).__name__ == "AuthenticationError"
+
+
+def _failing_launch(engine, message: str):
+    """The runner's launch, made to raise `message` once: a fault injected where a device error would surface."""
+    launch, calls = engine.runner.launch, []
+
+    def launch_once(plan):
+        if not plan.is_empty and not calls:
+            calls.append(plan)
+            raise RuntimeError(message)
+        return launch(plan)
+
+    engine.runner.launch = launch_once
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on(tiny_llama):
+    with serve(make_engine(tiny_llama, None)) as served:
+        http = httpx.Client(base_url=served.url, timeout=30)
+        _failing_launch(served.engine, "out of memory in a step")
+        error = error_of(http.post(CHAT, json=chat_body(served)), 500)
+        assert error["code"] == "internal_error" and "out of memory in a step" in error["message"]
+        assert http.get("/health").status_code == 200
+        assert http.post(CHAT, json=chat_body(served)).status_code == 200
+
+
+def test_an_unrecoverable_device_error_ends_the_engine_and_health_says_so(tiny_llama):
+    with serve(make_engine(tiny_llama, None)) as served:
+        http = httpx.Client(base_url=served.url, timeout=30)
+        assert http.get("/health").status_code == 200
+        _failing_launch(served.engine, "CUDA error: an illegal memory access was encountered")
+        error_of(http.post(CHAT, json=chat_body(served)), 500)  # the step that hit it
+        health = error_of(http.get("/health"), 503)
+        assert health["code"] == "engine_dead" and "illegal memory access" in health["message"]
+        for _ in range(2):  # later requests are refused at once, streamed or not, never left waiting
+            assert error_of(http.post(CHAT, json=chat_body(served)), 503)["code"] == "engine_dead"
+        with http.stream("POST", COMPLETIONS, json={"model": served.backbone, "prompt": "a", "stream": True}) as r:
+            last = [line for line in r.iter_lines() if line.startswith("data: ")][-1]
+        assert '"engine_dead"' in last

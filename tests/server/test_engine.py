@@ -196,3 +196,15 @@ def test_requests_passing_one_that_waits_for_module_slots_change_no_token(setup)
         outputs = engine.generate_batch(requests())
         assert {r: _tokens(o) for r, o in outputs.items()} == {r: _tokens(o) for r, o in reference.items()}
         assert sum(loads) >= 3, "one slot for three modules: they were swapped"
+
+
+def test_only_errors_that_leave_the_device_unusable_are_fatal():
+    import torch
+
+    from server.engine.engine import EngineDeadError, is_fatal
+
+    assert is_fatal(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert is_fatal(RuntimeError("CUDA error: device-side assert triggered"))
+    assert is_fatal(EngineDeadError("gone"))
+    assert not is_fatal(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_fatal(ValueError("a bad request"))
