@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.text import AUTO
 
-from server.api import openai_responses, tools, translate
+from server.api import beam_search, openai_responses, tools, translate
 from server.api.auth import APIKeyMiddleware
 from server.api.errors import APIError, from_router, install_handlers
 from server.api.reasoning import reasoning_parser_named
@@ -113,7 +113,9 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        return await _respond(runner, await chat_call(body, request), body.stream, request)
+        if body.use_beam_search:
+            beam_search.check(body)
+        return await _respond(runner, await chat_call(body, request), body.stream, request, body)
 
     store = ResponseStore(engine.config.responses_store_size)
     app.state.responses = store
@@ -162,11 +164,13 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        if body.use_beam_search:
+            beam_search.check(body)
         prompts = translate.completion_prompts(body, engine.tokenizer, engine.max_model_len)
         echo = translate.echo_texts(body, prompts, engine.tokenizer)
         echo = [text for text in echo for _ in range(body.n)] if echo is not None else None
         call = await _call(runner, "text", body, [p for p in prompts for _ in range(body.n)], request, echo)
-        return await _respond(runner, call, body.stream, request)
+        return await _respond(runner, call, body.stream, request, body)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -276,12 +280,17 @@ def _priority(engine, body) -> int:
     return body.priority
 
 
-async def _respond(runner: Runner, call: Call, streamed: bool, request: Request):
-    """Stream `call`'s chunks, or collect them into one body (nothing if the client left first)."""
+async def _respond(runner: Runner, call: Call, streamed: bool, request: Request, body=None):
+    """Stream `call`'s chunks, or collect them into one body (nothing if the client left first); a beam search
+    when `body` asks for one."""
     headers = composition_header(call)
     if streamed:
         return StreamingResponse(stream(runner, call), media_type="text/event-stream", headers=headers)
-    result = await until_disconnected(request, collect(runner, call))
+    if body is not None and body.use_beam_search:
+        work = beam_search.collect(runner, call, body.length_penalty)
+    else:
+        work = collect(runner, call)
+    result = await until_disconnected(request, work)
     if result is None:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(result, headers=headers)

@@ -190,6 +190,10 @@ class _Common(_NotesIgnored):
     """vLLM's: the id the response's is built from (an `X-Request-Id` header wins over it)."""
     return_tokens_as_token_ids: bool = False
     """vLLM's: logprobs name their tokens `token_id:<id>` instead of by their text."""
+    use_beam_search: bool = False
+    """vLLM's: the `n` best beams of a beam search of width n (`server.api.beam_search`) instead of sampling."""
+    length_penalty: float = 1.0
+    """vLLM's, with use_beam_search: beams rank by cumulative logprob / length ** length_penalty."""
     user: str | None = None
     task: str | None = Field(default=None, min_length=1)
     modules: dict[str, float] | None = None

@@ -52,7 +52,7 @@ async def collect(runner: Runner, call: Call) -> dict:
     for i in range(n):
         wants = call.params[i].logprobs is not None
         if call.kind == "chat":
-            message, reason = _reply(call, texts[i], reasons[i])
+            message, reason = reply(call, texts[i], reasons[i])
             thought.append(reasoning_tokens(call, token_ids[i], message.get("reasoning") or ""))
             choices.append({"index": i, "message": message, "logprobs": {"content": logprobs[i]} if wants else None,
                             "finish_reason": reason, "stop_reason": stop_reasons[i]})
@@ -70,7 +70,7 @@ async def collect(runner: Runner, call: Call) -> dict:
     return body
 
 
-def _reply(call: Call, text: str, reason: str | None) -> tuple[dict, str | None]:
+def reply(call: Call, text: str, reason: str | None) -> tuple[dict, str | None]:
     """A whole chat choice's message and finish reason; a reasoning model's reasoning apart (`api.reasoning`)."""
     if call.reasoning is None:
         return _message(call, text, reason)

@@ -38,6 +38,7 @@ def _body(rng: random.Random, kind: str) -> dict:
         "allowed_token_ids": lambda: rng.sample(range(300), rng.choice([1, 40])),
         "bad_words": lambda: rng.choice([["e"], ["the", "o b"]]), "return_tokens_as_token_ids": lambda: True,
         "request_id": lambda: rng.choice(["a", "same-id"]),
+        "use_beam_search": lambda: True, "length_penalty": lambda: rng.choice([0.0, 2.0]),
     }
     if kind == "chat":
         opts["top_logprobs"] = lambda: 2
