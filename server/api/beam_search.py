@@ -103,13 +103,12 @@ async def collect(runner: Runner, call: Call, length_penalty: float) -> dict:
             text = tokenizer.decode(text_ids, skip_special_tokens=params.skip_special_tokens)
             reason = "stop" if beam.ended else "length"
             stop_reason = beam.tokens[-1] if beam.ended and beam.tokens[-1] in params.stop_token_ids else None
-            choice = {"index": len(choices), "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
             if call.kind == "chat":
-                message, choice["finish_reason"] = reply(call, text, reason)
-                choice["message"] = message
+                message, reason = reply(call, text, reason)
+                choice = {"index": len(choices), "message": message}
             else:
-                choice["text"] = text
-            choices.append(choice)
+                choice = {"index": len(choices), "text": text}
+            choices.append(choice | {"logprobs": None, "finish_reason": reason, "stop_reason": stop_reason})
             generated += len(beam.tokens)
     timing = RequestTiming(started)
     timing.end, timing.num_prompt_tokens, timing.num_output_tokens = time.monotonic(), call.num_prompt_tokens, generated
