@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -79,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (serve, demo):
         sub.add_argument("--host", default="127.0.0.1", help="address to listen on")
         sub.add_argument("--port", type=int, default=8000, help="port to listen on")
-        sub.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (all but /health)")
+        sub.add_argument("--api-key", default=None,
+                         help="require `Authorization: Bearer KEY` on every route but /health, /ping and /version "
+                              "(default: $TESSERA_API_KEY, else $VLLM_API_KEY, as vLLM reads it; unset: no key)")
+        sub.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM)")
+        sub.add_argument("--ssl-certfile", default=None, help="... and this certificate (PEM)")
+        sub.add_argument("--root-path", default="", help="the path prefix a proxy serves the API under (ASGI root_path)")
+        sub.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                         help="let browsers on these origins call the API (CORS; `*` for any); default: none")
     _add_engine_flags(serve)
     _add_engine_flags(demo, skip=("model", "library"))
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the demo is built (default ~/.cache/tessera)")
@@ -115,6 +123,7 @@ def _run(config: EngineConfig, args: argparse.Namespace, banner: str | None = No
 
     from server.model.loader import resolve_model_dir
 
+    _check_tls(args)
     try:
         resolve_model_dir(config.model)
     except FileNotFoundError as error:
@@ -127,7 +136,23 @@ def _run(config: EngineConfig, args: argparse.Namespace, banner: str | None = No
         _fail(str(error))
     if banner:
         print(banner, flush=True)
-    uvicorn.run(create_app(engine, api_key=args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(engine, api_key=_api_key(args), allowed_origins=args.allowed_origins), host=args.host,
+                port=args.port, log_level=args.log_level, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                root_path=args.root_path)
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key to require: --api-key, else $TESSERA_API_KEY, else $VLLM_API_KEY (so a key need not appear in the
+    process list)."""
+    return args.api_key or os.environ.get("TESSERA_API_KEY") or os.environ.get("VLLM_API_KEY") or None
+
+
+def _check_tls(args: argparse.Namespace) -> None:
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        _fail("--ssl-keyfile and --ssl-certfile go together")
+    for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile)):
+        if path is not None and not Path(path).is_file():
+            _fail(f"{flag} {path}: no such file")
 
 
 def _demo_request(url: str, auth: str, model: str, task: str | None, prompt: str) -> str:
@@ -143,8 +168,12 @@ def _demo_banner(args: argparse.Namespace, record: dict) -> str:
     from server.demo import DEMO_MODEL
     from training.suite.tasks import prompt_for
 
-    url = f"http://{args.host}:{args.port}"
-    auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+    url = f"{'https' if args.ssl_certfile else 'http'}://{args.host}:{args.port}{args.root_path.rstrip('/')}"
+    if args.api_key:
+        auth = f" -H 'Authorization: Bearer {args.api_key}'"
+    else:  # a key from the environment is not printed
+        name = next((n for n in ("TESSERA_API_KEY", "VLLM_API_KEY") if os.environ.get(n)), None)
+        auth = f' -H "Authorization: Bearer ${name}"' if name else ""
     scores, examples = record["exact_match"], record["examples"]
     ranked = sorted(scores, key=lambda task: (task not in examples, -scores[task]))
     tagged, untagged = ranked[0], ranked[1]

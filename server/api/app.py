@@ -37,8 +37,10 @@ CLIENT_CLOSED = 499
 """Status logged for a non-streaming request whose client left before the answer (nginx's convention)."""
 
 
-def create_app(engine, api_key: str | None = None) -> FastAPI:
-    """An app serving `engine`; with `api_key`, every route but /health needs `Authorization: Bearer KEY`.
+def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
+    """An app serving `engine`; with `api_key`, every route but the probes needs `Authorization: Bearer KEY`;
+    with `allowed_origins`, browsers on those origins may call it (CORS; `*` for any), preflights answered
+    before the key is checked.
 
     The app's lifespan loads the library's text encoder (if it has a text router, so a missing encoder
     fails at start-up, not on the first `auto` request), starts the engine's step loop and shuts it
@@ -70,6 +72,12 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     install_handlers(app, metrics.observe_error)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=metrics.observe_error)
+    if allowed_origins:  # added last, so outermost: a preflight carries no key
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id", "X-Tessera-Composition",
+                                                                "X-Tessera-Ignored-Fields"])
 
     @app.get("/health")
     async def health():

@@ -132,3 +132,56 @@ def test_demo_rejects_an_unknown_setting(tmp_path):
         ensure_demo(tmp_path, "huge")
     result = run_cli("demo", "--setting", "huge")
     assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
+
+
+def test_serve_over_tls_with_a_key_from_the_environment_cors_and_a_root_path(tiny_llama, tmp_path):
+    """What a deployment without a proxy in front sets: HTTPS, the key in $TESSERA_API_KEY (not in the process
+    list), browsers of one origin allowed, and the prefix a proxy would add."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    env = os.environ | {"PYTHONPATH": str(REPO), "TESSERA_API_KEY": "env-key"}
+    process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", tiny_llama, "--port", str(port),
+                                "--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--num-kv-blocks", "16",
+                                "--allowed-origins", "https://ui.example", "--root-path", "/llm"],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "no healthy HTTPS server"
+            try:
+                if httpx.get(url + "/health", verify=str(cert), timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.25)
+        with httpx.Client(base_url=url, verify=str(cert), timeout=30) as http:
+            assert http.get("/v1/models").status_code == 401
+            models = http.get("/v1/models", headers={"Authorization": "Bearer env-key"})
+            assert models.status_code == 200 and models.json()["data"]
+            preflight = http.options("/v1/chat/completions", headers={
+                "Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type"})
+            assert preflight.status_code == 200
+            assert preflight.headers["access-control-allow-origin"] == "https://ui.example"
+            other = http.options("/v1/chat/completions", headers={"Origin": "https://evil.example",
+                                                                  "Access-Control-Request-Method": "POST"})
+            assert "access-control-allow-origin" not in other.headers
+            docs = http.get("/openapi.json", headers={"Authorization": "Bearer env-key"}).json()
+            assert docs["servers"] == [{"url": "/llm"}]  # the root path the app was told
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)  # TLS only
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_half_a_tls_pair_is_a_clear_error(tiny_llama, tmp_path):
+    result = run_cli("serve", "--model", tiny_llama, "--ssl-keyfile", str(tmp_path / "k.pem"))
+    assert result.returncode == 2 and "--ssl-keyfile and --ssl-certfile go together" in result.stderr
