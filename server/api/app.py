@@ -269,7 +269,7 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
         reasoning_close=_single_token(engine.tokenizer, reasoning.CLOSE) if reasoning is not None else None,
         tokens_as_ids=body.return_tokens_as_token_ids,
         continuous_usage=include_usage and body.stream_options.continuous_usage_stats,
-        request_id=request.headers.get("x-request-id") or body.request_id)
+        request_id=request.headers.get("x-request-id") or body.request_id, cache_salt=body.cache_salt)
     _note_ignored(call, body)
     return call
 

@@ -83,7 +83,8 @@ async def search(runner: Runner, call: Call, index: int, length_penalty: float) 
 
 async def _top(engine, call: Call, suffix: str, tokens: list[int], params: SamplingParams):
     """The most likely next tokens after `tokens`, with their logprobs: one engine request."""
-    request = Request(f"{call.call_id}-beam-{suffix}", tokens, params, call.composition, priority=call.priority)
+    request = Request(f"{call.call_id}-beam-{suffix}", tokens, params, call.composition, priority=call.priority,
+                      cache_salt=call.cache_salt)
     last = None
     async for output in engine.generate(request):
         last = output if output.logprobs else last

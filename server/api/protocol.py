@@ -190,6 +190,8 @@ class _Common(_NotesIgnored):
     """vLLM's: the id the response's is built from (an `X-Request-Id` header wins over it)."""
     return_tokens_as_token_ids: bool = False
     """vLLM's: logprobs name their tokens `token_id:<id>` instead of by their text."""
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
+    """vLLM's: only requests with the same salt share prefix-cached KV (multi-tenant isolation)."""
     use_beam_search: bool = False
     """vLLM's: the `n` best beams of a beam search of width n (`server.api.beam_search`) instead of sampling."""
     length_penalty: float = 1.0
@@ -522,6 +524,7 @@ class ResponsesRequest(_NotesIgnored):
     chat_template_kwargs: dict | None = None
     priority: int | None = None
     request_id: str | None = None
+    cache_salt: str | None = None
 
     @field_validator("input")
     @classmethod
@@ -541,7 +544,7 @@ class ResponsesRequest(_NotesIgnored):
 
 RESPONSES_EXTRAS = ("task", "modules", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "stop", "ignore_eos", "min_tokens", "logit_bias", "allowed_token_ids",
-                    "bad_words", "chat_template_kwargs", "priority", "request_id")
+                    "bad_words", "chat_template_kwargs", "priority", "request_id", "cache_salt")
 """ResponsesRequest fields passed to the chat completion as they are, when given."""
 
 

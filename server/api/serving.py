@@ -62,6 +62,8 @@ class Call:
     """vLLM's `return_tokens_as_token_ids`: logprobs name tokens `token_id:<id>`."""
     continuous_usage: bool = False
     """Streamed with vLLM's `continuous_usage_stats`: every chunk carries the usage so far."""
+    cache_salt: str | None = None
+    """`Request.cache_salt` of every choice."""
     ignored_fields: tuple[str, ...] = ()
     """Top-level body fields nothing reads (`protocol.ignored_fields`): logged, and named in a response header."""
     request_id: str | None = None
@@ -108,7 +110,8 @@ class Runner:
 
     async def _choice(self, call: Call, index: int, sink: asyncio.Queue) -> None:
         request = Request(f"{call.call_id}-{index}", call.prompts[index], call.params[index], call.composition,
-                          grammar=call.grammar, grammar_after=call.grammar_after, priority=call.priority)
+                          grammar=call.grammar, grammar_after=call.grammar_after, priority=call.priority,
+                          cache_salt=call.cache_salt)
         timing = RequestTiming(time.monotonic())
         timing.num_prompt_tokens = len(call.prompts[index])
         status = "abort"

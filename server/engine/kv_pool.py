@@ -20,13 +20,18 @@ _HASH_BYTES = 16
 """blake2b digest size: 128 bits, so two different prefixes share a hash with negligible probability."""
 
 
-def composition_root(module_ids: tuple[str, ...], gates: tuple[float, ...], generations: tuple[int, ...]) -> bytes:
+def composition_root(module_ids: tuple[str, ...], gates: tuple[float, ...], generations: tuple[int, ...],
+                     salt: str | None = None) -> bytes:
     """The hash every block chain of one composition starts from: its modules, each module's generation
-    (a module replaced under the same name is another module) and the exact gates (float64 bits)."""
+    (a module replaced under the same name is another module) and the exact gates (float64 bits), and the
+    request's cache salt when it has one (`Request.cache_salt`: only requests of the same salt share KV)."""
     digest = hashlib.blake2b(b"tessera-kv", digest_size=_HASH_BYTES)
     for module_id, gate, generation in zip(module_ids, gates, generations):
         name = module_id.encode()
         digest.update(struct.pack("<I", len(name)) + name + struct.pack("<dq", gate, generation))
+    if salt is not None:  # after the modules, under a tag no module entry can produce (its length would be 2**32-1)
+        salted = salt.encode()
+        digest.update(struct.pack("<I", 0xFFFFFFFF) + struct.pack("<I", len(salted)) + salted)
     return digest.digest()
 
 

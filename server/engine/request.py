@@ -79,6 +79,9 @@ class Request:
     grammar_after: int | None = None
     """With `grammar`: a token id the constraint begins after (a reasoning model's end of reasoning, so the
     grammar shapes the answer only); None: from the first token."""
+    cache_salt: str | None = None
+    """vLLM's: the request shares prefix-cached KV only with requests of the same salt (say, a tenant's secret),
+    so one tenant cannot learn from timing what another's prompts hold; None shares with every unsalted one."""
 
 
 class NoDrawableTokenError(ValueError):

@@ -314,7 +314,8 @@ class Scheduler:
             if state.hash_root is None:
                 composition = state.request.composition
                 generations = tuple(self.modules.generation(m) for m in composition.module_ids)
-                state.hash_root = composition_root(composition.module_ids, composition.gates, generations)
+                state.hash_root = composition_root(composition.module_ids, composition.gates, generations,
+                                                   state.request.cache_salt)
             parent = state.block_hashes[-1] if have else None
             state.block_hashes += block_hashes(state.hash_root, state.token_ids, have, num_blocks, size, parent)
         return state.block_hashes[:num_blocks]

@@ -243,3 +243,19 @@ def test_fields_nothing_reads_are_named_in_a_header_and_served_anyway(server, ca
     assert "ignored fields guided_decoding_backend, no_such_field" in caplog.text
     plain = client.completions.with_raw_response.create(model="reverse", prompt="abc", max_tokens=2)
     assert "x-tessera-ignored-fields" not in plain.headers
+
+
+def test_cache_salt_keeps_cached_prefixes_within_one_salt(server):
+    """vLLM's multi-tenant isolation: the same prompt under another salt (or none) is computed afresh."""
+    client = server.client()
+    prompt = "a prompt long enough to fill whole kv blocks, unique to the salt test: " * 2
+
+    def cached(salt: str | None) -> int:
+        extra = {"cache_salt": salt} if salt is not None else {}
+        reply = client.completions.create(model="reverse", prompt=prompt, max_tokens=1, extra_body=extra)
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-a") >= 16  # a full block of the same salt
+    assert cached("tenant-b") == 0 and cached(None) == 0  # neither another salt nor none shares it
+    assert cached(None) >= 16 and cached("tenant-b") >= 16
