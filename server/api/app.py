@@ -246,7 +246,7 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
     bad_words = translate.bad_word_ids(body, engine.tokenizer)
     params = [
         translate.sampling_params(body, len(p), engine.max_model_len, i % body.n, default_max, len(engine.tokenizer),
-                                  bad_words)
+                                  bad_words, engine.sampling_defaults)
         for i, p in enumerate(prompts)
     ]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -37,7 +37,7 @@ _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_for
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion that serves `body`; a 400 naming the Responses field where it does not validate."""
     data = {"model": body.model, "messages": _messages(body), "max_tokens": body.max_output_tokens,
-            "temperature": body.temperature, "top_p": body.top_p, "stream": body.stream,
+            "stream": body.stream,
             "parallel_tool_calls": body.parallel_tool_calls, "user": body.user}
     if body.tools:
         data["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
@@ -55,6 +55,7 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     if wants_logprobs(body):
         data |= {"logprobs": True, "top_logprobs": body.top_logprobs or 0}
     data |= {name: getattr(body, name) for name in RESPONSES_EXTRAS if getattr(body, name) is not None}
+    data |= {name: getattr(body, name) for name in ("temperature", "top_p") if name in body.model_fields_set}
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as error:
@@ -137,7 +138,7 @@ def _response(body: ResponsesRequest, call: Call, output: list[dict], status: st
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
         "metadata": body.metadata or {}, "parallel_tool_calls": body.parallel_tool_calls,
-        "temperature": body.temperature, "top_p": body.top_p,
+        "temperature": call.params[0].temperature, "top_p": call.params[0].top_p,  # as used, defaults included
         "tool_choice": body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump")
         else body.tool_choice or "auto",
         "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or ()],

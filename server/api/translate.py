@@ -178,24 +178,33 @@ def chat_echo(body: ChatCompletionRequest, tool_mode: str | None, reasoning: boo
 
 
 def sampling_params(body, prompt_len: int, max_model_len: int, index: int, default_max: int | None,
-                    vocab_size: int, bad_words: tuple[tuple[int, ...], ...] = ()) -> SamplingParams:
+                    vocab_size: int, bad_words: tuple[tuple[int, ...], ...] = (),
+                    defaults: dict | None = None) -> SamplingParams:
     """Sampling params of choice `index` (seeds advance per choice so n > 1 differ reproducibly); `bad_words`
-    as `bad_word_ids` tokenized them."""
+    as `bad_word_ids` tokenized them; `defaults` (the model's, `Engine.sampling_defaults`) fill the sampling
+    fields the body left out, and their max_new_tokens a chat's missing max_tokens."""
+    defaults = defaults or {}
+
+    def given(name: str):
+        return getattr(body, name) if name in body.model_fields_set else defaults.get(name, getattr(body, name))
+
     param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     room = max_model_len - prompt_len
     if room < 1:
         raise APIError(400, f"prompt has {prompt_len} tokens; the context length is {max_model_len}",
                        "messages" if isinstance(body, ChatCompletionRequest) else "prompt", "context_length_exceeded")
+    if default_max is None and "max_new_tokens" in defaults:
+        default_max = min(defaults["max_new_tokens"], room)
     max_tokens = body.output_limit or (default_max if default_max is not None else room)
     if max_tokens > room:
         raise APIError(400, f"prompt ({prompt_len} tokens) plus {param} ({max_tokens}) exceeds the context length "
                             f"{max_model_len}", param, "context_length_exceeded")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
+        temperature=given("temperature"),
+        top_p=given("top_p"),
+        top_k=given("top_k"),
+        min_p=given("min_p"),
         seed=None if body.seed is None else body.seed + index,
         stop=tuple(body.stop or ()),
         stop_token_ids=_stop_token_ids(body, vocab_size),
@@ -205,7 +214,7 @@ def sampling_params(body, prompt_len: int, max_model_len: int, index: int, defau
         logprobs=body.num_logprobs,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
+        repetition_penalty=given("repetition_penalty"),
         logit_bias=_logit_bias(body, vocab_size),
         min_tokens=_min_tokens(body, max_tokens, param),
         allowed_token_ids=_allowed_token_ids(body, vocab_size),

@@ -72,6 +72,11 @@ class EngineConfig:
     """Return a reasoning model's `<think>` block apart from its answer (the message's `reasoning` and
     `reasoning_content`), as vLLM's --reasoning-parser: qwen3 or deepseek_r1 (`server.api.reasoning`). Tool
     calls and structured outputs then apply to the answer. None: the whole reply is content."""
+    generation_config: str = "auto"
+    """Sampling defaults for the fields a request leaves out, as vLLM's --generation-config: auto (the model's
+    generation_config.json, where its authors put the settings they recommend: temperature, top_p, top_k,
+    min_p, repetition_penalty, and max_new_tokens as a chat's default max_tokens), vllm (none: OpenAI's
+    defaults), or a directory holding a generation_config.json."""
     responses_store_size: int = 1000
     """Responses API: how many responses are kept in memory (least recently used out first) for
     `previous_response_id` and GET/DELETE /v1/responses/{id}; 0 keeps none, and then a previous_response_id is

@@ -79,6 +79,8 @@ class Engine:
         self.scheduler = parts.scheduler
         self.runner = parts.runner
         self.max_model_len = parts.max_model_len
+        self.sampling_defaults = parts.sampling_defaults
+        """What the sampling fields a request leaves out become (`EngineConfig.generation_config`)."""
         self.async_scheduling = config.async_scheduling_on(str(self.model.device))
         self._pending: tuple[StepPlan, PendingStep] | None = None
         self.model_name = config.served_name()  # a Hub id is served by its id

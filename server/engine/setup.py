@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,42 @@ class EngineParts:
     scheduler: Scheduler
     runner: ModelRunner
     max_model_len: int
+    sampling_defaults: dict = field(default_factory=dict)
+    """`sampling_defaults` of the model: what a request's omitted sampling fields become."""
+
+
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+"""The generation_config.json fields that become request defaults (vLLM reads the same)."""
+
+
+def sampling_defaults(source: str, model_dir: str) -> dict:
+    """The sampling defaults `EngineConfig.generation_config` names: from `model_dir` (auto) or another directory's
+    generation_config.json, only the fields its authors set; {} for vllm or where there is no such file."""
+    if source == "vllm":
+        return {}
+    directory = model_dir if source == "auto" else str(Path(source).expanduser())
+    if source != "auto" and not (Path(directory) / "generation_config.json").is_file():
+        raise ValueError(f"generation_config must be auto, vllm or a directory with a generation_config.json, "
+                         f"got {source!r}")
+    from transformers import GenerationConfig
+
+    try:
+        given = GenerationConfig.from_pretrained(directory).to_diff_dict()
+    except OSError:  # no generation_config.json: OpenAI's defaults
+        return {}
+    defaults = {name: given[name] for name in SAMPLING_DEFAULT_FIELDS if given.get(name) is not None}
+    if defaults.get("top_k") == 0:  # transformers' "off"
+        defaults["top_k"] = -1
+    bad = {name: value for name, value in defaults.items() if not _in_range(name, value)}
+    if bad:
+        raise ValueError(f"{directory}/generation_config.json has sampling defaults out of range: {bad}")
+    return defaults
+
+
+def _in_range(name: str, value) -> bool:
+    return {"temperature": lambda v: 0.0 <= v <= 2.0, "top_p": lambda v: 0.0 < v <= 1.0,
+            "top_k": lambda v: v == -1 or v >= 1, "min_p": lambda v: 0.0 <= v <= 1.0,
+            "repetition_penalty": lambda v: 0.0 < v <= 10.0, "max_new_tokens": lambda v: v >= 1}[name](value)
 
 
 def _load_library(config: EngineConfig, model_dir: str):
@@ -117,9 +153,15 @@ def build_parts(config: EngineConfig) -> EngineParts:
     else:
         num_slots = min(config.max_loaded_modules, len(library.modules)) if library else 0
     max_rank = config.max_rank or largest
+    defaults = sampling_defaults(config.generation_config, model_dir)
+    if defaults:
+        logger.info("sampling defaults for fields a request leaves out (%s generation_config.json; "
+                    "--generation-config vllm turns them off): %s", config.generation_config, defaults)
     model = load_backbone(model_dir, BackboneConfig(config.dtype, device, num_slots, max_rank))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return assemble_parts(config, model, tokenizer, library, _eos_ids(tokenizer, model_dir))
+    parts = assemble_parts(config, model, tokenizer, library, _eos_ids(tokenizer, model_dir))
+    parts.sampling_defaults = defaults
+    return parts
 
 
 def check_library_fits(library, model: Backbone) -> None:

@@ -259,3 +259,60 @@ def test_cache_salt_keeps_cached_prefixes_within_one_salt(server):
     assert cached("tenant-a") >= 16  # a full block of the same salt
     assert cached("tenant-b") == 0 and cached(None) == 0  # neither another salt nor none shares it
     assert cached(None) >= 16 and cached("tenant-b") >= 16
+
+
+def test_the_models_generation_config_fills_the_sampling_fields_a_request_leaves_out(tiny_llama, tmp_path):
+    """vLLM's --generation-config auto: the authors' recommended settings (here top_k 1, which makes sampling
+    greedy, temperature 0.5 and max_new_tokens 5) apply where the request says nothing; `vllm` turns them off."""
+    import json
+    import shutil
+
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from tests.api.conftest import MAX_MODEL_LEN, serve
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.5, "top_k": 1, "max_new_tokens": 5}))
+    messages = [USER]
+    for source in ("auto", "vllm"):
+        engine = Engine(EngineConfig(model=str(model), num_kv_blocks=64, max_model_len=MAX_MODEL_LEN,
+                                     generation_config=source))
+        with serve(engine) as served:
+            client = served.client()
+            left_out = client.chat.completions.create(model=served.backbone, messages=messages, seed=3,
+                                                      max_tokens=8, extra_body={"ignore_eos": True})
+            greedy = client.chat.completions.create(model=served.backbone, messages=messages, temperature=0,
+                                                    max_tokens=8, extra_body={"ignore_eos": True})
+            asked = client.chat.completions.create(model=served.backbone, messages=messages, seed=3, max_tokens=8,
+                                                   temperature=1.0, extra_body={"ignore_eos": True, "top_k": -1})
+            unlimited = client.chat.completions.create(model=served.backbone, messages=messages, temperature=0,
+                                                       extra_body={"ignore_eos": True})
+            response = client.responses.create(model=served.backbone, input="abc", max_output_tokens=2)
+        text = [r.choices[0].message.content for r in (left_out, greedy, asked)]
+        if source == "auto":
+            assert engine.sampling_defaults == {"temperature": 0.5, "top_k": 1, "max_new_tokens": 5}
+            assert text[0] == text[1] != text[2]  # top_k 1 where unsaid; what a request says wins
+            assert unlimited.usage.completion_tokens == 5 and response.temperature == 0.5
+        else:
+            assert engine.sampling_defaults == {} and text[0] != text[1]
+            assert unlimited.usage.completion_tokens == MAX_MODEL_LEN - unlimited.usage.prompt_tokens
+            assert response.temperature == 1.0
+
+
+def test_a_generation_config_out_of_range_or_missing_is_a_start_up_error(tiny_llama, tmp_path):
+    import json
+    import shutil
+
+    from server.engine.setup import sampling_defaults
+
+    shutil.copytree(tiny_llama, tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"top_k": 0, "top_p": 0.8}))
+    assert sampling_defaults("auto", str(tmp_path / "m")) == {"top_k": -1, "top_p": 0.8}  # 0 is transformers' off
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"temperature": 3.0}))
+    with pytest.raises(ValueError, match="out of range.*temperature"):
+        sampling_defaults("auto", str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="auto, vllm or a directory"):
+        sampling_defaults(str(tmp_path / "nowhere"), str(tmp_path / "m"))
+    assert sampling_defaults("auto", tiny_llama) == {}  # no generation_config.json: OpenAI's defaults
