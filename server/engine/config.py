@@ -72,6 +72,9 @@ class EngineConfig:
     """Return a reasoning model's `<think>` block apart from its answer (the message's `reasoning` and
     `reasoning_content`), as vLLM's --reasoning-parser: qwen3 or deepseek_r1 (`server.api.reasoning`). Tool
     calls and structured outputs then apply to the answer. None: the whole reply is content."""
+    chat_template: str | None = None
+    """A Jinja chat template to use instead of the tokenizer's, as vLLM's --chat-template: a file's path, or
+    the template itself. For models whose tokenizer has none, or a fixed one."""
     generation_config: str = "auto"
     """Sampling defaults for the fields a request leaves out, as vLLM's --generation-config: auto (the model's
     generation_config.json, where its authors put the settings they recommend: temperature, top_p, top_k,

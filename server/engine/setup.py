@@ -62,6 +62,16 @@ def sampling_defaults(source: str, model_dir: str) -> dict:
     return defaults
 
 
+def _chat_template(given: str) -> str:
+    """The template `--chat-template` names: a file's text, or the argument itself when it is a template."""
+    path = Path(given).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{{" in given or "{%" in given:
+        return given
+    raise ValueError(f"chat_template {given!r} is neither a file nor a Jinja template")
+
+
 def _in_range(name: str, value) -> bool:
     return {"temperature": lambda v: 0.0 <= v <= 2.0, "top_p": lambda v: 0.0 < v <= 1.0,
             "top_k": lambda v: v == -1 or v >= 1, "min_p": lambda v: 0.0 <= v <= 1.0,
@@ -159,6 +169,8 @@ def build_parts(config: EngineConfig) -> EngineParts:
                     "--generation-config vllm turns them off): %s", config.generation_config, defaults)
     model = load_backbone(model_dir, BackboneConfig(config.dtype, device, num_slots, max_rank))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if config.chat_template is not None:
+        tokenizer.chat_template = _chat_template(config.chat_template)
     parts = assemble_parts(config, model, tokenizer, library, _eos_ids(tokenizer, model_dir))
     parts.sampling_defaults = defaults
     return parts

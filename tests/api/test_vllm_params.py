@@ -316,3 +316,23 @@ def test_a_generation_config_out_of_range_or_missing_is_a_start_up_error(tiny_ll
     with pytest.raises(ValueError, match="auto, vllm or a directory"):
         sampling_defaults(str(tmp_path / "nowhere"), str(tmp_path / "m"))
     assert sampling_defaults("auto", tiny_llama) == {}  # no generation_config.json: OpenAI's defaults
+
+
+def test_a_chat_template_given_at_start_up_replaces_the_tokenizers(tiny_llama, tmp_path):
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from tests.api.conftest import MAX_MODEL_LEN, serve
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    for given in (str(template), template.read_text()):
+        engine = Engine(EngineConfig(model=tiny_llama, num_kv_blocks=16, max_model_len=MAX_MODEL_LEN,
+                                     chat_template=given))
+        with serve(engine) as served, httpx.Client(base_url=served.url, timeout=30) as http:
+            ids = _post(http, "/tokenize", {"messages": [USER]})["tokens"]
+            assert engine.tokenizer.decode(ids) == "[user] reverse: abc\n[assistant] "
+            reply = _post(http, "/v1/chat/completions", {"model": served.backbone, "messages": [USER], **GREEDY})
+            assert reply["usage"]["prompt_tokens"] == len(ids)
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        Engine(EngineConfig(model=tiny_llama, num_kv_blocks=16, chat_template=str(tmp_path / "missing.jinja")))
