@@ -284,13 +284,17 @@ class Engine:
         return EngineDeadError(f"the engine stopped serving after an unrecoverable error ({self.dead}); restart the "
                                "server")
 
-    def _refuse_inbox(self) -> None:
-        """Fail everything queued for a dead engine."""
+    def _queued(self):
+        """The inbox's items, taken until it is empty."""
         while True:
             try:
-                kind, _, sink = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _refuse_inbox(self) -> None:
+        """Fail everything queued for a dead engine."""
+        for kind, _, sink in self._queued():
             if kind == "add":
                 sink(self._dead_error())
             elif kind == "change":
@@ -299,11 +303,7 @@ class Engine:
     def _refuse_queued_changes(self) -> None:
         """Fail the module changes still queued when the loop stops (their callers wait on them); keep the rest."""
         kept = []
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for item in self._queued():
             if item[0] == "change":
                 item[2].set_exception(RuntimeError("the engine stopped before the module change ran"))
             else:
@@ -325,11 +325,7 @@ class Engine:
         return self.scheduler.has_work() or self._pending is not None
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, payload, sink = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for kind, payload, sink in self._queued():
             try:
                 if kind == "add":
                     self._add(payload, sink)
