@@ -113,7 +113,8 @@ def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | 
 
     async def chat_call(body: ChatCompletionRequest, request: Request) -> Call:
         mode = tools.tool_mode(body, engine.config.tool_call_parser)
-        prompt = translate.truncated(translate.chat_prompt(body, engine.tokenizer), body, engine.max_model_len)
+        prompt = translate.chat_prompt(body, engine.tokenizer, bool(body.add_special_tokens))
+        prompt = translate.truncated(prompt, body, engine.max_model_len)
         echo = translate.chat_echo(body, mode, reasoning is not None)
         start = reasoning.start(engine.tokenizer.decode(prompt)) if reasoning is not None else None
         return await _call(runner, "chat", body, [prompt] * body.n, request,
@@ -184,7 +185,8 @@ def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | 
     async def tokenize(body: TokenizeRequest):
         tokenizer = engine.tokenizer
         if body.messages is not None:
-            ids = translate.chat_prompt(body, tokenizer)
+            ids = translate.chat_prompt(body, tokenizer, body.add_special_tokens and
+                                        "add_special_tokens" in body.model_fields_set)
         else:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None

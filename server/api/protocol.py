@@ -190,6 +190,9 @@ class _Common(_NotesIgnored):
     """vLLM's: the id the response's is built from (an `X-Request-Id` header wins over it)."""
     return_tokens_as_token_ids: bool = False
     """vLLM's: logprobs name their tokens `token_id:<id>` instead of by their text."""
+    add_special_tokens: bool | None = None
+    """vLLM's: add the tokenizer's special tokens (e.g. BOS) when tokenizing the prompt: a completion's text by
+    default, a chat's rendered template only when true (templates write their own)."""
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     """vLLM's: only requests with the same salt share prefix-cached KV (multi-tenant isolation)."""
     use_beam_search: bool = False
@@ -378,7 +381,8 @@ class TokenizeRequest(ChatTemplateControls):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     """Rendered with the chat template's controls (`ChatTemplateControls`), as a chat completion renders them."""
     add_special_tokens: bool = True
-    """Prompt only: the tokenizer's special tokens (e.g. BOS), as a completion does."""
+    """The tokenizer's special tokens (e.g. BOS): a prompt gets them unless false, as a completion does; messages
+    only when this is given true, as a chat does."""
     return_token_strs: bool = False
 
     @model_validator(mode="after")

@@ -104,9 +104,10 @@ def routing_text(body, tokenizer) -> str:
     return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=True)
 
 
-def chat_prompt(body, tokenizer) -> list[int]:
+def chat_prompt(body, tokenizer, add_special_tokens: bool = False) -> list[int]:
     """The token ids of a body's `messages` under the tokenizer's chat template, rendered as its
-    `ChatTemplateControls` ask; a template that refuses the conversation is a 400 with its message."""
+    `ChatTemplateControls` ask (the tokenizer's special tokens added too only when `add_special_tokens`); a
+    template that refuses the conversation is a 400 with its message."""
     last = body.messages[-1].role
     if body.continue_final_message and last != "assistant":
         raise APIError(400, f"continue_final_message continues an assistant turn; the last message is {last!r}",
@@ -123,7 +124,7 @@ def chat_prompt(body, tokenizer) -> list[int]:
             **(body.chat_template_kwargs or {}))
     except (TemplateError, ValueError, TypeError) as error:  # e.g. the template's raise_exception on roles
         raise APIError(400, f"the chat template refused the messages: {error}", "messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def truncated(prompt: list[int], body, max_model_len: int) -> list[int]:
@@ -140,13 +141,13 @@ def check_token_ids(ids, vocab_size: int, param: str) -> None:
 
 
 def completion_prompts(body: CompletionRequest, tokenizer, max_model_len: int) -> list[list[int]]:
-    prompt = body.prompt
+    prompt, special = body.prompt, body.add_special_tokens is not False
     if isinstance(prompt, str):
-        prompts = [tokenizer.encode(prompt)]
+        prompts = [tokenizer.encode(prompt, add_special_tokens=special)]
     elif prompt and all(isinstance(p, int) for p in prompt):
         prompts = [list(prompt)]
     elif prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [tokenizer.encode(p) for p in prompt]
+        prompts = [tokenizer.encode(p, add_special_tokens=special) for p in prompt]
     else:
         prompts = [list(p) for p in prompt]
     if not prompts or any(not p for p in prompts):

@@ -336,3 +336,38 @@ def test_a_chat_template_given_at_start_up_replaces_the_tokenizers(tiny_llama, t
             assert reply["usage"]["prompt_tokens"] == len(ids)
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
         Engine(EngineConfig(model=tiny_llama, num_kv_blocks=16, chat_template=str(tmp_path / "missing.jinja")))
+
+
+def test_add_special_tokens_as_vllm_has_it(tiny_llama, tmp_path):
+    """With a tokenizer that adds BOS: a completion's text gets it unless add_special_tokens is false, a chat's
+    rendered template only when it is true."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from tests.api.conftest import MAX_MODEL_LEN, serve
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    bos = tokenizer.convert_tokens_to_ids(tokenizer.bos_token)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, bos)])
+    tokenizer.save_pretrained(model)
+    engine = Engine(EngineConfig(model=str(model), num_kv_blocks=32, max_model_len=MAX_MODEL_LEN))
+    with serve(engine) as served, httpx.Client(base_url=served.url, timeout=30) as http:
+        def prompt_tokens(path: str, body: dict) -> int:
+            return _post(http, path, {"model": served.backbone, "max_tokens": 1, **body})["usage"]["prompt_tokens"]
+
+        text = {"prompt": "the quick"}
+        plain = len(tokenizer.encode("the quick", add_special_tokens=False))
+        assert prompt_tokens("/v1/completions", text) == plain + 1  # BOS by default
+        assert prompt_tokens("/v1/completions", text | {"add_special_tokens": False}) == plain
+        chat = {"messages": [USER]}
+        rendered = _post(http, "/tokenize", chat)["tokens"]
+        assert rendered[0] != bos and prompt_tokens("/v1/chat/completions", chat) == len(rendered)
+        assert prompt_tokens("/v1/chat/completions", chat | {"add_special_tokens": True}) == len(rendered) + 1
+        assert _post(http, "/tokenize", chat | {"add_special_tokens": True})["tokens"] == [bos, *rendered]
