@@ -39,6 +39,8 @@ def _body(rng: random.Random, kind: str) -> dict:
         "bad_words": lambda: rng.choice([["e"], ["the", "o b"]]), "return_tokens_as_token_ids": lambda: True,
         "request_id": lambda: rng.choice(["a", "same-id"]),
         "use_beam_search": lambda: True, "length_penalty": lambda: rng.choice([0.0, 2.0]),
+        "cache_salt": lambda: rng.choice(["t1", "t2"]), "add_special_tokens": lambda: rng.random() < 0.5,
+        "guided_choice": lambda: ["yes", "no"], "guided_regex": lambda: "[xy]{1,3}",
     }
     if kind == "chat":
         opts["top_logprobs"] = lambda: 2
