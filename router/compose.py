@@ -52,7 +52,9 @@ def split_tags(task: str) -> list[str]:
 
 
 def explicit(library, modules: Mapping[str, float], max_k: int) -> Composition:
-    """Explicit weights used as gates as given, in the given order; zero weights dropped."""
+    """Explicit weights used as gates as given, in the given order; zero weights dropped. A negative weight
+    subtracts its module's delta (task arithmetic's negation: `{"toxic": -1.0}` steers away from what that
+    module learned), exactly as a positive one adds it."""
     if not isinstance(modules, Mapping) or not modules:
         raise CompositionError("modules must be a non-empty object of {module name: weight}")
     if max_k < 1:
@@ -62,9 +64,9 @@ def explicit(library, modules: Mapping[str, float], max_k: int) -> Composition:
     for name, weight in modules.items():
         if name not in known:
             raise UnknownModuleError(str(name), known, NO_LIBRARY if library is None else "")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise CompositionError(f"weight of module {name!r} must be a finite number >= 0, got {weight!r}")
-        if weight > 0:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise CompositionError(f"weight of module {name!r} must be a finite number, got {weight!r}")
+        if weight != 0:
             chosen.append((name, float(weight)))
     if len(chosen) > max_k:
         raise CompositionError(f"at most {max_k} modules per request, got {len(chosen)}")

@@ -274,3 +274,26 @@ def test_stop_reason_names_the_stop_string_that_ended_the_text(server, client):
     assert cut.text == full.text[: full.text.index(stop)]
     streamed = list(client.completions.create(**kwargs, stop=[stop], stream=True))
     assert [c.choices[0].model_extra.get("stop_reason") for c in streamed if c.choices][-1] == stop
+
+
+def test_a_negative_weight_subtracts_its_module_exactly(server, client, tokenizer):
+    """Task arithmetic's negation: the served tokens are the merged model's with that module's delta subtracted."""
+    import torch
+
+    from tests.router.helpers import merged_model
+
+    ids = tokenizer.encode(PROMPT)
+    texts = {}  # token ids, compared as ids: two byte-fallback tokens can decode alike
+    for weights in ({"m0": -0.8, "m1": 0.6}, {"m0": 0.8, "m1": 0.6}):
+        model = merged_model(server.engine.config.model, server.library, compose(server.library, modules=weights))
+        model.generation_config.eos_token_id = None  # as ignore_eos: EOS may be drawn, and does not end it
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
+        reply = client.completions.create(model=server.backbone, prompt=ids, max_tokens=6, temperature=0, logprobs=0,
+                                          extra_body={"modules": weights, "ignore_eos": True,
+                                                      "return_tokens_as_token_ids": True})
+        served = [int(t.removeprefix("token_id:")) for t in reply.choices[0].logprobs.tokens]
+        assert served == out[0, len(ids):].tolist(), weights
+        assert reply.model_extra["tessera"]["composition"]["modules"] == weights
+        texts[weights["m0"]] = served
+    assert texts[-0.8] != texts[0.8]

@@ -46,7 +46,8 @@ def _make_case(pattern, num_tokens, k, ranks, widths, hidden, dtype, no_module, 
         )
         stack.write_slot(slot, tuple((a.to(DEVICE, dtype), b.to(DEVICE, dtype)) for a, b in pairs), 2.0 / rank)
     slots = _slots(pattern, num_tokens, k, len(ranks), gen)
-    gates = torch.rand(num_tokens, k, generator=gen) + 0.1
+    signs = torch.randint(0, 2, (num_tokens, k), generator=gen) * 2 - 1  # negative gates subtract (task negation)
+    gates = (torch.rand(num_tokens, k, generator=gen) + 0.1) * signs
     if no_module:
         slots[::3] = NO_MODULE
         slots[1::4, -1] = NO_MODULE
