@@ -185,3 +185,34 @@ def test_serve_over_tls_with_a_key_from_the_environment_cors_and_a_root_path(tin
 def test_half_a_tls_pair_is_a_clear_error(tiny_llama, tmp_path):
     result = run_cli("serve", "--model", tiny_llama, "--ssl-keyfile", str(tmp_path / "k.pem"))
     assert result.returncode == 2 and "--ssl-keyfile and --ssl-certfile go together" in result.stderr
+
+
+def test_sigterm_lets_a_running_stream_finish_before_the_server_exits(tiny_llama):
+    """A rolling restart: the server stops taking connections, every stream in flight runs to its end, then the
+    process exits cleanly."""
+    import json
+    import signal
+
+    port = free_port()
+    process = cli("serve", "--model", tiny_llama, "--port", str(port), "--num-kv-blocks", "64",
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(process, url, timeout=90)
+        body = {"model": Path(tiny_llama).name, "prompt": "abc", "max_tokens": 120, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and len(events) == 2:
+                    process.send_signal(signal.SIGTERM)  # mid-stream
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 120  # every token, none cut
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
