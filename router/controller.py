@@ -140,27 +140,32 @@ class Controller:
             chosen = [(m, g / total) for m, g in chosen]
         return Composition(tuple(m for m, _ in chosen), tuple(g for _, g in chosen), "tag", task)
 
-    def gates_for_tasks(self, tasks: Sequence[str], max_k: int) -> Composition:
+    def gates_for_tasks(self, tasks: Sequence[str], max_k: int, weights: Sequence[float] | None = None) -> Composition:
         """The composition of several task tags at once (a composite request such as `reverse+uppercase`).
 
-        Each task's own composition (`gates_for_task`) is applied at full strength, so the module deltas
-        add as in LoRA arithmetic: a module chosen by two tasks gets the sum of its gates. Modules are
-        ordered by that summed gate, largest first, and at most `max_k` are kept (CompositionError when
-        the union is larger, never a silent cut). One task is exactly `gates_for_task`.
+        Each task's own composition (`gates_for_task`) is applied at full strength, or scaled by its entry of
+        `weights` (task arithmetic: 0.5 is half the task, -1 subtracts it), so the module deltas add as in
+        LoRA arithmetic: a module chosen by two tasks gets the sum of its scaled gates, and one whose sum is
+        exactly 0 is left out. Modules are ordered by the size of that sum, largest first, and at most `max_k`
+        are kept (CompositionError when the union is larger, never a silent cut). One task at full strength
+        is exactly `gates_for_task`.
         """
         if not tasks or len(set(tasks)) != len(tasks):
             raise CompositionError(f"a composite tag names each task once, got {list(tasks)}")
-        if len(tasks) == 1:
+        if weights is not None and len(weights) != len(tasks):
+            raise CompositionError(f"{len(tasks)} tasks but {len(weights)} weights")
+        if len(tasks) == 1 and weights is None:
             return self.gates_for_task(tasks[0])
         summed: dict[str, float] = {}
-        for part in (self.gates_for_task(task) for task in tasks):
+        for part, weight in zip((self.gates_for_task(task) for task in tasks), weights or [1.0] * len(tasks)):
             for module, gate in zip(part.module_ids, part.gates):
-                summed[module] = summed.get(module, 0.0) + gate
+                summed[module] = summed.get(module, 0.0) + weight * gate
+        summed = {module: gate for module, gate in summed.items() if gate != 0.0}
         if len(summed) > max_k:
             raise CompositionError(
                 f"tasks {list(tasks)} together use {len(summed)} modules, more than the {max_k} a request may use"
             )
-        chosen = sorted(summed.items(), key=lambda item: -item[1])
+        chosen = sorted(summed.items(), key=lambda item: -abs(item[1]))
         return Composition(tuple(m for m, _ in chosen), tuple(g for _, g in chosen), "tag", TASK_JOIN.join(tasks))
 
     def route_text(self, text: str) -> Composition:

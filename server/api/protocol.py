@@ -202,6 +202,8 @@ class _Common(_NotesIgnored):
     user: str | None = None
     task: str | None = Field(default=None, min_length=1)
     modules: dict[str, float] | None = None
+    tasks: dict[str, float] | None = None
+    """Task weights, `{"reverse": 1.0, "uppercase": -0.5}`: each task's composition scaled, then summed."""
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict | str | None = None
@@ -513,6 +515,7 @@ class ResponsesRequest(_NotesIgnored):
     user: str | None = None
     task: str | None = Field(default=None, min_length=1)
     modules: dict[str, float] | None = None
+    tasks: dict[str, float] | None = None
     seed: int | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -546,7 +549,7 @@ class ResponsesRequest(_NotesIgnored):
         return value
 
 
-RESPONSES_EXTRAS = ("task", "modules", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+RESPONSES_EXTRAS = ("task", "modules", "tasks", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "stop", "ignore_eos", "min_tokens", "logit_bias", "allowed_token_ids",
                     "bad_words", "chat_template_kwargs", "priority", "request_id", "cache_salt")
 """ResponsesRequest fields passed to the chat completion as they are, when given."""

@@ -30,6 +30,8 @@ class Tags:
     """Explicit module weights (body `modules`, or a module named as the model)."""
     param: str
     """The request parameter a routing error points at."""
+    tasks: dict[str, float] | None = None
+    """Task weights (body `tasks`): each task's composition scaled before they add."""
 
 
 def _task_from_model(model: str, backbone: str, library) -> tuple[str | None, str | None]:
@@ -76,6 +78,11 @@ def requested_tags(body, header_task: str | None, backbone: str, library) -> Tag
             raise APIError(400, f"model {body.model!r} is a module; do not also give task or modules",
                            "modules" if modules is not None else "task", "conflicting_tags")
         modules = {model_module: 1.0}
+    if body.tasks is not None:
+        if task is not None or modules is not None:
+            raise APIError(400, "give task weights (tasks) alone, without a task tag, a module as the model or module "
+                                "weights", "tasks", "conflicting_tags")
+        return Tags(None, None, "tasks", dict(body.tasks))
     param = "modules" if modules is not None else "model" if model_task is not None else "task"
     return Tags(task, modules, param)
 
@@ -83,7 +90,7 @@ def requested_tags(body, header_task: str | None, backbone: str, library) -> Tag
 def compose_tags(tags: Tags, library, max_k: int, text: str | None = None) -> Composition:
     """The router's composition for `tags` (`text` is the prompt, for the task `auto`), errors as HTTP."""
     try:
-        return compose(library, task=tags.task, modules=tags.modules, max_k=max_k, text=text)
+        return compose(library, task=tags.task, modules=tags.modules, max_k=max_k, text=text, tasks=tags.tasks)
     except ROUTER_ERRORS as error:
         raise from_router(error, tags.param) from error
 

@@ -96,6 +96,20 @@ def test_composite_task_tag_composes_both_tasks(server, client):
     assert body_header == header and by_body.choices[0].message.content == response.choices[0].message.content
 
 
+def test_task_weights_scale_and_subtract_tasks(server, client):
+    weights = {"reverse": 1.0, "uppercase": -0.5}
+    response, header = chat(client, server.backbone, extra_body={"tasks": weights})
+    assert header == compose(server.library, tasks=weights).as_dict() and header["task"] == "reverse+uppercase"
+    same = chat(client, server.backbone, extra_body={"modules": header["modules"]})[0]  # the gates it stands for
+    assert response.choices[0].message.content == same.choices[0].message.content
+    full = chat(client, server.backbone, extra_body={"tasks": {"reverse": 1.0, "uppercase": 1.0}})[1]
+    assert full == compose(server.library, task="reverse+uppercase").as_dict()
+    for extra, status in (({"tasks": weights, "task": "reverse"}, 400), ({"tasks": {"nope": 1.0}}, 404)):
+        with pytest.raises(Exception) as caught:
+            chat(client, server.backbone, extra_body=extra)
+        assert caught.value.status_code == status and caught.value.body["param"] == "tasks"
+
+
 def test_chat_stream_matches_non_stream_and_reports_usage(server, client):
     full, _ = chat(client, "reverse")
     raw = client.chat.completions.with_raw_response.create(

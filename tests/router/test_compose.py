@@ -108,3 +108,33 @@ def test_composite_over_max_k_is_an_error_not_a_cut(library):
              for m in library.controller.gates_for_task(t).module_ids}
     with pytest.raises(CompositionError, match=f"together use {len(union)} modules, more than the 1"):
         compose(library, task="reverse+uppercase+summarize", max_k=1)
+
+
+def test_task_weights_scale_each_tasks_gates_before_they_add(library):
+    controller = library.controller
+    parts = {task: controller.gates_for_task(task) for task in ("reverse", "uppercase")}
+    weights = {"reverse": 0.5, "uppercase": -2.0}
+    expected: dict[str, float] = {}
+    for task, weight in weights.items():
+        for module, gate in zip(parts[task].module_ids, parts[task].gates):
+            expected[module] = expected.get(module, 0.0) + weight * gate
+    composition = compose(library, tasks=weights)
+    assert dict(zip(composition.module_ids, composition.gates)) == pytest.approx(expected)
+    assert [abs(g) for g in composition.gates] == sorted((abs(g) for g in composition.gates), reverse=True)
+    assert composition.source == "tag" and composition.task == "reverse+uppercase"
+    assert compose(library, tasks={"reverse": 1.0, "uppercase": 1.0}) == compose(library, task="reverse+uppercase")
+    alone = compose(library, tasks={"uppercase": 1.0})
+    assert (alone.module_ids, alone.gates) == (parts["uppercase"].module_ids, parts["uppercase"].gates)
+    assert compose(library, tasks={"reverse": 0.0}) is NO_COMPOSITION
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"tasks": {}}, CompositionError, "non-empty object"),
+    ({"tasks": {"reverse": float("nan")}}, CompositionError, "weight of task 'reverse' must be a finite number"),
+    ({"tasks": {"translate": 1.0}}, UnknownTaskError, "unknown task 'translate'"),
+    ({"tasks": {"reverse": 1.0}, "task": "uppercase"}, CompositionError, "task weights alone"),
+    ({"tasks": {"reverse": 1.0, "uppercase": 1.0, "summarize": 1.0}, "max_k": 2}, CompositionError, "more than the 2"),
+])
+def test_bad_task_weights(library, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        compose(library, **kwargs)
