@@ -367,7 +367,7 @@ def text_router(engine):
 def model_cards(engine) -> list[dict]:
     """/v1/models: the backbone, every task, every module, and `auto` if the library has a text router.
 
-    Every card says what it is in `tessera.kind`.
+    Every card says what it is in `tessera.kind`; a task's card also gives the modules and gates its tag serves.
     """
     card = {"object": "model", "created": int(time.time()), "owned_by": "tessera"}
     backbone = engine.model_name
@@ -378,7 +378,9 @@ def model_cards(engine) -> list[dict]:
         return cards
     child = card | {"root": backbone, "parent": backbone, "max_model_len": engine.max_model_len}
     for task in library.tasks.values():
-        cards.append(child | {"id": task.name, "tessera": {"kind": "task", "description": task.description}})
+        modules = library.controller.gates_for_task(task.name).as_dict()["modules"]  # what a tag of it serves
+        cards.append(child | {"id": task.name, "tessera": {"kind": "task", "description": task.description,
+                                                           "modules": modules}})
     for module in library.modules.values():
         info = {"kind": "module", "rank": module.rank, "description": module.description}
         cards.append(child | {"id": module.name, "tessera": info})

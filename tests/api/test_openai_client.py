@@ -34,7 +34,8 @@ def test_models_lists_backbone_tasks_and_modules(server, client):
     cards = {m.id: m.to_dict() for m in client.models.list()}
     assert cards[server.backbone]["tessera"]["kind"] == "backbone"
     for task in server.library.tasks.values():
-        assert cards[task.name]["tessera"] == {"kind": "task", "description": task.description}
+        modules = compose(server.library, task=task.name).as_dict()["modules"]
+        assert cards[task.name]["tessera"] == {"kind": "task", "description": task.description, "modules": modules}
     for module in server.library.modules:
         assert cards[module]["tessera"]["kind"] == "module"
     assert {card["owned_by"] for card in cards.values()} == {"tessera"}
