@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="let browsers on these origins call the API (CORS; `*` for any); default: none")
     _add_engine_flags(serve)
     _add_engine_flags(demo, skip=("model", "library"))
+    batch = commands.add_parser("run-batch", help="serve an OpenAI batch file offline (vLLM's run-batch)")
+    batch.add_argument("-i", "--input-file", required=True, type=Path, help="OpenAI batch input JSONL")
+    batch.add_argument("-o", "--output-file", required=True, type=Path,
+                       help="where the batch output JSONL goes (written whole, atomically)")
+    batch.add_argument("--max-concurrency", type=int, default=64, help="requests in flight at once")
+    _add_engine_flags(batch)
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the demo is built (default ~/.cache/tessera)")
     demo.add_argument("--setting", default="small", choices=sorted(DEMO_SETTINGS),
                       help="small: the demo (built once, about 2.5 minutes on 2 CPU cores); tiny: built in seconds, "
@@ -139,6 +145,26 @@ def _run(config: EngineConfig, args: argparse.Namespace, banner: str | None = No
     uvicorn.run(create_app(engine, api_key=_api_key(args), allowed_origins=args.allowed_origins), host=args.host,
                 port=args.port, log_level=args.log_level, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                 root_path=args.root_path)
+
+
+def _run_batch(args: argparse.Namespace) -> None:
+    from router.errors import LibraryError
+    from server.batch import run_batch
+    from server.engine.engine import Engine
+
+    if not args.input_file.is_file():
+        _fail(f"--input-file {args.input_file}: no such file")
+    if args.max_concurrency < 1:
+        _fail(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    config = _engine_config(args)
+    try:
+        engine = Engine(config)
+    except LibraryError as error:
+        _fail(f"--library {config.library}: {error}")
+    except (ValueError, OSError) as error:
+        _fail(str(error))
+    counts = run_batch(engine, args.input_file, args.output_file, args.max_concurrency)
+    print(json.dumps(counts))
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -195,7 +221,7 @@ def _demo_banner(args: argparse.Namespace, record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.log_level = args.log_level or ("info" if args.command in ("serve", "demo", "train") else "warning")
+    args.log_level = args.log_level or ("info" if args.command in ("serve", "demo", "train", "run-batch") else "warning")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "bench":
         from benchmarks.serving.cli import run as run_bench
@@ -214,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         run_train(args)
     elif args.command == "serve":
         _run(_engine_config(args), args)
+    elif args.command == "run-batch":
+        _run_batch(args)
     elif args.command == "library":
         try:
             print(run_library(args))
