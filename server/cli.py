@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--root-path", default="", help="the path prefix a proxy serves the API under (ASGI root_path)")
         sub.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                          help="let browsers on these origins call the API (CORS; `*` for any); default: none")
+        sub.add_argument("--enable-log-requests", action="store_true",
+                         help="log one line per finished request: ids, status, composition, token counts, latencies")
     _add_engine_flags(serve)
     _add_engine_flags(demo, skip=("model", "library"))
     batch = commands.add_parser("run-batch", help="serve an OpenAI batch file offline (vLLM's run-batch)")
@@ -142,9 +144,10 @@ def _run(config: EngineConfig, args: argparse.Namespace, banner: str | None = No
         _fail(str(error))
     if banner:
         print(banner, flush=True)
-    uvicorn.run(create_app(engine, api_key=_api_key(args), allowed_origins=args.allowed_origins), host=args.host,
-                port=args.port, log_level=args.log_level, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-                root_path=args.root_path)
+    app = create_app(engine, api_key=_api_key(args), allowed_origins=args.allowed_origins,
+                     log_requests=args.enable_log_requests)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ssl_keyfile=args.ssl_keyfile,
+                ssl_certfile=args.ssl_certfile, root_path=args.root_path)
 
 
 def _run_batch(args: argparse.Namespace) -> None:

@@ -37,10 +37,11 @@ CLIENT_CLOSED = 499
 """Status logged for a non-streaming request whose client left before the answer (nginx's convention)."""
 
 
-def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
+def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | None = None,
+               log_requests: bool = False) -> FastAPI:
     """An app serving `engine`; with `api_key`, every route but the probes needs `Authorization: Bearer KEY`;
     with `allowed_origins`, browsers on those origins may call it (CORS; `*` for any), preflights answered
-    before the key is checked.
+    before the key is checked; with `log_requests`, every finished request is logged in one line.
 
     The app's lifespan loads the library's text encoder (if it has a text router, so a missing encoder
     fails at start-up, not on the first `auto` request), starts the engine's step loop and shuts it
@@ -68,7 +69,7 @@ def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | 
     app.state.engine, app.state.metrics = engine, metrics
     resolver_dir = engine.config.lora_resolver_dir
     app.state.resolver = AdapterResolver(engine, resolver_dir) if resolver_dir is not None else None
-    runner = Runner(engine, metrics)
+    runner = Runner(engine, metrics, log_requests)
     install_handlers(app, metrics.observe_error)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=metrics.observe_error)

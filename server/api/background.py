@@ -16,8 +16,10 @@ from server.api.app import create_app
 
 
 @contextmanager
-def serve_in_background(engine, api_key: str | None = None, startup_timeout: float = 60.0) -> Iterator[str]:
+def serve_in_background(engine, api_key: str | None = None, startup_timeout: float = 60.0,
+                        **app_options) -> Iterator[str]:
     """Serve `engine` with uvicorn on a free port of 127.0.0.1 until the block ends; yields the base URL.
+    `app_options` go to `create_app` (log_requests, allowed_origins).
 
     The app's lifespan starts the engine's step loop on entry and shuts it down on exit.
     """
@@ -27,7 +29,8 @@ def serve_in_background(engine, api_key: str | None = None, startup_timeout: flo
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), log_level="warning", lifespan="on"))
+    app = create_app(engine, api_key, **app_options)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="tessera-http")
     thread.start()
     deadline = time.monotonic() + startup_timeout

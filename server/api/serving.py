@@ -103,10 +103,12 @@ class Call:
 class Runner:
     """Drives the engine for API calls and records metrics."""
 
-    def __init__(self, engine, metrics: Metrics):
+    def __init__(self, engine, metrics: Metrics, log_requests: bool = False):
         self.engine = engine
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
+        self.log_requests = log_requests
+        """Log one line per finished request (`--enable-log-requests`): id, composition, tokens, latencies."""
 
     async def _choice(self, call: Call, index: int, sink: asyncio.Queue) -> None:
         request = Request(f"{call.call_id}-{index}", call.prompts[index], call.params[index], call.composition,
@@ -134,6 +136,8 @@ class Runner:
         finally:
             timing.end = time.monotonic()
             self.metrics.observe_request(task_label(call.composition), status, timing)
+            if self.log_requests:
+                _log_request(call, request, status, timing)
 
     async def outputs(self, call: Call) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every choice's increments as they come; leaving early aborts every choice."""
@@ -209,6 +213,13 @@ class Runner:
             offsets.append(offset)
             offset += len(token)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _log_request(call: Call, request: Request, status: str, timing: RequestTiming) -> None:
+    ttft = f"{timing.first_token - timing.start:.3f}s" if timing.first_token is not None else "-"
+    logger.info("request %s (%s) %s: model %s, modules %s, %d prompt + %d generated tokens, ttft %s, e2e %.3fs",
+                request.request_id, call.public_id, status, call.model, call.composition.as_dict()["modules"] or "-",
+                timing.num_prompt_tokens, timing.num_output_tokens, ttft, timing.end - timing.start)
 
 
 async def until_disconnected(request, work: Awaitable[T]) -> T | None:

@@ -235,3 +235,19 @@ def test_an_unrecoverable_device_error_ends_the_engine_and_health_says_so(tiny_l
         with http.stream("POST", COMPLETIONS, json={"model": served.backbone, "prompt": "a", "stream": True}) as r:
             last = [line for line in r.iter_lines() if line.startswith("data: ")][-1]
         assert '"engine_dead"' in last
+
+
+def test_finished_requests_are_logged_one_line_each_when_asked(tiny_llama, caplog):
+    import logging
+
+    from server.api.background import serve_in_background
+
+    engine = make_engine(tiny_llama, None)
+    with caplog.at_level(logging.INFO, logger="server.api.serving"):
+        for asked, request_id in ((True, "logged-1"), (False, "quiet-1")):
+            with serve_in_background(make_engine(tiny_llama, None), log_requests=asked) as url:
+                httpx.post(url + CHAT, json={"model": engine.model_name, "messages": MESSAGES, "max_tokens": 3,
+                                             "ignore_eos": True}, headers={"X-Request-Id": request_id}, timeout=30)
+    lines = [r.getMessage() for r in caplog.records if "(logged-1)" in r.getMessage()]
+    assert len(lines) == 1 and " length: model " in lines[0] and "3 generated tokens" in lines[0], lines
+    assert not [r for r in caplog.records if "(quiet-1)" in r.getMessage()]  # off unless asked
