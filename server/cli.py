@@ -122,26 +122,31 @@ def _fail(message: str) -> typing.NoReturn:
     raise SystemExit(2)
 
 
-def _run(config: EngineConfig, args: argparse.Namespace, banner: str | None = None) -> None:
-    import uvicorn
-
+def _engine(config: EngineConfig):
+    """The engine `config` describes, or a precise CLI error (exit 2) saying why there is none."""
     from router.errors import LibraryError
-    from server.api.app import create_app
     from server.engine.engine import Engine
-
     from server.model.loader import resolve_model_dir
 
-    _check_tls(args)
     try:
         resolve_model_dir(config.model)
     except FileNotFoundError as error:
         _fail(f"--model {config.model}: {error}")
     try:
-        engine = Engine(config)
+        return Engine(config)
     except LibraryError as error:
         _fail(f"--library {config.library}: {error}")
     except (ValueError, OSError) as error:
         _fail(str(error))
+
+
+def _run(config: EngineConfig, args: argparse.Namespace, banner: str | None = None) -> None:
+    import uvicorn
+
+    from server.api.app import create_app
+
+    _check_tls(args)
+    engine = _engine(config)
     if banner:
         print(banner, flush=True)
     app = create_app(engine, api_key=_api_key(args), allowed_origins=args.allowed_origins,
@@ -151,21 +156,13 @@ def _run(config: EngineConfig, args: argparse.Namespace, banner: str | None = No
 
 
 def _run_batch(args: argparse.Namespace) -> None:
-    from router.errors import LibraryError
     from server.batch import run_batch
-    from server.engine.engine import Engine
 
     if not args.input_file.is_file():
         _fail(f"--input-file {args.input_file}: no such file")
     if args.max_concurrency < 1:
         _fail(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
-    config = _engine_config(args)
-    try:
-        engine = Engine(config)
-    except LibraryError as error:
-        _fail(f"--library {config.library}: {error}")
-    except (ValueError, OSError) as error:
-        _fail(str(error))
+    engine = _engine(_engine_config(args))
     counts = run_batch(engine, args.input_file, args.output_file, args.max_concurrency)
     print(json.dumps(counts))
 
