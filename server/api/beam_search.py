@@ -113,7 +113,7 @@ async def collect(runner: Runner, call: Call, length_penalty: float) -> dict:
             generated += len(beam.tokens)
     timing = RequestTiming(started)
     timing.end, timing.num_prompt_tokens, timing.num_output_tokens = time.monotonic(), call.num_prompt_tokens, generated
-    runner.metrics.observe_request(task_label(call.composition), "stop", timing)
+    runner.metrics.observe_request(task_label(call.composition), "stop", timing, call.composition.module_ids)
     body = call.envelope(stream=False)
     body.update(choices=choices, usage=usage(call.num_prompt_tokens, generated, 0),
                 tessera={"composition": call.composition.as_dict()})

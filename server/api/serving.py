@@ -135,7 +135,7 @@ class Runner:
             await sink.put((index, error))
         finally:
             timing.end = time.monotonic()
-            self.metrics.observe_request(task_label(call.composition), status, timing)
+            self.metrics.observe_request(task_label(call.composition), status, timing, call.composition.module_ids)
             if self.log_requests:
                 _log_request(call, request, status, timing)
 

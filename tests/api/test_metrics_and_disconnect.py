@@ -39,6 +39,10 @@ def test_metrics_count_requests_tokens_latency_and_steps(server):
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     assert delta("tessera_requests_total", task="reverse", status="length") == 2
+    for module in server.engine.library.controller.gates_for_task("reverse").module_ids:
+        assert delta("tessera_module_requests_total", module=module) == 2
+        assert delta("tessera_module_generation_tokens_total", module=module) == sum(u["completion_tokens"]
+                                                                                     for u in usage)
     assert delta("tessera_prompt_tokens_total", task="reverse") == sum(u["prompt_tokens"] for u in usage)
     assert delta("tessera_generation_tokens_total", task="reverse") == sum(u["completion_tokens"] for u in usage)
     assert delta("tessera_requests_rejected_total", status="404", code="model_not_found") == 1
