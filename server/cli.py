@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--root-path", default="", help="the path prefix a proxy serves the API under (ASGI root_path)")
         sub.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                          help="let browsers on these origins call the API (CORS; `*` for any); default: none")
+        sub.add_argument("--max-concurrent-requests", type=int, default=None, metavar="N",
+                         help="answer generation calls past N in flight with a 429 and Retry-After (TGI's and "
+                              "LoRAX's); default: no bound, every call waits, as in vLLM")
         sub.add_argument("--enable-log-requests", action="store_true",
                          help="log one line per finished request: ids, status, composition, token counts, latencies")
     _add_engine_flags(serve)
@@ -146,11 +149,13 @@ def _run(config: EngineConfig, args: argparse.Namespace, banner: str | None = No
     from server.api.app import create_app
 
     _check_tls(args)
+    if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
+        _fail(f"--max-concurrent-requests must be >= 1, got {args.max_concurrent_requests}")
     engine = _engine(config)
     if banner:
         print(banner, flush=True)
     app = create_app(engine, api_key=_api_key(args), allowed_origins=args.allowed_origins,
-                     log_requests=args.enable_log_requests)
+                     log_requests=args.enable_log_requests, max_concurrent_requests=args.max_concurrent_requests)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ssl_keyfile=args.ssl_keyfile,
                 ssl_certfile=args.ssl_certfile, root_path=args.root_path)
 

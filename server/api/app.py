@@ -19,6 +19,7 @@ from router.text import AUTO
 
 from server.api import beam_search, openai_responses, tools, translate
 from server.api.auth import APIKeyMiddleware
+from server.api.limits import ConcurrencyLimit
 from server.api.errors import APIError, from_router, install_handlers
 from server.api.reasoning import reasoning_parser_named
 from server.api.resolver import AdapterResolver
@@ -38,10 +39,11 @@ CLIENT_CLOSED = 499
 
 
 def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | None = None,
-               log_requests: bool = False) -> FastAPI:
+               log_requests: bool = False, max_concurrent_requests: int | None = None) -> FastAPI:
     """An app serving `engine`; with `api_key`, every route but the probes needs `Authorization: Bearer KEY`;
     with `allowed_origins`, browsers on those origins may call it (CORS; `*` for any), preflights answered
-    before the key is checked; with `log_requests`, every finished request is logged in one line.
+    before the key is checked; with `log_requests`, every finished request is logged in one line; with
+    `max_concurrent_requests`, generation calls past that many in flight get a 429 (`api.limits`).
 
     The app's lifespan loads the library's text encoder (if it has a text router, so a missing encoder
     fails at start-up, not on the first `auto` request), starts the engine's step loop and shuts it
@@ -71,6 +73,8 @@ def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | 
     app.state.resolver = AdapterResolver(engine, resolver_dir) if resolver_dir is not None else None
     runner = Runner(engine, metrics, log_requests)
     install_handlers(app, metrics.observe_error)
+    if max_concurrent_requests is not None:  # inside the key check: a caller without the key takes no slot
+        app.add_middleware(ConcurrencyLimit, limit=max_concurrent_requests, on_error=metrics.observe_error)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=metrics.observe_error)
     if allowed_origins:  # added last, so outermost: a preflight carries no key

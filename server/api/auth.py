@@ -19,7 +19,7 @@ class APIKeyMiddleware:
         self.on_error = on_error
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or _route(scope) in OPEN_PATHS or self._authorized(scope):
+        if scope["type"] != "http" or route_path(scope) in OPEN_PATHS or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         error = APIError(401, "invalid or missing API key: send `Authorization: Bearer KEY`", None, "invalid_api_key")
@@ -31,7 +31,7 @@ class APIKeyMiddleware:
         return hmac.compare_digest(given, self.expected)
 
 
-def _route(scope) -> str:
+def route_path(scope) -> str:
     """The request's path within the app: behind `--root-path`, ASGI servers put the prefix into the path too."""
     path, root = scope["path"], scope.get("root_path", "")
     return path[len(root):] if root and path.startswith(root) else path

@@ -36,7 +36,8 @@ class APIError(Exception):
     def type(self) -> str:
         if self.status >= 500:
             return "server_error"
-        return {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
+        return {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+            self.status, "invalid_request_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -251,3 +252,41 @@ def test_finished_requests_are_logged_one_line_each_when_asked(tiny_llama, caplo
     lines = [r.getMessage() for r in caplog.records if "(logged-1)" in r.getMessage()]
     assert len(lines) == 1 and " length: model " in lines[0] and "3 generated tokens" in lines[0], lines
     assert not [r for r in caplog.records if "(quiet-1)" in r.getMessage()]  # off unless asked
+
+
+def test_calls_past_max_concurrent_requests_are_429_until_one_finishes(tiny_llama):
+    import threading
+
+    from server.api.background import serve_in_background
+
+    engine = make_engine(tiny_llama, None)
+    long = {"model": engine.model_name, "prompt": "a", "max_tokens": 150, "ignore_eos": True, "stream": True}
+    with serve_in_background(engine, max_concurrent_requests=1) as url:
+        started, finished = threading.Event(), []
+
+        def stream():
+            with httpx.stream("POST", url + COMPLETIONS, json=long, timeout=60) as response:
+                for line in response.iter_lines():
+                    started.set()
+                    finished.append(line)
+
+        worker = threading.Thread(target=stream)
+        worker.start()
+        assert started.wait(30)
+        refused = httpx.post(url + CHAT, json={"model": engine.model_name, "messages": MESSAGES, "max_tokens": 2},
+                             timeout=30)
+        error = error_of(refused, 429)
+        assert (error["type"], error["code"]) == ("rate_limit_error", "overloaded")
+        assert refused.headers["retry-after"] == "1"
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        assert 'tessera_requests_rejected_total{code="overloaded",status="429"} 1.0' in metrics
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 200  # only generation calls count
+        worker.join(60)
+        assert "data: [DONE]" in finished
+        for _ in range(100):  # the slot comes back once the server has sent the stream's end (just after [DONE])
+            served = httpx.post(url + CHAT, json={"model": engine.model_name, "messages": MESSAGES, "max_tokens": 2},
+                                timeout=30)
+            if served.status_code != 429:
+                break
+            time.sleep(0.02)
+        assert served.status_code == 200
