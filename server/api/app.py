@@ -202,6 +202,12 @@ def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | 
         translate.check_token_ids(body.tokens, len(engine.tokenizer), "tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens)}
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """vLLM's: forget every cached prefix (running requests keep their blocks), say between benchmark runs."""
+        forgotten = await asyncio.wrap_future(engine.reset_prefix_cache())
+        return {"blocks_forgotten": forgotten}
+
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapterRequest):
         await _change_modules(engine, _load_adapter, body)

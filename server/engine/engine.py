@@ -183,11 +183,22 @@ class Engine:
         backbone mismatch or a rank above the pool's."""
         return self._between_steps(lambda: self._add_module(info, weights, replace))
 
+    def reset_prefix_cache(self) -> concurrent.futures.Future:
+        """Forget every cached prefix, between steps (vLLM's /reset_prefix_cache, for cold-cache benchmarks);
+        running requests keep their blocks. The future's result: how many blocks were forgotten."""
+        return self._between_steps(self._reset_prefix_cache)
+
+    def _reset_prefix_cache(self) -> int:
+        forgotten = self.scheduler.blocks.reset_cache()
+        logger.info("prefix cache reset: %d blocks forgotten", forgotten)
+        self._publish_stats(self._stats())
+        return forgotten
+
     def remove_module(self, name: str) -> concurrent.futures.Future:
         """Remove a module add_module added, between steps; fails while a request waits for it or runs with it."""
         return self._between_steps(lambda: self._remove_module(name))
 
-    def _between_steps(self, change: Callable[[], None]) -> concurrent.futures.Future:
+    def _between_steps(self, change: Callable[[], object]) -> concurrent.futures.Future:
         """Run `change` on the engine thread between two steps (inline when the loop is not running)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         if self._stopping and self._thread is not None:
@@ -200,13 +211,13 @@ class Engine:
         return future
 
     @staticmethod
-    def _run_change(change: Callable[[], None], future: concurrent.futures.Future) -> None:
+    def _run_change(change: Callable[[], object], future: concurrent.futures.Future) -> None:
         try:
-            change()
+            result = change()
         except Exception as error:  # noqa: BLE001 - the caller gets it through the future
             future.set_exception(error)
         else:
-            future.set_result(None)
+            future.set_result(result)
 
     def _add_module(self, info, weights, replace: bool) -> None:
         if not self.config.modules_added_while_serving():

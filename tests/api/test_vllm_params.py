@@ -371,3 +371,14 @@ def test_add_special_tokens_as_vllm_has_it(tiny_llama, tmp_path):
         assert rendered[0] != bos and prompt_tokens("/v1/chat/completions", chat) == len(rendered)
         assert prompt_tokens("/v1/chat/completions", chat | {"add_special_tokens": True}) == len(rendered) + 1
         assert _post(http, "/tokenize", chat | {"add_special_tokens": True})["tokens"] == [bos, *rendered]
+
+
+def test_reset_prefix_cache_makes_the_next_request_cold(server, http):
+    body = {"model": "reverse", "prompt": "a prompt that fills whole kv blocks for the reset test " * 2,
+            "max_tokens": 1}
+    _post(http, "/v1/completions", body)
+    assert _post(http, "/v1/completions", body)["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+    forgotten = _post(http, "/reset_prefix_cache", {})["blocks_forgotten"]
+    assert forgotten >= 1 and server.engine.stats().kv_blocks_cached == 0
+    assert _post(http, "/v1/completions", body)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert _post(http, "/v1/completions", body)["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
