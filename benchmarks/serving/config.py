@@ -107,6 +107,9 @@ class BenchConfig:
     """Seconds per run in which requests are started, instead of a request count."""
     warmup: int = 0
     """Requests sent (all at once) before each run and left out of its metrics."""
+    reset_prefix_cache: bool = False
+    """POST /reset_prefix_cache before each run (after its warm-up), so every run starts with a cold prefix
+    cache: Tessera serves it, vLLM in its dev mode (VLLM_SERVER_DEV_MODE=1)."""
     seed: int = 0
     """Seed of the arrival times, prompts, lengths and tags."""
     dataset: str | None = None

@@ -107,6 +107,13 @@ async def _warm_up(config: BenchConfig, client: httpx.AsyncClient, modules: tupl
                        failed[0].status, failed[0].error)
 
 
+async def _reset_prefix_cache(config: BenchConfig, client: httpx.AsyncClient) -> None:
+    response = await client.post(config.api_root + "/reset_prefix_cache")
+    if response.status_code != 200:
+        raise ValueError(f"--reset-prefix-cache: {config.api_root}/reset_prefix_cache answered "
+                         f"{response.status_code} {response.text[:200]} (vLLM serves it only with VLLM_SERVER_DEV_MODE=1)")
+
+
 async def _measure(config: BenchConfig, client: httpx.AsyncClient, modules: tuple[str, ...],
                    rate: float | None, seed: int) -> Run:
     workload, url = Workload(config, modules), config.api_root + ENDPOINTS[config.endpoint]
@@ -141,6 +148,8 @@ async def run_all(config: BenchConfig, modules: tuple[str, ...]) -> list[Run]:
         for i, rate in enumerate(config.rate or (None,)):
             if config.warmup:
                 await _warm_up(config, client, modules)
+            if config.reset_prefix_cache:
+                await _reset_prefix_cache(config, client)
             runs.append(await _measure(config, client, modules, rate, config.seed + i))
     return runs
 

@@ -138,6 +138,20 @@ def test_a_shared_prefix_is_reported_as_the_servers_cache_hits(server, capsys):
     assert cached >= 3 * 32 and cached == hits() - before  # requests 2-4 reuse the prefix's full blocks
 
 
+def test_reset_prefix_cache_starts_every_run_cold(server, capsys):
+    def cached(*extra: str) -> int:
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "--base-url", server.url, "--model", server.backbone, "--concurrency", "1",
+                  "--num-requests", "3", "--prefix-len", "40", "--input-len", "4", "--output-len", "2",
+                  "--seed", "5", "--no-progress", *extra])
+        assert exit_.value.code == 0
+        return int(re.search(r"prompt tokens: \d+, (\d+) \(", capsys.readouterr().out).group(1))
+
+    cold = cached("--reset-prefix-cache")
+    assert cached("--reset-prefix-cache") == cold  # the first request computes the prefix again
+    assert cached() > cold  # without the reset the first request finds it too
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--rate", "1", "--concurrency", "2"], "give either --rate R [R ...] or --concurrency C"),
     (["--rate", "1", "--slo", "ttft=fast"], "--slo 'ttft=fast'"),
