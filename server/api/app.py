@@ -69,6 +69,7 @@ def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | 
 
     app = FastAPI(title="Tessera", lifespan=lifespan)
     app.state.engine, app.state.metrics = engine, metrics
+    created = int(time.time())  # the cards' `created`: one time for every card and every call
     resolver_dir = engine.config.lora_resolver_dir
     app.state.resolver = AdapterResolver(engine, resolver_dir) if resolver_dir is not None else None
     runner = Runner(engine, metrics, log_requests)
@@ -106,12 +107,12 @@ def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": model_cards(engine)}
+        return {"object": "list", "data": model_cards(engine, created)}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         """OpenAI's model retrieval: one card of /v1/models."""
-        for card in model_cards(engine):
+        for card in model_cards(engine, created):
             if card["id"] == model_id:
                 return card
         raise APIError(404, f"The model '{model_id}' does not exist.", "model", "model_not_found")
@@ -375,12 +376,12 @@ def text_router(engine):
     return engine.library.controller.text_router if engine.library is not None else None
 
 
-def model_cards(engine) -> list[dict]:
+def model_cards(engine, created: int) -> list[dict]:
     """/v1/models: the backbone, every task, every module, and `auto` if the library has a text router.
 
     Every card says what it is in `tessera.kind`; a task's card also gives the modules and gates its tag serves.
     """
-    card = {"object": "model", "created": int(time.time()), "owned_by": "tessera"}
+    card = {"object": "model", "created": created, "owned_by": "tessera"}
     backbone = engine.model_name
     cards = [card | {"id": backbone, "root": backbone, "parent": None, "max_model_len": engine.max_model_len,
                      "tessera": {"kind": "backbone"}}]
