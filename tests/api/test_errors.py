@@ -261,7 +261,7 @@ def test_calls_past_max_concurrent_requests_are_429_until_one_finishes(tiny_llam
     from server.api.background import serve_in_background
 
     engine = make_engine(tiny_llama, None)
-    long = {"model": engine.model_name, "prompt": "a", "max_tokens": 150, "ignore_eos": True, "stream": True}
+    long = {"model": engine.model_name, "prompt": "a", "max_tokens": 240, "ignore_eos": True, "stream": True}
     with serve_in_background(engine, max_concurrent_requests=1) as url:
         started, finished = threading.Event(), []
 
