@@ -287,8 +287,7 @@ class Engine:
         logger.critical("the engine stopped serving: %s", error, exc_info=error)
         self.dead = error
         for request_id in list(self._sinks):
-            self._detok.pop(request_id, None)
-            self._sinks.pop(request_id)(self._dead_error())
+            self._fail(request_id, self._dead_error())
         self._refuse_inbox()
 
     def _dead_error(self) -> EngineDeadError:
@@ -348,10 +347,7 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - one bad item fails alone
                 logger.exception("engine could not take a queued %s", kind)
                 if kind == "add":
-                    self.scheduler.finish(payload.request_id, "error")
-                    self._sinks.pop(payload.request_id, None)
-                    self._detok.pop(payload.request_id, None)
-                    sink(error)
+                    self._fail(payload.request_id, error, sink)
                 elif kind == "change" and not sink.done():
                     sink.set_exception(error)
 
@@ -407,10 +403,7 @@ class Engine:
         for request_id in result.undrawable:  # fails alone; its neighbours go on
             state = self.scheduler.states.get(request_id)
             if state is not None and request_id in self._sinks:
-                error = NoDrawableTokenError(state.request, state.num_output_ids)
-                self.scheduler.finish(request_id, "error")
-                self._detok.pop(request_id, None)
-                self._sinks.pop(request_id)(error)
+                self._fail(request_id, NoDrawableTokenError(state.request, state.num_output_ids))
 
     def _flush(self) -> None:
         """Read the pending step, if any."""
@@ -471,10 +464,16 @@ class Engine:
         self._pending = None
         self.scheduler.cancel_in_flight()
         for request_id in list(self._sinks):
-            self.scheduler.finish(request_id, "error")
-            self._detok.pop(request_id, None)
-            self._sinks.pop(request_id)(RuntimeError(f"engine step failed: {error}"))
+            self._fail(request_id, RuntimeError(f"engine step failed: {error}"))
         self._publish_stats(self._stats())
+
+    def _fail(self, request_id: str, error: BaseException, sink=None) -> None:
+        """End a request with `error` for its caller (its sink, else `sink`); its blocks free at once."""
+        self.scheduler.finish(request_id, "error")
+        self._detok.pop(request_id, None)
+        sink = self._sinks.pop(request_id, sink)
+        if sink is not None:
+            sink(error)
 
     def _stats(self, plan: StepPlan | None = None, seconds: float = 0.0) -> StepStats:
         """The engine's state now, and what `plan`'s step did (nothing when no step ran: an abort or a
