@@ -160,15 +160,13 @@ def process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
 
 def _ban_words(sub: torch.Tensor, params: list[SamplingParams], count_rows: list[int | None],
                counts: TokenCounts | None) -> torch.Tensor:
-    """`sub` [R, vocab] with each row's bad words' last tokens at -inf where its last output tokens (on the
-    device, `TokenCounts.recent`) are the words' other tokens."""
-    device = sub.device
-    single = [(i, word[0]) for i, p in enumerate(params) for word in p.bad_words if len(word) == 1]
-    banned = torch.zeros_like(sub)  # [R, vocab]
-    if single:
-        where = to_device(torch.tensor(single, dtype=torch.int64), device)  # [S1, 2]
-        banned[where[:, 0], where[:, 1]] = 1.0
+    """`sub` [R, vocab] (a copy, changed in place) with each row's bad words' last tokens at -inf where its last
+    output tokens (on the device, `TokenCounts.recent`) are the words' other tokens. One scatter over the banned
+    entries: no [R, vocab] temporary, no host sync."""
+    device, vocab = sub.device, sub.shape[1]
     longer = [(i, word) for i, p in enumerate(params) for word in p.bad_words if len(word) > 1]
+    single = [(i, word) for i, p in enumerate(params) for word in p.bad_words if len(word) == 1]
+    banned = torch.ones(len(single), dtype=torch.bool, device=device)  # a one-token word is always banned
     if longer:
         window = counts.recent.shape[1]
         prefixes = torch.full((len(longer), window), -1, dtype=torch.int64)  # [L, window], right-aligned
@@ -179,11 +177,12 @@ def _ban_words(sub: torch.Tensor, params: list[SamplingParams], count_rows: list
         state = to_device(torch.tensor([count_rows[i] for i, _ in longer], dtype=torch.int64), device)  # [L]
         seen = counts.recent[state]  # [L, window]
         prefixes, checked = to_device(prefixes, device), to_device(checked, device)
-        match = ((seen == prefixes) | ~checked).all(dim=1)  # [L]
-        rows = to_device(torch.tensor([i for i, _ in longer], dtype=torch.int64), device)  # [L]
-        last = to_device(torch.tensor([word[-1] for _, word in longer], dtype=torch.int64), device)  # [L]
-        banned.index_put_((rows, last), match.to(banned.dtype), accumulate=True)
-    return sub.masked_fill(banned > 0, float("-inf"))
+        banned = torch.cat([((seen == prefixes) | ~checked).all(dim=1), banned])  # [L + S1]
+    entries = longer + single
+    flat = to_device(torch.tensor([i * vocab + word[-1] for i, word in entries], dtype=torch.int64), device)
+    values = torch.where(banned, float("-inf"), float("inf")).to(sub.dtype)  # +inf leaves a logit as it is
+    sub.view(-1).scatter_reduce_(0, flat, values, reduce="amin")  # repeated entries: -inf if any is banned
+    return sub
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
