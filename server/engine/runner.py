@@ -75,7 +75,8 @@ class PendingStep:
     prompt_targets: list[int] = field(default_factory=list)
     """The prompt tokens `prompt_logprobs` scores, in its row order."""
     drawable: torch.Tensor | None = None
-    """With processed or constrained logits: bool [num_sampling], whether a row had any finite logit."""
+    """With masked logits (min_tokens, allowed tokens, bad words, grammars): bool [num_sampling], whether a row
+    had any finite logit."""
     _result: StepResult | None = None
 
     def result(self) -> StepResult:
@@ -246,10 +247,12 @@ class ModelRunner:
     @staticmethod
     def _extras_of(data: NewRequestData) -> list[str]:
         """What a request needs beyond the plain draw: processed logits, device token counts, a grammar mask,
-        prompt scoring."""
+        prompt scoring, and the check that its masks (-inf logits) left it a token."""
         sampling = data.sampling
+        masks = bool(sampling.min_tokens or sampling.allowed_token_ids or sampling.bad_words) or data.matcher is not None
         wanted = {"processed": needs_processing(sampling), "counted": needs_history(sampling),
-                  "structured": data.matcher is not None, "scored": sampling.prompt_logprobs is not None}
+                  "structured": data.matcher is not None, "scored": sampling.prompt_logprobs is not None,
+                  "masked": masks}
         return [name for name, needed in wanted.items() if needed]
 
     def _forget(self, request_id: str) -> None:
@@ -324,7 +327,7 @@ class ModelRunner:
         if self._extras["structured"]:
             scores = self._constrained(scores, held, [h.data.matcher for h in held])
         drawable = None
-        if self._extras["processed"] or self._extras["structured"]:  # masks that may leave a row nothing
+        if self._extras["masked"]:  # -inf masks may have left a row nothing (penalties and biases stay finite)
             drawable = torch.isfinite(scores).any(dim=1)  # [num_sampling]
             scores = scores.masked_fill(~drawable[:, None], 0.0)  # a harmless draw, discarded when read
         sampled = sample_on_device(scores, params, seeds)  # [num_sampling]
