@@ -137,12 +137,11 @@ def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | 
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
-        chat_body = openai_responses.chat_request(openai_responses.with_history(body, store))
-        call = await chat_call(chat_body, request)
+        whole, items = openai_responses.with_history(body, store)
+        call = await chat_call(openai_responses.chat_request(whole), request)
         _note_ignored(call, body)
         keep = None
         if store.enabled and body.store is not False:
-            items = openai_responses.turn_items(body)
             keep = lambda response: store.put(response, items, body.previous_response_id)  # noqa: E731
         if body.stream:
             return StreamingResponse(openai_responses.events(runner, call, body, keep),
@@ -166,7 +165,7 @@ def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | 
     async def input_items(response_id: str, order: Literal["asc", "desc"] = "desc", limit: int = Query(20, ge=1, le=100),
                           after: str | None = None):
         """OpenAI's list of a response's input items (its own turn's), newest first unless `order` is asc."""
-        items = store.input_items(_stored(store, response_id).response["id"])
+        items = list(_stored(store, response_id).input_items)
         items = items[::-1] if order == "desc" else items
         if after is not None:
             at = next((i for i, item in enumerate(items) if item["id"] == after), None)
@@ -257,10 +256,11 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
     engine = runner.engine
     composition = await _composition(engine, body, request)
     default_max = None if kind == "chat" else 16
-    bad_words = translate.bad_word_ids(body, engine.tokenizer)
+    bad_words = translate.bad_word_ids(body, engine.tokenizer)  # once per call, not per choice
+    allowed = translate.allowed_token_ids(body, len(engine.tokenizer))
     params = [
         translate.sampling_params(body, len(p), engine.max_model_len, i % body.n, default_max, len(engine.tokenizer),
-                                  bad_words, engine.sampling_defaults)
+                                  bad_words, engine.sampling_defaults, allowed)
         for i, p in enumerate(prompts)
     ]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

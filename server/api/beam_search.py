@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from server.api.errors import APIError
-from server.api.responses import reply
+from server.api.responses import reply, tessera_field
 from server.api.serving import Call, Runner, usage
 from server.engine.request import Request, SamplingParams
 from server.metrics import RequestTiming, task_label
@@ -116,6 +116,6 @@ async def collect(runner: Runner, call: Call, length_penalty: float) -> dict:
     runner.metrics.observe_request(task_label(call.composition), "stop", timing, call.composition.module_ids)
     body = call.envelope(stream=False)
     body.update(choices=choices, usage=usage(call.num_prompt_tokens, generated, 0),
-                tessera={"composition": call.composition.as_dict()})
+                tessera=tessera_field(call))
     return body
 

@@ -110,11 +110,13 @@ def turn_items(body: ResponsesRequest) -> list[dict]:
     return items
 
 
-def with_history(body: ResponsesRequest, store: ResponseStore) -> ResponsesRequest:
+def with_history(body: ResponsesRequest, store: ResponseStore) -> tuple[ResponsesRequest, list[dict]]:
     """`body` with the stored conversation of its `previous_response_id` before its input (itself without
-    one); a 404 when that response, or an earlier turn of it, is not stored."""
+    one), and this turn's items (`turn_items`); a 404 when that response, or an earlier turn of it, is not
+    stored."""
+    items = turn_items(body)
     if body.previous_response_id is None:
-        return body
+        return body, items
     if not store.enabled:
         raise APIError(400, "this server keeps no responses (--responses-store-size 0): send the whole "
                             "conversation in input", "previous_response_id")
@@ -122,8 +124,8 @@ def with_history(body: ResponsesRequest, store: ResponseStore) -> ResponsesReque
         history = store.conversation(body.previous_response_id)
     except MissingTurnError as error:
         raise APIError(404, str(error), "previous_response_id", "previous_response_not_found") from None
-    items = [ResponseInputItem.model_validate(item) for item in history + turn_items(body)]
-    return body.model_copy(update={"input": items})
+    whole = [ResponseInputItem.model_validate(item) for item in history + items]
+    return body.model_copy(update={"input": whole}), items
 
 
 def _id(prefix: str) -> str:

@@ -89,12 +89,6 @@ class ResponseStore:
             items += stored.input_items + stored.output_items
         return items
 
-    def input_items(self, response_id: str) -> list[dict] | None:
-        """The input items of a response's own turn (not the earlier turns'), oldest first; None if it is not
-        stored."""
-        stored = self.get(response_id)
-        return None if stored is None else list(stored.input_items)
-
 
 def with_ids(items: list[dict]) -> list[dict]:
     """Items with an `id` each (OpenAI lists input items by id): a given one is kept."""

@@ -10,7 +10,7 @@ from server.api.serving import Call, Runner, reasoning_tokens, sse, total_reason
 from server.api.tools import RequiredCallsReader, auto_calls, new_call_id, tool_calls
 
 
-def _tessera(call: Call) -> dict:
+def tessera_field(call: Call) -> dict:
     return {"composition": call.composition.as_dict()}
 
 
@@ -32,7 +32,8 @@ async def collect(runner: Runner, call: Call) -> dict:
     completion_tokens, cached_tokens, echoed, scored = [0] * n, [0] * n, set(), [None] * n
     token_ids: list[list[int]] = [[] for _ in range(n)]
     async for index, output in runner.outputs(call):
-        token_ids[index] += output.token_ids
+        if call.reasoning is not None:  # its usage counts reasoning tokens by id
+            token_ids[index] += output.token_ids
         echo = _echoes(call, index, echoed)
         if output.prompt_logprobs is not None:
             scored[index] = output.prompt_logprobs
@@ -64,7 +65,7 @@ async def collect(runner: Runner, call: Call) -> dict:
     body = call.envelope(stream=False)
     total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens),
                   total_reasoning_tokens(call, thought))
-    body.update(choices=choices, usage=total, tessera=_tessera(call))
+    body.update(choices=choices, usage=total, tessera=tessera_field(call))
     if call.prompt_logprobs and call.kind == "chat":  # one prompt for every choice: at the top, as vLLM
         body["prompt_logprobs"] = runner.vllm_prompt_logprobs(scored[0] or ())
     return body
@@ -110,7 +111,7 @@ def _tool_chunk(call: Call, index: int, text: str, reason: str | None, sent: int
     else:
         delta = {"content": text[sent:]}
     return call.envelope(stream=True) | {"choices": [{"index": index, "delta": delta, "logprobs": None,
-                                                      "finish_reason": reason}], "tessera": _tessera(call)}
+                                                      "finish_reason": reason}], "tessera": tessera_field(call)}
 
 
 def _named_call_chunks(call: Call, index: int, text: str, output, call_id: str | None) -> list[dict]:
@@ -127,7 +128,7 @@ def _named_call_chunks(call: Call, index: int, text: str, output, call_id: str |
                                                          "logprobs": None, "finish_reason": None}]} for d in deltas]
     if output.finished:
         chunks[-1]["choices"][0]["finish_reason"] = output.finish_reason
-        chunks[-1]["tessera"] = _tessera(call)
+        chunks[-1]["tessera"] = tessera_field(call)
     return chunks
 
 
@@ -148,7 +149,7 @@ def _chunk(call: Call, runner: Runner, index: int, output, text_offset: int, ech
     chunk = call.envelope(stream=True) | {"choices": [choice]}
     if output.finished:
         choice["stop_reason"] = output.stop_reason
-        chunk["tessera"] = _tessera(call)
+        chunk["tessera"] = tessera_field(call)
     return chunk
 
 
@@ -180,7 +181,8 @@ class _ChatChoice:
         """The chunks one increment of the choice's output makes."""
         call = self.call
         self.text += output.text
-        self.token_ids += output.token_ids
+        if call.reasoning is not None:
+            self.token_ids += output.token_ids
         if call.reasoning is None:
             reasoning, content = "", self.text
         else:
@@ -225,7 +227,7 @@ class _ChatChoice:
         parsed = tool_calls("required", content, output.finish_reason == "stop") is not None
         last = self._delta({})
         last["choices"][0]["finish_reason"] = "tool_calls" if parsed else output.finish_reason
-        last["tessera"] = _tessera(self.call)
+        last["tessera"] = tessera_field(self.call)
         return chunks + [last]
 
     def _delta(self, fields: dict) -> dict:
@@ -243,7 +245,7 @@ class _ChatChoice:
         chunk = self.call.envelope(stream=True) | {"choices": [choice]}
         if output.finished:
             choice["stop_reason"] = output.stop_reason
-            chunk["tessera"] = _tessera(self.call)
+            chunk["tessera"] = tessera_field(self.call)
         return [chunk]
 
 
@@ -271,7 +273,7 @@ async def chunks(runner: Runner, call: Call) -> AsyncIterator[dict]:
     choices = [_ChatChoice(call, runner, i) for i in range(n)] if call.kind == "chat" else None
     for i in range(n if choices else 0):
         first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        yield _so_far(call, call.envelope(stream=True) | {"choices": [first], "tessera": _tessera(call)}, [0])
+        yield _so_far(call, call.envelope(stream=True) | {"choices": [first], "tessera": tessera_field(call)}, [0])
     completion_tokens, cached_tokens, text_offsets, echoed = [0] * n, [0] * n, [0] * n, set()
     try:
         async for index, output in runner.outputs(call):
@@ -292,4 +294,4 @@ async def chunks(runner: Runner, call: Call) -> AsyncIterator[dict]:
         thought = total_reasoning_tokens(call, [reasoning_tokens(call, choice.token_ids, choice.reasoning)
                                                 for choice in choices or ()])
         total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens), thought)
-        yield call.envelope(stream=True) | {"choices": [], "usage": total, "tessera": _tessera(call)}
+        yield call.envelope(stream=True) | {"choices": [], "usage": total, "tessera": tessera_field(call)}

@@ -187,9 +187,9 @@ def chat_echo(body: ChatCompletionRequest, tool_mode: str | None, reasoning: boo
 
 def sampling_params(body, prompt_len: int, max_model_len: int, index: int, default_max: int | None,
                     vocab_size: int, bad_words: tuple[tuple[int, ...], ...] = (),
-                    defaults: dict | None = None) -> SamplingParams:
+                    defaults: dict | None = None, allowed: tuple[int, ...] = ()) -> SamplingParams:
     """Sampling params of choice `index` (seeds advance per choice so n > 1 differ reproducibly); `bad_words`
-    as `bad_word_ids` tokenized them; `defaults` (the model's, `Engine.sampling_defaults`) fill the sampling
+    as `bad_word_ids` tokenized them and `allowed` as `allowed_token_ids` checked them, once per call; `defaults` (the model's, `Engine.sampling_defaults`) fill the sampling
     fields the body left out, and their max_new_tokens a chat's missing max_tokens."""
     defaults = defaults or {}
 
@@ -225,7 +225,7 @@ def sampling_params(body, prompt_len: int, max_model_len: int, index: int, defau
         repetition_penalty=given("repetition_penalty"),
         logit_bias=_logit_bias(body, vocab_size),
         min_tokens=_min_tokens(body, max_tokens, param),
-        allowed_token_ids=_allowed_token_ids(body, vocab_size),
+        allowed_token_ids=allowed,
         bad_words=bad_words,
         prompt_logprobs=body.prompt_logprobs if body.prompt_logprobs is not None else
         (body.num_logprobs if getattr(body, "echo", False) else None),
@@ -238,7 +238,8 @@ def _logit_bias(body, vocab_size: int) -> tuple[tuple[int, float], ...]:
     return biases
 
 
-def _allowed_token_ids(body, vocab_size: int) -> tuple[int, ...]:
+def allowed_token_ids(body, vocab_size: int) -> tuple[int, ...]:
+    """A body's `allowed_token_ids`, sorted and without repeats; a 400 for one outside the vocabulary."""
     ids = tuple(sorted(set(body.allowed_token_ids or ())))
     check_token_ids(ids, vocab_size, "allowed_token_ids")
     return ids

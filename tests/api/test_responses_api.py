@@ -210,7 +210,7 @@ def test_the_store_keeps_the_most_recent_and_whole_chains():
     store.put(out(3), [{"role": "user", "content": "q3"}], "r2")  # evicts r9, the least recently used
     assert store.get("r9") is None and len(store) == 3
     body = ResponsesRequest(model="m", input="q4", previous_response_id="r3")
-    texts = [item.text() for item in with_history(body, store).input]
+    texts = [item.text() for item in with_history(body, store)[0].input]
     assert texts == ["q1", "a1", "q2", "a2", "q3", "a3", "q4"]
     store.put(out(4), [], "r3")  # evicts r1: the chain from r4 is broken
     with pytest.raises(MissingTurnError, match="r1"):
