@@ -13,8 +13,8 @@ was generated so far) from a prompt with tokens P:
 
 The counts and the last output tokens live on the device (`TokenCounts`, a row per request that needs them),
 written when the runner takes a request (from its real token ids) and advanced after each step from the
-sampled ids on the device, so no step waits for the host: asynchronous scheduling and preemption keep working. Logprobs stay those of
-the unprocessed distribution, as vLLM reports by default.
+sampled ids on the device, so no step waits for the host: asynchronous scheduling and preemption keep
+working. Logprobs stay those of the unprocessed distribution, as vLLM reports by default.
 """
 
 from __future__ import annotations
