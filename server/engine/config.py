@@ -84,6 +84,14 @@ class EngineConfig:
     """Responses API: how many responses are kept in memory (least recently used out first) for
     `previous_response_id` and GET/DELETE /v1/responses/{id}; 0 keeps none, and then a previous_response_id is
     a 400. Nothing is written to disk: a restart forgets them."""
+    speculative_config: str | None = None
+    """Speculative decoding, as vLLM's --speculative-config JSON: `{"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_max": 4, "prompt_lookup_min": 2}` runs up to 4 draft tokens a step, found by n-gram lookup in the
+    request's own prompt and output, and keeps those the model would have drawn anyway (the output does not
+    change). Tessera's `prediction_tokens` (default 8; 0 ignores them) sets how many tokens of a request's OpenAI
+    `prediction` are drafted per step; predictions are used without this flag too. Not for requests with
+    presence/frequency/repetition penalties, bad_words or a structured output; while drafting
+    requests run, steps are not overlapped (async scheduling waits) and run outside CUDA graphs."""
     seed: int = 0
     """Seed for requests that give none."""
     cuda_graphs: str = "auto"
@@ -94,6 +102,12 @@ class EngineConfig:
     async_scheduling: str = "auto"
     """Plan and launch step N+1 before step N's tokens are read back, so the CPU work between steps overlaps
     the device's: auto (on CUDA; off on the CPU), on or off. Outputs are the same either way."""
+
+    def speculative(self):
+        """The parsed `speculative_config` (`speculative.SpeculativeConfig`); ValueError when it is bad."""
+        from server.engine.speculative import SpeculativeConfig
+
+        return SpeculativeConfig.from_json(self.speculative_config)
 
     def modules_added_while_serving(self) -> bool:
         """Whether modules can join the library after start-up (runtime_modules or a LoRA resolver)."""

@@ -380,8 +380,8 @@ class Engine:
     def step(self) -> None:
         """One engine step: schedule, launch, then read and emit this step (or, asynchronously, the previous one)."""
         started = time.perf_counter()
-        if self.scheduler.num_structured:  # their matchers need the pending step's tokens before the next mask
-            self._flush()
+        if self.scheduler.num_structured or self.scheduler.num_drafting:  # their matchers need the pending step's
+            self._flush()  # tokens before the next mask; drafts are looked up from every token, the last included
         plan = self.scheduler.schedule()
         launched = self.runner.launch(plan)
         if self.async_scheduling:
@@ -419,11 +419,10 @@ class Engine:
     def _emit(self, state: RequestState) -> None:
         request_id = state.request_id
         finished = state.finish_reason is not None
-        output_ids = state.output_ids  # a copy: read once (finishing drops placeholders only, never outputs)
         detok = self._detok[request_id]
-        cut = state.stopped_by_token and not detok.include_stop  # the ending token's text is left out, as vLLM
-        text, stopped = detok.update(output_ids[:-1] if cut else output_ids, finished)
-        if stopped and not finished:
+        text, stopped = self._new_text(state, detok, finished)
+        output_ids = state.output_ids  # a copy, read once: after a stop string's cut, before a finish (which drops
+        if stopped and not finished:  # placeholders only, never outputs)
             self.scheduler.finish(request_id, "stop")
             finished = True
         logprobs = tuple(state.new_logprobs) if state.request.sampling.logprobs is not None else None
@@ -444,11 +443,30 @@ class Engine:
             num_cached_tokens=state.num_cached_tokens or 0,
             stop_reason=(detok.matched_stop or state.stop_token) if finished else None,
             prompt_logprobs=prompt_logprobs,
+            speculation=state.drafter and (state.drafter.num_drafted, state.drafter.num_accepted),
         )
         sink = self._sinks.pop(request_id) if finished else self._sinks[request_id]
         if finished:
             self._detok.pop(request_id, None)
         sink(output)
+
+    def _new_text(self, state: RequestState, detok: Detokenizer, finished: bool) -> tuple[str, bool]:
+        """The text `state`'s new tokens release, and whether a stop string matched. Kept drafts bring several tokens
+        at once: their text is then checked one token at a time, so a stop string ends the output at the token
+        whose text completes it, as plain decoding ends it, and the tokens after it are dropped."""
+        output_ids = state.output_ids
+        cut = state.stopped_by_token and not detok.include_stop  # the ending token's text is left out, as vLLM
+        ids = output_ids[:-1] if cut else output_ids
+        text = ""
+        if detok.stop and len(state.new_logprobs) > 1:
+            for end in range(len(output_ids) - len(state.new_logprobs) + 1, len(ids)):
+                piece, stopped = detok.update(ids[:end], False)
+                text += piece
+                if stopped:
+                    self.scheduler.truncate(state, end)
+                    return text, True
+        piece, stopped = detok.update(ids, finished)
+        return text + piece, stopped
 
     def _finish(self, request_id: str, reason: str) -> None:
         state = self.scheduler.finish(request_id, reason)
@@ -484,7 +502,9 @@ class Engine:
             step.update(num_seqs=len(plan.num_scheduled_tokens), num_tokens=plan.num_tokens,
                         num_preempted=scheduler.num_preempted_last_step, num_module_loads=len(plan.module_loads),
                         prefix_cache_queries=scheduler.prefix_queries_last_step,
-                        prefix_cache_hits=scheduler.prefix_hits_last_step)
+                        prefix_cache_hits=scheduler.prefix_hits_last_step,
+                        num_drafts=len(plan.drafts), num_draft_tokens=scheduler.drafted_last_step,
+                        num_accepted_tokens=scheduler.accepted_last_update)
         return StepStats(
             **step,
             num_running=len(scheduler.running),

@@ -69,6 +69,9 @@ class StepPlan:
     """(slot, module id) to write into the pool before the forward pass."""
     dropped: list[str] = field(default_factory=list)
     """Requests the runner must forget (finished, aborted or preempted since the last step)."""
+    drafts: dict[str, list[int]] = field(default_factory=dict)
+    """Per speculating request: the draft tokens it runs after its last token (counted in its scheduled tokens);
+    it samples at each of those positions (`speculative`)."""
 
     @property
     def num_tokens(self) -> int:
@@ -89,6 +92,9 @@ class StepResult:
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)
     """Per request that asked for prompt logprobs and ran prompt tokens this step: (the position of the
     first prompt token they score, their logprobs in position order)."""
+    accepted: dict[str, tuple[list[int], list[TokenLogprob | None]]] = field(default_factory=dict)
+    """Per request that ran drafts: the drafts it kept (the model drew them as drafted), with their logprobs; its
+    `sampled_token_ids` entry is the token drawn after them."""
     undrawable: set[str] = field(default_factory=set)
     """Requests whose logits this step, after their own processing and grammar, had no finite entry: their
     row's token is no draw (`NoDrawableTokenError`)."""

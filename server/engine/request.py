@@ -79,6 +79,9 @@ class Request:
     grammar_after: int | None = None
     """With `grammar`: a token id the constraint begins after (a reasoning model's end of reasoning, so the
     grammar shapes the answer only); None: from the first token."""
+    prediction: tuple[int, ...] = ()
+    """OpenAI's Predicted Outputs: token ids the output is expected to (mostly) repeat, proposed as draft tokens
+    (`speculative`); the output is the same with or without them, only the number of steps differs."""
     cache_salt: str | None = None
     """vLLM's: the request shares prefix-cached KV only with requests of the same salt (say, a tenant's secret),
     so one tenant cannot learn from timing what another's prompts hold; None shares with every unsalted one."""
@@ -136,6 +139,9 @@ class RequestOutput:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     """Per prompt token (None for the first, which nothing predicts), in the first increment of a request
     that asked for them (`SamplingParams.prompt_logprobs`); None otherwise."""
+    speculation: tuple[int, int] | None = None
+    """For a request that speculates: (draft tokens its steps ran so far, of those the ones kept: the model drew
+    them as drafted); None for one that does not."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,12 @@ class StepStats:
     """Tokens of the requests admitted this step that were looked up in the prefix cache."""
     prefix_cache_hits: int = 0
     """Of those, tokens found cached."""
+    num_drafts: int = 0
+    """Sequences that ran draft tokens this step (speculative decoding)."""
+    num_draft_tokens: int = 0
+    """Draft tokens this step ran."""
+    num_accepted_tokens: int = 0
+    """Draft tokens kept by the step read back in this one (the same step unless steps overlap)."""
     kv_blocks_cached: int = 0
     """KV blocks registered in the prefix cache after the step (held or free)."""
     running_modules: tuple[str, ...] = ()

@@ -11,6 +11,10 @@ sync) and its `PendingStep.result()` read later: the step's one sync. Until then
 scheduling), the rows that feed such a token are filled from the pending step's device tensor of sampled
 ids with an index copy into the static `input_ids` buffer, before the forward or graph replay reads it.
 `run` = launch + result, the synchronous step.
+
+A request with drafts in the plan (`StepPlan.drafts`, speculative decoding) runs them after its last token and
+samples at each of those positions, with each position's own seed; `result()` keeps the draws up to the first
+that differs from its draft (`speculative.accepted`), and the kept drafts count as computed from then on.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from server.engine.sampling import (
     DeviceLogprobs, DevicePromptLogprobs, draw_seed, gather_logprobs, gather_prompt_logprobs, read_logprobs,
     read_prompt_logprobs, sample_on_device,
 )
+from server.engine.speculative import accepted
 from server.engine.transfer import copy_into, host_tensor, to_device
 from server.model.backbone import Backbone, ModuleWeights
 from server.model.forward_context import BatchMetadata, forward_context
@@ -65,11 +70,15 @@ class PendingStep:
     request_ids: list[str] = field(default_factory=list)
     """The requests that sample, in row order."""
     held: list[_Held] = field(default_factory=list)
-    """The runner's state of each, whose placeholder at `positions[row]` the result replaces."""
+    """The runner's state of each, whose placeholder at `positions[i]` the result replaces."""
     positions: list[int] = field(default_factory=list)
     params: list[SamplingParams] = field(default_factory=list)
+    """Per sampling row."""
+    drafts: list[list[int]] = field(default_factory=list)
+    """Per request, the drafts it ran (its rows: one per draft plus one); empty when the step ran none: then
+    request i is row i."""
     sampled: torch.Tensor | None = None
-    """Sampled token ids on the device: int64 [num_sampling]."""
+    """Sampled token ids on the device: int64 [num_sampling rows]."""
     logprobs: DeviceLogprobs | None = None
     prompt_logprobs: DevicePromptLogprobs | None = None
     prompt_targets: list[int] = field(default_factory=list)
@@ -82,19 +91,44 @@ class PendingStep:
     def result(self) -> StepResult:
         """Read the sampled tokens back (the step's host sync) and put them into the runner's token ids."""
         if self._result is None:
-            undrawable = set()
+            drawable = None
             if self.drawable is not None:  # one copy for both
                 token_ids, drawable = torch.stack([self.sampled, self.drawable.to(torch.int64)]).tolist()
-                undrawable = {r for r, ok in zip(self.request_ids, drawable) if not ok}
             else:
                 token_ids = self.sampled.tolist() if self.sampled is not None else []
+            logprobs = read_logprobs(self.logprobs, token_ids, self.params)
+            prompt = read_prompt_logprobs(self.prompt_logprobs, self.prompt_targets)
+            if self.drafts:
+                self._result = self._keep(token_ids, logprobs, drawable, prompt)
+                return self._result
+            self._result = StepResult(list(self.request_ids), token_ids, logprobs, prompt)
+            if drawable is not None:
+                self._result.undrawable = {r for r, ok in zip(self.request_ids, drawable) if not ok}
             for held, position, token_id in zip(self.held, self.positions, token_ids):
                 held.token_ids[position] = token_id
                 held.pending.pop(position, None)
-            logprobs = read_logprobs(self.logprobs, token_ids, self.params)
-            prompt = read_prompt_logprobs(self.prompt_logprobs, self.prompt_targets)
-            self._result = StepResult(list(self.request_ids), token_ids, logprobs, prompt, undrawable)
         return self._result
+
+    def _keep(self, row_tokens: list[int], row_logprobs: list, drawable: list[int] | None, prompt) -> StepResult:
+        """The result of a step that ran drafts: each request keeps its rows' draws up to the first that differs
+        from its draft (the last one kept is its sampled token, the others its accepted drafts), in its token ids
+        too, where the kept drafts count as computed."""
+        result = StepResult(prompt_logprobs=prompt)
+        row = 0
+        for request_id, held, position, drafts in zip(self.request_ids, self.held, self.positions, self.drafts):
+            kept = accepted(drafts, row_tokens[row : row + len(drafts) + 1])
+            result.request_ids.append(request_id)
+            result.sampled_token_ids.append(kept[-1])
+            result.logprobs.append(row_logprobs[row + len(kept) - 1])
+            if drafts:
+                result.accepted[request_id] = (kept[:-1], row_logprobs[row : row + len(kept) - 1])
+            if drawable is not None and not all(drawable[row : row + len(drafts) + 1]):
+                result.undrawable.add(request_id)
+            held.token_ids[position : position + 1] = kept
+            held.num_computed_tokens += len(kept) - 1
+            held.pending.pop(position, None)
+            row += len(drafts) + 1
+        return result
 
 
 @dataclass(frozen=True)
@@ -172,13 +206,13 @@ class ModelRunner:
         if plan.is_empty:
             return PendingStep()
         order = list(plan.num_scheduled_tokens)
-        sampling_rows = self._fill(plan, order)
-        if self.graphs is not None and self.graphs.is_decode(self.meta, len(sampling_rows)):
+        sampling_rows, num_logit_rows = self._fill(plan, order)
+        if self.graphs is not None and self.graphs.is_decode(self.meta, num_logit_rows):
             logits = self.graphs.logits(self.meta.num_seqs, self.meta.has_modules)
             return self._sample(plan, order, sampling_rows, logits)
         with forward_context(self.meta):
             hidden = self.model(self.meta.input_ids[: self.meta.num_tokens], self.meta.positions[: self.meta.num_tokens])
-            logits = self.model.compute_logits(hidden[self.meta.logits_indices[: len(sampling_rows)]])
+            logits = self.model.compute_logits(hidden[self.meta.logits_indices[:num_logit_rows]])
             scored = self._score_prompts(plan, order, hidden)
         step = self._sample(plan, order, sampling_rows, logits)
         if scored is not None:
@@ -264,20 +298,32 @@ class ModelRunner:
                 self.counts.forget(request_id)
             self.allowed.pop(request_id, None)
 
-    def _fill(self, plan: StepPlan, order: list[str]) -> list[int]:
-        """Write the step into the static buffers; the batch positions of the sampling requests.
+    def _fill(self, plan: StepPlan, order: list[str]) -> tuple[list[int], int]:
+        """Write the step into the static buffers; the batch positions of the sampling requests, and how many
+        token rows are sampled (one per sampling request, plus one per draft).
 
         The host arrays are built per sequence, not per token (`host_rows`): a decode row costs a few list
         lookups, a prefill chunk's token rows are expanded by numpy; one host-to-device copy per buffer.
         """
         held = [self.held[r] for r in order]
         counts = [plan.num_scheduled_tokens[r] for r in order]
-        rows = StepRows.build(held, counts, self.host_rows, self.config.block_size)
+        drafted = [(h, plan.drafts[h.request_id]) for h in held if h.request_id in plan.drafts] if plan.drafts else []
+        for h, drafts in drafted:  # drafts run after the last token, so the rows read them from the token ids
+            h.token_ids += drafts
+        try:
+            rows = StepRows.build(held, counts, self.host_rows, self.config.block_size)
+        finally:
+            for h, drafts in drafted:
+                del h.token_ids[-len(drafts) :]
         sampling_rows = [i for i, request_id in enumerate(order) if request_id in plan.samples]
-        self._copy_in(rows, np.array(sampling_rows, dtype=np.int64))
+        logit_rows = rows.cu[np.array(sampling_rows, dtype=np.int64) + 1] - 1  # [num_sampling]
+        if drafted:  # each draft's row samples too: [num_sampling + num_drafts]
+            extra = [len(plan.drafts.get(order[i], ())) for i in sampling_rows]
+            logit_rows = np.concatenate([np.arange(end - k, end + 1) for end, k in zip(logit_rows.tolist(), extra)])
+        self._copy_in(rows, logit_rows)
         self._fill_late_tokens(*rows.late_tokens(held))
         self._fill_modules(rows)
-        return sampling_rows
+        return sampling_rows, len(logit_rows)
 
     def _fill_late_tokens(self, rows: np.ndarray, sources: list[tuple[PendingStep, int]]) -> None:
         """Copy tokens still on the device into their `input_ids` rows; `sources[i]`: (pending step, its row)."""
@@ -292,7 +338,7 @@ class ModelRunner:
             step_rows_t = to_device(step_rows[mine], device)  # [num_late of this step]
             self.meta.input_ids.index_copy_(0, rows_t, step.sampled.index_select(0, step_rows_t))
 
-    def _copy_in(self, rows: StepRows, sampling_rows: np.ndarray) -> None:
+    def _copy_in(self, rows: StepRows, logit_rows: np.ndarray) -> None:
         meta, n, s = self.meta, rows.num_tokens, rows.num_seqs
         copy_into(meta.input_ids[:n], rows.token_ids)
         copy_into(meta.positions[:n], rows.positions)
@@ -300,8 +346,7 @@ class ModelRunner:
         copy_into(meta.cu_query_lens[: s + 1], rows.cu.astype(np.int32))
         copy_into(meta.seq_lens[:s], rows.seq_lens.astype(np.int32))
         copy_into(meta.block_tables[:s], rows.tables)
-        if len(sampling_rows):
-            logit_rows = rows.cu[sampling_rows + 1] - 1  # [num_sampling]
+        if len(logit_rows):
             copy_into(meta.logits_indices[: len(logit_rows)], logit_rows)
         meta.num_tokens, meta.num_seqs = n, s
         meta.max_query_len = int(rows.counts.max())
@@ -319,36 +364,55 @@ class ModelRunner:
     def _sample(self, plan: StepPlan, order: list[str], sampling_rows: list[int], logits: torch.Tensor) -> StepResult:
         for request_id in order:
             self.held[request_id].num_computed_tokens += plan.num_scheduled_tokens[request_id]
+        for request_id, drafts in plan.drafts.items():  # drafts count as computed once the result keeps them
+            self.held[request_id].num_computed_tokens -= len(drafts)
         request_ids = [order[i] for i in sampling_rows]
         held = [self.held[r] for r in request_ids]
-        params = [h.data.sampling for h in held]
-        seeds = [self._seed_for_next_token(h) for h in held]
-        scores = self._processed(logits, held, params) if self._extras["processed"] else logits
+        drafts = [plan.drafts.get(r, []) for r in request_ids] if plan.drafts else []
+        rows, positions = self._sampling_rows(held, drafts)
+        params = [h.data.sampling for h in rows]
+        seeds = [self._seed_for(h, position) for h, position in zip(rows, positions)]
+        scores = self._processed(logits, rows, params, positions) if self._extras["processed"] else logits
         if self._extras["structured"]:
-            scores = self._constrained(scores, held, [h.data.matcher for h in held])
+            scores = self._constrained(scores, rows, [h.data.matcher for h in rows])
         drawable = None
         if self._extras["masked"]:  # -inf masks may have left a row nothing (penalties and biases stay finite)
             drawable = torch.isfinite(scores).any(dim=1)  # [num_sampling]
             scores = scores.masked_fill(~drawable[:, None], 0.0)  # a harmless draw, discarded when read
         sampled = sample_on_device(scores, params, seeds)  # [num_sampling]
         if self._extras["counted"]:
-            self._count(held, params, sampled)
-        positions = [len(h.token_ids) for h in held]
-        step = PendingStep(request_ids, held, positions, params, sampled, gather_logprobs(logits, sampled, params),
-                           drawable=drawable)
-        for row, h in enumerate(held):
-            h.pending[len(h.token_ids)] = (step, row)
+            self._count(rows, params, sampled)
+        step = PendingStep(request_ids, held, [len(h.token_ids) for h in held], params, drafts, sampled,
+                           gather_logprobs(logits, sampled, params), drawable=drawable)
+        first_row = 0
+        for h, h_drafts in zip(held, drafts or [()] * len(held)):
+            h.pending[len(h.token_ids)] = (step, first_row)
             h.token_ids.append(PLACEHOLDER)
+            first_row += len(h_drafts) + 1
         return step
 
-    def _processed(self, logits: torch.Tensor, held: list[_Held], params: list[SamplingParams]) -> torch.Tensor:
-        """`logits` with the penalties, biases and min_tokens of the rows that ask for them (`penalties`)."""
+    @staticmethod
+    def _sampling_rows(held: list[_Held], drafts: list[list[int]]) -> tuple[list[_Held], list[int]]:
+        """Per sampling row: its request's state and the position of the token it draws (a request with drafts
+        has a row per draft and one more, at consecutive positions)."""
+        if not drafts:
+            return held, [len(h.token_ids) for h in held]
+        rows, positions = [], []
+        for h, h_drafts in zip(held, drafts):
+            rows += [h] * (len(h_drafts) + 1)
+            positions += range(len(h.token_ids), len(h.token_ids) + len(h_drafts) + 1)
+        return rows, positions
+
+    def _processed(self, logits: torch.Tensor, held: list[_Held], params: list[SamplingParams],
+                   positions: list[int]) -> torch.Tensor:
+        """`logits` with the penalties, biases and min_tokens of the rows that ask for them (`penalties`); row i
+        draws the token at `positions[i]` (a draft's row: after the drafts before it)."""
         rows = [i for i, h in enumerate(held) if h.processed]
         if not rows:
             return logits
         row_of = self.counts.row_of if self.counts is not None else {}
         return process(logits, rows, [params[i] for i in rows], [row_of.get(held[i].request_id) for i in rows],
-                       [len(held[i].token_ids) - held[i].data.num_prompt_tokens for i in rows], self.counts,
+                       [positions[i] - held[i].data.num_prompt_tokens for i in rows], self.counts,
                        self.eos_ids, [self.allowed.get(held[i].request_id) for i in rows])
 
     def _count(self, held: list[_Held], params: list[SamplingParams], sampled: torch.Tensor) -> None:
@@ -372,8 +436,8 @@ class ModelRunner:
         return constrain(logits, matchers)
 
     @staticmethod
-    def _seed_for_next_token(held: _Held) -> int:
-        """The seed of the request's draw of the token it samples next (`sampling.draw_seed`); 0 if greedy."""
+    def _seed_for(held: _Held, position: int) -> int:
+        """The seed of the request's draw of its token at `position` (`sampling.draw_seed`); 0 if greedy."""
         if held.data.sampling.temperature == 0.0:
             return 0
-        return draw_seed(held.data.seed, len(held.token_ids))
+        return draw_seed(held.data.seed, position)

@@ -28,6 +28,14 @@ one still runs (asynchronous scheduling), with these rules:
   `waiting`); a request holding a placeholder is never (re)admitted, so `NewRequestData` carries only
   real token ids;
 - a finished request loses its unread placeholders, so its output is exactly its real tokens.
+
+Speculative decoding (`speculative`): once every request has its tokens, what is left of the budget goes to
+drafts (`StepPlan.drafts`) in equal shares, so speculation never displaces work: a request with a `Drafter`
+whose step reaches its last token (a decode, or the chunk that ends its prompt) runs up to k draft tokens after
+it, in blocks that are free (drafts never preempt). Its own tokens count as computed when planned; `update`
+appends every token the step kept (`StepResult.accepted`, then the sampled one) and counts the kept drafts as
+computed, since their KV was written for the very tokens kept. Drafts need every token known, so the engine
+reads each step back before planning the next while such requests run (`num_drafting`).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from server.engine.kv_pool import BlockPool, block_hashes, composition_root
 from server.engine.module_pool import ModulePool
 from server.engine.plan import PLACEHOLDER, NewRequestData, RunningRequestData, StepPlan, StepResult
 from server.engine.request import Request, TokenLogprob
+from server.engine.speculative import Drafter, SpeculativeConfig
 
 
 class Status(enum.Enum):
@@ -86,6 +95,8 @@ class RequestState:
     """Its place in the order requests reached the scheduler."""
     module_waits: int = 0
     """Steps in which it could not be admitted for want of module slots (and later requests went first)."""
+    drafter: Drafter | None = None
+    """Its draft proposer (`speculative`) when it speculates; None when it decodes a token per step."""
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -149,8 +160,11 @@ _NO_SLOTS = -1
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockPool, modules: ModulePool, eos_ids: set[int]):
+    def __init__(self, config: SchedulerConfig, blocks: BlockPool, modules: ModulePool, eos_ids: set[int],
+                 speculative: SpeculativeConfig | None = None):
         self.config = config
+        self.speculative = speculative
+        """Where drafts come from; None: no request speculates."""
         self.blocks = blocks
         self.modules = modules
         self.eos_ids = eos_ids
@@ -168,6 +182,12 @@ class Scheduler:
         self.num_preempted_last_step = 0
         self.num_structured = 0
         """Unfinished requests with a structured-output matcher."""
+        self.num_drafting = 0
+        """Unfinished requests with a draft proposer."""
+        self.drafted_last_step = 0
+        """Draft tokens the last planned step runs."""
+        self.accepted_last_update = 0
+        """Draft tokens the last updated step kept."""
         self.prefix_queries_last_step = 0
         """Tokens of the requests admitted in the last step that were looked up in the prefix cache."""
         self.prefix_hits_last_step = 0
@@ -181,6 +201,11 @@ class Scheduler:
 
             state.matcher = new_matcher(request.grammar, request.grammar_after)
             self.num_structured += 1
+        elif self.speculative is not None and speculates(request):
+            drafter = Drafter(self.speculative, request.prediction)
+            if drafter.max_drafts:
+                state.drafter = drafter
+                self.num_drafting += 1
         self.states[request.request_id] = state
         self._enqueue(state)
         return state
@@ -216,6 +241,7 @@ class Scheduler:
         self._in_flight[plan.step_id] = {}
         budget = self.config.max_num_batched_tokens
         self.num_preempted_last_step = self.prefix_queries_last_step = self.prefix_hits_last_step = 0
+        self.drafted_last_step = 0
         preempted = False
         by_priority = self.config.policy == "priority"
         for state in sorted(self.running, key=_rank) if by_priority else list(self.running):
@@ -242,8 +268,42 @@ class Scheduler:
             if num_tokens == 0:
                 break
             budget -= num_tokens
+        if self.num_drafting and budget > 0:
+            self._add_drafts(plan, budget)
         plan.dropped += self._take_dropped()
         return plan
+
+    def _add_drafts(self, plan: StepPlan, budget: int) -> None:
+        """Spend the budget left after every real token on drafts, so speculation never displaces work: each
+        request with a drafter that samples in this step after all its known tokens (a decode, or the chunk that
+        ends its prompt) gets an equal share of what is left (what one does not use goes to the next), within its
+        max_tokens and max_model_len (the step may keep every draft and one more token) and the free blocks
+        (drafts never preempt)."""
+        states = [self.states[r] for r in plan.num_scheduled_tokens if r in plan.samples]  # in batch order
+        states = [s for s in states if s.drafter is not None and s.num_placeholders == 1]  # (this step's token)
+        block_deltas = None
+        for index, state in enumerate(states):
+            request_id = state.request_id
+            num_known = len(state.token_ids) - 1
+            room = (len(state.block_ids) + self.blocks.num_free) * self.blocks.block_size - num_known
+            share = -(-budget // (len(states) - index))
+            limit = min(share, room, state.request.sampling.max_tokens - state.num_output_ids - 1,
+                        self.config.max_model_len - num_known - 1)
+            drafts = state.drafter.propose(state.token_ids, num_known, state.num_prompt_tokens, limit)
+            if not drafts:
+                continue
+            if block_deltas is None:
+                block_deltas = {d.request_id: d.block_ids for d in plan.new} | {
+                    d.request_id: d.new_block_ids for d in plan.running}
+            new_blocks = self.blocks.allocate(self.blocks.blocks_for(num_known + len(drafts)) - len(state.block_ids))
+            state.block_ids += new_blocks
+            block_deltas[request_id] += new_blocks
+            plan.num_scheduled_tokens[request_id] += len(drafts)
+            plan.drafts[request_id] = drafts
+            self.drafted_last_step += len(drafts)
+            budget -= len(drafts)
+            if budget == 0:
+                return
 
     def _grow(self, state: RequestState, num_tokens: int, plan: StepPlan) -> list[int] | None:
         """Blocks `state` needs for `num_tokens` more tokens, preempting others (or itself) for room: the last
@@ -407,6 +467,7 @@ class Scheduler:
             raise RuntimeError(f"step {plan.step_id} updated before step {min(self._in_flight)}")
         samplers = self._in_flight.pop(plan.step_id)
         self._add_prompt_logprobs(result)
+        self.accepted_last_update = 0
         sampled = {r: (t, lp) for r, t, lp in zip(result.request_ids, result.sampled_token_ids, result.logprobs)}
         changed = []
         for request_id, state in samplers.items():
@@ -414,19 +475,37 @@ class Scheduler:
                 raise RuntimeError(f"step {plan.step_id}'s result has no token for request {request_id!r}")
             if state.status is Status.FINISHED or request_id in result.undrawable:  # the engine fails the latter
                 continue
-            token_id, logprob = sampled[request_id]
-            state.token_ids[len(state.token_ids) - state.num_placeholders] = token_id
-            state.num_placeholders -= 1
-            if self.blocks.caching:  # a block the token completes (before a finish frees it, still cached)
+            reason = self._take_kept(state, plan.drafts[request_id], result) if request_id in plan.drafts else None
+            if reason is None:
+                token_id, logprob = sampled[request_id]
+                state.token_ids[len(state.token_ids) - state.num_placeholders] = token_id
+                state.num_placeholders -= 1
+                state.new_logprobs.append(logprob)
+                reason = self._finish_reason(state, token_id)
+                if state.matcher is not None:
+                    reason = self._advance_matcher(state, token_id) or reason
+            if self.blocks.caching:  # a block the tokens complete (before a finish frees it, still cached)
                 self._register_full_blocks(state)
-            state.new_logprobs.append(logprob)
-            reason = self._finish_reason(state, token_id)
-            if state.matcher is not None:
-                reason = self._advance_matcher(state, token_id) or reason
             if reason is not None:
                 self.finish(request_id, reason)
             changed.append(state)
         return changed
+
+    def _take_kept(self, state: RequestState, drafts: list[int], result: StepResult) -> str | None:
+        """Put the drafts `state`'s step kept before its placeholder (the token drawn after them), in order, until
+        one ends the request: its finish reason, or None. Their KV was written for these very tokens, so they
+        count as computed. (A drafting request has no grammar to advance: `speculates`.)"""
+        kept, logprobs = result.accepted.get(state.request_id, ((), ()))
+        state.drafter.record(len(drafts), len(kept))
+        state.num_computed_tokens += len(kept)
+        self.accepted_last_update += len(kept)
+        for token_id, logprob in zip(kept, logprobs):
+            state.token_ids.insert(len(state.token_ids) - state.num_placeholders, token_id)
+            state.new_logprobs.append(logprob)
+            reason = self._finish_reason(state, token_id)
+            if reason is not None:
+                return reason
+        return None
 
     def _add_prompt_logprobs(self, result: StepResult) -> None:
         """Append a step's prompt logprobs to their requests; positions already there (scored again after
@@ -465,6 +544,18 @@ class Scheduler:
             return "length"
         return None
 
+    def truncate(self, state: RequestState, num_outputs: int) -> None:
+        """Drop `state`'s outputs after its first `num_outputs`: a stop string ended it there, and drafts it kept in
+        the same step had run past it. Finished already (by a token the drafts reached), it now ends on the stop
+        string instead; otherwise the caller finishes it."""
+        end = len(state.token_ids) - state.num_placeholders
+        dropped = end - state.num_prompt_tokens - num_outputs
+        del state.token_ids[end - dropped : end]
+        del state.new_logprobs[len(state.new_logprobs) - dropped :]
+        state.stopped_by_token, state.stop_token = False, None
+        if state.status is Status.FINISHED:
+            state.finish_reason = "stop"
+
     def finish(self, request_id: str, reason: str) -> RequestState | None:
         """End a request now (finished, stopped by a stop string, or aborted); its blocks free at once."""
         state = self.states.pop(request_id, None)
@@ -481,8 +572,19 @@ class Scheduler:
         state.finish_reason = reason
         if state.matcher is not None:
             self.num_structured -= 1
+        if state.drafter is not None:
+            self.num_drafting -= 1
         return state
 
 
 def _rank(state: RequestState) -> tuple[int, int]:
     return state.rank
+
+
+def speculates(request: Request) -> bool:
+    """Whether `request` may run drafts: not when its logits depend on the tokens it generated (penalties, bad
+    words) or on a grammar's state, which each draft would have to advance; logit_bias, allowed_token_ids and
+    min_tokens apply to a draft's row as to any other."""
+    from server.engine.penalties import needs_history
+
+    return request.grammar is None and not needs_history(request.sampling)

@@ -150,6 +150,7 @@ def build_parts(config: EngineConfig) -> EngineParts:
 
     device = config.resolved_device()
     config.graph_mode(device)  # bad values fail here, before the weights load
+    config.speculative()
     config.async_scheduling_on(device)
     config.check_block_size(device)
     model_dir = str(resolve_model_dir(config.model))
@@ -209,6 +210,7 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
         BlockPool(num_blocks, config.block_size, caching=config.enable_prefix_caching),
         ModulePool(model.max_slots),
         eos_ids,
+        config.speculative(),
     )
     runner_config = RunnerConfig(
         config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks,

@@ -45,7 +45,8 @@ class BatchMetadata:
     cu_query_lens: torch.Tensor
     """int32 [max_seqs + 1]: cumulative count of this step's tokens per sequence."""
     logits_indices: torch.Tensor
-    """int64 [max_seqs]: index of the token whose logits each sequence samples from."""
+    """int64 [max_tokens]: index of each token whose logits are sampled: the last of each sequence that samples
+    (and, for a sequence that runs drafts, each draft too)."""
     modules: ModuleBatchMeta | None
     """Per-token module slots and gates; None when the backbone serves no modules."""
     num_tokens: int = 0
@@ -76,7 +77,7 @@ class BatchMetadata:
             block_tables=torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device),
             seq_lens=torch.zeros(max_seqs, dtype=torch.int32, device=device),
             cu_query_lens=torch.zeros(max_seqs + 1, dtype=torch.int32, device=device),
-            logits_indices=torch.zeros(max_seqs, dtype=torch.int64, device=device),
+            logits_indices=torch.zeros(max_tokens, dtype=torch.int64, device=device),
             modules=modules,
         )
 

@@ -34,12 +34,14 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [13, 14, 15, 16, 17, 18, 19, 4
                                                     48, 49, 50, 51], [30, 31]]
 
 
-def _generate(model_dir: str, library_dir: str, cuda_graphs: str, sampling: SamplingParams) -> dict:
+def _generate(model_dir: str, library_dir: str, cuda_graphs: str, sampling: SamplingParams,
+              predictions: dict | None = None, observer=None) -> dict:
     config = EngineConfig(model=model_dir, library=library_dir, device="cpu", dtype="float32", block_size=16,
                           max_num_batched_tokens=16, num_kv_blocks=32, max_loaded_modules=4, max_k=4,
                           cuda_graphs=cuda_graphs, cuda_graph_max_batch=8)
-    engine = Engine(config)
-    requests = [Request(f"r{i}", p, sampling, c) for i, (p, c) in enumerate(zip(PROMPTS, ROWS))]
+    engine = Engine(config, step_observer=observer)
+    requests = [Request(f"r{i}", p, sampling, c, prediction=tuple((predictions or {}).get(f"r{i}", ())))
+                for i, (p, c) in enumerate(zip(PROMPTS, ROWS))]
     outputs = engine.generate_batch(requests)
     return {rid: ([t for o in outs for t in o.token_ids], [lp for o in outs for lp in (o.logprobs or ())])
             for rid, outs in outputs.items()}
@@ -78,3 +80,24 @@ def test_seeded_sampling_runs_on_the_triton_path(tiny_checkpoints, tmp_path, mon
     first = _generate(model_dir, library_dir, "off", seeded)
     assert first == _generate(model_dir, library_dir, "off", seeded)
     assert all(len(tokens) == 5 for tokens, _ in first.values())
+
+
+def test_drafts_verified_on_the_triton_path_give_the_reference_tokens(tiny_checkpoints, tmp_path, monkeypatch):
+    """Speculative decoding's verify steps (a request's last token and its drafts, each sampled, among plain rows)
+    run the paged prefill attention over cached blocks and composed_lora on every draft row: with each request's
+    own reference output as its prediction, half of it edited, the tokens and logprobs stay the reference's."""
+    model_dir = tiny_checkpoints("llama")
+    library = random_library(fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir)), num_modules=4,
+                             ranks=(4, 8, 8, 4), std=0.2)
+    library_dir = str(library.write(tmp_path / "lib"))
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+    expected = _generate(model_dir, library_dir, "padded", greedy)
+    predictions = {rid: tokens if rid in ("r0", "r2") else tokens[:3] + [1, 2] + tokens[5:]
+                   for rid, (tokens, _) in expected.items()}
+    monkeypatch.setattr(tessera_kernels, "TRITON_ON_CPU", True)
+    steps = []
+    got = _generate(model_dir, library_dir, "padded", greedy, predictions, steps.append)
+    assert sum(s.num_accepted_tokens for s in steps) >= 8
+    for rid, (tokens, logprobs) in expected.items():
+        assert got[rid][0] == tokens, rid
+        assert [lp.logprob for lp in got[rid][1]] == pytest.approx([lp.logprob for lp in logprobs], abs=1e-4)

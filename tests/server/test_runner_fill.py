@@ -42,8 +42,10 @@ def _reference_fill(runner, plan: StepPlan, order: list[str]) -> dict:
     for i, request_id in enumerate(order):
         held = runner.held[request_id]
         start, count = held.num_computed_tokens, plan.num_scheduled_tokens[request_id]
+        drafts = plan.drafts.get(request_id, [])
         for position in range(start, start + count):
-            token = held.token_ids[position]
+            known = position < len(held.token_ids)
+            token = held.token_ids[position] if known else drafts[position - len(held.token_ids)]
             if token == PLACEHOLDER:
                 step, row = held.pending[position]
                 token = int(step.sampled[row])
@@ -56,8 +58,8 @@ def _reference_fill(runner, plan: StepPlan, order: list[str]) -> dict:
         cu.append(cu[-1] + count)
         want["seq_lens"].append(start + count)
         tables[i, : len(held.block_ids)] = torch.tensor(held.block_ids, dtype=torch.int32)
-        if request_id in plan.samples:
-            want["logits_indices"].append(cu[-1] - 1)
+        if request_id in plan.samples:  # a request with drafts samples at each of them too
+            want["logits_indices"] += range(cu[-1] - 1 - len(drafts), cu[-1])
     want["cu_query_lens"], want["block_tables"] = cu, tables
     return want
 
@@ -88,11 +90,13 @@ def _checked_fill(runner, seen: dict):
     """`runner._fill`, with every step's buffers compared to the reference fill."""
     real = runner._fill
 
-    def fill(plan: StepPlan, order: list[str]) -> list[int]:
+    def fill(plan: StepPlan, order: list[str]) -> tuple[list[int], int]:
         want = _reference_fill(runner, plan, order)
-        sampling_rows = real(plan, order)
+        sampling_rows, num_logit_rows = real(plan, order)
         _assert_buffers(runner.meta, want)
         assert sampling_rows == [i for i, r in enumerate(order) if r in plan.samples]
+        assert num_logit_rows == len(want["logits_indices"])
+        seen["drafts"] += bool(plan.drafts)
         counts = [plan.num_scheduled_tokens[r] for r in order]
         starts = [runner.held[r].num_computed_tokens for r in order]
         seen["mixed"] += 1 in counts and max(counts) > 1
@@ -100,29 +104,32 @@ def _checked_fill(runner, seen: dict):
         seen["late"] += any(runner.held[r].token_ids[s] == PLACEHOLDER for r, s in zip(order, starts))
         seen["modules"] += runner.meta.has_modules
         seen["steps"] += 1
-        return sampling_rows
+        return sampling_rows, num_logit_rows
 
     return fill
 
 
-@pytest.mark.parametrize("mode", ["on", "off"])
+@pytest.mark.parametrize("mode", ["on", "off", "drafts"])
 def test_fill_equals_a_token_by_token_fill_on_every_step(setup, mode):
+    """`drafts`: requests with a prediction (their prompt) run drafts, each sampled."""
     model_dir, library = setup
     engine = Engine(EngineConfig(model=model_dir, library=library, device="cpu", block_size=4,
                                  max_num_batched_tokens=12, num_kv_blocks=64, max_loaded_modules=3,
-                                 max_model_len=32, async_scheduling=mode))
-    seen = dict.fromkeys(("mixed", "chunked", "late", "modules", "steps"), 0)
+                                 max_model_len=32, async_scheduling="off" if mode == "drafts" else mode))
+    seen = dict.fromkeys(("mixed", "chunked", "late", "modules", "steps", "drafts"), 0)
     engine.runner._fill = _checked_fill(engine.runner, seen)
+    prompts = [[5 + i + j for j in range(length)] for i, length in enumerate(PROMPT_LENS)]
     requests = [
-        Request(f"r{i}", [5 + i + j for j in range(length)],
+        Request(f"r{i}", prompt,
                 SamplingParams(max_tokens=5 + i % 3, temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True),
-                COMPOSITIONS[i % len(COMPOSITIONS)])
-        for i, length in enumerate(PROMPT_LENS)
+                COMPOSITIONS[i % len(COMPOSITIONS)], prediction=tuple(prompt) if mode == "drafts" else ())
+        for i, prompt in enumerate(prompts)
     ]
     outputs = engine.generate_batch(requests)
     assert all(sum(len(o.token_ids) for o in outputs[r.request_id]) == r.sampling.max_tokens for r in requests)
     assert seen["mixed"] and seen["chunked"] and seen["modules"] and seen["steps"] > 5
     assert bool(seen["late"]) == (mode == "on")
+    assert bool(seen["drafts"]) == (mode == "drafts")
 
 
 def _new(request_id: str, block_ids: list[int], module_slots: tuple[int, ...]) -> NewRequestData:

@@ -1,0 +1,195 @@
+"""Speculative decoding without a draft model: n-gram prompt lookup (vLLM's `method: ngram`) and OpenAI's
+Predicted Outputs (a request's `prediction`).
+
+A request that speculates runs, in one step, its last token plus up to k *draft* tokens guessed from text it
+already has, and samples a token at every one of those positions. Each position is drawn exactly as a plain
+decode step would draw it: with the request's own seed for that position (`sampling.draw_seed`). So the
+draws at positions whose earlier drafts all matched are the very tokens plain decoding would produce, and
+the step keeps them up to and including the first draw that differs from its draft:
+
+    drafts  = [d1, d2, d3]              the step runs [t, d1, d2, d3] at positions p .. p+3
+    sampled = [d1, d2, x, y]            x != d3
+    kept    = [d1, d2, x]               3 tokens for one step; y is discarded
+
+The output is the token sequence plain decoding gives, greedy or sampled, seeded or not (up to the
+floating-point difference between a multi-token pass and a one-token pass); only the number of steps
+changes. A deterministic draft is accepted with the probability the model gives it, which is the
+acceptance rate of speculative sampling's rejection rule for such a draft, so nothing is lost against it.
+
+Drafts come from the request's own tokens (the most recent earlier occurrence of its last n tokens, longest
+n first, and what followed it) or from its prediction (the next occurrence of its last output tokens after
+where the previous match ended, and what follows it there; the prediction's start before any output).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+_TOKEN_BYTES = 4
+"""Token ids are searched as little-endian int32 bytes (`bytes.find` runs at C speed)."""
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Draft tokens per step and where they come from (`EngineConfig.speculative_config` holds it as JSON)."""
+
+    num_speculative_tokens: int = 0
+    """Draft tokens per step from n-gram lookup in the request's own prompt and output; 0: no lookup."""
+    prompt_lookup_max: int = 4
+    """Longest n-gram (the request's last n tokens) looked for."""
+    prompt_lookup_min: int = 1
+    """Shortest n-gram looked for; a shorter match proposes nothing."""
+    prediction_tokens: int = 8
+    """Draft tokens per step from a request's OpenAI `prediction` (Predicted Outputs); 0 ignores predictions."""
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"speculative_config: {item.name} must be an integer >= 0, got {value!r}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    @classmethod
+    def from_json(cls, text: str | None) -> SpeculativeConfig:
+        """vLLM's --speculative-config: `{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}`
+        (n-gram sizes default as vLLM's: one given sets the other, neither is 5), plus Tessera's
+        `prediction_tokens`. None: no n-gram lookup, predictions at the defaults."""
+        if text is None:
+            return cls()
+        try:
+            given = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"speculative_config is not JSON ({error.msg}): {text!r}") from None
+        if not isinstance(given, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {text!r}")
+        given = dict(given)
+        method = given.pop("method", "ngram" if "num_speculative_tokens" in given else None)
+        if method is not None and method != "ngram":
+            raise ValueError(f"speculative_config: method {method!r} is not supported; Tessera speculates with "
+                             "ngram (prompt lookup) and with requests' predictions, no draft model")
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {unknown}; known: method, {', '.join(sorted(known))}")
+        if method == "ngram":
+            if "num_speculative_tokens" not in given:
+                raise ValueError("speculative_config: method ngram needs num_speculative_tokens")
+            low, high = given.get("prompt_lookup_min"), given.get("prompt_lookup_max")
+            given["prompt_lookup_min"] = low if low is not None else (high if high is not None else 5)
+            given["prompt_lookup_max"] = high if high is not None else given["prompt_lookup_min"]
+        return cls(**given)
+
+
+def accepted(drafts: list[int], sampled: list[int]) -> list[int]:
+    """The tokens a step keeps: `sampled` (one per position, len(drafts) + 1) up to and including the first one
+    that differs from its draft (all of them when every draft matched)."""
+    for index, draft in enumerate(drafts):
+        if sampled[index] != draft:
+            return sampled[: index + 1]
+    return sampled[: len(drafts) + 1]
+
+
+class Drafter:
+    """One request's proposer: its tokens as searchable bytes, kept up to date as they grow, and its prediction."""
+
+    def __init__(self, config: SpeculativeConfig, prediction: tuple[int, ...] = ()):
+        self.config = config
+        self.history = bytearray()
+        """Token ids known so far, as int32 bytes."""
+        self.prediction = _as_bytes(prediction) if config.prediction_tokens else b""
+        self.num_prediction = len(prediction) if config.prediction_tokens else 0
+        self.cursor = 0
+        """Where in the prediction the last match ended: the next search starts there."""
+        self.num_drafted = 0
+        """Draft tokens proposed (and run) so far."""
+        self.num_accepted = 0
+        """Of those, tokens the model drew as drafted."""
+
+    @property
+    def max_drafts(self) -> int:
+        """Drafts it proposes per step at most."""
+        return max(self.config.num_speculative_tokens, self.config.prediction_tokens if self.num_prediction else 0)
+
+    def propose(self, token_ids: list[int], num_known: int, num_prompt: int, limit: int) -> list[int]:
+        """Up to `limit` draft tokens to follow the first `num_known` of `token_ids` (the first `num_prompt` are the
+        prompt; anything after `num_known` is not looked at)."""
+        self._sync(token_ids, num_known)
+        limit = min(limit, self.max_drafts)
+        if limit <= 0:
+            return []
+        drafts = self._from_prediction(num_known - num_prompt, min(limit, self.config.prediction_tokens))
+        if not drafts:
+            drafts = self._from_history(min(limit, self.config.num_speculative_tokens))
+        return drafts
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:
+        self.num_drafted += num_drafted
+        self.num_accepted += num_accepted
+
+    def _sync(self, token_ids: list[int], num_known: int) -> None:
+        have = len(self.history) // _TOKEN_BYTES
+        if have < num_known:
+            self.history += _as_bytes(token_ids[have:num_known])
+
+    def _from_history(self, limit: int) -> list[int]:
+        """What followed the most recent earlier occurrence of the longest suffix (n-gram) that occurred before."""
+        if limit <= 0:
+            return []
+        history, size = self.history, len(self.history) // _TOKEN_BYTES
+        for n in range(min(self.config.prompt_lookup_max, size - 1), self.config.prompt_lookup_min - 1, -1):
+            suffix = history[-n * _TOKEN_BYTES :]
+            end = len(history) - _TOKEN_BYTES  # a match ends a token before the suffix does: never the suffix itself
+            start = _rfind(history, suffix, end)
+            if start >= 0:
+                return _tokens(history, start + n, min(start + n + limit, size))
+        return []
+
+    def _from_prediction(self, num_output: int, limit: int) -> list[int]:
+        """The prediction's start before any output; later, what follows the next occurrence (from the cursor, else
+        from the start) of the longest output suffix found in the prediction."""
+        if limit <= 0 or not self.num_prediction:
+            return []
+        if num_output == 0:
+            return _tokens(self.prediction, 0, min(limit, self.num_prediction))
+        for n in range(min(self.config.prompt_lookup_max, num_output), self.config.prompt_lookup_min - 1, -1):
+            suffix = self.history[-n * _TOKEN_BYTES :]
+            start = _find(self.prediction, suffix, self.cursor)
+            if start < 0:
+                start = _find(self.prediction, suffix, 0)
+            if start >= 0:
+                self.cursor = start + n
+                return _tokens(self.prediction, start + n, min(start + n + limit, self.num_prediction))
+        return []
+
+
+def _as_bytes(token_ids) -> bytes:
+    return np.asarray(token_ids, dtype="<i4").tobytes()
+
+
+def _tokens(data: bytes | bytearray, start: int, end: int) -> list[int]:
+    """Token ids start..end-1 of `data`."""
+    return np.frombuffer(data, dtype="<i4", count=max(end - start, 0), offset=start * _TOKEN_BYTES).tolist()
+
+
+def _rfind(data: bytes | bytearray, needle: bytes | bytearray, end: int) -> int:
+    """The token index of the last occurrence of `needle` that lies within data[:end] on a token boundary; -1."""
+    while True:
+        at = data.rfind(needle, 0, end)
+        if at < 0 or at % _TOKEN_BYTES == 0:
+            return at // _TOKEN_BYTES if at >= 0 else -1
+        end = at + len(needle) - 1
+
+
+def _find(data: bytes | bytearray, needle: bytes | bytearray, start_token: int) -> int:
+    """The token index of the first occurrence of `needle` on a token boundary from token `start_token` on; -1."""
+    at = start_token * _TOKEN_BYTES
+    while True:
+        at = data.find(needle, at)
+        if at < 0 or at % _TOKEN_BYTES == 0:
+            return at // _TOKEN_BYTES if at >= 0 else -1
+        at += 1
