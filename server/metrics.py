@@ -68,6 +68,10 @@ class Metrics:
                                    "reused, not computed)", registry=r)
         self.kv_cached = Gauge("tessera_kv_blocks_cached", "KV-cache blocks registered in the prefix cache (held "
                                "or free)", registry=r)
+        self.draft_tokens = Counter("tessera_spec_draft_tokens", "Draft tokens run by speculative decoding (n-gram "
+                                    "lookup, predictions)", registry=r)
+        self.accepted_tokens = Counter("tessera_spec_accepted_tokens", "Draft tokens kept: the model drew them as "
+                                       "drafted", registry=r)
 
     def observe_step(self, stats: StepStats) -> None:
         """The engine's step observer."""
@@ -88,6 +92,9 @@ class Metrics:
             self.prefix_queries.inc(stats.prefix_cache_queries)
             self.prefix_hits.inc(stats.prefix_cache_hits)
         self.kv_cached.set(stats.kv_blocks_cached)
+        if stats.num_draft_tokens or stats.num_accepted_tokens:
+            self.draft_tokens.inc(stats.num_draft_tokens)
+            self.accepted_tokens.inc(stats.num_accepted_tokens)
         self.vllm.observe_step(stats)
 
     def observe_error(self, error) -> None:
@@ -129,6 +136,10 @@ class VllmMetrics:
         self.prefix_queries = Counter("vllm:prefix_cache_queries", "Tokens looked up in the prefix cache", label,
                                       registry=r)
         self.prefix_hits = Counter("vllm:prefix_cache_hits", "Tokens found in the prefix cache", label, registry=r)
+        self.drafts = Counter("vllm:spec_decode_num_drafts", "Sequence steps that ran draft tokens", label, registry=r)
+        self.draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens run", label, registry=r)
+        self.accepted_tokens = Counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted", label,
+                                       registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Modules (LoRA adapters) of running and waiting requests "
                                "in the labels, as vLLM reports them; the value is when they were last updated",
                                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
@@ -144,6 +155,10 @@ class VllmMetrics:
         if stats.prefix_cache_queries:
             self.prefix_queries.labels(name).inc(stats.prefix_cache_queries)
             self.prefix_hits.labels(name).inc(stats.prefix_cache_hits)
+        if stats.num_drafts or stats.num_accepted_tokens:
+            self.drafts.labels(name).inc(stats.num_drafts)
+            self.draft_tokens.labels(name).inc(stats.num_draft_tokens)
+            self.accepted_tokens.labels(name).inc(stats.num_accepted_tokens)
         labels = (str(self.max_modules), ",".join(sorted(stats.waiting_modules)),
                   ",".join(sorted(stats.running_modules)))
         if labels != self._lora_labels:  # one series, the current one (vLLM keeps every past one)

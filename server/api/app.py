@@ -283,9 +283,17 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
         reasoning_close=_single_token(engine.tokenizer, reasoning.CLOSE) if reasoning is not None else None,
         tokens_as_ids=body.return_tokens_as_token_ids,
         continuous_usage=include_usage and body.stream_options.continuous_usage_stats,
-        request_id=request.headers.get("x-request-id") or body.request_id, cache_salt=body.cache_salt)
+        request_id=request.headers.get("x-request-id") or body.request_id, cache_salt=body.cache_salt,
+        prediction=_prediction(engine, body))
     _note_ignored(call, body)
     return call
+
+
+def _prediction(engine, body) -> tuple[int, ...] | None:
+    """A body's OpenAI `prediction`, tokenized as reply text is (no special tokens); None when it has none."""
+    if getattr(body, "prediction", None) is None:
+        return None
+    return tuple(engine.tokenizer.encode(body.prediction.text(), add_special_tokens=False))
 
 
 def _note_ignored(call: Call, body) -> None:

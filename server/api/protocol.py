@@ -27,6 +27,16 @@ class TextPart(BaseModel):
     text: str
 
 
+class Prediction(BaseModel):
+    """OpenAI's Predicted Outputs: text the reply is expected to mostly repeat (say, a file being edited)."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class ToolCallFunction(BaseModel):
     name: str = Field(min_length=1)
     arguments: str
@@ -195,6 +205,9 @@ class _Common(_NotesIgnored):
     default, a chat's rendered template only when true (templates write their own)."""
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     """vLLM's: only requests with the same salt share prefix-cached KV (multi-tenant isolation)."""
+    prediction: Prediction | None = None
+    """OpenAI's Predicted Outputs: its tokens are drafted for speculative decoding (`engine.speculative`); the
+    reply is the same with or without it, only faster where it matches."""
     use_beam_search: bool = False
     """vLLM's: the `n` best beams of a beam search of width n (`server.api.beam_search`) instead of sampling."""
     length_penalty: float = 1.0

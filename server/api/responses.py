@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
-from server.api.serving import Call, Runner, reasoning_tokens, sse, total_reasoning_tokens, usage
+from server.api.serving import Call, Runner, predicted, reasoning_tokens, sse, total_reasoning_tokens, usage
 from server.api.tools import RequiredCallsReader, auto_calls, new_call_id, tool_calls
 
 
@@ -30,6 +30,7 @@ async def collect(runner: Runner, call: Call) -> dict:
     texts, logprobs, reasons, stop_reasons = [""] * n, [[] for _ in range(n)], [None] * n, [None] * n
     text_lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
     completion_tokens, cached_tokens, echoed, scored = [0] * n, [0] * n, set(), [None] * n
+    drafts = [(0, 0)] * n
     token_ids: list[list[int]] = [[] for _ in range(n)]
     async for index, output in runner.outputs(call):
         if call.reasoning is not None:  # its usage counts reasoning tokens by id
@@ -48,6 +49,7 @@ async def collect(runner: Runner, call: Call) -> dict:
         texts[index] += (call.echo_texts[index] if echo else "") + output.text
         completion_tokens[index] = output.num_output_tokens
         cached_tokens[index] = output.num_cached_tokens
+        drafts[index] = output.speculation or (0, 0)
         reasons[index], stop_reasons[index] = output.finish_reason, output.stop_reason
     choices, thought = [], []
     for i in range(n):
@@ -64,7 +66,7 @@ async def collect(runner: Runner, call: Call) -> dict:
                 choices[-1]["prompt_logprobs"] = runner.vllm_prompt_logprobs(scored[i] or ())
     body = call.envelope(stream=False)
     total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens),
-                  total_reasoning_tokens(call, thought))
+                  total_reasoning_tokens(call, thought), predicted(call, drafts))
     body.update(choices=choices, usage=total, tessera=tessera_field(call))
     if call.prompt_logprobs and call.kind == "chat":  # one prompt for every choice: at the top, as vLLM
         body["prompt_logprobs"] = runner.vllm_prompt_logprobs(scored[0] or ())
@@ -275,10 +277,12 @@ async def chunks(runner: Runner, call: Call) -> AsyncIterator[dict]:
         first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         yield _so_far(call, call.envelope(stream=True) | {"choices": [first], "tessera": tessera_field(call)}, [0])
     completion_tokens, cached_tokens, text_offsets, echoed = [0] * n, [0] * n, [0] * n, set()
+    drafts = [(0, 0)] * n
     try:
         async for index, output in runner.outputs(call):
             completion_tokens[index] = output.num_output_tokens
             cached_tokens[index] = output.num_cached_tokens
+            drafts[index] = output.speculation or (0, 0)
             if choices is not None:
                 for chunk in choices[index].chunks(output):
                     yield _so_far(call, chunk, completion_tokens)
@@ -293,5 +297,6 @@ async def chunks(runner: Runner, call: Call) -> AsyncIterator[dict]:
     if call.include_usage:
         thought = total_reasoning_tokens(call, [reasoning_tokens(call, choice.token_ids, choice.reasoning)
                                                 for choice in choices or ()])
-        total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens), thought)
+        total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens), thought,
+                      predicted(call, drafts))
         yield call.envelope(stream=True) | {"choices": [], "usage": total, "tessera": tessera_field(call)}

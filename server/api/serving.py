@@ -64,6 +64,8 @@ class Call:
     """Streamed with vLLM's `continuous_usage_stats`: every chunk carries the usage so far."""
     cache_salt: str | None = None
     """`Request.cache_salt` of every choice."""
+    prediction: tuple[int, ...] | None = None
+    """`Request.prediction` of every choice (OpenAI's Predicted Outputs, tokenized); None when none was given."""
     ignored_fields: tuple[str, ...] = ()
     """Top-level body fields nothing reads (`protocol.ignored_fields`): logged, and named in a response header."""
     request_id: str | None = None
@@ -113,7 +115,7 @@ class Runner:
     async def _choice(self, call: Call, index: int, sink: asyncio.Queue) -> None:
         request = Request(f"{call.call_id}-{index}", call.prompts[index], call.params[index], call.composition,
                           grammar=call.grammar, grammar_after=call.grammar_after, priority=call.priority,
-                          cache_salt=call.cache_salt)
+                          cache_salt=call.cache_salt, prediction=call.prediction or ())
         timing = RequestTiming(time.monotonic())
         timing.num_prompt_tokens = len(call.prompts[index])
         status = "abort"
@@ -241,16 +243,33 @@ async def _disconnected(request) -> None:
         pass
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int | None = None) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int | None = None,
+          predicted: tuple[int, int] | None = None) -> dict:
     """OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts prompt tokens whose KV came from
-    the prefix cache, and `completion_tokens_details.reasoning_tokens` (when counted) the generated tokens of the
-    reasoning, before the token that closed it."""
+    the prefix cache, `completion_tokens_details.reasoning_tokens` (when counted) the generated tokens of the
+    reasoning, before the token that closed it, and, for a call with a prediction, `accepted_prediction_tokens`
+    and `rejected_prediction_tokens` the drafted tokens the model drew as predicted and those it did not
+    (`predicted`: (accepted, drafted))."""
     body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    details = {}
     if reasoning_tokens is not None:
-        body["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+        details["reasoning_tokens"] = reasoning_tokens
+    if predicted is not None:
+        accepted, drafted = predicted
+        details |= {"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": drafted - accepted}
+    if details:
+        body["completion_tokens_details"] = details
     return body
+
+
+def predicted(call: "Call", drafts: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """(accepted, drafted) tokens over a call's choices, from each choice's last `RequestOutput.speculation`
+    (drafted, accepted); None for a call without a prediction."""
+    if call.prediction is None:
+        return None
+    return sum(accepted for _, accepted in drafts), sum(drafted for drafted, _ in drafts)
 
 
 def reasoning_tokens(call: "Call", token_ids: list[int], reasoning: str) -> int | None:

@@ -61,6 +61,15 @@ def test_serve_rejects_bad_lora_modules(tiny_llama, tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_serve_rejects_a_speculative_config_it_cannot_run(tiny_llama):
+    for text, message in (('{"method": "eagle", "num_speculative_tokens": 3}', "method 'eagle' is not supported"),
+                          ("{method: ngram}", "is not JSON")):
+        result = run_cli("serve", "--model", tiny_llama, "--speculative-config", text)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("tessera: error: speculative_config") and message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_engine_flags_come_from_engine_config():
     import dataclasses
 
