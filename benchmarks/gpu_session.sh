@@ -18,7 +18,8 @@
 #                (the web stack the GPU machine lacks, for the online stage, and xgrammar for the structured-output
 #                tests of stage `tests`, which skip without it)
 # Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer", ".wheels"]); results land in
-#                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online, prefix, slots (default: first).
+#                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online, prefix, slots, spec
+#                (default: first).
 # Budget:        a task that is lent a GPU now gets 15 minutes of device time in all, the machine's start
 #                (a minute or more) included, so a session has one full call and a short rerun. `first` is
 #                that call (about 8.5 minutes, every step under its own limit): no Triton code of this
@@ -74,7 +75,11 @@ for stage in $STAGES; do
       timeout 240 python3 benchmarks/serving/bench_prefix.py --out "$OUT/bench_prefix.json" 2>&1 | tail -8 ;;
     slots)
       timeout 240 python3 benchmarks/serving/bench_module_slots.py --out "$OUT/bench_module_slots.json" 2>&1 | tail -6 ;;
+    spec)
+      timeout 300 python3 benchmarks/serving/bench_spec.py --batch-sizes 1 8 32 --out "$OUT/bench_spec.json" \
+        2>&1 | tail -18 ;;
     *)
-      echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online, prefix, slots)" >&2; exit 2 ;;
+      echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online, prefix, slots, spec)" >&2
+      exit 2 ;;
   esac
 done

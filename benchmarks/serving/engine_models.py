@@ -180,6 +180,8 @@ class EngineSettings:
     """EngineConfig.enable_prefix_caching."""
     module_wait_steps: int = 32
     """EngineConfig.module_wait_steps (0: requests waiting for module slots hold up the queue)."""
+    speculative_config: str | None = None
+    """EngineConfig.speculative_config (n-gram drafts; predictions are drafted without it)."""
 
 
 def tessera_engine(
@@ -205,6 +207,7 @@ def tessera_engine(
         async_scheduling=settings.async_scheduling,
         enable_prefix_caching=settings.enable_prefix_caching,
         module_wait_steps=settings.module_wait_steps,
+        speculative_config=settings.speculative_config,
     )
     parts = assemble_parts(config, backbone, tokenizer, library, eos_ids=set())
     return Engine(config, step_observer=observer, parts=parts)

@@ -1,0 +1,200 @@
+"""Speculative decoding: Tessera's engine without it, with OpenAI-style predictions and with n-gram lookup, side by
+side in one run on the same weights and requests.
+
+    python benchmarks/serving/bench_spec.py --out results/bench_spec.json                    # GPU, Llama-3-8B shape
+    python benchmarks/serving/bench_spec.py --device cpu --config small --batch-sizes 1 4 \\
+        --new-tokens 64 --out /tmp/bench_spec.json                                          # CPU
+
+Each batch of --batch-sizes requests (random prompts of --prompt-len token ids, greedy, `ignore_eos`, --new-tokens
+each, spread over --modules random rank-16 modules, one per request) runs under five settings:
+
+- `plain`: no speculation, the reference every other setting must reproduce token for token;
+- `prediction`: each request carries its own plain output as its prediction (OpenAI's Predicted Outputs when
+  the reply is known, as for a file sent back unchanged): the most any prediction can save;
+- `edited`: the same with an edit every --edit-every tokens (two tokens replaced, one inserted), the shape of a
+  code edit;
+- `ngram`: vLLM's n-gram lookup in the request's own prompt and output (`--speculative-config` method ngram, k
+  = --drafts). A random model's text repeats only where greedy decoding falls into a loop, so this row
+  measures the cost of looking and of rejected drafts more than the gain on real text;
+- `ngram+prediction`: both.
+
+The table reports per setting: engine steps, wall seconds, generated tokens per second, draft tokens run and
+kept, tokens each request gets per step (its output over its steps: the prompt's step gives the first), and the
+time relative to `plain`. Under `plain`, decode
+steps replay CUDA graphs and overlap the next step's planning; steps that run drafts do neither (the engine's
+documented cost), which is what the ratio weighs against the steps saved.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.serving import side_by_side  # noqa: E402
+from benchmarks.serving.bench_engine import MODULE_RANK, _environment  # noqa: E402
+from benchmarks.serving.engine_models import (  # noqa: E402
+    PAD_ID, SHAPES, EngineSettings, random_hf_model, random_modules, tessera_engine, word_tokenizer,
+)
+from benchmarks.serving.side_by_side import differing, model_dtype, parser_with_model_flags, timed_batch  # noqa: E402
+from router.composition import Composition  # noqa: E402
+from router.library import fingerprint_from_hf_config  # noqa: E402
+from server.engine.request import Request, SamplingParams, StepStats  # noqa: E402
+
+SYSTEMS = ("plain", "prediction", "edited", "ngram", "ngram+prediction")
+
+
+@dataclass(frozen=True)
+class SpecSettings:
+    """One run; the CLI flags are these fields."""
+
+    config: str
+    """Model shape preset (benchmarks.serving.engine_models.SHAPES)."""
+    device: str
+    dtype: str
+    batch_sizes: tuple[int, ...]
+    """Requests per batch, all submitted at once; a row per batch size and setting."""
+    prompt_len: int
+    new_tokens: int
+    """Tokens each request generates."""
+    modules: int
+    """Modules the requests are spread over (one each, round robin); 0 serves the backbone alone."""
+    drafts: int
+    """n-gram draft tokens per step (`num_speculative_tokens`); predictions draft EngineConfig's default, 8."""
+    edit_every: int
+    """The `edited` prediction changes its tokens once every this many."""
+    block_size: int
+    seed: int
+    out: str
+
+
+class _Steps:
+    """A step observer that counts steps and drafts."""
+
+    def __init__(self) -> None:
+        self.steps = self.drafted = self.accepted = 0
+
+    def __call__(self, stats: StepStats) -> None:
+        self.steps += stats.num_seqs > 0
+        self.drafted += stats.num_draft_tokens
+        self.accepted += stats.num_accepted_tokens
+
+
+def _edited(tokens: list[int], every: int, vocab_size: int) -> list[int]:
+    """`tokens` with two replaced and one inserted once every `every` tokens (ids shifted within the vocabulary)."""
+    out = []
+    for start in range(0, len(tokens), every):
+        chunk = tokens[start : start + every]
+        if len(chunk) >= every // 2 + 2:
+            middle = every // 2
+            changed = [(t % (vocab_size - 1)) + 1 for t in chunk[middle : middle + 2]]
+            chunk = chunk[:middle] + changed + [changed[0]] + chunk[middle + 2 :]
+        out += chunk
+    return out
+
+
+def _requests(settings: SpecSettings, batch: int, vocab_size: int, predictions: dict | None) -> list[Request]:
+    rng = random.Random(settings.seed * 1000 + batch)
+    sampling = SamplingParams(max_tokens=settings.new_tokens, temperature=0.0, ignore_eos=True)
+    compositions = [Composition((f"m{i}",), (1.0,), "explicit") for i in range(settings.modules)] or [Composition()]
+    return [Request(f"r{i}", [rng.randrange(PAD_ID + 1, vocab_size) for _ in range(settings.prompt_len)], sampling,
+                    compositions[i % len(compositions)], prediction=tuple((predictions or {}).get(f"r{i}", ())))
+            for i in range(batch)]
+
+
+def _engine_settings(settings: SpecSettings, batch: int, system: str) -> EngineSettings:
+    per_request = -(-(settings.prompt_len + settings.new_tokens + 16) // settings.block_size)
+    ngram = json.dumps({"method": "ngram", "num_speculative_tokens": settings.drafts, "prompt_lookup_max": 3,
+                        "prompt_lookup_min": 1}) if system.startswith("ngram") else None
+    return EngineSettings(block_size=settings.block_size, max_num_seqs=batch,
+                          max_num_batched_tokens=max(2048, settings.block_size), num_kv_blocks=batch * per_request,
+                          max_slots=max(settings.modules, 1), max_rank=MODULE_RANK, max_k=1, speculative_config=ngram)
+
+
+def _run_batch(settings: SpecSettings, hf_model, library, batch: int) -> list[dict]:
+    shape = SHAPES[settings.config]
+    rows, plain = [], None
+    for system in SYSTEMS:
+        predictions = None
+        if system.endswith("prediction"):
+            predictions = plain
+        elif system == "edited":
+            predictions = {r: _edited(t, settings.edit_every, shape.vocab_size) for r, t in plain.items()}
+        steps = _Steps()
+        engine = tessera_engine(hf_model, word_tokenizer(shape.vocab_size), library,
+                                _engine_settings(settings, batch, system), settings.dtype, steps)
+        engine.generate_batch(_requests(settings, batch, shape.vocab_size, None)[:1])  # warm-up (graphs, kernels)
+        steps.__init__()
+        _, seconds, tokens = timed_batch(engine, _requests(settings, batch, shape.vocab_size, predictions),
+                                         settings.device)
+        del engine
+        if system == "plain":
+            plain = tokens
+        generated = sum(len(t) for t in tokens.values())
+        rows.append({"batch": batch, "system": system, "steps": steps.steps, "seconds": seconds,
+                     "generated_tokens": generated, "generated_per_s": generated / seconds,
+                     "draft_tokens": steps.drafted, "accepted_tokens": steps.accepted,
+                     "tokens_per_step": settings.new_tokens / max(settings.new_tokens - steps.accepted / batch, 1),
+                     "time_vs_plain": seconds / rows[0]["seconds"] if rows else 1.0,
+                     "requests_with_other_tokens": len(differing(plain, tokens, settings.dtype, system))})
+    return rows
+
+
+def run(settings: SpecSettings) -> dict:
+    shape = SHAPES[settings.config]
+    hf_model = random_hf_model(shape, getattr(torch, settings.dtype), settings.device, settings.seed)
+    library = None
+    if settings.modules:
+        library = random_modules(fingerprint_from_hf_config(hf_model.config), settings.modules, MODULE_RANK,
+                                 shape.initializer_range, settings.seed, settings.device)
+    rows = [row for batch in settings.batch_sizes for row in _run_batch(settings, hf_model, library, batch)]
+    return {"settings": asdict(settings) | {"batch_sizes": list(settings.batch_sizes)},
+            "environment": _environment(settings), "rows": rows}
+
+
+def table(document: dict) -> str:
+    s = document["settings"]
+    lines = [f"{s['config']} on {document['environment']['device']} ({s['dtype']}): prompts of {s['prompt_len']} "
+             f"tokens, {s['new_tokens']} new tokens each (greedy), {s['modules']} modules, n-gram k={s['drafts']}",
+             f"{'batch':>5} {'setting':>17} {'steps':>6} {'seconds':>8} {'gen tok/s':>10} {'drafted':>8} "
+             f"{'kept':>6} {'tok/step':>8} {'time/plain':>10} {'same tokens':>11}"]
+    for row in document["rows"]:
+        lines.append(f"{row['batch']:>5} {row['system']:>17} {row['steps']:>6} {row['seconds']:>8.3f} "
+                     f"{row['generated_per_s']:>10.1f} {row['draft_tokens']:>8} {row['accepted_tokens']:>6} "
+                     f"{row['tokens_per_step']:>8.2f} {row['time_vs_plain']:>10.2f} "
+                     f"{'yes' if row['requests_with_other_tokens'] == 0 else 'NO':>11}")
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str] | None) -> SpecSettings:
+    parser = parser_with_model_flags(__doc__)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--modules", type=int, default=8)
+    parser.add_argument("--drafts", type=int, default=4)
+    parser.add_argument("--edit-every", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/serving/results/bench_spec.json")
+    args = parser.parse_args(argv)
+    dtype = model_dtype(parser, args, ("prompt_len", "new_tokens", "drafts", "edit_every"))
+    if args.modules < 0 or min(args.batch_sizes) < 1:
+        parser.error("--modules must be >= 0 and every --batch-sizes value >= 1")
+    return SpecSettings(args.config, args.device, dtype, tuple(args.batch_sizes), args.prompt_len, args.new_tokens,
+                        args.modules, args.drafts, args.edit_every, args.block_size, args.seed, args.out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return side_by_side.main(_parse, run, table, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""bench_spec on the CPU: every setting reproduces the plain tokens, and the steps add up to what was drafted and
+kept."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.serving.bench_spec import SYSTEMS, _edited, main
+
+
+def test_every_setting_gives_the_plain_tokens_and_the_steps_add_up(tmp_path, capsys):
+    out = tmp_path / "spec.json"
+    document = main(["--device", "cpu", "--config", "tiny", "--batch-sizes", "1", "3", "--prompt-len", "12",
+                     "--new-tokens", "20", "--modules", "2", "--edit-every", "8", "--out", str(out)])
+    assert json.loads(out.read_text()) == document and "time/plain" in capsys.readouterr().out
+    rows = {(row["batch"], row["system"]): row for row in document["rows"]}
+    assert sorted(rows) == sorted((batch, system) for batch in (1, 3) for system in SYSTEMS)
+    assert all(row["requests_with_other_tokens"] == 0 for row in rows.values())
+    for batch in (1, 3):
+        plain, exact, edited = rows[batch, "plain"], rows[batch, "prediction"], rows[batch, "edited"]
+        assert plain["steps"] == 20 and plain["draft_tokens"] == 0
+        assert exact["generated_tokens"] == edited["generated_tokens"] == plain["generated_tokens"] == 20 * batch
+        assert exact["accepted_tokens"] == exact["draft_tokens"] > 0  # a prediction that holds is kept whole
+        assert exact["steps"] == 3  # 8 drafts and the token after them a step: 9 + 9 + 2
+        assert 0 < edited["accepted_tokens"] < edited["draft_tokens"] and exact["steps"] < edited["steps"] < 20
+
+
+def test_an_edited_prediction_replaces_two_tokens_and_inserts_one_every_so_often():
+    tokens = list(range(1, 17))
+    edited = _edited(tokens, 8, 100)
+    assert edited[:4] == [1, 2, 3, 4] and edited[4:7] == [6, 7, 6] and edited[7:9] == [7, 8]
+    assert len(edited) == 18
