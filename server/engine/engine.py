@@ -419,10 +419,14 @@ class Engine:
     def _emit(self, state: RequestState) -> None:
         request_id = state.request_id
         finished = state.finish_reason is not None
+        output_ids = state.output_ids  # a copy: read once (finishing drops placeholders only, never outputs)
         detok = self._detok[request_id]
-        text, stopped = self._new_text(state, detok, finished)
-        output_ids = state.output_ids  # a copy, read once: after a stop string's cut, before a finish (which drops
-        if stopped and not finished:  # placeholders only, never outputs)
+        cut = state.stopped_by_token and not detok.include_stop  # the ending token's text is left out, as vLLM
+        if detok.stop and len(state.new_logprobs) > 1:  # kept drafts: stop strings checked token by token
+            text, stopped, output_ids = self._text_by_token(state, detok, output_ids, cut, finished)
+        else:
+            text, stopped = detok.update(output_ids[:-1] if cut else output_ids, finished)
+        if stopped and not finished:
             self.scheduler.finish(request_id, "stop")
             finished = True
         logprobs = tuple(state.new_logprobs) if state.request.sampling.logprobs is not None else None
@@ -450,23 +454,21 @@ class Engine:
             self._detok.pop(request_id, None)
         sink(output)
 
-    def _new_text(self, state: RequestState, detok: Detokenizer, finished: bool) -> tuple[str, bool]:
-        """The text `state`'s new tokens release, and whether a stop string matched. Kept drafts bring several tokens
-        at once: their text is then checked one token at a time, so a stop string ends the output at the token
-        whose text completes it, as plain decoding ends it, and the tokens after it are dropped."""
-        output_ids = state.output_ids
-        cut = state.stopped_by_token and not detok.include_stop  # the ending token's text is left out, as vLLM
+    def _text_by_token(self, state: RequestState, detok: Detokenizer, output_ids: list[int], cut: bool,
+                       finished: bool) -> tuple[str, bool, list[int]]:
+        """The text of several new tokens (kept drafts), whether a stop string matched, and the output ids: the
+        text is checked one token at a time, so a stop string ends the output at the token whose text completes
+        it, as plain decoding ends it, and the tokens after it are dropped."""
         ids = output_ids[:-1] if cut else output_ids
         text = ""
-        if detok.stop and len(state.new_logprobs) > 1:
-            for end in range(len(output_ids) - len(state.new_logprobs) + 1, len(ids)):
-                piece, stopped = detok.update(ids[:end], False)
-                text += piece
-                if stopped:
-                    self.scheduler.truncate(state, end)
-                    return text, True
+        for end in range(len(output_ids) - len(state.new_logprobs) + 1, len(ids)):
+            piece, stopped = detok.update(ids[:end], False)
+            text += piece
+            if stopped:
+                self.scheduler.truncate(state, end)
+                return text, True, output_ids[:end]
         piece, stopped = detok.update(ids, finished)
-        return text + piece, stopped
+        return text + piece, stopped, output_ids
 
     def _finish(self, request_id: str, reason: str) -> None:
         state = self.scheduler.finish(request_id, reason)
