@@ -290,10 +290,19 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
 
 
 def _prediction(engine, body) -> tuple[int, ...] | None:
-    """A body's OpenAI `prediction`, tokenized as reply text is (no special tokens); None when it has none."""
+    """A body's OpenAI `prediction`, tokenized as reply text is (no special tokens); None when it has none. One
+    longer than the context (which no reply can fill) is a 400."""
     if getattr(body, "prediction", None) is None:
         return None
-    return tuple(engine.tokenizer.encode(body.prediction.text(), add_special_tokens=False))
+    text = body.prediction.text()
+    if len(text) > 64 * engine.max_model_len:  # before tokenizing: no token is 64 characters long
+        raise APIError(400, f"prediction has {len(text)} characters, more than a reply of max_model_len "
+                            f"{engine.max_model_len} tokens can hold", "prediction")
+    ids = tuple(engine.tokenizer.encode(text, add_special_tokens=False))
+    if len(ids) > engine.max_model_len:
+        raise APIError(400, f"prediction has {len(ids)} tokens, more than max_model_len {engine.max_model_len}",
+                       "prediction")
+    return ids
 
 
 def _note_ignored(call: Call, body) -> None:

@@ -41,6 +41,7 @@ def _body(rng: random.Random, kind: str) -> dict:
         "use_beam_search": lambda: True, "length_penalty": lambda: rng.choice([0.0, 2.0]),
         "cache_salt": lambda: rng.choice(["t1", "t2"]), "add_special_tokens": lambda: rng.random() < 0.5,
         "guided_choice": lambda: ["yes", "no"], "guided_regex": lambda: "[xy]{1,3}",
+        "prediction": lambda: {"type": "content", "content": rng.choice(["the quick brown", "abc abc abc", ""])},
     }
     if kind == "chat":
         opts["top_logprobs"] = lambda: 2

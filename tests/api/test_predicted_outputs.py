@@ -108,6 +108,8 @@ def test_ngram_speculation_changes_no_reply_and_is_counted_in_metrics(server, gr
     ({"type": "text", "content": "x"}, "prediction.type"),
     ({"type": "content"}, "prediction.content"),
     ("plain text", "prediction"),
+    ({"type": "content", "content": "ab " * (MAX_MODEL_LEN + 1)}, "more than max_model_len"),
+    ({"type": "content", "content": "a" * (64 * MAX_MODEL_LEN + 1)}, "characters, more than"),
 ])
 def test_a_bad_prediction_is_a_400_naming_it(server, prediction, message):
     response = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
