@@ -90,8 +90,8 @@ class EngineConfig:
     request's own prompt and output, and keeps those the model would have drawn anyway (the output does not
     change). Tessera's `prediction_tokens` (default 8; 0 ignores them) sets how many tokens of a request's OpenAI
     `prediction` are drafted per step; predictions are used without this flag too. Not for requests with
-    presence/frequency/repetition penalties, bad_words or a structured output; while drafting
-    requests run, steps are not overlapped (async scheduling waits) and run outside CUDA graphs."""
+    presence/frequency/repetition penalties or bad_words; while drafting requests run, steps are not overlapped
+    (async scheduling waits), and steps that run drafts are not replayed from CUDA graphs."""
     seed: int = 0
     """Seed for requests that give none."""
     cuda_graphs: str = "auto"

@@ -122,8 +122,8 @@ class PendingStep:
             result.logprobs.append(row_logprobs[row + len(kept) - 1])
             if drafts:
                 result.accepted[request_id] = (kept[:-1], row_logprobs[row : row + len(kept) - 1])
-            if drawable is not None and not all(drawable[row : row + len(drafts) + 1]):
-                result.undrawable.add(request_id)
+            if drawable is not None and not all(drawable[row : row + len(kept)]):  # rows past a refused draft
+                result.undrawable.add(request_id)  # hold no draw of its own
             held.token_ids[position : position + 1] = kept
             held.num_computed_tokens += len(kept) - 1
             held.pending.pop(position, None)
@@ -369,12 +369,12 @@ class ModelRunner:
         request_ids = [order[i] for i in sampling_rows]
         held = [self.held[r] for r in request_ids]
         drafts = [plan.drafts.get(r, []) for r in request_ids] if plan.drafts else []
-        rows, positions = self._sampling_rows(held, drafts)
+        rows, positions, after = self._sampling_rows(held, drafts)
         params = [h.data.sampling for h in rows]
         seeds = [self._seed_for(h, position) for h, position in zip(rows, positions)]
         scores = self._processed(logits, rows, params, positions) if self._extras["processed"] else logits
         if self._extras["structured"]:
-            scores = self._constrained(scores, rows, [h.data.matcher for h in rows])
+            scores = self._constrained(scores, rows, [h.data.matcher for h in rows], after)
         drawable = None
         if self._extras["masked"]:  # -inf masks may have left a row nothing (penalties and biases stay finite)
             drawable = torch.isfinite(scores).any(dim=1)  # [num_sampling]
@@ -392,16 +392,17 @@ class ModelRunner:
         return step
 
     @staticmethod
-    def _sampling_rows(held: list[_Held], drafts: list[list[int]]) -> tuple[list[_Held], list[int]]:
-        """Per sampling row: its request's state and the position of the token it draws (a request with drafts
-        has a row per draft and one more, at consecutive positions)."""
+    def _sampling_rows(held: list[_Held], drafts: list[list[int]]) -> tuple[list[_Held], list[int], list | None]:
+        """Per sampling row: its request's state, the position of the token it draws, and the draft before it (a
+        request with drafts has a row per draft and one more, at consecutive positions; None: no drafts)."""
         if not drafts:
-            return held, [len(h.token_ids) for h in held]
-        rows, positions = [], []
+            return held, [len(h.token_ids) for h in held], None
+        rows, positions, after = [], [], []
         for h, h_drafts in zip(held, drafts):
             rows += [h] * (len(h_drafts) + 1)
             positions += range(len(h.token_ids), len(h.token_ids) + len(h_drafts) + 1)
-        return rows, positions
+            after += [None, *h_drafts]
+        return rows, positions, after
 
     def _processed(self, logits: torch.Tensor, held: list[_Held], params: list[SamplingParams],
                    positions: list[int]) -> torch.Tensor:
@@ -424,8 +425,9 @@ class ModelRunner:
             self.counts.record([held[i].request_id for i in rows], sampled.index_select(0, index))
 
     @staticmethod
-    def _constrained(logits: torch.Tensor, held: list[_Held], matchers: list) -> torch.Tensor:
-        """`logits` with each structured row's forbidden tokens at -inf; its matcher must have seen every token."""
+    def _constrained(logits: torch.Tensor, held: list[_Held], matchers: list, after: list | None) -> torch.Tensor:
+        """`logits` with each structured row's forbidden tokens at -inf; its matcher must have seen every token
+        (a draft's row: and the drafts before it, `after`)."""
         from server.engine.structured import constrain
 
         if all(m is None for m in matchers):
@@ -433,7 +435,7 @@ class ModelRunner:
         late = [h.request_id for h, m in zip(held, matchers) if m is not None and h.pending]
         if late:
             raise RuntimeError(f"structured requests {late} sample before their last token was read back")
-        return constrain(logits, matchers)
+        return constrain(logits, matchers, after)
 
     @staticmethod
     def _seed_for(held: _Held, position: int) -> int:

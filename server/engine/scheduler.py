@@ -201,7 +201,7 @@ class Scheduler:
 
             state.matcher = new_matcher(request.grammar, request.grammar_after)
             self.num_structured += 1
-        elif self.speculative is not None and speculates(request):
+        if self.speculative is not None and speculates(request):
             drafter = Drafter(self.speculative, request.prediction)
             if drafter.max_drafts:
                 state.drafter = drafter
@@ -290,6 +290,10 @@ class Scheduler:
             limit = min(share, room, state.request.sampling.max_tokens - state.num_output_ids - 1,
                         self.config.max_model_len - num_known - 1)
             drafts = state.drafter.propose(state.token_ids, num_known, state.num_prompt_tokens, limit)
+            if drafts and state.matcher is not None:
+                from server.engine.structured import grammar_prefix
+
+                drafts = grammar_prefix(state.matcher, drafts)
             if not drafts:
                 continue
             if block_deltas is None:
@@ -494,7 +498,7 @@ class Scheduler:
     def _take_kept(self, state: RequestState, drafts: list[int], result: StepResult) -> str | None:
         """Put the drafts `state`'s step kept before its placeholder (the token drawn after them), in order, until
         one ends the request: its finish reason, or None. Their KV was written for these very tokens, so they
-        count as computed. (A drafting request has no grammar to advance: `speculates`.)"""
+        count as computed; a grammar's matcher advances by each."""
         kept, logprobs = result.accepted.get(state.request_id, ((), ()))
         state.drafter.record(len(drafts), len(kept))
         state.num_computed_tokens += len(kept)
@@ -503,6 +507,8 @@ class Scheduler:
             state.token_ids.insert(len(state.token_ids) - state.num_placeholders, token_id)
             state.new_logprobs.append(logprob)
             reason = self._finish_reason(state, token_id)
+            if state.matcher is not None:
+                reason = self._advance_matcher(state, token_id) or reason
             if reason is not None:
                 return reason
         return None
@@ -582,9 +588,10 @@ def _rank(state: RequestState) -> tuple[int, int]:
 
 
 def speculates(request: Request) -> bool:
-    """Whether `request` may run drafts: not when its logits depend on the tokens it generated (penalties, bad
-    words) or on a grammar's state, which each draft would have to advance; logit_bias, allowed_token_ids and
-    min_tokens apply to a draft's row as to any other."""
+    """Whether `request` may run drafts: not when its logits depend on counts of the tokens it generated
+    (penalties, bad words), kept on the device per request; logit_bias, allowed_token_ids and min_tokens apply to
+    a draft's row as to any other, and a grammar masks each draft's row as it stands after the drafts before it
+    (`structured.constrain`)."""
     from server.engine.penalties import needs_history
 
-    return request.grammar is None and not needs_history(request.sampling)
+    return not needs_history(request.sampling)

@@ -11,6 +11,10 @@ stay those of the unconstrained distribution, as without a constraint.
 A matcher must have seen a request's last token before its next row is filled, so the engine reads a
 launched step back before it plans the next one while constrained requests run (asynchronous scheduling
 pauses for them; see `Engine.step`). xgrammar is imported only when a constraint is used.
+
+Speculative decoding: drafts are cut to the longest prefix the grammar accepts (`grammar_prefix`), and the
+row of each draft is masked as the matcher stands after the drafts before it (`constrain`'s `after`); both
+walk the matcher forward and roll it back, so only the tokens a step keeps advance it (`Scheduler.update`).
 """
 
 from __future__ import annotations
@@ -92,16 +96,30 @@ class DeferredMatcher:
 
     A reasoning model's grammar applies to its answer, not to its reasoning: with a reasoning parser the
     grammar begins after the token that ends the reasoning (`</think>`), as vLLM does. It has the interface
-    the scheduler and `constrain` use: `accept_token`, `is_terminated` and `fill_next_token_bitmask`."""
+    the scheduler and `constrain` use: `accept_token`, `rollback`, `is_terminated` and
+    `fill_next_token_bitmask`."""
 
     def __init__(self, matcher, start_after: int):
         self.matcher, self.start_after, self.started = matcher, start_after, False
+        self.num_inner = 0
+        """Tokens the grammar's matcher accepted since it started."""
 
     def accept_token(self, token_id: int) -> bool:
         if self.started:
-            return self.matcher.accept_token(token_id)
+            accepted = self.matcher.accept_token(token_id)
+            self.num_inner += accepted
+            return accepted
         self.started = token_id == self.start_after
         return True
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` accepted tokens; back past `start_after`, the grammar has not started."""
+        inner = min(num_tokens, self.num_inner)
+        if inner:
+            self.matcher.rollback(inner)
+            self.num_inner -= inner
+        if num_tokens > inner:
+            self.started = False
 
     def is_terminated(self) -> bool:
         return self.started and self.matcher.is_terminated()
@@ -111,15 +129,40 @@ class DeferredMatcher:
             self.matcher.fill_next_token_bitmask(bitmask, row)
 
 
-def constrain(logits: torch.Tensor, matchers: list) -> torch.Tensor:
+def grammar_prefix(matcher, drafts: list[int]) -> list[int]:
+    """The longest prefix of `drafts` that `matcher`'s grammar allows next (the matcher is left as it was)."""
+    num_valid = 0
+    for token_id in drafts:
+        if matcher.is_terminated() or not matcher.accept_token(token_id):
+            break
+        num_valid += 1
+    if num_valid:
+        matcher.rollback(num_valid)
+    return drafts[:num_valid]
+
+
+def constrain(logits: torch.Tensor, matchers: list, after: list[int | None] | None = None) -> torch.Tensor:
     """A copy of `logits` [S, vocab] with every token its row's matcher forbids at -inf; rows whose matcher
-    is None are unchanged. The bitmask is filled on the host and applied on the logits' device."""
+    is None are unchanged. The bitmask is filled on the host and applied on the logits' device.
+
+    `after[row]`, for a draft's row (speculative decoding): the draft before it, which its matcher accepts
+    first (a request's rows are consecutive, its first without one); every matcher is rolled back after."""
     import xgrammar
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
     bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[1])  # int32 [S, vocab / 32]: all allowed
+    advanced: dict[int, tuple[object, int]] = {}
     for row in rows:
-        matchers[row].fill_next_token_bitmask(bitmask, row)
+        matcher = matchers[row]
+        if after is not None and after[row] is not None:
+            if not matcher.accept_token(after[row]):  # the scheduler let through only drafts the grammar allows
+                raise RuntimeError(f"draft token {after[row]} is outside its request's grammar")
+            advanced[id(matcher)] = (matcher, advanced.get(id(matcher), (matcher, 0))[1] + 1)
+            if matcher.is_terminated():  # the draft ended the output: this row's draw is never kept
+                continue
+        matcher.fill_next_token_bitmask(bitmask, row)
+    for matcher, count in advanced.values():
+        matcher.rollback(count)
     constrained = logits.clone()
     xgrammar.apply_token_bitmask_inplace(constrained, bitmask.to(logits.device), indices=rows)
     return constrained

@@ -18,6 +18,7 @@ from server.engine.plan import StepResult
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig, Status
 from server.engine.speculative import Drafter, SpeculativeConfig, accepted
+from server.engine.structured import GrammarSpec
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -369,6 +370,48 @@ def test_a_stop_met_inside_kept_drafts_ends_the_output_where_plain_decoding_does
     for request_id, outs in outputs.items():
         assert outs[-1].speculation[1] >= len(want[request_id][0]), request_id  # kept past the stop
     assert len(outputs["r5"]) < len(want["r5"][0])  # several tokens came in one increment
+
+
+GRAMMARS = {
+    "schema": GrammarSpec("json_schema", json.dumps({
+        "type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "size": {
+            "type": "string", "pattern": "^[a-z]{1,6}$"}}, "required": ["color", "size"], "additionalProperties": False})),
+    "regex": GrammarSpec("regex", r"[a-z]{3,10}(, [a-z]{2,6}){1,3}"),
+    "choice": GrammarSpec("choice", json.dumps(["yes", "no", "not sure"])),
+}
+
+
+@pytest.mark.parametrize("mode", ["exact", "edited", "ngram"])
+def test_speculation_under_a_grammar_gives_the_plain_output(setup, free, mode):
+    """Structured outputs: drafts are cut to what the grammar allows, each draft's row is masked as the grammar
+    stands after the drafts before it, and only kept tokens advance it; one grammar begins only after a token the
+    free continuation draws midway (a reasoning model's `grammar_after`), so drafts cross its start."""
+    pytest.importorskip("xgrammar")
+    engine, _ = _engine(setup, max_model_len=128)
+    grammars = {name: engine.compile_grammar(spec) for name, spec in GRAMMARS.items()}
+
+    def requests(predictions: dict | None) -> list[Request]:
+        rows = [("schema", PROMPTS[2], SamplingParams(max_tokens=80, temperature=0.0), COMPOSITIONS[1], None),
+                ("regex", PROMPTS[3], SamplingParams(max_tokens=30, temperature=0.8, seed=3), COMPOSITIONS[2], None),
+                ("choice", PROMPTS[0], SamplingParams(max_tokens=20, temperature=0.0), COMPOSITIONS[0], free[4])]
+        return [Request(name, prompt, sampling, composition, grammar=grammars[name], grammar_after=after,
+                        prediction=tuple((predictions or {}).get(name, ())))
+                for name, prompt, sampling, composition, after in rows]
+
+    want = _flat(engine.generate_batch(requests(None)))
+    assert [want[name][2] for name in GRAMMARS] == ["stop", "stop", "stop"]  # every grammar completed
+    assert want["choice"][0][:5] == free[:5]  # free up to the grammar's start
+    tokens = {name: flat[0] for name, flat in want.items()}
+    predictions = {"exact": tokens, "edited": {r: _edited(t) for r, t in tokens.items()}, "ngram": None}[mode]
+    engine, steps = _engine(setup, NGRAM_JSON if mode == "ngram" else None, max_model_len=128)
+    outputs = engine.generate_batch(requests(predictions))
+    _assert_same(_flat(outputs), want)
+    if mode == "exact":
+        for name, outs in outputs.items():
+            drafted, kept = outs[-1].speculation
+            assert kept == drafted > 0, name
+    if mode == "edited":
+        assert sum(s.num_accepted_tokens for s in steps) > 0
 
 
 def test_the_kv_of_kept_drafts_serves_later_requests_from_the_prefix_cache(setup, plain, stop):
