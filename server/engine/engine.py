@@ -506,7 +506,7 @@ class Engine:
                         prefix_cache_queries=scheduler.prefix_queries_last_step,
                         prefix_cache_hits=scheduler.prefix_hits_last_step,
                         num_drafts=len(plan.drafts), num_draft_tokens=scheduler.drafted_last_step,
-                        num_accepted_tokens=scheduler.accepted_last_update)
+                        num_accepted_tokens=scheduler.take_accepted())
         return StepStats(
             **step,
             num_running=len(scheduler.running),

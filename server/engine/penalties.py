@@ -15,6 +15,9 @@ The counts and the last output tokens live on the device (`TokenCounts`, a row p
 written when the runner takes a request (from its real token ids) and advanced after each step from the
 sampled ids on the device, so no step waits for the host: asynchronous scheduling and preemption keep
 working. Logprobs stay those of the unprocessed distribution, as vLLM reports by default.
+
+Speculative decoding: a draft's row counts the drafts before it as generated (`process`'s `before`), and a
+request that ran drafts advances its row by the tokens its step kept, once they are read (`record_tokens`).
 """
 
 from __future__ import annotations
@@ -97,6 +100,15 @@ class TokenCounts:
         if self.recent.shape[1]:
             self.recent[rows] = torch.cat([self.recent[rows, 1:], sampled[:, None].to(torch.int64)], dim=1)
 
+    def record_tokens(self, request_id: str, token_ids: list[int]) -> None:
+        """Count tokens of one request known on the host (a step's kept drafts and the token drawn after them)."""
+        row = self.row_of[request_id]
+        ids = to_device(torch.tensor(token_ids, dtype=torch.int64), self.counts.device)  # [num_tokens]
+        self.counts[row].index_put_((ids,), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+        window = self.recent.shape[1]
+        if window:
+            self.recent[row] = torch.cat([self.recent[row], ids])[-window:]
+
     def _grow(self) -> None:
         old = self.counts.shape[0]
         self.counts = torch.cat([self.counts, torch.zeros_like(self.counts)])
@@ -115,10 +127,11 @@ def allowed_mask(params: SamplingParams, vocab_size: int, device: torch.device) 
 
 def process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams], count_rows: list[int | None],
             num_outputs: list[int], counts: TokenCounts | None, eos_ids: set[int],
-            allowed: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+            allowed: list[torch.Tensor | None] | None = None, before: list[list[int]] | None = None) -> torch.Tensor:
     """A copy of `logits` [S, vocab] (fp32) with each of `rows` adjusted by its `params`; `count_rows[i]` is
     the request's `TokenCounts` row (None when it needs none), `num_outputs[i]` the tokens it generated,
-    `allowed[i]` its `allowed_mask` (None: built here from its params)."""
+    `allowed[i]` its `allowed_mask` (None: built here from its params). A draft's row (speculative decoding)
+    counts the drafts before it, `before[i]`, as generated too."""
     device = logits.device
     rows_t = to_device(torch.tensor(rows, dtype=torch.int64), device)  # [R]
     sub = logits[rows_t]  # [R, vocab], a copy
@@ -127,6 +140,11 @@ def process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
         index = to_device(torch.tensor(counted, dtype=torch.int64), device)  # [C]
         state = to_device(torch.tensor([count_rows[i] for i in counted], dtype=torch.int64), device)  # [C]
         c = counts.counts[state].to(logits.dtype)  # [C, vocab]
+        drafted = [(k, token) for k, i in enumerate(counted) for token in (before[i] if before else ())]
+        if drafted:
+            where = to_device(torch.tensor(drafted, dtype=torch.int64), device)  # [D, 2]
+            c.index_put_((where[:, 0], where[:, 1]), torch.ones(len(drafted), dtype=c.dtype, device=device),
+                         accumulate=True)
         part = sub[index]  # [C, vocab]
         rp = _column([params[i].repetition_penalty for i in counted], device)  # [C, 1]
         seen = counts.in_prompt[state] | (c > 0)  # [C, vocab]
@@ -152,17 +170,17 @@ def process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
         index = to_device(torch.tensor(limited, dtype=torch.int64), device)  # [len(limited)]
         sub[index] = sub[index].masked_fill(~torch.stack(masks), float("-inf"))
     if any(p.bad_words for p in params):
-        sub = _ban_words(sub, params, count_rows, counts)
+        sub = _ban_words(sub, params, count_rows, counts, before)
     out = logits.clone()
     out[rows_t] = sub
     return out
 
 
 def _ban_words(sub: torch.Tensor, params: list[SamplingParams], count_rows: list[int | None],
-               counts: TokenCounts | None) -> torch.Tensor:
+               counts: TokenCounts | None, before: list[list[int]] | None) -> torch.Tensor:
     """`sub` [R, vocab] (a copy, changed in place) with each row's bad words' last tokens at -inf where its last
-    output tokens (on the device, `TokenCounts.recent`) are the words' other tokens. One scatter over the banned
-    entries: no [R, vocab] temporary, no host sync."""
+    output tokens (on the device, `TokenCounts.recent`, then the drafts `before` the row) are the words' other
+    tokens. One scatter over the banned entries: no [R, vocab] temporary, no host sync."""
     device, vocab = sub.device, sub.shape[1]
     longer = [(i, word) for i, p in enumerate(params) for word in p.bad_words if len(word) > 1]
     single = [(i, word) for i, p in enumerate(params) for word in p.bad_words if len(word) == 1]
@@ -176,6 +194,8 @@ def _ban_words(sub: torch.Tensor, params: list[SamplingParams], count_rows: list
             checked[e, window - len(word) + 1:] = True
         state = to_device(torch.tensor([count_rows[i] for i, _ in longer], dtype=torch.int64), device)  # [L]
         seen = counts.recent[state]  # [L, window]
+        if before is not None and any(before[i] for i, _ in longer):
+            seen = _followed_by(seen, [before[i] for i, _ in longer])
         prefixes, checked = to_device(prefixes, device), to_device(checked, device)
         banned = torch.cat([((seen == prefixes) | ~checked).all(dim=1), banned])  # [L + S1]
     entries = longer + single
@@ -183,6 +203,18 @@ def _ban_words(sub: torch.Tensor, params: list[SamplingParams], count_rows: list
     values = torch.where(banned, float("-inf"), float("inf")).to(sub.dtype)  # +inf leaves a logit as it is
     sub.view(-1).scatter_reduce_(0, flat, values, reduce="amin")  # repeated entries: -inf if any is banned
     return sub
+
+
+def _followed_by(recent: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
+    """`recent` [L, window] (each row's last tokens, oldest first) with `tokens[e]` appended to row e: the last
+    `window` of them, [L, window]."""
+    window, width = recent.shape[1], max(len(t) for t in tokens)
+    extra = torch.full((len(tokens), width), -1, dtype=torch.int64)  # [L, width], left-aligned
+    for e, row in enumerate(tokens):
+        extra[e, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    full = torch.cat([recent, to_device(extra, recent.device)], dim=1)  # [L, window + width]
+    shift = to_device(torch.tensor([len(t) for t in tokens], dtype=torch.int64), recent.device)  # [L]
+    return full.gather(1, torch.arange(window, device=recent.device)[None, :] + shift[:, None])
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

@@ -177,7 +177,7 @@ class StepStats:
     num_draft_tokens: int = 0
     """Draft tokens this step ran."""
     num_accepted_tokens: int = 0
-    """Draft tokens kept by the step read back in this one (the same step unless steps overlap)."""
+    """Draft tokens kept by the steps read back since the last report (this step's, unless steps overlap)."""
     kv_blocks_cached: int = 0
     """KV blocks registered in the prefix cache after the step (held or free)."""
     running_modules: tuple[str, ...] = ()

@@ -86,6 +86,8 @@ class PendingStep:
     drawable: torch.Tensor | None = None
     """With masked logits (min_tokens, allowed tokens, bad words, grammars): bool [num_sampling], whether a row
     had any finite logit."""
+    counts: TokenCounts | None = None
+    """With drafts: the token counts to advance by what each request with penalties or bad words keeps."""
     _result: StepResult | None = None
 
     def result(self) -> StepResult:
@@ -127,6 +129,8 @@ class PendingStep:
             held.token_ids[position : position + 1] = kept
             held.num_computed_tokens += len(kept) - 1
             held.pending.pop(position, None)
+            if self.counts is not None and request_id in self.counts.row_of:
+                self.counts.record_tokens(request_id, kept)
             row += len(drafts) + 1
         return result
 
@@ -369,21 +373,23 @@ class ModelRunner:
         request_ids = [order[i] for i in sampling_rows]
         held = [self.held[r] for r in request_ids]
         drafts = [plan.drafts.get(r, []) for r in request_ids] if plan.drafts else []
-        rows, positions, after = self._sampling_rows(held, drafts)
+        rows, positions, before = self._sampling_rows(held, drafts)
         params = [h.data.sampling for h in rows]
         seeds = [self._seed_for(h, position) for h, position in zip(rows, positions)]
-        scores = self._processed(logits, rows, params, positions) if self._extras["processed"] else logits
+        scores = self._processed(logits, rows, params, positions, before) if self._extras["processed"] else logits
         if self._extras["structured"]:
+            after = [b[-1] if b else None for b in before] if before is not None else None
             scores = self._constrained(scores, rows, [h.data.matcher for h in rows], after)
         drawable = None
         if self._extras["masked"]:  # -inf masks may have left a row nothing (penalties and biases stay finite)
             drawable = torch.isfinite(scores).any(dim=1)  # [num_sampling]
             scores = scores.masked_fill(~drawable[:, None], 0.0)  # a harmless draw, discarded when read
         sampled = sample_on_device(scores, params, seeds)  # [num_sampling]
-        if self._extras["counted"]:
-            self._count(rows, params, sampled)
+        if self._extras["counted"]:  # a request with drafts counts the tokens its result keeps (`_keep`)
+            self._count([None if h.request_id in plan.drafts else h for h in rows], params, sampled)
         step = PendingStep(request_ids, held, [len(h.token_ids) for h in held], params, drafts, sampled,
-                           gather_logprobs(logits, sampled, params), drawable=drawable)
+                           gather_logprobs(logits, sampled, params), drawable=drawable,
+                           counts=self.counts if drafts and self._extras["counted"] else None)
         first_row = 0
         for h, h_drafts in zip(held, drafts or [()] * len(held)):
             h.pending[len(h.token_ids)] = (step, first_row)
@@ -393,33 +399,35 @@ class ModelRunner:
 
     @staticmethod
     def _sampling_rows(held: list[_Held], drafts: list[list[int]]) -> tuple[list[_Held], list[int], list | None]:
-        """Per sampling row: its request's state, the position of the token it draws, and the draft before it (a
+        """Per sampling row: its request's state, the position of the token it draws, and the drafts before it (a
         request with drafts has a row per draft and one more, at consecutive positions; None: no drafts)."""
         if not drafts:
             return held, [len(h.token_ids) for h in held], None
-        rows, positions, after = [], [], []
+        rows, positions, before = [], [], []
         for h, h_drafts in zip(held, drafts):
             rows += [h] * (len(h_drafts) + 1)
             positions += range(len(h.token_ids), len(h.token_ids) + len(h_drafts) + 1)
-            after += [None, *h_drafts]
-        return rows, positions, after
+            before += [h_drafts[:j] for j in range(len(h_drafts) + 1)]
+        return rows, positions, before
 
     def _processed(self, logits: torch.Tensor, held: list[_Held], params: list[SamplingParams],
-                   positions: list[int]) -> torch.Tensor:
+                   positions: list[int], before: list | None) -> torch.Tensor:
         """`logits` with the penalties, biases and min_tokens of the rows that ask for them (`penalties`); row i
-        draws the token at `positions[i]` (a draft's row: after the drafts before it)."""
+        draws the token at `positions[i]` (a draft's row: after the drafts `before[i]`)."""
         rows = [i for i, h in enumerate(held) if h.processed]
         if not rows:
             return logits
         row_of = self.counts.row_of if self.counts is not None else {}
         return process(logits, rows, [params[i] for i in rows], [row_of.get(held[i].request_id) for i in rows],
                        [positions[i] - held[i].data.num_prompt_tokens for i in rows], self.counts,
-                       self.eos_ids, [self.allowed.get(held[i].request_id) for i in rows])
+                       self.eos_ids, [self.allowed.get(held[i].request_id) for i in rows],
+                       [before[i] for i in rows] if before is not None else None)
 
-    def _count(self, held: list[_Held], params: list[SamplingParams], sampled: torch.Tensor) -> None:
+    def _count(self, held: list[_Held | None], params: list[SamplingParams], sampled: torch.Tensor) -> None:
         """Advance the device token counts and last tokens of the rows that hold them by the tokens just drawn
-        (no host sync)."""
-        rows = [i for i, (h, p) in enumerate(zip(held, params)) if h.processed and needs_history(p)]
+        (no host sync); rows whose `held` is None are skipped."""
+        rows = [i for i, (h, p) in enumerate(zip(held, params))
+                if h is not None and h.processed and needs_history(p)]
         if rows:
             index = to_device(torch.tensor(rows, dtype=torch.int64), sampled.device)  # [C]
             self.counts.record([held[i].request_id for i in rows], sampled.index_select(0, index))

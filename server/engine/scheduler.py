@@ -186,8 +186,8 @@ class Scheduler:
         """Unfinished requests with a draft proposer."""
         self.drafted_last_step = 0
         """Draft tokens the last planned step runs."""
-        self.accepted_last_update = 0
-        """Draft tokens the last updated step kept."""
+        self.accepted_unreported = 0
+        """Draft tokens kept by the steps updated since the engine last reported (`take_accepted`)."""
         self.prefix_queries_last_step = 0
         """Tokens of the requests admitted in the last step that were looked up in the prefix cache."""
         self.prefix_hits_last_step = 0
@@ -201,7 +201,7 @@ class Scheduler:
 
             state.matcher = new_matcher(request.grammar, request.grammar_after)
             self.num_structured += 1
-        if self.speculative is not None and speculates(request):
+        if self.speculative is not None:
             drafter = Drafter(self.speculative, request.prediction)
             if drafter.max_drafts:
                 state.drafter = drafter
@@ -471,7 +471,6 @@ class Scheduler:
             raise RuntimeError(f"step {plan.step_id} updated before step {min(self._in_flight)}")
         samplers = self._in_flight.pop(plan.step_id)
         self._add_prompt_logprobs(result)
-        self.accepted_last_update = 0
         sampled = {r: (t, lp) for r, t, lp in zip(result.request_ids, result.sampled_token_ids, result.logprobs)}
         changed = []
         for request_id, state in samplers.items():
@@ -502,7 +501,7 @@ class Scheduler:
         kept, logprobs = result.accepted.get(state.request_id, ((), ()))
         state.drafter.record(len(drafts), len(kept))
         state.num_computed_tokens += len(kept)
-        self.accepted_last_update += len(kept)
+        self.accepted_unreported += len(kept)
         for token_id, logprob in zip(kept, logprobs):
             state.token_ids.insert(len(state.token_ids) - state.num_placeholders, token_id)
             state.new_logprobs.append(logprob)
@@ -512,6 +511,11 @@ class Scheduler:
             if reason is not None:
                 return reason
         return None
+
+    def take_accepted(self) -> int:
+        """The draft tokens kept since the last call (a step may update two plans, or none)."""
+        accepted, self.accepted_unreported = self.accepted_unreported, 0
+        return accepted
 
     def _add_prompt_logprobs(self, result: StepResult) -> None:
         """Append a step's prompt logprobs to their requests; positions already there (scored again after
@@ -586,12 +590,3 @@ class Scheduler:
 def _rank(state: RequestState) -> tuple[int, int]:
     return state.rank
 
-
-def speculates(request: Request) -> bool:
-    """Whether `request` may run drafts: not when its logits depend on counts of the tokens it generated
-    (penalties, bad words), kept on the device per request; logit_bias, allowed_token_ids and min_tokens apply to
-    a draft's row as to any other, and a grammar masks each draft's row as it stands after the drafts before it
-    (`structured.constrain`)."""
-    from server.engine.penalties import needs_history
-
-    return not needs_history(request.sampling)

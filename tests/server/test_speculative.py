@@ -7,7 +7,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from router.composition import Composition
 from server.engine.config import EngineConfig
@@ -21,13 +20,7 @@ from server.engine.speculative import Drafter, SpeculativeConfig, accepted
 from server.engine.structured import GrammarSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small for two intra-op threads (see test_async_scheduling)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the config -------------------------------------------------------------------------------------
@@ -208,7 +201,8 @@ def test_update_keeps_the_accepted_drafts_and_counts_them_computed():
     changed = scheduler.update(plan, StepResult(["a"], [40], [None], accepted={"a": ([30, 31], [None, None])}))
     assert changed == [state] and state.output_ids == [1, 30, 31, 40]
     assert state.num_computed_tokens == 6  # 1 and the two kept drafts; 40 runs next step
-    assert (state.drafter.num_drafted, state.drafter.num_accepted, scheduler.accepted_last_update) == (8, 2, 2)
+    assert (state.drafter.num_drafted, state.drafter.num_accepted, scheduler.take_accepted()) == (8, 2, 2)
+    assert scheduler.take_accepted() == 0
     assert scheduler.schedule().num_scheduled_tokens["a"] == 1  # the prediction has nothing after 40
 
 
@@ -220,15 +214,6 @@ def test_a_stop_among_the_kept_tokens_ends_the_request_there():
     scheduler.update(plan, StepResult(["a"], [32], [None], accepted={"a": ([30, 0], [None, None])}))
     assert (state.status, state.finish_reason, state.output_ids) == (Status.FINISHED, "stop", [1, 30, 0])
     assert "a" not in scheduler.states and scheduler.num_drafting == 0 and not state.block_ids
-
-
-def test_requests_whose_logits_depend_on_their_own_tokens_do_not_speculate():
-    scheduler = _scheduler()
-    scheduler.add(_request("penalized", presence_penalty=0.5), 0)
-    scheduler.add(_request("banned", bad_words=((7, 8),)), 0)
-    scheduler.add(_request("biased", logit_bias=((7, 1.0),), min_tokens=3, allowed_token_ids=(7, 8, 9)), 0)
-    assert scheduler.states["penalized"].drafter is None and scheduler.states["banned"].drafter is None
-    assert scheduler.states["biased"].drafter is not None and scheduler.num_drafting == 1
 
 
 # -- the engine: the same output in fewer steps -----------------------------------------------------
@@ -249,10 +234,10 @@ def _engine(setup, speculative: str | None = None, **overrides) -> tuple[Engine,
     return Engine(EngineConfig(**(values | overrides)), step_observer=steps.append), steps
 
 
-def _requests(stop: tuple[int, str, int], predictions: dict[str, list[int]] | None = None) -> list[Request]:
-    """Greedy and seeded rows, logprobs, a stop token, a stop string, a max_model_len cut, a penalized row, a
-    one-token row, a row whose logit_bias forces EOS as soon as its min_tokens allow, and a row with
-    allowed_token_ids, over mixed compositions."""
+def _requests(stop: tuple, predictions: dict[str, list[int]] | None = None) -> list[Request]:
+    """Greedy and seeded rows, logprobs, a stop token, a stop string, a max_model_len cut, a row with every
+    penalty, a one-token row, a row whose logit_bias forces EOS as soon as its min_tokens allow, a row with
+    allowed_token_ids and one with bad words its free continuation would say, over mixed compositions."""
     params = [
         SamplingParams(max_tokens=14, temperature=0.0, logprobs=2, ignore_eos=True),
         SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),  # ends at max_model_len
@@ -260,16 +245,19 @@ def _requests(stop: tuple[int, str, int], predictions: dict[str, list[int]] | No
         SamplingParams(max_tokens=16, temperature=0.8, top_k=20, ignore_eos=True),  # the engine's seed
         SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop[0],), ignore_eos=True),
         SamplingParams(max_tokens=12, temperature=0.0, stop=(stop[1],), ignore_eos=True),
-        SamplingParams(max_tokens=12, temperature=0.0, frequency_penalty=0.5, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.0, frequency_penalty=0.5, presence_penalty=0.3,
+                       repetition_penalty=1.3, ignore_eos=True),
         SamplingParams(max_tokens=1, temperature=0.0),
         SamplingParams(max_tokens=12, temperature=0.0, logit_bias=((stop[2], 100.0), (9, -5.0)), min_tokens=7),
         SamplingParams(max_tokens=10, temperature=0.7, seed=5, allowed_token_ids=tuple(range(40, 90)),
+                       ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.0, bad_words=((stop[3][2], stop[3][3]), (stop[3][6],)),
                        ignore_eos=True),
     ]
     requests = []
     for i, sampling in enumerate(params):
         prediction = tuple((predictions or {}).get(f"r{i}", ()))
-        row = 0 if i in (4, 5) else i % 4  # the stops are met on PROMPTS[0] under COMPOSITIONS[0]
+        row = 0 if i in (4, 5, 10) else i % 4  # the stops and bad words are met on PROMPTS[0] under COMPOSITIONS[0]
         requests.append(Request(f"r{i}", PROMPTS[row], sampling, COMPOSITIONS[row], prediction=prediction))
     return requests
 
@@ -305,12 +293,13 @@ def free(setup) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def stop(setup, free) -> tuple[int, str, int]:
-    """A stop token and a stop string that the free continuation meets midway, and the EOS id."""
+def stop(setup, free) -> tuple:
+    """A stop token and a stop string that the free continuation meets midway, the EOS id, and the free
+    continuation (whose tokens the bad words of `_requests` ban)."""
     engine, _ = _engine(setup)
     text = engine.tokenizer.decode(free)
     assert len(text) >= 6, f"the tiny model's greedy text is too short to cut: {text!r}"
-    return free[4], text[len(text) // 2 : len(text) // 2 + 2], min(engine.scheduler.eos_ids)
+    return free[4], text[len(text) // 2 : len(text) // 2 + 2], min(engine.scheduler.eos_ids), free
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +310,7 @@ def plain(setup, stop) -> tuple[dict, int]:
     assert not any(s.num_draft_tokens for s in steps)
     assert (outputs["r8"][2], outputs["r8"][4]) == ("stop", 8)  # 7 tokens, then the EOS the bias forces
     assert outputs["r4"][3] == stop[0] and outputs["r5"][3] == stop[1]  # both stops are met
+    assert outputs["r10"][0][:3] == stop[3][:3] and outputs["r10"][0][3] != stop[3][3]  # the two-token word bites
     assert len(outputs["r4"][0]) <= 5 and len(outputs["r5"][0]) < 12
     return outputs, len(steps)
 
@@ -346,12 +336,11 @@ def test_speculation_gives_the_plain_output(setup, stop, free, plain, mode, engi
     _assert_same(_flat(outputs), want)
     kept = sum((o[-1].speculation or (0, 0))[1] for o in outputs.values())
     assert sum(s.num_accepted_tokens for s in steps) == kept
-    assert outputs["r6"][-1].speculation is None  # penalized: never speculates
     if mode != "ngram":  # a random model's output rarely repeats its prompt: n-gram alone may accept nothing
         assert sum(s.num_accepted_tokens for s in steps) > 0
     if mode in ("exact", "ngram+exact") and "num_kv_blocks" not in engine_options:
         assert len(steps) < plain_steps * 0.75, (len(steps), plain_steps)
-        for request_id in ("r0", "r1", "r2", "r3", "r8", "r9"):  # an exact prediction's drafts are all drawn
+        for request_id in ("r0", "r1", "r2", "r3", "r6", "r8", "r9", "r10"):  # an exact prediction: all kept
             drafted, kept = outputs[request_id][-1].speculation
             assert kept == drafted > 0, request_id
 
@@ -372,10 +361,11 @@ def test_a_stop_met_inside_kept_drafts_ends_the_output_where_plain_decoding_does
     assert len(outputs["r5"]) < len(want["r5"][0])  # several tokens came in one increment
 
 
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                           "size": {"type": "string", "pattern": "^[a-z]{1,6}$"}},
+          "required": ["color", "size"], "additionalProperties": False}
 GRAMMARS = {
-    "schema": GrammarSpec("json_schema", json.dumps({
-        "type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "size": {
-            "type": "string", "pattern": "^[a-z]{1,6}$"}}, "required": ["color", "size"], "additionalProperties": False})),
+    "schema": GrammarSpec("json_schema", json.dumps(SCHEMA)),
     "regex": GrammarSpec("regex", r"[a-z]{3,10}(, [a-z]{2,6}){1,3}"),
     "choice": GrammarSpec("choice", json.dumps(["yes", "no", "not sure"])),
 }
