@@ -26,7 +26,6 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -34,13 +33,12 @@ sys.path.insert(0, str(REPO))
 from benchmarks.serving import side_by_side  # noqa: E402
 from benchmarks.serving.bench_engine import MODULE_RANK, _environment  # noqa: E402
 from benchmarks.serving.engine_models import (  # noqa: E402
-    PAD_ID, SHAPES, EngineSettings, random_hf_model, random_modules, tessera_engine, word_tokenizer,
+    PAD_ID, SHAPES, EngineSettings, random_model_and_modules, tessera_engine, word_tokenizer,
 )
 from benchmarks.serving.side_by_side import (  # noqa: E402
     differing, model_dtype, parser_with_model_flags, same_tokens_note, timed_batch,
 )
 from router.composition import Composition  # noqa: E402
-from router.library import fingerprint_from_hf_config  # noqa: E402
 from server.engine.request import Request, SamplingParams, StepStats  # noqa: E402
 
 
@@ -97,11 +95,8 @@ def _requests(settings: PrefixSettings, vocab_size: int) -> tuple[list[Request],
 
 def run(settings: PrefixSettings) -> dict:
     shape = SHAPES[settings.config]
-    hf_model = random_hf_model(shape, getattr(torch, settings.dtype), settings.device, settings.seed)
-    library = None
-    if settings.modules:
-        library = random_modules(fingerprint_from_hf_config(hf_model.config), settings.modules, MODULE_RANK,
-                                 shape.initializer_range, settings.seed, settings.device)
+    hf_model, library = random_model_and_modules(shape, settings.dtype, settings.device, settings.seed,
+                                                 settings.modules, MODULE_RANK)
     warm, timed = _requests(settings, shape.vocab_size)
     per_request = -(-(settings.prefix_len + settings.unique_len + settings.new_tokens) // settings.block_size)
     rows, tokens = [], {}

@@ -33,7 +33,6 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -41,11 +40,10 @@ sys.path.insert(0, str(REPO))
 from benchmarks.serving import side_by_side  # noqa: E402
 from benchmarks.serving.bench_engine import MODULE_RANK, _environment  # noqa: E402
 from benchmarks.serving.engine_models import (  # noqa: E402
-    PAD_ID, SHAPES, EngineSettings, random_hf_model, random_modules, tessera_engine, word_tokenizer,
+    PAD_ID, SHAPES, EngineSettings, random_model_and_modules, tessera_engine, word_tokenizer,
 )
 from benchmarks.serving.side_by_side import differing, model_dtype, parser_with_model_flags, timed_batch  # noqa: E402
 from router.composition import Composition  # noqa: E402
-from router.library import fingerprint_from_hf_config  # noqa: E402
 from server.engine.request import Request, SamplingParams, StepStats  # noqa: E402
 
 SYSTEMS = ("plain", "prediction", "edited", "ngram", "ngram+prediction")
@@ -148,12 +146,8 @@ def _run_batch(settings: SpecSettings, hf_model, library, batch: int) -> list[di
 
 
 def run(settings: SpecSettings) -> dict:
-    shape = SHAPES[settings.config]
-    hf_model = random_hf_model(shape, getattr(torch, settings.dtype), settings.device, settings.seed)
-    library = None
-    if settings.modules:
-        library = random_modules(fingerprint_from_hf_config(hf_model.config), settings.modules, MODULE_RANK,
-                                 shape.initializer_range, settings.seed, settings.device)
+    hf_model, library = random_model_and_modules(SHAPES[settings.config], settings.dtype, settings.device,
+                                                 settings.seed, settings.modules, MODULE_RANK)
     rows = [row for batch in settings.batch_sizes for row in _run_batch(settings, hf_model, library, batch)]
     return {"settings": asdict(settings) | {"batch_sizes": list(settings.batch_sizes)},
             "environment": _environment(settings), "rows": rows}

@@ -154,6 +154,18 @@ def random_modules(
     return ModuleLibrary.build(backbone, modules, [task], torch.zeros(1, num_modules))
 
 
+def random_model_and_modules(shape: ModelShape, dtype: str, device: str, seed: int, num_modules: int,
+                             rank: int) -> tuple:
+    """(`random_hf_model`, a library of `num_modules` `random_modules` of `rank` over it, or None for 0)."""
+    hf_model = random_hf_model(shape, getattr(torch, dtype), device, seed)
+    if not num_modules:
+        return hf_model, None
+    from router.library import fingerprint_from_hf_config
+
+    fingerprint = fingerprint_from_hf_config(hf_model.config)
+    return hf_model, random_modules(fingerprint, num_modules, rank, shape.initializer_range, seed, device)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """How the benchmark configures Tessera's engine."""

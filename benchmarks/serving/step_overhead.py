@@ -40,10 +40,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.serving.bench_engine import MODULE_RANK, _environment, _write_json  # noqa: E402
 from benchmarks.serving.engine_models import (  # noqa: E402
-    SHAPES, EngineSettings, random_hf_model, random_modules, tessera_engine, word_tokenizer,
+    SHAPES, EngineSettings, random_model_and_modules, tessera_engine, word_tokenizer,
 )
 from benchmarks.serving.engine_systems import VARIANTS, StepCounter, Workload  # noqa: E402
-from router.library import fingerprint_from_hf_config  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.request import Request, SamplingParams  # noqa: E402
 
@@ -150,11 +149,8 @@ def _engine(settings: OverheadSettings) -> tuple[Engine, int]:
     """The engine over the tiny random Llama and the variant's modules; also the vocabulary size."""
     variant = next(v for v in VARIANTS if v.key == settings.variant)
     shape = SHAPES["tiny"]
-    hf_model = random_hf_model(shape, getattr(torch, settings.dtype), settings.device, settings.seed)
-    library = None
-    if variant.num_modules:
-        library = random_modules(fingerprint_from_hf_config(hf_model.config), variant.num_modules, MODULE_RANK,
-                                 shape.initializer_range, settings.seed, settings.device)
+    hf_model, library = random_model_and_modules(shape, settings.dtype, settings.device, settings.seed,
+                                                 variant.num_modules, MODULE_RANK)
     largest = max(settings.batch_sizes)
     per_request = -(-(settings.prompt_len + settings.new_tokens) // settings.block_size)
     engine_settings = EngineSettings(

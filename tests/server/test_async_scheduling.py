@@ -31,14 +31,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34], 
 MAX_MODEL_LEN = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """NOTE: the tiny model's ops are too small for two intra-op threads: with another process busy on the
-    shared 2-core machine, this file took 89 s on two threads and 4 s on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _engine(setup, mode: str, **overrides) -> Engine:

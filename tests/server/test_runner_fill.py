@@ -24,12 +24,7 @@ COMPOSITIONS = [
 PROMPT_LENS = [11, 3, 6, 9, 2, 14]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference_fill(runner, plan: StepPlan, order: list[str]) -> dict:
