@@ -91,7 +91,8 @@ class EngineConfig:
     change). Tessera's `prediction_tokens` (default 8; 0 ignores them) sets how many tokens of a request's OpenAI
     `prediction` are drafted per step; predictions are used without this flag too. Every sampling parameter
     and structured outputs work with drafts. While drafting requests run, steps are not overlapped (async
-    scheduling waits), and steps that run drafts are not replayed from CUDA graphs."""
+    scheduling waits), and steps that run drafts are not replayed from CUDA graphs; `"disable_by_batch_size":
+    N` stops drafting while more than N requests run."""
     seed: int = 0
     """Seed for requests that give none."""
     cuda_graphs: str = "auto"

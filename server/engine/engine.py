@@ -380,7 +380,7 @@ class Engine:
     def step(self) -> None:
         """One engine step: schedule, launch, then read and emit this step (or, asynchronously, the previous one)."""
         started = time.perf_counter()
-        if self.scheduler.num_structured or self.scheduler.num_drafting:  # their matchers need the pending step's
+        if self.scheduler.num_structured or self.scheduler.speculating:  # their matchers need the pending step's
             self._flush()  # tokens before the next mask; drafts are looked up from every token, the last included
         plan = self.scheduler.schedule()
         launched = self.runner.launch(plan)

@@ -35,7 +35,7 @@ whose step reaches its last token (a decode, or the chunk that ends its prompt) 
 it, in blocks that are free (drafts never preempt). Its own tokens count as computed when planned; `update`
 appends every token the step kept (`StepResult.accepted`, then the sampled one) and counts the kept drafts as
 computed, since their KV was written for the very tokens kept. Drafts need every token known, so the engine
-reads each step back before planning the next while such requests run (`num_drafting`).
+reads each step back before planning the next while such requests run (`speculating`).
 """
 
 from __future__ import annotations
@@ -210,6 +210,15 @@ class Scheduler:
         self._enqueue(state)
         return state
 
+    @property
+    def speculating(self) -> bool:
+        """Whether a step planned now may run drafts: requests with drafters are unfinished, and no more requests
+        run than `SpeculativeConfig.disable_by_batch_size` allows."""
+        if not self.num_drafting:
+            return False
+        limit = self.speculative.disable_by_batch_size
+        return not limit or len(self.running) <= limit
+
     def waiting_module_ids(self) -> tuple[str, ...]:
         """Modules that waiting requests use."""
         return tuple(self.waiting_modules)
@@ -268,7 +277,7 @@ class Scheduler:
             if num_tokens == 0:
                 break
             budget -= num_tokens
-        if self.num_drafting and budget > 0:
+        if self.speculating and budget > 0:
             self._add_drafts(plan, budget)
         plan.dropped += self._take_dropped()
         return plan

@@ -44,6 +44,10 @@ class SpeculativeConfig:
     """Shortest n-gram looked for; a shorter match proposes nothing."""
     prediction_tokens: int = 8
     """Draft tokens per step from a request's OpenAI `prediction` (Predicted Outputs); 0 ignores predictions."""
+    disable_by_batch_size: int = 0
+    """No drafts while more than this many requests run (vLLM's speculative_disable_by_batch_size): a large batch's
+    steps cost more per token, so drafts save less, and plain steps keep CUDA graphs and asynchronous overlap; 0:
+    drafts at any batch size."""
 
     def __post_init__(self) -> None:
         for item in fields(self):

@@ -36,6 +36,8 @@ def test_the_config_reads_vllms_json_with_its_defaults():
     config = SpeculativeConfig.from_json('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 2}')
     assert (config.prompt_lookup_min, config.prompt_lookup_max) == (2, 2)
     assert SpeculativeConfig.from_json('{"prediction_tokens": 0}').prediction_tokens == 0
+    config = SpeculativeConfig.from_json('{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 8}')
+    assert (config.num_speculative_tokens, config.disable_by_batch_size) == (2, 8)
 
 
 @pytest.mark.parametrize("text,message", [
@@ -402,6 +404,18 @@ def test_speculation_under_a_grammar_gives_the_plain_output(setup, free, mode):
             assert kept == drafted > 0, name
     if mode == "edited":
         assert sum(s.num_accepted_tokens for s in steps) > 0
+
+
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_no_drafts_while_more_requests_run_than_disable_by_batch_size(setup, stop, plain, async_scheduling):
+    want, _ = plain
+    predictions = {request_id: flat[0] for request_id, flat in want.items()}
+    config = json.dumps({"prediction_tokens": 8, "disable_by_batch_size": 3})
+    engine, steps = _engine(setup, config, async_scheduling=async_scheduling)
+    outputs = engine.generate_batch(_requests(stop, predictions))
+    _assert_same(_flat(outputs), want)
+    assert all(s.num_draft_tokens == 0 for s in steps if s.num_running > 3)
+    assert any(s.num_draft_tokens for s in steps) and any(s.num_running > 3 for s in steps)
 
 
 def test_the_kv_of_kept_drafts_serves_later_requests_from_the_prefix_cache(setup, plain, stop):
