@@ -18,6 +18,11 @@ from server.engine.request import SamplingParams, TokenLogprob
 PLACEHOLDER = -1
 """Token id of a sampled token not read back yet; never sent to the runner in `NewRequestData`."""
 
+LOGIT_ROWS = 512
+"""Token rows whose logits a step makes at once beyond a full batch's ([rows, vocab] fp32: 256 MiB at a 128k
+vocabulary): prompt scoring goes in chunks of this many, and a step samples at most max(max_num_seqs, this)
+rows, drafts included."""
+
 
 @dataclass
 class NewRequestData:

@@ -19,6 +19,7 @@ import torch
 
 from tessera_kernels.sampling import race_sample
 from tessera_kernels.sampling.reference import splitmix64_int
+from server.engine.plan import LOGIT_ROWS
 from server.engine.request import SamplingParams, TokenLogprob
 from server.engine.transfer import to_device
 
@@ -151,19 +152,15 @@ class DevicePromptLogprobs:
     """1 + the number of tokens more likely than the scored one: [N]."""
 
 
-PROMPT_LOGITS_CHUNK = 512
-"""Prompt rows whose logits are made at once ([chunk, vocab] fp32: 256 MiB at a 128k vocabulary)."""
-
-
 def gather_prompt_logprobs(logits_of, rows: torch.Tensor, targets: torch.Tensor,
                            spans: list[tuple[str, int, int, int]]) -> DevicePromptLogprobs:
     """Logprob of `targets[i]` under the logits of token row `rows[i]` (the row before it), and the top
     alternatives; `logits_of(rows) -> fp32 [n, vocab]`. No host sync."""
     most = max(k for *_, k in spans)
     chosen, values, ids, ranks = [], [], [], []
-    for start in range(0, len(rows), PROMPT_LOGITS_CHUNK):
-        logp = torch.log_softmax(logits_of(rows[start : start + PROMPT_LOGITS_CHUNK]), dim=-1)  # [n, vocab]
-        chosen.append(logp.gather(1, targets[start : start + PROMPT_LOGITS_CHUNK, None]).squeeze(1))  # [n]
+    for start in range(0, len(rows), LOGIT_ROWS):
+        logp = torch.log_softmax(logits_of(rows[start : start + LOGIT_ROWS]), dim=-1)  # [n, vocab]
+        chosen.append(logp.gather(1, targets[start : start + LOGIT_ROWS, None]).squeeze(1))  # [n]
         ranks.append((logp > chosen[-1][:, None]).sum(dim=-1) + 1)  # [n]
         top = logp.topk(most, dim=-1) if most else (logp[:, :0], logp[:, :0].long())  # [n, most] each
         values.append(top[0])

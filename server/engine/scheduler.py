@@ -30,12 +30,14 @@ one still runs (asynchronous scheduling), with these rules:
 - a finished request loses its unread placeholders, so its output is exactly its real tokens.
 
 Speculative decoding (`speculative`): once every request has its tokens, what is left of the budget goes to
-drafts (`StepPlan.drafts`) in equal shares, so speculation never displaces work: a request with a `Drafter`
-whose step reaches its last token (a decode, or the chunk that ends its prompt) runs up to k draft tokens after
-it, in blocks that are free (drafts never preempt). Its own tokens count as computed when planned; `update`
-appends every token the step kept (`StepResult.accepted`, then the sampled one) and counts the kept drafts as
-computed, since their KV was written for the very tokens kept. Drafts need every token known, so the engine
-reads each step back before planning the next while such requests run (`speculating`).
+drafts (`StepPlan.drafts`) in equal shares, so speculation never displaces work. A step samples at most
+max(max_num_seqs, LOGIT_ROWS) rows, drafts included, so their logits take no more memory than a full batch's
+or a chunk of prompt scoring's. A request with a `Drafter` whose step reaches its last token (a
+decode, or the chunk that ends its prompt) runs up to k draft tokens after it, in blocks that are free (drafts
+never preempt). Its own tokens count as computed when planned; `update` appends every token the step kept
+(`StepResult.accepted`, then the sampled one) and counts the kept drafts as computed, since their KV was
+written for the very tokens kept. Drafts need every token known, so the engine reads each step back before
+planning the next while such requests run (`speculating`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field
 
 from server.engine.kv_pool import BlockPool, block_hashes, composition_root
 from server.engine.module_pool import ModulePool
-from server.engine.plan import PLACEHOLDER, NewRequestData, RunningRequestData, StepPlan, StepResult
+from server.engine.plan import LOGIT_ROWS, PLACEHOLDER, NewRequestData, RunningRequestData, StepPlan, StepResult
 from server.engine.request import Request, TokenLogprob
 from server.engine.speculative import Drafter, SpeculativeConfig
 
@@ -278,12 +280,13 @@ class Scheduler:
                 break
             budget -= num_tokens
         if self.speculating and budget > 0:
-            self._add_drafts(plan, budget)
+            rows = max(self.config.max_num_seqs, LOGIT_ROWS) - len(plan.samples)  # rows sampled: logits memory
+            self._add_drafts(plan, min(budget, rows))
         plan.dropped += self._take_dropped()
         return plan
 
     def _add_drafts(self, plan: StepPlan, budget: int) -> None:
-        """Spend the budget left after every real token on drafts, so speculation never displaces work: each
+        """Spend `budget` (what is left after every real token) on drafts, so speculation never displaces work: each
         request with a drafter that samples in this step after all its known tokens (a decode, or the chunk that
         ends its prompt) gets an equal share of what is left (what one does not use goes to the next), within its
         max_tokens and max_model_len (the step may keep every draft and one more token) and the free blocks

@@ -13,7 +13,7 @@ from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.kv_pool import BlockPool
 from server.engine.module_pool import ModulePool
-from server.engine.plan import StepResult
+from server.engine.plan import LOGIT_ROWS, StepResult
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig, Status
 from server.engine.speculative import Drafter, SpeculativeConfig, accepted
@@ -178,6 +178,17 @@ def test_drafts_take_only_the_budget_left_after_real_work():
               *(_request(name, prediction=(2, 1, 30, 31, 32, 33, 34, 35, 36)) for name in "bc"))
     plan = scheduler.schedule()
     assert plan.drafts == {"a": [30], "b": [30, 31, 32], "c": [30, 31]}  # what a does not use goes on
+
+
+def test_a_step_samples_at_most_max_num_seqs_or_logit_rows_rows():
+    """Each draft is a sampled row: [rows, vocab] logits. A step samples no more rows than a full batch or a chunk of
+    prompt scoring (LOGIT_ROWS), whichever is more, however large the token budget."""
+    scheduler = Scheduler(SchedulerConfig(8, 4096, 4096), BlockPool(1024, 4, caching=False), ModulePool(2), {0},
+                          SpeculativeConfig(prediction_tokens=1000))
+    prediction = (2, 1) + tuple(range(30, 1030))
+    _decoding(scheduler, *(_request(name, max_tokens=2000, prediction=prediction) for name in "ab"))
+    plan = scheduler.schedule()
+    assert [len(plan.drafts[name]) for name in "ab"] == [(LOGIT_ROWS - 2) // 2] * 2
 
 
 def test_drafts_take_only_free_blocks_and_never_preempt():
