@@ -9,10 +9,13 @@ Each batch of --batch-sizes requests (random prompts of --prompt-len token ids, 
 each, spread over --modules random rank-16 modules, one per request) runs under five settings:
 
 - `plain`: no speculation, the reference every other setting must reproduce token for token;
-- `prediction`: each request carries its own plain output as its prediction (OpenAI's Predicted Outputs when
-  the reply is known, as for a file sent back unchanged): the most any prediction can save;
+- `prediction`: each request carries its own plain output as its prediction, drafted --prediction-tokens a step
+  (OpenAI's Predicted Outputs when the reply is known, as for a file sent back unchanged): the most any
+  prediction can save;
 - `edited`: the same with an edit every --edit-every tokens (two tokens replaced, one inserted), the shape of a
   code edit;
+- `wrong`: a prediction none of whose tokens is right (each plain token shifted by one id): what a useless
+  prediction costs;
 - `ngram`: vLLM's n-gram lookup in the request's own prompt and output (`--speculative-config` method ngram, k
   = --drafts). A random model's text repeats only where greedy decoding falls into a loop, so this row
   measures the cost of looking and of rejected drafts more than the gain on real text;
@@ -45,8 +48,9 @@ from benchmarks.serving.engine_models import (  # noqa: E402
 from benchmarks.serving.side_by_side import differing, model_dtype, parser_with_model_flags, timed_batch  # noqa: E402
 from router.composition import Composition  # noqa: E402
 from server.engine.request import Request, SamplingParams, StepStats  # noqa: E402
+from server.engine.speculative import SpeculativeConfig  # noqa: E402
 
-SYSTEMS = ("plain", "prediction", "edited", "ngram", "ngram+prediction")
+SYSTEMS = ("plain", "prediction", "edited", "wrong", "ngram", "ngram+prediction")
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,9 @@ class SpecSettings:
     modules: int
     """Modules the requests are spread over (one each, round robin); 0 serves the backbone alone."""
     drafts: int
-    """n-gram draft tokens per step (`num_speculative_tokens`); predictions draft EngineConfig's default, 8."""
+    """n-gram draft tokens per step (`num_speculative_tokens`)."""
+    prediction_tokens: int
+    """Prediction tokens drafted per step (`prediction_tokens`)."""
     edit_every: int
     """The `edited` prediction changes its tokens once every this many."""
     block_size: int
@@ -109,11 +115,14 @@ def _requests(settings: SpecSettings, batch: int, vocab_size: int, predictions: 
 
 def _engine_settings(settings: SpecSettings, batch: int, system: str) -> EngineSettings:
     per_request = -(-(settings.prompt_len + settings.new_tokens + 16) // settings.block_size)
-    ngram = json.dumps({"method": "ngram", "num_speculative_tokens": settings.drafts, "prompt_lookup_max": 3,
-                        "prompt_lookup_min": 1}) if system.startswith("ngram") else None
+    speculation = {"prediction_tokens": settings.prediction_tokens}
+    if system.startswith("ngram"):
+        speculation |= {"method": "ngram", "num_speculative_tokens": settings.drafts, "prompt_lookup_max": 3,
+                        "prompt_lookup_min": 1}
     return EngineSettings(block_size=settings.block_size, max_num_seqs=batch,
                           max_num_batched_tokens=max(2048, settings.block_size), num_kv_blocks=batch * per_request,
-                          max_slots=max(settings.modules, 1), max_rank=MODULE_RANK, max_k=1, speculative_config=ngram)
+                          max_slots=max(settings.modules, 1), max_rank=MODULE_RANK, max_k=1,
+                          speculative_config=json.dumps(speculation))
 
 
 def _run_batch(settings: SpecSettings, hf_model, library, batch: int) -> list[dict]:
@@ -125,6 +134,8 @@ def _run_batch(settings: SpecSettings, hf_model, library, batch: int) -> list[di
             predictions = plain
         elif system == "edited":
             predictions = {r: _edited(t, settings.edit_every, shape.vocab_size) for r, t in plain.items()}
+        elif system == "wrong":
+            predictions = {r: [t % (shape.vocab_size - 1) + 1 for t in tokens] for r, tokens in plain.items()}
         steps = _Steps()
         engine = tessera_engine(hf_model, word_tokenizer(shape.vocab_size), library,
                                 _engine_settings(settings, batch, system), settings.dtype, steps)
@@ -156,7 +167,8 @@ def run(settings: SpecSettings) -> dict:
 def table(document: dict) -> str:
     s = document["settings"]
     lines = [f"{s['config']} on {document['environment']['device']} ({s['dtype']}): prompts of {s['prompt_len']} "
-             f"tokens, {s['new_tokens']} new tokens each (greedy), {s['modules']} modules, n-gram k={s['drafts']}",
+             f"tokens, {s['new_tokens']} new tokens each (greedy), {s['modules']} modules, n-gram k={s['drafts']}, "
+             f"{s['prediction_tokens']} prediction tokens a step",
              f"{'batch':>5} {'setting':>17} {'steps':>6} {'seconds':>8} {'gen tok/s':>10} {'drafted':>8} "
              f"{'kept':>6} {'tok/step':>8} {'time/plain':>10} {'same tokens':>11}"]
     for row in document["rows"]:
@@ -174,16 +186,18 @@ def _parse(argv: list[str] | None) -> SpecSettings:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--modules", type=int, default=8)
     parser.add_argument("--drafts", type=int, default=4)
+    parser.add_argument("--prediction-tokens", type=int, default=SpeculativeConfig.prediction_tokens)
     parser.add_argument("--edit-every", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/serving/results/bench_spec.json")
     args = parser.parse_args(argv)
-    dtype = model_dtype(parser, args, ("prompt_len", "new_tokens", "drafts", "edit_every"))
+    dtype = model_dtype(parser, args, ("prompt_len", "new_tokens", "drafts", "prediction_tokens", "edit_every"))
     if args.modules < 0 or min(args.batch_sizes) < 1:
         parser.error("--modules must be >= 0 and every --batch-sizes value >= 1")
     return SpecSettings(args.config, args.device, dtype, tuple(args.batch_sizes), args.prompt_len, args.new_tokens,
-                        args.modules, args.drafts, args.edit_every, args.block_size, args.seed, args.out)
+                        args.modules, args.drafts, args.prediction_tokens, args.edit_every, args.block_size, args.seed,
+                        args.out)
 
 
 def main(argv: list[str] | None = None) -> dict:

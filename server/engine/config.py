@@ -88,7 +88,7 @@ class EngineConfig:
     """Speculative decoding, as vLLM's --speculative-config JSON: `{"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_max": 4, "prompt_lookup_min": 2}` runs up to 4 draft tokens a step, found by n-gram lookup in the
     request's own prompt and output, and keeps those the model would have drawn anyway (the output does not
-    change). Tessera's `prediction_tokens` (default 8; 0 ignores them) sets how many tokens of a request's OpenAI
+    change). Tessera's `prediction_tokens` (default 16; 0 ignores them) sets how many tokens of a request's OpenAI
     `prediction` are drafted per step; predictions are used without this flag too. Every sampling parameter
     and structured outputs work with drafts. While drafting requests run, steps are not overlapped (async
     scheduling waits), and steps that run drafts are not replayed from CUDA graphs; `"disable_by_batch_size":

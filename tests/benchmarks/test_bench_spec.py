@@ -11,7 +11,8 @@ from benchmarks.serving.bench_spec import SYSTEMS, _edited, main
 def test_every_setting_gives_the_plain_tokens_and_the_steps_add_up(tmp_path, capsys):
     out = tmp_path / "spec.json"
     document = main(["--device", "cpu", "--config", "tiny", "--batch-sizes", "1", "3", "--prompt-len", "12",
-                     "--new-tokens", "20", "--modules", "2", "--edit-every", "8", "--out", str(out)])
+                     "--new-tokens", "20", "--modules", "2", "--edit-every", "8", "--prediction-tokens", "8",
+                     "--out", str(out)])
     assert json.loads(out.read_text()) == document and "time/plain" in capsys.readouterr().out
     rows = {(row["batch"], row["system"]): row for row in document["rows"]}
     assert sorted(rows) == sorted((batch, system) for batch in (1, 3) for system in SYSTEMS)
@@ -23,6 +24,8 @@ def test_every_setting_gives_the_plain_tokens_and_the_steps_add_up(tmp_path, cap
         assert exact["accepted_tokens"] == exact["draft_tokens"] > 0  # a prediction that holds is kept whole
         assert exact["steps"] == 3  # 8 drafts and the token after them a step: 9 + 9 + 2
         assert 0 < edited["accepted_tokens"] < edited["draft_tokens"] and exact["steps"] < edited["steps"] < 20
+        wrong = rows[batch, "wrong"]  # its start, then wherever a token of the output recurs in it: never right
+        assert wrong["accepted_tokens"] == 0 and wrong["draft_tokens"] >= 8 * batch and wrong["steps"] == 20
 
 
 def test_an_edited_prediction_replaces_two_tokens_and_inserts_one_every_so_often():
