@@ -4,9 +4,14 @@ side in one run on the same weights and requests.
     python benchmarks/serving/bench_spec.py --out results/bench_spec.json                    # GPU, Llama-3-8B shape
     python benchmarks/serving/bench_spec.py --device cpu --config small --batch-sizes 1 4 \\
         --new-tokens 64 --out /tmp/bench_spec.json                                          # CPU
+    python benchmarks/serving/bench_spec.py --workload copy --device cpu --batch-sizes 1 8 \\
+        --out /tmp/bench_spec_copy.json                                                     # a trained model
 
-Each batch of --batch-sizes requests (random prompts of --prompt-len token ids, greedy, `ignore_eos`, --new-tokens
-each, spread over --modules random rank-16 modules, one per request) runs under five settings:
+Each batch of --batch-sizes requests runs under the settings below. `--workload random` (default): random prompts
+of --prompt-len token ids, greedy, `ignore_eos`, --new-tokens each, spread over --modules random rank-16 modules,
+one per request, on the random model of --config. `--workload copy`: a trained model whose replies quote their
+prompts, the suite's character-level backbone (pretrained on first use and cached, about a minute on 2 CPU
+cores) asked to repeat random strings, greedy, each reply ending at its own EOS. The settings:
 
 - `plain`: no speculation, the reference every other setting must reproduce token for token;
 - `prediction`: each request carries its own plain output as its prediction, drafted --prediction-tokens a step
@@ -17,15 +22,15 @@ each, spread over --modules random rank-16 modules, one per request) runs under 
 - `wrong`: a prediction none of whose tokens is right (each plain token shifted by one id): what a useless
   prediction costs;
 - `ngram`: vLLM's n-gram lookup in the request's own prompt and output (`--speculative-config` method ngram, k
-  = --drafts). A random model's text repeats only where greedy decoding falls into a loop, so this row
-  measures the cost of looking and of rejected drafts more than the gain on real text;
+  = --drafts). A random model's text repeats only by chance, so on the random workload this row measures the
+  cost of looking and of rejected drafts; the copy workload shows what it finds in a reply that quotes;
 - `ngram+prediction`: both.
 
 The table reports per setting: engine steps, wall seconds, generated tokens per second, draft tokens run and
-kept, tokens each request gets per step (its output over its steps: the prompt's step gives the first), and the
-time relative to `plain`. Under `plain`, decode
-steps replay CUDA graphs and overlap the next step's planning; steps that run drafts do neither (the engine's
-documented cost), which is what the ratio weighs against the steps saved.
+kept, tokens per step of a request (outputs over the steps each request ran in: the prompt's step gives the
+first), and the time relative to `plain`. Under `plain`, decode steps replay CUDA graphs and overlap the next step's planning; steps
+that run drafts do neither (the engine's documented cost), which is what the ratio weighs against the steps
+saved.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from benchmarks.serving.bench_engine import MODULE_RANK, _environment  # noqa: E
 from benchmarks.serving.engine_models import (  # noqa: E402
     PAD_ID, SHAPES, EngineSettings, random_model_and_modules, tessera_engine, word_tokenizer,
 )
+from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
 from benchmarks.serving.side_by_side import differing, model_dtype, parser_with_model_flags, timed_batch  # noqa: E402
 from router.composition import Composition  # noqa: E402
 from server.engine.request import Request, SamplingParams, StepStats  # noqa: E402
@@ -77,16 +84,21 @@ class SpecSettings:
     block_size: int
     seed: int
     out: str
+    workload: str = "random"
+    """random: the random model of `config` on random prompts; copy: the suite backbone repeating strings."""
+    suite_backbone: str = "small"
+    """With workload copy: the suite backbone setting (training.suite.backbone.SETTINGS)."""
 
 
 class _Steps:
     """A step observer that counts steps and drafts."""
 
     def __init__(self) -> None:
-        self.steps = self.drafted = self.accepted = 0
+        self.steps = self.seq_steps = self.drafted = self.accepted = 0
 
     def __call__(self, stats: StepStats) -> None:
         self.steps += stats.num_seqs > 0
+        self.seq_steps += stats.num_seqs
         self.drafted += stats.num_draft_tokens
         self.accepted += stats.num_accepted_tokens
 
@@ -104,45 +116,109 @@ def _edited(tokens: list[int], every: int, vocab_size: int) -> list[int]:
     return out
 
 
-def _requests(settings: SpecSettings, batch: int, vocab_size: int, predictions: dict | None) -> list[Request]:
-    rng = random.Random(settings.seed * 1000 + batch)
-    sampling = SamplingParams(max_tokens=settings.new_tokens, temperature=0.0, ignore_eos=True)
-    compositions = [Composition((f"m{i}",), (1.0,), "explicit") for i in range(settings.modules)] or [Composition()]
-    return [Request(f"r{i}", [rng.randrange(PAD_ID + 1, vocab_size) for _ in range(settings.prompt_len)], sampling,
-                    compositions[i % len(compositions)], prediction=tuple((predictions or {}).get(f"r{i}", ())))
-            for i in range(batch)]
-
-
-def _engine_settings(settings: SpecSettings, batch: int, system: str) -> EngineSettings:
-    per_request = -(-(settings.prompt_len + settings.new_tokens + 16) // settings.block_size)
+def _speculation(settings: SpecSettings, system: str) -> str:
+    """EngineConfig.speculative_config of a setting."""
     speculation = {"prediction_tokens": settings.prediction_tokens}
     if system.startswith("ngram"):
         speculation |= {"method": "ngram", "num_speculative_tokens": settings.drafts, "prompt_lookup_max": 3,
                         "prompt_lookup_min": 1}
-    return EngineSettings(block_size=settings.block_size, max_num_seqs=batch,
-                          max_num_batched_tokens=max(2048, settings.block_size), num_kv_blocks=batch * per_request,
-                          max_slots=max(settings.modules, 1), max_rank=MODULE_RANK, max_k=1,
-                          speculative_config=json.dumps(speculation))
+    return json.dumps(speculation)
 
 
-def _run_batch(settings: SpecSettings, hf_model, library, batch: int) -> list[dict]:
-    shape = SHAPES[settings.config]
+class _RandomWorkload:
+    """The random Llama of `settings.config` with random modules, random prompts, every request forced to
+    `new_tokens`."""
+
+    def __init__(self, settings: SpecSettings):
+        self.settings, shape = settings, SHAPES[settings.config]
+        self.vocab_size = shape.vocab_size
+        self.hf_model, self.library = random_model_and_modules(shape, settings.dtype, settings.device, settings.seed,
+                                                               settings.modules, MODULE_RANK)
+
+    def engine(self, batch: int, system: str, observer) -> Engine:
+        s = self.settings
+        per_request = -(-(s.prompt_len + s.new_tokens + 16) // s.block_size)
+        engine_settings = EngineSettings(
+            block_size=s.block_size, max_num_seqs=batch, max_num_batched_tokens=max(2048, s.block_size),
+            num_kv_blocks=batch * per_request, max_slots=max(s.modules, 1), max_rank=MODULE_RANK, max_k=1,
+            speculative_config=_speculation(s, system))
+        return tessera_engine(self.hf_model, word_tokenizer(self.vocab_size), self.library, engine_settings, s.dtype,
+                              observer)
+
+    def requests(self, batch: int, predictions: dict | None) -> list[Request]:
+        s = self.settings
+        rng = random.Random(s.seed * 1000 + batch)
+        sampling = SamplingParams(max_tokens=s.new_tokens, temperature=0.0, ignore_eos=True)
+        compositions = [Composition((f"m{i}",), (1.0,), "explicit") for i in range(s.modules)] or [Composition()]
+        return [Request(f"r{i}", [rng.randrange(PAD_ID + 1, self.vocab_size) for _ in range(s.prompt_len)],
+                        sampling, compositions[i % len(compositions)], prediction=_prediction(predictions, f"r{i}"))
+                for i in range(batch)]
+
+
+class _CopyWorkload:
+    """A trained model whose replies quote their prompts: the suite backbone (`training.suite.backbone`, a
+    character-level Llama pretrained, and cached, to echo strings) asked to repeat random strings, each reply
+    ending at its own EOS. No modules: the backbone alone."""
+
+    def __init__(self, settings: SpecSettings):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from training.suite.backbone import SETTINGS, ensure_backbone
+
+        self.settings, self.backbone = settings, SETTINGS[settings.suite_backbone]
+        self.model_dir = str(ensure_backbone(settings.suite_backbone, progress=True))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.vocab_size = AutoConfig.from_pretrained(self.model_dir).vocab_size
+
+    def engine(self, batch: int, system: str, observer) -> Engine:
+        s = self.settings
+        config = EngineConfig(model=self.model_dir, dtype=s.dtype, device=s.device, block_size=s.block_size,
+                              max_num_seqs=batch, max_num_batched_tokens=2048, num_kv_blocks=batch * 8,
+                              speculative_config=_speculation(s, system))
+        return Engine(config, step_observer=observer)
+
+    def requests(self, batch: int, predictions: dict | None) -> list[Request]:
+        from training.suite.backbone import random_string
+
+        rng = random.Random(f"bench-spec-copy:{self.settings.seed}:{batch}")
+        sampling = SamplingParams(max_tokens=self.backbone.max_string_len + 2, temperature=0.0)
+        requests = []
+        for i in range(batch):
+            text = random_string(rng, rng.randint(self.backbone.max_string_len // 2, self.backbone.max_string_len))
+            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": f"repeat the string: {text}"}],
+                                                          add_generation_prompt=True, tokenize=False)
+            prompt = self.tokenizer.encode(rendered, add_special_tokens=False)
+            requests.append(Request(f"r{i}", prompt, sampling, prediction=_prediction(predictions, f"r{i}")))
+        return requests
+
+
+WORKLOADS = {"random": _RandomWorkload, "copy": _CopyWorkload}
+
+
+def _prediction(predictions: dict | None, request_id: str) -> tuple[int, ...]:
+    return tuple((predictions or {}).get(request_id, ()))
+
+
+def _predictions(system: str, plain: dict | None, settings: SpecSettings, vocab_size: int) -> dict | None:
+    """Each request's prediction under `system`, from the plain run's tokens."""
+    if system.endswith("prediction"):
+        return plain
+    if system == "edited":
+        return {r: _edited(t, settings.edit_every, vocab_size) for r, t in plain.items()}
+    if system == "wrong":
+        return {r: [t % (vocab_size - 1) + 1 for t in tokens] for r, tokens in plain.items()}
+    return None
+
+
+def _run_batch(settings: SpecSettings, workload, batch: int) -> list[dict]:
     rows, plain = [], None
     for system in SYSTEMS:
-        predictions = None
-        if system.endswith("prediction"):
-            predictions = plain
-        elif system == "edited":
-            predictions = {r: _edited(t, settings.edit_every, shape.vocab_size) for r, t in plain.items()}
-        elif system == "wrong":
-            predictions = {r: [t % (shape.vocab_size - 1) + 1 for t in tokens] for r, tokens in plain.items()}
+        predictions = _predictions(system, plain, settings, workload.vocab_size)
         steps = _Steps()
-        engine = tessera_engine(hf_model, word_tokenizer(shape.vocab_size), library,
-                                _engine_settings(settings, batch, system), settings.dtype, steps)
-        engine.generate_batch(_requests(settings, batch, shape.vocab_size, None)[:1])  # warm-up (graphs, kernels)
+        engine = workload.engine(batch, system, steps)
+        engine.generate_batch(workload.requests(batch, None)[:1])  # warm-up (graphs, kernels)
         steps.__init__()
-        _, seconds, tokens = timed_batch(engine, _requests(settings, batch, shape.vocab_size, predictions),
-                                         settings.device)
+        _, seconds, tokens = timed_batch(engine, workload.requests(batch, predictions), settings.device)
         del engine
         if system == "plain":
             plain = tokens
@@ -150,24 +226,27 @@ def _run_batch(settings: SpecSettings, hf_model, library, batch: int) -> list[di
         rows.append({"batch": batch, "system": system, "steps": steps.steps, "seconds": seconds,
                      "generated_tokens": generated, "generated_per_s": generated / seconds,
                      "draft_tokens": steps.drafted, "accepted_tokens": steps.accepted,
-                     "tokens_per_step": settings.new_tokens / max(settings.new_tokens - steps.accepted / batch, 1),
+                     "tokens_per_step": generated / steps.seq_steps,
                      "time_vs_plain": seconds / rows[0]["seconds"] if rows else 1.0,
                      "requests_with_other_tokens": len(differing(plain, tokens, settings.dtype, system))})
     return rows
 
 
 def run(settings: SpecSettings) -> dict:
-    hf_model, library = random_model_and_modules(SHAPES[settings.config], settings.dtype, settings.device,
-                                                 settings.seed, settings.modules, MODULE_RANK)
-    rows = [row for batch in settings.batch_sizes for row in _run_batch(settings, hf_model, library, batch)]
+    workload = WORKLOADS[settings.workload](settings)
+    rows = [row for batch in settings.batch_sizes for row in _run_batch(settings, workload, batch)]
     return {"settings": asdict(settings) | {"batch_sizes": list(settings.batch_sizes)},
             "environment": _environment(settings), "rows": rows}
 
 
 def table(document: dict) -> str:
     s = document["settings"]
-    lines = [f"{s['config']} on {document['environment']['device']} ({s['dtype']}): prompts of {s['prompt_len']} "
-             f"tokens, {s['new_tokens']} new tokens each (greedy), {s['modules']} modules, n-gram k={s['drafts']}, "
+    if s["workload"] == "copy":
+        head = f"suite backbone {s['suite_backbone']} repeating strings (greedy, to EOS)"
+    else:
+        head = (f"{s['config']}: prompts of {s['prompt_len']} tokens, {s['new_tokens']} new tokens each (greedy), "
+                f"{s['modules']} modules")
+    lines = [f"{head} on {document['environment']['device']} ({s['dtype']}); n-gram k={s['drafts']}, "
              f"{s['prediction_tokens']} prediction tokens a step",
              f"{'batch':>5} {'setting':>17} {'steps':>6} {'seconds':>8} {'gen tok/s':>10} {'drafted':>8} "
              f"{'kept':>6} {'tok/step':>8} {'time/plain':>10} {'same tokens':>11}"]
@@ -191,13 +270,22 @@ def _parse(argv: list[str] | None) -> SpecSettings:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/serving/results/bench_spec.json")
+    parser.add_argument("--workload", default="random", choices=sorted(WORKLOADS),
+                        help="random: --config's random model on random prompts; copy: the suite backbone, a "
+                             "trained model, repeating strings (--config, --prompt-len, --new-tokens and --modules "
+                             "do not apply)")
+    parser.add_argument("--suite-backbone", default="small", help="with --workload copy: tiny, small or full")
     args = parser.parse_args(argv)
     dtype = model_dtype(parser, args, ("prompt_len", "new_tokens", "drafts", "prediction_tokens", "edit_every"))
     if args.modules < 0 or min(args.batch_sizes) < 1:
         parser.error("--modules must be >= 0 and every --batch-sizes value >= 1")
+    from training.suite.backbone import SETTINGS
+
+    if args.suite_backbone not in SETTINGS:
+        parser.error(f"--suite-backbone must be one of {sorted(SETTINGS)}")
     return SpecSettings(args.config, args.device, dtype, tuple(args.batch_sizes), args.prompt_len, args.new_tokens,
                         args.modules, args.drafts, args.prediction_tokens, args.edit_every, args.block_size, args.seed,
-                        args.out)
+                        args.out, args.workload, args.suite_backbone)
 
 
 def main(argv: list[str] | None = None) -> dict:
