@@ -33,3 +33,16 @@ def test_an_edited_prediction_replaces_two_tokens_and_inserts_one_every_so_often
     edited = _edited(tokens, 8, 100)
     assert edited[:4] == [1, 2, 3, 4] and edited[4:7] == [6, 7, 6] and edited[7:9] == [7, 8]
     assert len(edited) == 18
+
+
+def test_the_copy_workload_runs_a_suite_backbone_from_the_cache(tmp_path, monkeypatch):
+    """The tiny suite backbone (pretrained in seconds into a fresh cache) stands in for "small": it has not learned
+    to copy, so only the plumbing is checked: the same tokens everywhere, and a prediction of the reply kept whole."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    document = main(["--workload", "copy", "--suite-backbone", "tiny", "--device", "cpu", "--batch-sizes", "2",
+                     "--out", str(tmp_path / "copy.json")])
+    assert list((tmp_path / "cache" / "tessera").glob("suite-backbone-*"))
+    rows = {row["system"]: row for row in document["rows"]}
+    assert all(row["requests_with_other_tokens"] == 0 for row in rows.values())
+    assert rows["prediction"]["accepted_tokens"] == rows["prediction"]["draft_tokens"] > 0
+    assert rows["prediction"]["steps"] < rows["plain"]["steps"]
