@@ -80,6 +80,9 @@ def summary_table(document: dict) -> str:
             cached = s["cached_prompt_tokens"]
             lines.append(f"   prompt tokens: {s['prompt_tokens']}, {cached} ({100 * cached / s['prompt_tokens']:.1f}%) "
                          "from the server's prefix cache")
+        if s.get("prediction_tokens"):
+            predicted = s["prediction_tokens"]
+            lines.append(f"   prediction tokens: {predicted['accepted']} accepted, {predicted['rejected']} rejected")
         if s["goodput"]:
             good = s["goodput"]
             lines.append(f"   goodput: {good['num_good']} requests within SLOs, {good['requests_per_s']:.2f} req/s")

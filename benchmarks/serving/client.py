@@ -98,6 +98,11 @@ class _Timer:
             details = usage.get("prompt_tokens_details")
             if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
                 record.cached_tokens = details["cached_tokens"]
+            completion = usage.get("completion_tokens_details") or {}
+            accepted = completion.get("accepted_prediction_tokens")
+            rejected = completion.get("rejected_prediction_tokens")
+            if isinstance(accepted, int) and isinstance(rejected, int):
+                record.prediction_tokens = (accepted, rejected)
             record.tokens_from = "usage"
 
 

@@ -47,6 +47,9 @@ class RequestRecord:
     cached_tokens: int | None = None
     """Prompt tokens the server took from its prefix cache (usage `prompt_tokens_details.cached_tokens`);
     None when it does not say."""
+    prediction_tokens: tuple[int, int] | None = None
+    """(accepted, rejected) prediction tokens from the usage's `completion_tokens_details` (Predicted Outputs);
+    None when it does not say."""
     tokens_from: str = "chunks"
     """`usage` or `chunks`: where `output_tokens` came from."""
     error: str | None = None
@@ -97,6 +100,14 @@ def meets_slos(record: RequestRecord, slos: dict[str, float]) -> bool:
     return True
 
 
+def _prediction_tokens(done: list[RequestRecord]) -> dict | None:
+    """Accepted and rejected prediction tokens over the requests whose usage reported them; None when none did."""
+    counted = [r.prediction_tokens for r in done if r.prediction_tokens is not None]
+    if not counted:
+        return None
+    return {"accepted": sum(a for a, _ in counted), "rejected": sum(r for _, r in counted)}
+
+
 def summarize(records: list[RequestRecord], duration: float, slos: dict[str, float]) -> dict:
     """The summary of some requests of a run that lasted `duration` seconds."""
     done = [r for r in records if r.ok]
@@ -113,6 +124,7 @@ def summarize(records: list[RequestRecord], duration: float, slos: dict[str, flo
         "prompt_tokens": sum(r.prompt_tokens or 0 for r in done),
         "cached_prompt_tokens": (sum(r.cached_tokens for r in done if r.cached_tokens is not None)
                                  if any(r.cached_tokens is not None for r in done) else None),
+        "prediction_tokens": _prediction_tokens(done),
         "tokens_from": sources[0] if len(sources) == 1 else ("mixed" if sources else None),
         "request_throughput": per_second(len(done)),
         "output_throughput": per_second(output_tokens),

@@ -4,7 +4,9 @@ Prompts come from a JSONL dataset or are random words. Dataset lines are one of
   ShareGPT:        {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}
   OpenAI messages: {"messages": [{"role": "user", "content": "..."}, ...], "task": "..."}   (task optional)
 The latter is the training data format (`training/` writes it). The prompt is every message before the
-first assistant turn; the rest of the conversation (the reference answer) is not sent.
+first assistant turn; the rest of the conversation (the reference answer) is not sent. A line may also carry
+`"prediction": "..."`, sent as OpenAI's Predicted Outputs (`prediction` of chat and completions bodies; the
+Responses API has none).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Prompt:
     """OpenAI chat messages up to (not including) the first assistant turn."""
     task: str | None = None
     """The dataset's `task` field."""
+    prediction: str | None = None
+    """The dataset's `prediction` field: text the reply is expected to repeat (OpenAI's Predicted Outputs)."""
 
 
 @dataclass
@@ -85,10 +89,12 @@ def load_dataset(path: str | Path) -> list[Prompt]:
             prompt = messages[:first_answer]
             if not prompt or prompt[-1]["role"] != "user":
                 raise ValueError(f"{where}: the conversation must open with a user turn before any answer")
-            task = record.get("task")
+            task, prediction = record.get("task"), record.get("prediction")
             if task is not None and (not isinstance(task, str) or not task):
                 raise ValueError(f"{where}: `task` must be a non-empty string")
-            prompts.append(Prompt(tuple(prompt), task))
+            if prediction is not None and not isinstance(prediction, str):
+                raise ValueError(f"{where}: `prediction` must be a string (the text the reply should repeat)")
+            prompts.append(Prompt(tuple(prompt), task, prediction))
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
@@ -140,7 +146,7 @@ class Workload:
             prompt = self.prompts[self.order.pop()]
         if self.system is None:
             return prompt
-        return Prompt((self.system, *prompt.messages), prompt.task)
+        return Prompt((self.system, *prompt.messages), prompt.task, prompt.prediction)
 
     def _tag(self, prompt: Prompt, body: dict, headers: dict[str, str]) -> str:
         config = self.config
@@ -175,6 +181,8 @@ class Workload:
             body["prompt"] = "\n\n".join(m["content"] for m in prompt.messages)
         if config.ignore_eos:
             body["ignore_eos"] = True
+        if prompt.prediction is not None and config.endpoint != "responses":
+            body["prediction"] = {"type": "content", "content": prompt.prediction}
         headers: dict[str, str] = {}
         label = self._tag(prompt, body, headers)
         return BenchRequest(label, body, headers)

@@ -138,6 +138,25 @@ def test_a_shared_prefix_is_reported_as_the_servers_cache_hits(server, capsys):
     assert cached >= 3 * 32 and cached == hits() - before  # requests 2-4 reuse the prefix's full blocks
 
 
+def test_dataset_predictions_are_sent_and_their_usage_reported(server, tmp_path, capsys):
+    def spec(name: str) -> float:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        return float(re.search(rf"^tessera_spec_{name}_tokens_total (\S+)$", text, re.M).group(1))
+
+    dataset = tmp_path / "edits.jsonl"
+    dataset.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"fix: {text}"}],
+                                           "prediction": text}) + "\n"
+                               for text in ("the quick brown fox", "print(x)", "a b c d e f")))
+    before = spec("draft"), spec("accepted")
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--base-url", server.url, "--model", server.backbone, "--concurrency", "1",
+              "--num-requests", "3", "--dataset", str(dataset), "--output-len", "8", "--ignore-eos", "--no-progress"])
+    assert exit_.value.code == 0
+    drafted, accepted = spec("draft") - before[0], spec("accepted") - before[1]
+    reported = re.search(r"prediction tokens: (\d+) accepted, (\d+) rejected", capsys.readouterr().out)
+    assert drafted > 0 and (int(reported.group(1)), int(reported.group(2))) == (accepted, drafted - accepted)
+
+
 def test_reset_prefix_cache_starts_every_run_cold(server, capsys):
     def cached(*extra: str) -> int:
         with pytest.raises(SystemExit) as exit_:
