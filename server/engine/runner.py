@@ -119,13 +119,16 @@ class PendingStep:
         row = 0
         for request_id, held, position, drafts in zip(self.request_ids, self.held, self.positions, self.drafts):
             kept = accepted(drafts, row_tokens[row : row + len(drafts) + 1])
+            if drawable is not None and not all(drawable[row : row + len(kept)]):  # (rows past a refused draft
+                # do not count) a row with nothing to draw ends what is kept: the drafts before it stand, and the
+                # request fails at that row, as plain decoding would
+                kept = kept[: drawable.index(0, row) - row + 1]
+                result.undrawable.add(request_id)
             result.request_ids.append(request_id)
             result.sampled_token_ids.append(kept[-1])
             result.logprobs.append(row_logprobs[row + len(kept) - 1])
             if drafts:
                 result.accepted[request_id] = (kept[:-1], row_logprobs[row : row + len(kept) - 1])
-            if drawable is not None and not all(drawable[row : row + len(kept)]):  # rows past a refused draft
-                result.undrawable.add(request_id)  # hold no draw of its own
             held.token_ids[position : position + 1] = kept
             held.num_computed_tokens += len(kept) - 1
             held.pending.pop(position, None)

@@ -488,10 +488,11 @@ class Scheduler:
         for request_id, state in samplers.items():
             if request_id not in sampled:
                 raise RuntimeError(f"step {plan.step_id}'s result has no token for request {request_id!r}")
-            if state.status is Status.FINISHED or request_id in result.undrawable:  # the engine fails the latter
+            undrawable = request_id in result.undrawable  # the engine fails it, after the drafts it kept
+            if state.status is Status.FINISHED or (undrawable and not result.accepted.get(request_id, ((),))[0]):
                 continue
             reason = self._take_kept(state, plan.drafts[request_id], result) if request_id in plan.drafts else None
-            if reason is None:
+            if reason is None and not undrawable:
                 token_id, logprob = sampled[request_id]
                 state.token_ids[len(state.token_ids) - state.num_placeholders] = token_id
                 state.num_placeholders -= 1

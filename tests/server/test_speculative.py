@@ -14,7 +14,7 @@ from server.engine.engine import Engine
 from server.engine.kv_pool import BlockPool
 from server.engine.module_pool import ModulePool
 from server.engine.plan import LOGIT_ROWS, StepResult
-from server.engine.request import Request, SamplingParams
+from server.engine.request import NoDrawableTokenError, Request, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig, Status
 from server.engine.speculative import Drafter, SpeculativeConfig, accepted
 from server.engine.structured import GrammarSpec
@@ -427,6 +427,27 @@ def test_no_drafts_while_more_requests_run_than_disable_by_batch_size(setup, sto
     _assert_same(_flat(outputs), want)
     assert all(s.num_draft_tokens == 0 for s in steps if s.num_running > 3)
     assert any(s.num_draft_tokens for s in steps) and any(s.num_running > 3 for s in steps)
+
+
+def test_a_row_left_nothing_to_draw_fails_the_request_where_plain_decoding_does(setup):
+    """A grammar that is complete allows only EOS, which min_tokens holds back: the row after it has nothing to
+    draw. Predicted past that point, the drafts before the row stand and the request fails at it, as without them."""
+    pytest.importorskip("xgrammar")
+    engine, _ = _engine(setup)
+    sampling = SamplingParams(max_tokens=14, temperature=0.0, min_tokens=12)
+    grammar = engine.compile_grammar(GRAMMARS["choice"])
+
+    def run(engine: Engine, prediction: tuple[int, ...]) -> tuple[list[int], list]:
+        outputs = engine.generate_batch([Request("r", PROMPTS[1], sampling, COMPOSITIONS[1], grammar=grammar,
+                                                 prediction=prediction)])["r"]
+        return [t for o in outputs if not isinstance(o, BaseException) for t in o.token_ids], outputs
+
+    tokens, plain = run(engine, ())
+    assert isinstance(plain[-1], NoDrawableTokenError) and plain[-1].position == len(tokens) > 0
+    engine, steps = _engine(setup)
+    got, outputs = run(engine, tuple(tokens) + (5, 6))
+    assert got == tokens and isinstance(outputs[-1], NoDrawableTokenError)
+    assert outputs[-1].position == plain[-1].position and sum(s.num_accepted_tokens for s in steps) > 0
 
 
 def test_the_kv_of_kept_drafts_serves_later_requests_from_the_prefix_cache(setup, plain, stop):
