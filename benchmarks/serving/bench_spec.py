@@ -11,9 +11,13 @@ Each batch of --batch-sizes requests runs under the settings below. `--workload 
 of --prompt-len token ids, greedy, `ignore_eos`, --new-tokens each, spread over --modules random rank-16 modules,
 one per request, on the random model of --config. `--workload copy`: a trained model whose replies quote their
 prompts, the suite's character-level backbone (pretrained on first use and cached, about a minute on 2 CPU
-cores) asked to repeat random strings, greedy, each reply ending at its own EOS. The settings:
+cores) asked to repeat random strings, greedy, each reply ending at its own EOS. `--workload form`: the same
+backbone under a structured output, a regex template whose labels and punctuation the grammar forces (settings
+plain, forced, prediction and ngram only). The settings:
 
 - `plain`: no speculation, the reference every other setting must reproduce token for token;
+- `forced`: a structured output's forced tokens drafted, nothing else (form workload; every setting but `plain`
+  drafts them too);
 - `prediction`: each request carries its own plain output as its prediction, drafted --prediction-tokens a step
   (OpenAI's Predicted Outputs when the reply is known, as for a file sent back unchanged): the most any
   prediction can save;
@@ -38,7 +42,7 @@ from __future__ import annotations
 import json
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
@@ -117,7 +121,9 @@ def _edited(tokens: list[int], every: int, vocab_size: int) -> list[int]:
 
 
 def _speculation(settings: SpecSettings, system: str) -> str:
-    """EngineConfig.speculative_config of a setting."""
+    """EngineConfig.speculative_config of a setting (`plain`: no drafts at all)."""
+    if system == "plain":
+        return json.dumps({"prediction_tokens": 0, "grammar_tokens": 0})
     speculation = {"prediction_tokens": settings.prediction_tokens}
     if system.startswith("ngram"):
         speculation |= {"method": "ngram", "num_speculative_tokens": settings.drafts, "prompt_lookup_max": 3,
@@ -128,6 +134,8 @@ def _speculation(settings: SpecSettings, system: str) -> str:
 class _RandomWorkload:
     """The random Llama of `settings.config` with random modules, random prompts, every request forced to
     `new_tokens`."""
+
+    systems = SYSTEMS
 
     def __init__(self, settings: SpecSettings):
         self.settings, shape = settings, SHAPES[settings.config]
@@ -159,6 +167,8 @@ class _CopyWorkload:
     """A trained model whose replies quote their prompts: the suite backbone (`training.suite.backbone`, a
     character-level Llama pretrained, and cached, to echo strings) asked to repeat random strings, each reply
     ending at its own EOS. No modules: the backbone alone."""
+
+    systems = SYSTEMS
 
     def __init__(self, settings: SpecSettings):
         from transformers import AutoConfig, AutoTokenizer
@@ -192,7 +202,37 @@ class _CopyWorkload:
         return requests
 
 
-WORKLOADS = {"random": _RandomWorkload, "copy": _CopyWorkload}
+FORM = r"name: [a-z]{2,8}, age: [0-9]{1,2}, city: [a-z]{2,8}, country: [a-z]{2,8}\."
+"""The structured output of the form workload: a template whose literal parts a grammar forces."""
+
+
+class _FormWorkload(_CopyWorkload):
+    """A structured output with a template: the suite backbone answers "fill in the form" under the regex FORM,
+    whose labels and punctuation (39 of its characters, one token each) the grammar forces and the drafts of
+    `forced` propose, as a JSON schema forces its keys."""
+
+    systems = ("plain", "forced", "prediction", "ngram")
+
+    def __init__(self, settings: SpecSettings):
+        super().__init__(settings)
+        from server.engine.structured import GrammarCompiler, GrammarSpec
+
+        eos = {self.tokenizer.eos_token_id}
+        self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, eos).compile(GrammarSpec("regex", FORM))
+
+    def requests(self, batch: int, predictions: dict | None) -> list[Request]:
+        sampling = SamplingParams(max_tokens=80, temperature=0.0)
+        return [replace(request, prompt_token_ids=self._prompt(f"fill in the form: {request.request_id}"),
+                        sampling=sampling, grammar=self.grammar)
+                for request in super().requests(batch, predictions)]
+
+    def _prompt(self, text: str) -> list[int]:
+        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                      tokenize=False)
+        return self.tokenizer.encode(rendered, add_special_tokens=False)
+
+
+WORKLOADS = {"random": _RandomWorkload, "copy": _CopyWorkload, "form": _FormWorkload}
 
 
 def _prediction(predictions: dict | None, request_id: str) -> tuple[int, ...]:
@@ -212,7 +252,7 @@ def _predictions(system: str, plain: dict | None, settings: SpecSettings, vocab_
 
 def _run_batch(settings: SpecSettings, workload, batch: int) -> list[dict]:
     rows, plain = [], None
-    for system in SYSTEMS:
+    for system in workload.systems:
         predictions = _predictions(system, plain, settings, workload.vocab_size)
         steps = _Steps()
         engine = workload.engine(batch, system, steps)
@@ -243,6 +283,8 @@ def table(document: dict) -> str:
     s = document["settings"]
     if s["workload"] == "copy":
         head = f"suite backbone {s['suite_backbone']} repeating strings (greedy, to EOS)"
+    elif s["workload"] == "form":
+        head = f"suite backbone {s['suite_backbone']} filling in a form under a regex (greedy, to EOS)"
     else:
         head = (f"{s['config']}: prompts of {s['prompt_len']} tokens, {s['new_tokens']} new tokens each (greedy), "
                 f"{s['modules']} modules")
@@ -272,8 +314,9 @@ def _parse(argv: list[str] | None) -> SpecSettings:
     parser.add_argument("--out", default="benchmarks/serving/results/bench_spec.json")
     parser.add_argument("--workload", default="random", choices=sorted(WORKLOADS),
                         help="random: --config's random model on random prompts; copy: the suite backbone, a "
-                             "trained model, repeating strings (--config, --prompt-len, --new-tokens and --modules "
-                             "do not apply)")
+                             "trained model, repeating strings; form: the suite backbone filling in a templated "
+                             "structured output (with copy and form, --config, --prompt-len, --new-tokens and "
+                             "--modules do not apply)")
     parser.add_argument("--suite-backbone", default="small", help="with --workload copy: tiny, small or full")
     args = parser.parse_args(argv)
     dtype = model_dtype(parser, args, ("prompt_len", "new_tokens", "drafts", "prediction_tokens", "edit_every"))

@@ -89,7 +89,8 @@ class EngineConfig:
     "prompt_lookup_max": 4, "prompt_lookup_min": 2}` runs up to 4 draft tokens a step, found by n-gram lookup in the
     request's own prompt and output, and keeps those the model would have drawn anyway (the output does not
     change). Tessera's `prediction_tokens` (default 16; 0 ignores them) sets how many tokens of a request's OpenAI
-    `prediction` are drafted per step; predictions are used without this flag too. Every sampling parameter
+    `prediction` are drafted per step, and `grammar_tokens` (default 16; 0: none) how many of the tokens a
+    structured output's grammar forces next; both work without this flag too. Every sampling parameter
     and structured outputs work with drafts. While drafting requests run, steps are not overlapped (async
     scheduling waits), and steps that run drafts are not replayed from CUDA graphs; `"disable_by_batch_size":
     N` stops drafting while more than N requests run."""

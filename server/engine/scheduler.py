@@ -204,7 +204,7 @@ class Scheduler:
             state.matcher = new_matcher(request.grammar, request.grammar_after)
             self.num_structured += 1
         if self.speculative is not None:
-            drafter = Drafter(self.speculative, request.prediction)
+            drafter = Drafter(self.speculative, request.prediction, state.matcher)
             if drafter.max_drafts:
                 state.drafter = drafter
                 self.num_drafting += 1

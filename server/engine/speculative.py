@@ -16,9 +16,12 @@ floating-point difference between a multi-token pass and a one-token pass); only
 changes. A deterministic draft is accepted with the probability the model gives it, which is the
 acceptance rate of speculative sampling's rejection rule for such a draft, so nothing is lost against it.
 
-Drafts come from the request's own tokens (the most recent earlier occurrence of its last n tokens, longest
-n first, and what followed it) or from its prediction (the next occurrence of its last output tokens after
-where the previous match ended, and what follows it there; the prediction's start before any output).
+Drafts come from the request's prediction (the next occurrence of its last output tokens after where the
+previous match ended, and what follows it there; the prediction's start before any output), else from its
+structured output's grammar (the tokens the grammar forces next), else from its own tokens (the most recent
+earlier occurrence of its last n tokens, longest n first, and what followed it). Under a grammar, forced
+tokens are drafts like any other: drawn and kept as plain decoding would draw them, so unlike jump-forward
+decoding they never change the output's tokenization.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class SpeculativeConfig:
     NOTE: 4 / 8 / 16 took 0.27 / 0.19 / 0.12 of the plain time for an exact prediction at batch 1 and 0.33 / 0.28
     / 0.21 with an edit every 32 tokens (bench_spec.py, CPU, "small" model; batch 8 alike). A prediction is drafted
     where the output meets it (and from its start): a wrong one cost 3% at batch 1 and 5% at batch 8 at 16."""
+    grammar_tokens: int = 16
+    """Draft tokens per step from a structured output's forced continuation (the text its grammar allows alone
+    next: a JSON schema's keys and punctuation, say; xgrammar's jump-forward tokens); 0: none."""
     disable_by_batch_size: int = 0
     """No drafts while more than this many requests run (vLLM's speculative_disable_by_batch_size): a large batch's
     steps cost more per token, so drafts save less, and plain steps keep CUDA graphs and asynchronous overlap; 0:
@@ -104,8 +110,10 @@ def accepted(drafts: list[int], sampled: list[int]) -> list[int]:
 class Drafter:
     """One request's proposer: its tokens as searchable bytes, kept up to date as they grow, and its prediction."""
 
-    def __init__(self, config: SpeculativeConfig, prediction: tuple[int, ...] = ()):
+    def __init__(self, config: SpeculativeConfig, prediction: tuple[int, ...] = (), matcher=None):
         self.config = config
+        self.matcher = matcher if config.grammar_tokens else None
+        """The request's structured-output matcher (`structured`), whose forced continuation is drafted."""
         self.history = bytearray()
         """Token ids known so far, as int32 bytes."""
         self.prediction = _as_bytes(prediction) if config.prediction_tokens else b""
@@ -120,7 +128,8 @@ class Drafter:
     @property
     def max_drafts(self) -> int:
         """Drafts it proposes per step at most."""
-        return max(self.config.num_speculative_tokens, self.config.prediction_tokens if self.num_prediction else 0)
+        return max(self.config.num_speculative_tokens, self.config.prediction_tokens if self.num_prediction else 0,
+                   self.config.grammar_tokens if self.matcher is not None else 0)
 
     def propose(self, token_ids: list[int], num_known: int, num_prompt: int, limit: int) -> list[int]:
         """Up to `limit` draft tokens to follow the first `num_known` of `token_ids` (the first `num_prompt` are the
@@ -130,6 +139,8 @@ class Drafter:
         if limit <= 0:
             return []
         drafts = self._from_prediction(num_known - num_prompt, min(limit, self.config.prediction_tokens))
+        if not drafts and self.matcher is not None:  # it has seen every known token (`Scheduler.update`)
+            drafts = self.matcher.find_jump_forward_tokens()[: min(limit, self.config.grammar_tokens)]
         if not drafts:
             drafts = self._from_history(min(limit, self.config.num_speculative_tokens))
         return drafts

@@ -12,9 +12,10 @@ A matcher must have seen a request's last token before its next row is filled, s
 launched step back before it plans the next one while constrained requests run (asynchronous scheduling
 pauses for them; see `Engine.step`). xgrammar is imported only when a constraint is used.
 
-Speculative decoding: drafts are cut to the longest prefix the grammar accepts (`grammar_prefix`), and the
-row of each draft is masked as the matcher stands after the drafts before it (`constrain`'s `after`); both
-walk the matcher forward and roll it back, so only the tokens a step keeps advance it (`Scheduler.update`).
+Speculative decoding: the tokens a grammar forces next are drafted (`speculative.Drafter`); drafts are cut to
+the longest prefix the grammar accepts (`grammar_prefix`), and the row of each draft is masked as the matcher
+stands after the drafts before it (`constrain`'s `after`); both walk the matcher forward and roll it back, so
+only the tokens a step keeps advance it (`Scheduler.update`).
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ class DeferredMatcher:
 
     A reasoning model's grammar applies to its answer, not to its reasoning: with a reasoning parser the
     grammar begins after the token that ends the reasoning (`</think>`), as vLLM does. It has the interface
-    the scheduler and `constrain` use: `accept_token`, `rollback`, `is_terminated` and
-    `fill_next_token_bitmask`."""
+    the scheduler and `constrain` use: `accept_token`, `rollback`, `is_terminated`, `find_jump_forward_tokens`
+    and `fill_next_token_bitmask`."""
 
     def __init__(self, matcher, start_after: int):
         self.matcher, self.start_after, self.started = matcher, start_after, False
@@ -123,6 +124,10 @@ class DeferredMatcher:
 
     def is_terminated(self) -> bool:
         return self.started and self.matcher.is_terminated()
+
+    def find_jump_forward_tokens(self) -> list[int]:
+        """The tokens the grammar forces next; none before it starts."""
+        return self.matcher.find_jump_forward_tokens() if self.started else []
 
     def fill_next_token_bitmask(self, bitmask, row: int) -> None:
         if self.started:  # before, the row stays as allocated: every token allowed

@@ -89,7 +89,9 @@ def test_random_settings_and_requests_give_the_plain_output(setup, trial):
     model_dir, library = setup
     rng = random.Random(trial)
     settings = _settings(rng)
-    engine = Engine(EngineConfig(model=model_dir, library=library, device="cpu", **settings))
+    plain = json.dumps({"prediction_tokens": 0, "grammar_tokens": 0})  # no drafts at all
+    engine = Engine(EngineConfig(model=model_dir, library=library, device="cpu", speculative_config=plain,
+                                 **settings))
     eos = min(engine.scheduler.eos_ids)
     grammars = [engine.compile_grammar(GrammarSpec("regex", r"[a-z]{2,8}( [a-z]{1,5}){0,3}")),
                 engine.compile_grammar(GrammarSpec("choice", json.dumps(["yes", "no", "not sure"])))]

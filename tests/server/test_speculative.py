@@ -237,6 +237,8 @@ PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7], [20, 21, 22, 23, 20, 21], [30, 31, 32, 33, 
            [40, 41, 40, 41, 40]]
 NGRAM_JSON = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2,
                          "prompt_lookup_min": 1})
+PLAIN = json.dumps({"prediction_tokens": 0, "grammar_tokens": 0})
+"""No drafts at all: predictions and grammars' forced tokens are drafted by default."""
 
 
 def _engine(setup, speculative: str | None = None, **overrides) -> tuple[Engine, list]:
@@ -299,7 +301,7 @@ def _assert_same(got: dict, want: dict) -> None:
 @pytest.fixture(scope="module")
 def free(setup) -> list[int]:
     """The greedy continuation of PROMPTS[0] under COMPOSITIONS[0], 12 tokens, stopped by nothing."""
-    engine, _ = _engine(setup)
+    engine, _ = _engine(setup, PLAIN)
     outs = engine.generate_batch([Request("free", PROMPTS[0], SamplingParams(max_tokens=12, temperature=0.0,
                                                                              ignore_eos=True), COMPOSITIONS[0])])
     return [t for o in outs["free"] for t in o.token_ids]
@@ -309,7 +311,7 @@ def free(setup) -> list[int]:
 def stop(setup, free) -> tuple:
     """A stop token and a stop string that the free continuation meets midway, the EOS id, and the free
     continuation (whose tokens the bad words of `_requests` ban)."""
-    engine, _ = _engine(setup)
+    engine, _ = _engine(setup, PLAIN)
     text = engine.tokenizer.decode(free)
     assert len(text) >= 6, f"the tiny model's greedy text is too short to cut: {text!r}"
     return free[4], text[len(text) // 2 : len(text) // 2 + 2], min(engine.scheduler.eos_ids), free
@@ -318,7 +320,7 @@ def stop(setup, free) -> tuple:
 @pytest.fixture(scope="module")
 def plain(setup, stop) -> tuple[dict, int]:
     """The requests without speculation, and the steps they took."""
-    engine, steps = _engine(setup)
+    engine, steps = _engine(setup, PLAIN)
     outputs = _flat(engine.generate_batch(_requests(stop)))
     assert not any(s.num_draft_tokens for s in steps)
     assert (outputs["r8"][2], outputs["r8"][4]) == ("stop", 8)  # 7 tokens, then the EOS the bias forces
@@ -364,7 +366,7 @@ def test_a_stop_met_inside_kept_drafts_ends_the_output_where_plain_decoding_does
     step: the output must still end at the stop, with plain decoding's tokens, text and stop reason."""
     requests = [r for r in _requests(stop) if r.request_id in ("r4", "r5")]
     requests = [replace(r, sampling=replace(r.sampling, include_stop_str_in_output=include_stop)) for r in requests]
-    engine, _ = _engine(setup)
+    engine, _ = _engine(setup, PLAIN)
     want = _flat(engine.generate_batch([replace(r) for r in requests]))
     engine, _ = _engine(setup)
     outputs = engine.generate_batch([replace(r, prediction=tuple(free)) for r in requests])
@@ -384,13 +386,14 @@ GRAMMARS = {
 }
 
 
-@pytest.mark.parametrize("mode", ["exact", "edited", "ngram"])
+@pytest.mark.parametrize("mode", ["forced", "exact", "edited", "ngram"])
 def test_speculation_under_a_grammar_gives_the_plain_output(setup, free, mode):
-    """Structured outputs: drafts are cut to what the grammar allows, each draft's row is masked as the grammar
-    stands after the drafts before it, and only kept tokens advance it; one grammar begins only after a token the
-    free continuation draws midway (a reasoning model's `grammar_after`), so drafts cross its start."""
+    """Structured outputs: the tokens a grammar forces are drafted (`forced`: no other source), drafts are cut to
+    what the grammar allows, each draft's row is masked as the grammar stands after the drafts before it, and only
+    kept tokens advance it; one grammar begins only after a token the free continuation draws midway (a reasoning
+    model's `grammar_after`), so drafts cross its start."""
     pytest.importorskip("xgrammar")
-    engine, _ = _engine(setup, max_model_len=128)
+    engine, _ = _engine(setup, PLAIN, max_model_len=128)
     grammars = {name: engine.compile_grammar(spec) for name, spec in GRAMMARS.items()}
 
     def requests(predictions: dict | None) -> list[Request]:
@@ -405,7 +408,8 @@ def test_speculation_under_a_grammar_gives_the_plain_output(setup, free, mode):
     assert [want[name][2] for name in GRAMMARS] == ["stop", "stop", "stop"]  # every grammar completed
     assert want["choice"][0][:5] == free[:5]  # free up to the grammar's start
     tokens = {name: flat[0] for name, flat in want.items()}
-    predictions = {"exact": tokens, "edited": {r: _edited(t) for r, t in tokens.items()}, "ngram": None}[mode]
+    predictions = {"exact": tokens, "edited": {r: _edited(t) for r, t in tokens.items()}, "ngram": None,
+                   "forced": None}[mode]
     engine, steps = _engine(setup, NGRAM_JSON if mode == "ngram" else None, max_model_len=128)
     outputs = engine.generate_batch(requests(predictions))
     _assert_same(_flat(outputs), want)
@@ -415,6 +419,9 @@ def test_speculation_under_a_grammar_gives_the_plain_output(setup, free, mode):
             assert kept == drafted > 0, name
     if mode == "edited":
         assert sum(s.num_accepted_tokens for s in steps) > 0
+    if mode == "forced":  # the schema's keys and punctuation, drafted by the grammar alone: kept where the model
+        drafted, kept = outputs["schema"][-1].speculation  # tokenizes them as xgrammar does (20 of 21 here)
+        assert kept >= 9 and kept >= drafted - 3
 
 
 @pytest.mark.parametrize("async_scheduling", ["off", "on"])
@@ -433,7 +440,7 @@ def test_a_row_left_nothing_to_draw_fails_the_request_where_plain_decoding_does(
     """A grammar that is complete allows only EOS, which min_tokens holds back: the row after it has nothing to
     draw. Predicted past that point, the drafts before the row stand and the request fails at it, as without them."""
     pytest.importorskip("xgrammar")
-    engine, _ = _engine(setup)
+    engine, _ = _engine(setup, PLAIN)
     sampling = SamplingParams(max_tokens=14, temperature=0.0, min_tokens=12)
     grammar = engine.compile_grammar(GRAMMARS["choice"])
 
@@ -455,7 +462,7 @@ def test_the_kv_of_kept_drafts_serves_later_requests_from_the_prefix_cache(setup
     them and continues as the plain engine does."""
     want, _ = plain
     tokens = want["r1"][0]
-    engine, _ = _engine(setup, max_model_len=64)
+    engine, _ = _engine(setup, PLAIN, max_model_len=64)
     follow = Request("follow", PROMPTS[1] + tokens, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
                      COMPOSITIONS[1])
     expected = _flat(engine.generate_batch([follow]))["follow"]
@@ -473,7 +480,7 @@ def test_speculation_gives_the_plain_output_on_cuda(setup, stop, free):
     """On CUDA: plain decode steps replay graphs and overlap the next step's planning, while steps that verify
     drafts run eagerly on the Triton kernels (prefill attention over cached blocks, composed_lora on every draft)."""
     options = dict(device="cuda", dtype="float32", block_size=16, num_kv_blocks=64)
-    engine, _ = _engine(setup, **options)
+    engine, _ = _engine(setup, PLAIN, **options)
     want = _flat(engine.generate_batch(_requests(stop)))
     tokens = {request_id: flat[0] for request_id, flat in want.items()} | {"r4": free, "r5": free}
     engine, steps = _engine(setup, NGRAM_JSON, **options)
