@@ -42,13 +42,14 @@ from __future__ import annotations
 import json
 import random
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.quality.evaluate import prompt_ids  # noqa: E402
 from benchmarks.serving import side_by_side  # noqa: E402
 from benchmarks.serving.bench_engine import MODULE_RANK, _environment  # noqa: E402
 from benchmarks.serving.engine_models import (  # noqa: E402
@@ -192,14 +193,16 @@ class _CopyWorkload:
 
         rng = random.Random(f"bench-spec-copy:{self.settings.seed}:{batch}")
         sampling = SamplingParams(max_tokens=self.backbone.max_string_len + 2, temperature=0.0)
-        requests = []
-        for i in range(batch):
-            text = random_string(rng, rng.randint(self.backbone.max_string_len // 2, self.backbone.max_string_len))
-            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": f"repeat the string: {text}"}],
-                                                          add_generation_prompt=True, tokenize=False)
-            prompt = self.tokenizer.encode(rendered, add_special_tokens=False)
-            requests.append(Request(f"r{i}", prompt, sampling, prediction=_prediction(predictions, f"r{i}")))
-        return requests
+        lengths = (self.backbone.max_string_len // 2, self.backbone.max_string_len)
+        texts = [f"repeat the string: {random_string(rng, rng.randint(*lengths))}" for _ in range(batch)]
+        return self._requests(texts, sampling, predictions)
+
+    def _requests(self, texts: list[str], sampling: SamplingParams, predictions: dict | None,
+                  grammar=None) -> list[Request]:
+        """A request per user message of `texts`, rendered with the backbone's chat template."""
+        return [Request(f"r{i}", prompt_ids(self.tokenizer, [{"role": "user", "content": text}]), sampling,
+                        grammar=grammar, prediction=_prediction(predictions, f"r{i}"))
+                for i, text in enumerate(texts)]
 
 
 FORM = r"name: [a-z]{2,8}, age: [0-9]{1,2}, city: [a-z]{2,8}, country: [a-z]{2,8}\."
@@ -221,15 +224,8 @@ class _FormWorkload(_CopyWorkload):
         self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, eos).compile(GrammarSpec("regex", FORM))
 
     def requests(self, batch: int, predictions: dict | None) -> list[Request]:
-        sampling = SamplingParams(max_tokens=80, temperature=0.0)
-        return [replace(request, prompt_token_ids=self._prompt(f"fill in the form: {request.request_id}"),
-                        sampling=sampling, grammar=self.grammar)
-                for request in super().requests(batch, predictions)]
-
-    def _prompt(self, text: str) -> list[int]:
-        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                      tokenize=False)
-        return self.tokenizer.encode(rendered, add_special_tokens=False)
+        texts = [f"fill in the form: r{i}" for i in range(batch)]
+        return self._requests(texts, SamplingParams(max_tokens=80, temperature=0.0), predictions, self.grammar)
 
 
 WORKLOADS = {"random": _RandomWorkload, "copy": _CopyWorkload, "form": _FormWorkload}
