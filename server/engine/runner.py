@@ -19,6 +19,7 @@ that differs from its draft (`speculative.accepted`), and the kept drafts count 
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -389,15 +390,15 @@ class ModelRunner:
             scores = scores.masked_fill(~drawable[:, None], 0.0)  # a harmless draw, discarded when read
         sampled = sample_on_device(scores, params, seeds)  # [num_sampling]
         if self._extras["counted"]:  # a request with drafts counts the tokens its result keeps (`_keep`)
-            self._count([None if h.request_id in plan.drafts else h for h in rows], params, sampled)
+            self._count([None if h.request_id in plan.drafts else h for h in rows] if plan.drafts else rows, params,
+                        sampled)
         step = PendingStep(request_ids, held, [len(h.token_ids) for h in held], params, drafts, sampled,
                            gather_logprobs(logits, sampled, params), drawable=drawable,
                            counts=self.counts if drafts and self._extras["counted"] else None)
-        first_row = 0
-        for h, h_drafts in zip(held, drafts or [()] * len(held)):
+        first_rows = itertools.accumulate((len(d) + 1 for d in drafts[:-1]), initial=0) if drafts else itertools.count()
+        for h, first_row in zip(held, first_rows):  # (a request with drafts has a row per draft and one more)
             h.pending[len(h.token_ids)] = (step, first_row)
             h.token_ids.append(PLACEHOLDER)
-            first_row += len(h_drafts) + 1
         return step
 
     @staticmethod

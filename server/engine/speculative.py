@@ -70,8 +70,9 @@ class SpeculativeConfig:
     @classmethod
     def from_json(cls, text: str | None) -> SpeculativeConfig:
         """vLLM's --speculative-config: `{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}`
-        (n-gram sizes default as vLLM's: one given sets the other, neither is 5), plus Tessera's
-        `prediction_tokens`. None: no n-gram lookup, predictions at the defaults."""
+        (n-gram sizes default as vLLM's: one given sets the other, neither is 5), plus Tessera's fields
+        (`prediction_tokens`, `grammar_tokens`, `disable_by_batch_size`). None: no n-gram lookup, the rest at
+        their defaults."""
         if text is None:
             return cls()
         try:

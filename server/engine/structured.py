@@ -156,13 +156,13 @@ def constrain(logits: torch.Tensor, matchers: list, after: list[int | None] | No
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
     bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[1])  # int32 [S, vocab / 32]: all allowed
-    advanced: dict[int, tuple[object, int]] = {}
+    advanced: dict[int, list] = {}  # id(matcher) -> [matcher, drafts it accepted]
     for row in rows:
         matcher = matchers[row]
         if after is not None and after[row] is not None:
             if not matcher.accept_token(after[row]):  # the scheduler let through only drafts the grammar allows
                 raise RuntimeError(f"draft token {after[row]} is outside its request's grammar")
-            advanced[id(matcher)] = (matcher, advanced.get(id(matcher), (matcher, 0))[1] + 1)
+            advanced.setdefault(id(matcher), [matcher, 0])[1] += 1
             if matcher.is_terminated():  # the draft ended the output: this row's draw is never kept
                 continue
         matcher.fill_next_token_bitmask(bitmask, row)
