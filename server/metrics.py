@@ -69,7 +69,7 @@ class Metrics:
         self.kv_cached = Gauge("tessera_kv_blocks_cached", "KV-cache blocks registered in the prefix cache (held "
                                "or free)", registry=r)
         self.draft_tokens = Counter("tessera_spec_draft_tokens", "Draft tokens run by speculative decoding (n-gram "
-                                    "lookup, predictions)", registry=r)
+                                    "lookup, predictions, grammars' forced tokens)", registry=r)
         self.accepted_tokens = Counter("tessera_spec_accepted_tokens", "Draft tokens kept: the model drew them as "
                                        "drafted", registry=r)
 

@@ -249,7 +249,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reason
     the prefix cache, `completion_tokens_details.reasoning_tokens` (when counted) the generated tokens of the
     reasoning, before the token that closed it, and, for a call with a prediction, `accepted_prediction_tokens`
     and `rejected_prediction_tokens` the drafted tokens the model drew as predicted and those it did not
-    (`predicted`: (accepted, drafted))."""
+    (`predicted`: (drafted, accepted), as `RequestOutput.speculation`)."""
     body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
@@ -257,7 +257,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reason
     if reasoning_tokens is not None:
         details["reasoning_tokens"] = reasoning_tokens
     if predicted is not None:
-        accepted, drafted = predicted
+        drafted, accepted = predicted
         details |= {"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": drafted - accepted}
     if details:
         body["completion_tokens_details"] = details
@@ -265,11 +265,11 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reason
 
 
 def predicted(call: "Call", drafts: list[tuple[int, int]]) -> tuple[int, int] | None:
-    """(accepted, drafted) tokens over a call's choices, from each choice's last `RequestOutput.speculation`
-    (drafted, accepted); None for a call without a prediction."""
+    """(drafted, accepted) tokens over a call's choices, from each choice's last `RequestOutput.speculation`; None
+    for a call without a prediction."""
     if call.prediction is None:
         return None
-    return sum(accepted for _, accepted in drafts), sum(drafted for drafted, _ in drafts)
+    return sum(drafted for drafted, _ in drafts), sum(accepted for _, accepted in drafts)
 
 
 def reasoning_tokens(call: "Call", token_ids: list[int], reasoning: str) -> int | None:
