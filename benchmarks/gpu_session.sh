@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One command for a GPU session (the device machine has torch, triton, transformers, peft; no network):
 #   1. the `gpu`-marked tests (kernels against their references on CUDA, CUDA-graph replay, engine exactness),
-#   2. the kernel benchmarks: paged attention vs SDPA (flash) at three context tiles, the fused
-#      elementwise ops (rms_norm, rotary, silu_mul) vs the eager torch they replace, the seeded draw
-#      (race_sample, one launch) vs the per-row generator loop it replaced; and, as a stage of its own
+#   2. the kernel benchmarks: paged attention (decode, prefill, speculative drafts) vs SDPA (flash) at three
+#      context tiles, the fused elementwise ops (rms_norm, rotary, silu_mul) vs the eager torch they replace,
+#      the seeded draw (race_sample, one launch) vs the per-row generator loop it replaced; and, as a stage of its own
 #      (180 cases, about 5 minutes), composed_lora: ours vs vLLM's LoRA kernels (when .peer/ was carried)
 #      vs torch vs the floor,
 #   3. the offline engine benchmark: Tessera (no modules, 8, k=2, 64 modules) vs transformers generate vs
@@ -26,7 +26,7 @@
 #                project has run on a GPU yet, so correctness comes first (the kernel tests on CUDA), then
 #                each issue's headline number on a subset of its grid: composed_lora at rank 16, pools of
 #                8 and 64, decode 64/256 and prefill 2048 tokens, k 1 and 2 (36 of the 180 cases, with the
-#                vLLM peer when .peer/ was carried); paged attention decode and prefill at the default
+#                vLLM peer when .peer/ was carried); paged attention decode, prefill and drafts at the default
 #                tiles; the engine on B=32 / prompt 256 / 64 new tokens, Tessera (a), (b), (c) and
 #                transformers generate. The other stages are the whole grids, for a session with more time.
 #                Every JSON file is rewritten after each row, so a step cut short keeps what it finished.
@@ -51,7 +51,7 @@ for stage in $STAGES; do
         | tee "$OUT/gpu_tests.txt"
       timeout 130 python3 benchmarks/kernels/bench_composed_lora.py --ranks 16 --pools 8 64 --tokens 64 256 2048 \
         --k 1 2 --out "$OUT/composed_lora.json" 2>&1 | tail -45
-      timeout 60 python3 benchmarks/kernels/bench_paged_attention.py --block-sizes 16 --tiles 32 64 \
+      timeout 75 python3 benchmarks/kernels/bench_paged_attention.py --block-sizes 16 --tiles 32 64 \
         --out "$OUT/paged_attention.json" 2>&1 | tail -20
       timeout 130 python3 benchmarks/serving/bench_engine.py --workloads b32_p256_n64 \
         --systems tessera_a tessera_b tessera_c hf_generate --out "$OUT/bench_engine.json" 2>&1 | tail -25 ;;
@@ -59,7 +59,7 @@ for stage in $STAGES; do
       timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/server 2>&1 | tail -25 \
         | tee "$OUT/gpu_tests.txt" ;;
     kernels)
-      timeout 170 python3 benchmarks/kernels/bench_paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -40
+      timeout 220 python3 benchmarks/kernels/bench_paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -40
       timeout 90 python3 benchmarks/kernels/bench_fused.py --out "$OUT/fused.json" 2>&1 | tail -30
       timeout 60 python3 benchmarks/kernels/bench_sampling.py --out "$OUT/sampling.json" 2>&1 | tail -10 ;;
     lora)

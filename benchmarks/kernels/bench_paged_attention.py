@@ -5,8 +5,15 @@
 The same keys and values are laid out twice: paged (block_size tokens per block, blocks scattered over
 the pool) for ours, and contiguous [batch, heads, len, head_dim] for torch's scaled_dot_product_attention
 with the flash backend (GQA through enable_gqa where the backend takes it, else KV repeated beforehand,
-outside the timing). Decode is one query token per sequence; prefill is a fresh causal prompt. The
-floor is K and V read once plus q and out, over the copy bandwidth measured in this run.
+outside the timing). Decode is one query token per sequence; prefill is a fresh causal prompt; drafts is a
+speculative verify step, the last DRAFT_QUERIES positions of each context as queries. The floor is K and V
+read once plus q and out, over the copy bandwidth measured in this run.
+
+Drafts rows also time the chunked-prefill kernel on the same step (SPLIT_QUERIES lowered to 1), the kernel
+those steps took before the decode kernel learned several query tokens, so the rows say whether
+SPLIT_QUERIES should stand. SDPA's flash backend has no bottom-right causal mask for fewer queries than keys:
+its drafts time is the same attention without the mask (the same bytes and, within DRAFT_QUERIES keys, the
+same FLOPs), and the error is measured against SDPA with the explicit mask.
 """
 
 import argparse
@@ -27,6 +34,10 @@ from router.atomic import write_file  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DECODE = [(1, 4096), (8, 2048), (32, 1024), (64, 4096), (128, 512), (256, 2048)]  # (batch, context)
 PREFILL = [(1, 2048), (1, 8192), (4, 1024), (8, 512)]  # (batch, prompt length)
+DRAFTS = [(1, 4096), (8, 2048), (32, 1024)]  # (batch, context)
+DRAFT_QUERIES = 17
+"""Query tokens per sequence of a drafts row: the last token and the prediction source's 16 drafts."""
+CASES = {"decode": DECODE, "prefill": PREFILL, "drafts": DRAFTS}
 
 
 def _paged(batch: int, context: int, block_size: int, dtype, gen, device: str) -> tuple:
@@ -38,6 +49,15 @@ def _paged(batch: int, context: int, block_size: int, dtype, gen, device: str) -
     v_cache = torch.randn(shape, device=device, dtype=dtype)
     contiguous = lambda c: c[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()  # noqa: E731
     return tables, k_cache, v_cache, contiguous(k_cache), contiguous(v_cache)
+
+
+def _masked_sdpa(q, k, v) -> torch.Tensor:
+    """q's rows as the last positions of the context (bottom-right causal), through whichever SDPA backend takes
+    an explicit mask: the drafts rows' expected output."""
+    query_len, context = q.shape[2], k.shape[2]
+    allowed = torch.arange(context, device=q.device)[None, :] <= torch.arange(context - query_len, context,
+                                                                             device=q.device)[:, None]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
 
 
 def _sdpa(q, k, v, causal: bool):
@@ -63,7 +83,7 @@ def setup(mode: str, batch: int, length: int, block_size: int, dtype, device: st
 
     gen = torch.Generator().manual_seed(batch * 7 + length)
     tables, k_cache, v_cache, k, v = _paged(batch, length, block_size, dtype, gen, device)
-    query_len = 1 if mode == "decode" else length
+    query_len = {"decode": 1, "prefill": length, "drafts": DRAFT_QUERIES}[mode]
     q = torch.randn(batch * query_len, HEADS, HEAD_DIM, device=device, dtype=dtype)  # [tokens, heads, D]
     cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * query_len
     seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
@@ -71,7 +91,7 @@ def setup(mode: str, batch: int, length: int, block_size: int, dtype, device: st
     scale = 1 / math.sqrt(HEAD_DIM)
     q_sdpa = q.view(batch, query_len, HEADS, HEAD_DIM).transpose(1, 2)
     run_sdpa, native_gqa = _sdpa(q_sdpa, k, v, causal=mode == "prefill")
-    expected = run_sdpa().float()  # [batch, heads, query_len, D]
+    expected = (_masked_sdpa(q_sdpa, k, v) if mode == "drafts" else run_sdpa()).float()  # [batch, heads, query_len, D]
 
     def make_ours(tiles=None):
         out = torch.empty_like(q)
@@ -91,14 +111,24 @@ def _time(fn) -> tuple[float, float]:
 
 
 def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth: float, tiles: list[int]):
-    """One row per tile of the mode's kernel (the other mode's tile stays at TILES); SDPA timed once."""
+    """One row per tile of the mode's kernel (the other mode's tile stays at TILES); SDPA timed once, and for
+    drafts the prefill kernel at its default tile."""
+    from tessera_kernels.paged_attention import triton as ours
     from tessera_kernels.paged_attention.triton import TILES
 
     make_ours, run_sdpa, native_gqa, moved = setup(mode, batch, length, block_size, dtype)
     sdpa_us, sdpa_graph_us = _time(run_sdpa)
+    prefill_kernel = {}
+    if mode == "drafts":
+        split_queries, ours.SPLIT_QUERIES = ours.SPLIT_QUERIES, 1
+        try:
+            run_prefill, err = make_ours()
+            prefill_kernel = dict(prefill_kernel_graph_us=_time(run_prefill)[1], prefill_kernel_err=err)
+        finally:
+            ours.SPLIT_QUERIES = split_queries
     rows = []
     for tile in tiles:
-        pair = (tile, TILES[1]) if mode == "decode" else (TILES[0], tile)
+        pair = (TILES[0], tile) if mode == "prefill" else (tile, TILES[1])
         run_ours, err = make_ours(pair)
         ours_us, ours_graph_us = _time(run_ours)
         floor_us = 1e6 * moved / bandwidth
@@ -106,7 +136,7 @@ def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth
                          default_tile=tile == TILES[mode == "prefill"], native_gqa=native_gqa, max_abs_err=err,
                          ours_us=ours_us, ours_graph_us=ours_graph_us, sdpa_us=sdpa_us, sdpa_graph_us=sdpa_graph_us,
                          floor_us=floor_us, ours_over_sdpa=ours_graph_us / sdpa_graph_us,
-                         ours_over_floor=ours_graph_us / floor_us))
+                         ours_over_floor=ours_graph_us / floor_us, **prefill_kernel))
     return rows
 
 
@@ -121,7 +151,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/kernels/results/paged_attention.json", help="JSON results path")
     parser.add_argument("--block-sizes", nargs="+", type=int, default=[16, 32])
-    parser.add_argument("--modes", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
+    parser.add_argument("--modes", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--tiles", nargs="+", type=int, default=[16, 32, 64],
                         help="context positions per kernel step to time (powers of two >= 16); the "
@@ -143,7 +173,7 @@ def main(argv=None) -> None:
                 "rows": []}
     for mode in args.modes:
         for block_size in args.block_sizes:
-            for batch, length in DECODE if mode == "decode" else PREFILL:
+            for batch, length in CASES[mode]:
                 for row in _bench(mode, batch, length, block_size, dtype, bandwidth, args.tiles):
                     document["rows"].append(row)
                     write_file(args.out, json.dumps(document, indent=1))  # every row: a run cut short keeps them
@@ -151,7 +181,9 @@ def main(argv=None) -> None:
                           f"{'*' if row['default_tile'] else ' '}| ours {row['ours_us']:8.1f} graph "
                           f"{row['ours_graph_us']:8.1f} | sdpa {row['sdpa_us']:8.1f} graph {row['sdpa_graph_us']:8.1f}"
                           f" | floor {row['floor_us']:7.1f} | ours/sdpa {row['ours_over_sdpa']:5.2f} "
-                          f"ours/floor {row['ours_over_floor']:5.2f} | err {row['max_abs_err']:.1e}", flush=True)
+                          f"ours/floor {row['ours_over_floor']:5.2f} | err {row['max_abs_err']:.1e}"
+                          + (f" | prefill kernel graph {row['prefill_kernel_graph_us']:8.1f}" if mode == "drafts" else ""),
+                          flush=True)
     print(f"wrote {args.out}")
 
 

@@ -70,6 +70,8 @@ STEPS = (
     Step("decode-32", tuple((1, 200 + 37 * i) for i in range(32))),
     Step("decode-256", tuple((1, 300 + i) for i in range(256))),
     Step("mixed-512", ((449, 1473),) + tuple((1, 90 + i) for i in range(63))),
+    Step("drafts-1", ((17, 3000),)),
+    Step("drafts-24", tuple((17 - i % 17, 500 + 61 * i) for i in range(24))),
     Step("prefill-2048", ((2048, 2048),)),
     Step("prefill-8192", tuple((2048, 2048) for _ in range(4))),
 )

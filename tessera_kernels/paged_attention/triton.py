@@ -4,9 +4,11 @@ Both attention kernels give one program the query heads that share a KV head (GQ
 of one tile, so every K/V cache block is read once per (sequence, KV head, query tile) instead of once
 per query head. Scores, the running max and the running sum stay in fp32 (online softmax, exp2).
 
-    decode   grid (num_seqs, num_kv_heads, num_splits): one query token per sequence; the context is
-             cut into `num_splits` partitions (flash-decoding) whose partial (max, sum, acc) a small
-             reduce kernel merges. One split writes `out` directly.
+    decode   grid (num_seqs, num_kv_heads x query tiles, num_splits): up to SPLIT_QUERIES query tokens per
+             sequence (one for plain decode, a few more with speculative drafts), a tile of them x group
+             heads per program; the context is cut into `num_splits` partitions (flash-decoding) whose
+             partial (max, sum, acc) a small reduce kernel merges per query token. One split writes `out`
+             directly.
     prefill  grid (num_seqs, num_kv_heads, query tiles): BLOCK_M rows = BLOCK_M // group query tokens
              x group heads; causal over the cached context, decode rows (n_i = 1) included.
 
@@ -123,28 +125,34 @@ def _prefill_kernel(
 def _decode_kernel(
     out_ptr, part_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, cu_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_tab, stride_cb, stride_ct, stride_ch,
-    qk_scale, window, head_dim, partition, num_heads, num_splits,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    qk_scale, window, head_dim, partition, num_heads, num_splits, q_tiles,
+    GROUP: tl.constexpr, QUERIES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # Per program: the GROUP query heads of one KV head read once; K and V of one context partition
-    # read once; writes GROUP rows of out (or of the fp32 partials, plus max and sum, when split).
-    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Per program: QUERIES query tokens x the GROUP query heads of one KV head, stacked as rows (query-major),
+    # read once; K and V of one context partition read once; writes those rows of out (or of the fp32
+    # partials, plus max and sum, when split).
+    seq, head_tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kv_head, tile = head_tile // q_tiles, head_tile % q_tiles
     q_start = tl.load(cu_ptr + seq)
-    if tl.load(cu_ptr + seq + 1) == q_start:
+    n = tl.load(cu_ptr + seq + 1) - q_start
+    if tile * QUERIES >= n:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     rows = tl.arange(0, BLOCK_H)
-    head = kv_head * GROUP + rows
+    qi = tile * QUERIES + rows // GROUP  # query index inside the sequence
+    valid = (rows < QUERIES * GROUP) & (qi < n)
+    head = kv_head * GROUP + rows % GROUP
     offs_d = tl.arange(0, BLOCK_D)
-    io_mask = (rows < GROUP)[:, None] & (offs_d < head_dim)[None, :]
-    q = tl.load(q_ptr + q_start.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=io_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
-    q_pos = tl.full((BLOCK_H,), 0, tl.int32) + seq_len - 1
+    io_mask = valid[:, None] & (offs_d < head_dim)[None, :]
+    token = (q_start + qi).to(tl.int64)
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=io_mask,
+                other=0.0)  # [BLOCK_H, BLOCK_D]
+    q_pos = seq_len - n + qi
     lo = split * partition
-    hi = tl.minimum(lo + partition, seq_len)
+    hi = tl.minimum(lo + partition, seq_len - n + tl.minimum(tile * QUERIES + QUERIES, n))  # causal end of the tile
     if window > 0:
-        lo = tl.maximum(lo, seq_len - window)
+        lo = tl.maximum(lo, seq_len - n + tile * QUERIES - window + 1)
     m_i = tl.full((BLOCK_H,), _NEG, tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
@@ -152,35 +160,37 @@ def _decode_kernel(
                             tables_ptr + seq * stride_tab, kv_head, q_pos, lo, hi, window,
                             stride_cb, stride_ct, stride_ch, qk_scale, head_dim, BLOCK_SIZE, BLOCK_N, BLOCK_D)
     if SPLIT:
-        part = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [BLOCK_H]
+        part = (token * num_heads + head) * num_splits + split  # [BLOCK_H]
         tl.store(part_ptr + part[:, None] * (BLOCK_D + 2) + offs_d[None, :], acc, mask=io_mask)
-        tl.store(part_ptr + part * (BLOCK_D + 2) + BLOCK_D, m_i, mask=rows < GROUP)
-        tl.store(part_ptr + part * (BLOCK_D + 2) + BLOCK_D + 1, l_i, mask=rows < GROUP)
+        tl.store(part_ptr + part * (BLOCK_D + 2) + BLOCK_D, m_i, mask=valid)
+        tl.store(part_ptr + part * (BLOCK_D + 2) + BLOCK_D + 1, l_i, mask=valid)
     else:
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        o_off = q_start.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        o_off = token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
 def _decode_reduce_kernel(out_ptr, part_ptr, cu_ptr, stride_ot, stride_oh, head_dim, num_heads, num_splits,
                           BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Grid (num_seqs, num_heads). Reads num_splits x (BLOCK_D + 2) fp32 partials, writes one out row.
-    seq, head = tl.program_id(0), tl.program_id(1)
+    # Grid (num_seqs, num_heads, max_query_len). Reads num_splits x (BLOCK_D + 2) fp32 partials of one query
+    # token and head, writes its out row.
+    seq, head, qi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_ptr + seq)
-    if tl.load(cu_ptr + seq + 1) == q_start:
+    if q_start + qi >= tl.load(cu_ptr + seq + 1):
         return
+    token = (q_start + qi).to(tl.int64)
     splits = tl.arange(0, BLOCK_SPLITS)
     s_mask = splits < num_splits
     offs_d = tl.arange(0, BLOCK_D)
-    part = ((seq.to(tl.int64) * num_heads + head) * num_splits + splits) * (BLOCK_D + 2)  # [BLOCK_SPLITS]
+    part = ((token * num_heads + head) * num_splits + splits) * (BLOCK_D + 2)  # [BLOCK_SPLITS]
     m = tl.load(part_ptr + part + BLOCK_D, mask=s_mask, other=_NEG)
     l = tl.load(part_ptr + part + BLOCK_D + 1, mask=s_mask, other=0.0)
     acc = tl.load(part_ptr + part[:, None] + offs_d[None, :], mask=s_mask[:, None], other=0.0)
     w = tl.exp2(m - tl.max(m, 0))  # [BLOCK_SPLITS]
     total = tl.sum(w * l, 0)
     o = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_d
+    o_off = token * stride_ot + head * stride_oh + offs_d
     tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
 
 
@@ -188,6 +198,14 @@ _PART_CACHE: dict[torch.device, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown partials stay alive: a captured CUDA graph may still use them
 _PARTITION = 256  # context tokens per decode split at least
 _TARGET_PROGRAMS = 512  # split the context until the decode grid has about this many programs
+SPLIT_QUERIES = 32
+"""Steps whose sequences have at most this many query tokens each take the split-context decode kernel: a
+decode step with speculative drafts is a few query tokens per sequence over a long context, which the
+prefill kernel (one program per sequence, KV head and query tile, the whole context each) would run on a few
+dozen programs at small batch. NOTE: chosen from that argument, not timed on a GPU yet."""
+SPLIT_ROWS = 64
+"""Rows (query tokens x the heads of one KV head) of one decode program at most, as the prefill kernel's BLOCK_M:
+a sequence with more query tokens than fit takes several programs per KV head (query tiles)."""
 TILES = (32, 64)
 """Context positions per step of the (decode, prefill) kernels: what FlashAttention-style kernels use for
 tensor-core tiles (the prefill tile was the 16-token KV block before). NOTE: not timed on a GPU yet;
@@ -208,32 +226,43 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
                                     ROW=row, BLOCK=triton.next_power_of_2(row))
 
 
-def _num_splits(meta: AttentionMeta, num_kv_heads: int) -> int:
-    """Host arithmetic only: enough context partitions to fill the GPU, each at least _PARTITION long."""
+def _num_splits(meta: AttentionMeta, programs: int) -> int:
+    """Host arithmetic only: enough context partitions to fill the GPU, each at least _PARTITION long, for a grid
+    of `programs` (sequences x KV heads x query tiles) before splitting."""
     by_length = triton.cdiv(max(meta.max_seq_len, 1), _PARTITION)
-    by_occupancy = triton.cdiv(_TARGET_PROGRAMS, meta.num_seqs * num_kv_heads)
+    by_occupancy = triton.cdiv(_TARGET_PROGRAMS, programs)
     return max(1, min(by_length, by_occupancy))
+
+
+def _query_tile(max_query_len: int, group: int) -> tuple[int, int]:
+    """(query tokens per decode program, BLOCK_H): as many of a sequence's query tokens as fit SPLIT_ROWS rows of
+    `group` heads each (at least one), and the power-of-two row count (>= 16, for tl.dot) that holds them."""
+    fit = max(1, SPLIT_ROWS // triton.next_power_of_2(group))
+    queries = min(triton.next_power_of_2(max_query_len), fit)
+    return queries, max(16, triton.next_power_of_2(queries * group))
 
 
 def _decode(out, q, k_cache, v_cache, meta, common: dict, group: int, block_d: int, tile: int) -> None:
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
-    num_splits = _num_splits(meta, num_kv_heads)
+    queries, block_h = _query_tile(meta.max_query_len, group)
+    q_tiles = triton.cdiv(meta.max_query_len, queries)
+    num_splits = _num_splits(meta, meta.num_seqs * num_kv_heads * q_tiles)
     partition = triton.cdiv(triton.cdiv(max(meta.max_seq_len, 1), num_splits), tile) * tile  # whole tiles
     part = out
-    if num_splits > 1:
-        numel = meta.num_seqs * num_heads * num_splits * (block_d + 2)  # fp32 [seqs, heads, splits, D + 2]
+    if num_splits > 1:  # fp32 [tokens, heads, splits, D + 2]; every token index is below num_seqs * max_query_len
+        numel = meta.num_seqs * meta.max_query_len * num_heads * num_splits * (block_d + 2)
         part = _PART_CACHE.get(q.device)
         if part is None or part.numel() < numel:
             _RETIRED.extend([part] if part is not None else [])
             part = _PART_CACHE[q.device] = torch.empty(numel, dtype=torch.float32, device=q.device)
-    _decode_kernel[(meta.num_seqs, num_kv_heads, num_splits)](
+    _decode_kernel[(meta.num_seqs, num_kv_heads * q_tiles, num_splits)](
         out, part, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_query_lens,
-        **common, partition=partition, num_heads=num_heads, num_splits=num_splits,
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=k_cache.shape[1],
+        **common, partition=partition, num_heads=num_heads, num_splits=num_splits, q_tiles=q_tiles,
+        GROUP=group, QUERIES=queries, BLOCK_H=block_h, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=tile, BLOCK_D=block_d, SPLIT=num_splits > 1,
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(meta.num_seqs, num_heads)](
+        _decode_reduce_kernel[(meta.num_seqs, num_heads, meta.max_query_len)](
             out, part, meta.cu_query_lens, out.stride(0), out.stride(1), q.shape[2], num_heads, num_splits,
             BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
         )
@@ -241,8 +270,9 @@ def _decode(out, q, k_cache, v_cache, meta, common: dict, group: int, block_d: i
 
 def paged_attention(out, q, k_cache, v_cache, meta: AttentionMeta, scale: float, sliding_window=None,
                     tiles: tuple[int, int] | None = None) -> None:
-    """Decode kernel when every sequence has one query token, else the chunked-prefill kernel. `tiles`
-    (decode, prefill), powers of two >= 16, overrides TILES (the benchmark sweeps them)."""
+    """The split-context decode kernel when no sequence has more than SPLIT_QUERIES query tokens (decode, and
+    decode with speculative drafts), else the chunked-prefill kernel. `tiles` (decode, prefill), powers of two
+    >= 16, overrides TILES (the benchmark sweeps them)."""
     if meta.num_seqs == 0:
         return
     if tiles is None:
@@ -260,7 +290,7 @@ def paged_attention(out, q, k_cache, v_cache, meta: AttentionMeta, scale: float,
         stride_ch=k_cache.stride(2), qk_scale=scale * math.log2(math.e), window=sliding_window or 0,
         head_dim=head_dim,
     )
-    if meta.max_query_len == 1:
+    if meta.max_query_len <= SPLIT_QUERIES:
         _decode(out, q, k_cache, v_cache, meta, common, group, block_d, tiles[0])
         return
     block_m = max(64, triton.next_power_of_2(group))

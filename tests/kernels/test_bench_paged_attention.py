@@ -17,7 +17,7 @@ def small_heads(monkeypatch):
 
 
 @pytest.mark.parametrize("tiles", [None, (16, 16), (64, 32)])
-@pytest.mark.parametrize("mode,batch,length", [("decode", 3, 70), ("prefill", 2, 40)])
+@pytest.mark.parametrize("mode,batch,length", [("decode", 3, 70), ("prefill", 2, 40), ("drafts", 2, 50)])
 def test_ours_and_sdpa_agree_on_the_same_data(small_heads, mode, batch, length, tiles):
     make_ours, run_sdpa, _, moved = bench.setup(mode, batch, length, 16, torch.float16, DEVICE)
     _, err = make_ours(tiles)
@@ -39,7 +39,7 @@ def test_a_misplaced_block_shows_in_the_error(small_heads, monkeypatch):
 
 def test_arguments_and_the_message_without_cuda():
     args = bench._parse_args([])
-    assert args.block_sizes == [16, 32] and args.modes == ["decode", "prefill"] and args.dtype == "bfloat16"
+    assert args.block_sizes == [16, 32] and args.modes == ["decode", "prefill", "drafts"] and args.dtype == "bfloat16"
     assert args.tiles == [16, 32, 64]
     with pytest.raises(SystemExit) as exit_info:
         bench._parse_args(["--tiles", "16", "24"])

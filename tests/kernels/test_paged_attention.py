@@ -86,12 +86,51 @@ PREFILL = [  # seq_lens, query_lens, heads, kv_heads, head_dim, block_size, wind
 ]
 
 
+@pytest.fixture(params=["split", "prefill"])
+def kernel(request, monkeypatch):
+    """Both kernels on steps of several query tokens per sequence: the split-context decode kernel (as the
+    backend picks it for up to SPLIT_QUERIES), and the prefill kernel (forced by lowering that to 1)."""
+    if request.param == "prefill":
+        monkeypatch.setattr(backend, "SPLIT_QUERIES", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("case", PREFILL, ids=["fresh", "chunked", "mixed", "window"])
-def test_prefill(case, block_size):
+def test_prefill(case, block_size, kernel):
     seq_lens, query_lens, heads, kv_heads, head_dim, _, window = case
     data = _make_case(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, torch.float32)
     _check(*data, window, atol=1e-4)
+
+
+VERIFY = [  # heads, kv_heads, head_dim, window: GQA groups 4, 7 (not a power of two), 8 and 1
+    (8, 2, 64, None),
+    (14, 2, 32, None),
+    (16, 2, 64, 23),
+    (4, 4, 32, None),
+]
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("shape", VERIFY, ids=lambda s: f"h{s[0]}-kv{s[1]}-d{s[2]}-w{s[3]}")
+def test_decode_with_drafts(shape, split, request):
+    """Speculative verify steps: a sequence's last token plus up to 16 drafts (1-17 query tokens) over contexts
+    longer than a split, through the decode kernel; groups of 7 and 8 heads need several query tiles."""
+    if split:
+        request.getfixturevalue("small_partitions")
+    heads, kv_heads, head_dim, window = shape
+    data = _make_case([90, 17, 130, 41, 5], [17, 17, 1, 9, 5], heads, kv_heads, head_dim, 16, torch.float32,
+                      seed=4)
+    assert data[3].max_query_len <= backend.SPLIT_QUERIES
+    _check(*data, window, atol=1e-4)
+
+
+@pytest.mark.parametrize(("max_query_len", "group", "queries", "rows"),
+                         [(1, 4, 1, 16), (1, 32, 1, 32), (1, 128, 1, 128), (17, 4, 16, 64), (17, 7, 8, 64),
+                          (17, 1, 32, 32), (3, 4, 4, 16), (5, 7, 8, 64)])
+def test_query_tile(max_query_len, group, queries, rows):
+    """Plain decode keeps one query token per program (the kernel it had), drafts fill up to SPLIT_ROWS rows."""
+    assert backend._query_tile(max_query_len, group) == (queries, rows)
 
 
 @pytest.mark.parametrize("tiles", [(16, 16), (16, 128), (64, 32)])
@@ -136,7 +175,7 @@ GPU_SHAPES = [(32, 8, 128, 16), (32, 32, 64, 32), (32, 4, 128, 16)]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"h{s[0]}-kv{s[1]}-d{s[2]}-b{s[3]}")
-@pytest.mark.parametrize("kind", ["decode", "prefill", "chunked", "mixed"])
+@pytest.mark.parametrize("kind", ["decode", "prefill", "chunked", "mixed", "drafts"])
 @pytest.mark.parametrize("window", [None, 256])
 def test_attention_gpu_bf16(shape, kind, window):
     heads, kv_heads, head_dim, block_size = shape
@@ -145,6 +184,7 @@ def test_attention_gpu_bf16(shape, kind, window):
         "prefill": ([513, 100, 1024], [513, 100, 1024]),
         "chunked": ([1500, 700], [256, 300]),
         "mixed": ([900, 17, 4000, 64], [1, 17, 128, 1]),
+        "drafts": ([900, 17, 4000, 64, 2500], [17, 17, 5, 1, 9]),
     }[kind]
     data = _make_case(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, torch.bfloat16)
     _check(*data, window, atol=2e-2)
@@ -167,3 +207,26 @@ def test_decode_cuda_graph_replays_new_lengths():
         expected = torch.zeros_like(q)
         reference.paged_attention(expected, q, k_cache, v_cache, meta, scale)
         torch.testing.assert_close(out[:4].float(), expected[:4].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_decode_with_drafts_cuda_graph_replays_new_lengths():
+    """A verify step captured at 17 query tokens per sequence replays with other draft counts and contexts."""
+    q, k_cache, v_cache, meta = _make_case([300, 2000, 77, 1000], [17] * 4, 32, 8, 128, 16, torch.bfloat16)
+    out = torch.zeros_like(q)
+    scale = 1 / math.sqrt(128)
+    meta.max_seq_len = 4096  # the graph's decode splits must cover every replayed context
+    backend.paged_attention(out, q, k_cache, v_cache, meta, scale)  # warm up: compile, cache partials
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        backend.paged_attention(out, q, k_cache, v_cache, meta, scale)
+    for lengths, queries in (([299, 1999, 20, 1000], [17, 1, 3, 17]), ([18, 64, 77, 513], [2, 17, 17, 9])):
+        meta.seq_lens[:4].copy_(torch.tensor(lengths, dtype=torch.int32))
+        meta.cu_query_lens[1:5].copy_(torch.tensor(queries).cumsum(0).to(torch.int32))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        expected = torch.zeros_like(q)
+        reference.paged_attention(expected, q, k_cache, v_cache, meta, scale)
+        live = sum(queries)
+        torch.testing.assert_close(out[:live].float(), expected[:live].float(), atol=2e-2, rtol=2e-2)
