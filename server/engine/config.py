@@ -92,8 +92,9 @@ class EngineConfig:
     `prediction` are drafted per step, and `grammar_tokens` (default 16; 0: none) how many of the tokens a
     structured output's grammar forces next; both work without this flag too. Every sampling parameter
     and structured outputs work with drafts. While drafting requests run, steps are not overlapped (async
-    scheduling waits), and steps that run drafts are not replayed from CUDA graphs; `"disable_by_batch_size":
-    N` stops drafting while more than N requests run."""
+    scheduling waits). Steps that run drafts replay verify graphs of 1 + the most drafts per sequence (the largest
+    of the three counts) token rows a sequence, for batches whose rows fit 512 and max_num_batched_tokens, and run
+    eagerly above that; `"disable_by_batch_size": N` stops drafting while more than N requests run."""
     seed: int = 0
     """Seed for requests that give none."""
     cuda_graphs: str = "auto"

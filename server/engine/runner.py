@@ -32,7 +32,7 @@ from server.engine.graphs import DecodeGraphs
 from server.engine.host_rows import HostRows, StepRows
 from server.engine.penalties import (TokenCounts, allowed_mask, history_window, needs_history, needs_processing,
                                      process)
-from server.engine.plan import PLACEHOLDER, NewRequestData, StepPlan, StepResult
+from server.engine.plan import LOGIT_ROWS, PLACEHOLDER, NewRequestData, StepPlan, StepResult
 from server.engine.request import SamplingParams
 from server.engine.sampling import (
     DeviceLogprobs, DevicePromptLogprobs, draw_seed, gather_logprobs, gather_prompt_logprobs, read_logprobs,
@@ -161,6 +161,9 @@ class RunnerConfig:
     """Decode steps: `capture` (CUDA graphs), `padded` (the graphs' bucketed shapes, run eagerly) or `off`."""
     graph_max_batch: int = 0
     """Largest decode batch a graph serves."""
+    graph_query_len: int = 1
+    """Token rows per sequence of the verify graphs (speculative decoding): 1 + the most drafts a request runs in
+    a step; 1: no verify graphs."""
 
 
 class ModelRunner:
@@ -198,7 +201,8 @@ class ModelRunner:
         if config.graph_mode != "off":
             max_batch = min(config.graph_max_batch, config.max_num_seqs, config.max_num_batched_tokens)
             self.graphs = DecodeGraphs(model, self.meta, max_batch, config.max_model_len,
-                                       capture=config.graph_mode == "capture")
+                                       capture=config.graph_mode == "capture", query_len=config.graph_query_len,
+                                       max_tokens=min(config.max_num_batched_tokens, LOGIT_ROWS))
 
     def kv_cache_bytes(self) -> int:
         """Bytes of every layer's key and value caches."""
@@ -215,8 +219,9 @@ class ModelRunner:
             return PendingStep()
         order = list(plan.num_scheduled_tokens)
         sampling_rows, num_logit_rows = self._fill(plan, order)
-        if self.graphs is not None and self.graphs.is_decode(self.meta, num_logit_rows):
-            logits = self.graphs.logits(self.meta.num_seqs, self.meta.has_modules)
+        shape = self.graphs.select(self.meta, num_logit_rows) if self.graphs is not None else None
+        if shape is not None:
+            logits = self.graphs.logits(shape, self.meta.has_modules, num_logit_rows)
             return self._sample(plan, order, sampling_rows, logits)
         with forward_context(self.meta):
             hidden = self.model(self.meta.input_ids[: self.meta.num_tokens], self.meta.positions[: self.meta.num_tokens])

@@ -204,17 +204,18 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     num_blocks = _num_kv_blocks(config, model, str(model.device))
     max_model_len = min(config.max_model_len or model.max_position_embeddings, num_blocks * config.block_size)
     max_blocks_per_seq = -(-max_model_len // config.block_size)
+    speculative = config.speculative()
     scheduler = Scheduler(
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.scheduling_policy,
                         config.module_wait_steps),
         BlockPool(num_blocks, config.block_size, caching=config.enable_prefix_caching),
         ModulePool(model.max_slots),
         eos_ids,
-        config.speculative(),
+        speculative,
     )
     runner_config = RunnerConfig(
         config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks,
-        config.block_size, max_model_len, graph_mode, config.cuda_graph_max_batch,
+        config.block_size, max_model_len, graph_mode, config.cuda_graph_max_batch, 1 + speculative.max_drafts,
     )
     runner = ModelRunner(model, runner_config, module_loader(library), eos_ids)
     logger.info(

@@ -55,8 +55,8 @@ class SpeculativeConfig:
     next: a JSON schema's keys and punctuation, say; xgrammar's jump-forward tokens); 0: none."""
     disable_by_batch_size: int = 0
     """No drafts while more than this many requests run (vLLM's speculative_disable_by_batch_size): a large batch's
-    steps cost more per token, so drafts save less, and plain steps keep CUDA graphs and asynchronous overlap; 0:
-    drafts at any batch size."""
+    steps cost more per token, so drafts save less, and plain steps keep asynchronous overlap (and, past the verify
+    graphs' largest batch, CUDA graphs); 0: drafts at any batch size."""
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -66,6 +66,11 @@ class SpeculativeConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    @property
+    def max_drafts(self) -> int:
+        """Drafts one request runs per step at most, from any source (`Drafter.max_drafts` <= this)."""
+        return max(self.num_speculative_tokens, self.prediction_tokens, self.grammar_tokens)
 
     @classmethod
     def from_json(cls, text: str | None) -> SpeculativeConfig:

@@ -11,7 +11,7 @@ import pytest
 from router.composition import Composition
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.graphs import decode_buckets
+from server.engine.graphs import decode_buckets, verify_buckets
 from server.engine.request import Request, SamplingParams
 
 COMPOSITIONS = [
@@ -41,6 +41,10 @@ def test_buckets():
     assert decode_buckets(6) == (1, 2, 4, 6)
     assert decode_buckets(20) == (1, 2, 4, 8, 16, 20)
     assert decode_buckets(256)[-3:] == (240, 248, 256)
+    assert verify_buckets(256, 17, 512) == (1, 2, 4, 8, 16, 24)  # 24 * 17 = 408 rows; 32 * 17 > 512
+    assert verify_buckets(256, 4, 64) == (1, 2, 4, 8, 16)
+    assert verify_buckets(6, 5, 512) == (1, 2, 4, 6)
+    assert verify_buckets(256, 1, 512) == () and verify_buckets(8, 17, 16) == ()
 
 
 def test_padded_decode_steps_give_the_eager_tokens(setup):

@@ -360,6 +360,24 @@ def test_speculation_gives_the_plain_output(setup, stop, free, plain, mode, engi
             assert kept == drafted > 0, request_id
 
 
+@pytest.mark.parametrize("mode", ["exact", "edited", "ngram"])
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_verify_steps_replay_graphs_and_give_the_plain_output(setup, stop, free, plain, mode, async_scheduling):
+    """Steps that run drafts take the verify graphs (graphs.py) where every sequence's rows fit: here 4 rows a
+    sequence (3 drafts), buckets up to 16 sequences in the 64-token budget, padded and run eagerly on the CPU."""
+    want, _ = plain
+    tokens = {request_id: flat[0] for request_id, flat in want.items()} | {"r4": free, "r5": free}
+    predictions = {"exact": tokens, "edited": {r: _edited(t) for r, t in tokens.items()}, "ngram": None}[mode]
+    speculation = json.loads(NGRAM_JSON) if mode == "ngram" else {}
+    engine, steps = _engine(setup, json.dumps(speculation | {"prediction_tokens": 3, "grammar_tokens": 0}),
+                            cuda_graphs="padded", max_num_batched_tokens=64, async_scheduling=async_scheduling)
+    graphs = engine.runner.graphs
+    assert graphs.query_len == 4 and graphs.verify_buckets == (1, 2, 4, 8, 16)
+    _assert_same(_flat(engine.generate_batch(_requests(stop, predictions))), want)
+    verify_steps = sum(s.num_drafts > 0 and s.num_tokens == s.num_seqs + s.num_draft_tokens for s in steps)
+    assert verify_steps > 0 and graphs.num_verify_replays == verify_steps  # each (decode + drafts) step: a graph
+
+
 @pytest.mark.parametrize("include_stop", [False, True])
 def test_a_stop_met_inside_kept_drafts_ends_the_output_where_plain_decoding_does(setup, stop, free, include_stop):
     """Predicted their free continuation, the stopped rows keep drafts past their stop token and stop string in one
@@ -476,14 +494,23 @@ def test_the_kv_of_kept_drafts_serves_later_requests_from_the_prefix_cache(setup
 
 
 @pytest.mark.gpu
-def test_speculation_gives_the_plain_output_on_cuda(setup, stop, free):
-    """On CUDA: plain decode steps replay graphs and overlap the next step's planning, while steps that verify
-    drafts run eagerly on the Triton kernels (prefill attention over cached blocks, composed_lora on every draft)."""
+@pytest.mark.parametrize("verify", ["graphs", "eager"])
+def test_speculation_gives_the_plain_output_on_cuda(setup, stop, free, verify):
+    """On CUDA: plain decode steps replay graphs and overlap the next step's planning; steps that verify drafts
+    replay captured verify graphs (4 rows a sequence in a 64-token budget), or run eagerly where no verify graph
+    fits (17 rows a sequence in a 16-token budget), on the Triton kernels (split-context attention over cached
+    blocks, composed_lora on every draft)."""
     options = dict(device="cuda", dtype="float32", block_size=16, num_kv_blocks=64)
     engine, _ = _engine(setup, PLAIN, **options)
     want = _flat(engine.generate_batch(_requests(stop)))
     tokens = {request_id: flat[0] for request_id, flat in want.items()} | {"r4": free, "r5": free}
-    engine, steps = _engine(setup, NGRAM_JSON, **options)
+    if verify == "graphs":
+        speculation = json.dumps(json.loads(NGRAM_JSON) | {"prediction_tokens": 3, "grammar_tokens": 0})
+        engine, steps = _engine(setup, speculation, max_num_batched_tokens=64, **options)
+    else:
+        engine, steps = _engine(setup, NGRAM_JSON, **options)
     _assert_same(_flat(engine.generate_batch(_requests(stop, tokens))), want)
     assert sum(s.num_accepted_tokens for s in steps) > 0
-    assert engine.runner.graphs is not None and engine.runner.graphs.num_replays > 0
+    graphs = engine.runner.graphs
+    assert graphs is not None and graphs.capture and graphs.num_replays > 0
+    assert (graphs.num_verify_replays > 0) == (verify == "graphs")
