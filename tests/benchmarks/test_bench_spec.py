@@ -12,7 +12,7 @@ def test_every_setting_gives_the_plain_tokens_and_the_steps_add_up(tmp_path, cap
     out = tmp_path / "spec.json"
     document = main(["--device", "cpu", "--config", "tiny", "--batch-sizes", "1", "3", "--prompt-len", "12",
                      "--new-tokens", "20", "--modules", "2", "--edit-every", "8", "--prediction-tokens", "8",
-                     "--out", str(out)])
+                     "--cuda-graphs", "padded", "--out", str(out)])
     assert json.loads(out.read_text()) == document and "time/plain" in capsys.readouterr().out
     rows = {(row["batch"], row["system"]): row for row in document["rows"]}
     assert sorted(rows) == sorted((batch, system) for batch in (1, 3) for system in SYSTEMS)
@@ -26,6 +26,9 @@ def test_every_setting_gives_the_plain_tokens_and_the_steps_add_up(tmp_path, cap
         assert 0 < edited["accepted_tokens"] < edited["draft_tokens"] and exact["steps"] < edited["steps"] < 20
         wrong = rows[batch, "wrong"]  # its start, then wherever a token of the output recurs in it: never right
         assert wrong["accepted_tokens"] == 0 and wrong["draft_tokens"] >= 8 * batch and wrong["steps"] == 20
+        # every step after the prompts' replays a (padded) graph: a decode graph, or a verify graph when it drafts
+        assert plain["graph_steps"] == 19 and plain["verify_graph_steps"] == 0
+        assert exact["graph_steps"] == exact["verify_graph_steps"] == 2
 
 
 def test_an_edited_prediction_replaces_two_tokens_and_inserts_one_every_so_often():
