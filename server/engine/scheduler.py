@@ -602,4 +602,3 @@ class Scheduler:
 
 def _rank(state: RequestState) -> tuple[int, int]:
     return state.rank
-
