@@ -77,7 +77,10 @@ for stage in $STAGES; do
       timeout 240 python3 benchmarks/serving/bench_module_slots.py --out "$OUT/bench_module_slots.json" 2>&1 | tail -6 ;;
     spec)
       timeout 300 python3 benchmarks/serving/bench_spec.py --batch-sizes 1 8 32 --out "$OUT/bench_spec.json" \
-        2>&1 | tail -18 ;;
+        2>&1 | tail -18
+      # structured outputs: forced-token drafts (each step read back) vs plain (overlapped, sampling deferred)
+      timeout 200 python3 benchmarks/serving/bench_spec.py --workload form --batch-sizes 1 8 32 \
+        --out "$OUT/bench_spec_form.json" 2>&1 | tail -14 ;;
     *)
       echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online, prefix, slots, spec)" >&2
       exit 2 ;;

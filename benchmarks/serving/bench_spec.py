@@ -32,10 +32,12 @@ plain, forced, prediction and ngram only). The settings:
 
 The table reports per setting: engine steps, wall seconds, generated tokens per second, draft tokens run and
 kept, tokens per step of a request (outputs over the steps each request ran in: the prompt's step gives the
-first), the steps replayed from CUDA graphs (decode and, of those, verify graphs: steps that run drafts), and
-the time relative to `plain`. Under `plain`, decode steps replay CUDA graphs and overlap the next step's
-planning; steps that run drafts replay verify graphs up to their largest batch but never overlap (the engine's
-documented cost), which is what the ratio weighs against the steps saved.
+first), the steps replayed from CUDA graphs (decode and, of those, verify graphs: steps that run drafts), the
+steps whose sampling waited for the step before (`deferred`: grammar masks under asynchronous scheduling, the form
+workload's `plain`), and the time relative to `plain`. Under `plain`, decode steps replay CUDA graphs and overlap
+the next step's planning (structured ones too, with only their sampling deferred); steps that run drafts replay
+verify graphs up to their largest batch but never overlap (the engine's documented cost), which is what the
+ratio weighs against the steps saved.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class SpecSettings:
     """With workload copy: the suite backbone setting (training.suite.backbone.SETTINGS)."""
     cuda_graphs: str = "auto"
     """EngineConfig.cuda_graphs of every engine (padded: the graphs' shapes run eagerly, to check them on a CPU)."""
+    async_scheduling: str = "auto"
+    """EngineConfig.async_scheduling of every engine (auto: on CUDA)."""
 
 
 class _Steps:
@@ -153,7 +157,7 @@ class _RandomWorkload:
         engine_settings = EngineSettings(
             block_size=s.block_size, max_num_seqs=batch, max_num_batched_tokens=max(2048, s.block_size),
             num_kv_blocks=batch * per_request, max_slots=max(s.modules, 1), max_rank=MODULE_RANK, max_k=1,
-            cuda_graphs=s.cuda_graphs, speculative_config=_speculation(s, system))
+            cuda_graphs=s.cuda_graphs, async_scheduling=s.async_scheduling, speculative_config=_speculation(s, system))
         return tessera_engine(self.hf_model, word_tokenizer(self.vocab_size), self.library, engine_settings, s.dtype,
                               observer)
 
@@ -188,7 +192,8 @@ class _CopyWorkload:
         s = self.settings
         config = EngineConfig(model=self.model_dir, dtype=s.dtype, device=s.device, block_size=s.block_size,
                               max_num_seqs=batch, max_num_batched_tokens=2048, num_kv_blocks=batch * 8,
-                              cuda_graphs=s.cuda_graphs, speculative_config=_speculation(s, system))
+                              cuda_graphs=s.cuda_graphs, async_scheduling=s.async_scheduling,
+                              speculative_config=_speculation(s, system))
         return Engine(config, step_observer=observer)
 
     def requests(self, batch: int, predictions: dict | None) -> list[Request]:
@@ -259,9 +264,11 @@ def _run_batch(settings: SpecSettings, workload, batch: int) -> list[dict]:
         steps.__init__()
         graphs = engine.runner.graphs
         replays = (graphs.num_replays, graphs.num_verify_replays) if graphs is not None else (0, 0)
+        deferred = engine.runner.num_deferred_samples
         _, seconds, tokens = timed_batch(engine, workload.requests(batch, predictions), settings.device)
         if graphs is not None:
             replays = (graphs.num_replays - replays[0], graphs.num_verify_replays - replays[1])
+        deferred = engine.runner.num_deferred_samples - deferred
         del engine
         if system == "plain":
             plain = tokens
@@ -270,7 +277,7 @@ def _run_batch(settings: SpecSettings, workload, batch: int) -> list[dict]:
                      "generated_tokens": generated, "generated_per_s": generated / seconds,
                      "draft_tokens": steps.drafted, "accepted_tokens": steps.accepted,
                      "tokens_per_step": generated / steps.seq_steps, "graph_steps": replays[0],
-                     "verify_graph_steps": replays[1],
+                     "verify_graph_steps": replays[1], "deferred_samples": deferred,
                      "time_vs_plain": seconds / rows[0]["seconds"] if rows else 1.0,
                      "requests_with_other_tokens": len(differing(plain, tokens, settings.dtype, system))})
     return rows
@@ -295,11 +302,13 @@ def table(document: dict) -> str:
     lines = [f"{head} on {document['environment']['device']} ({s['dtype']}); n-gram k={s['drafts']}, "
              f"{s['prediction_tokens']} prediction tokens a step",
              f"{'batch':>5} {'setting':>17} {'steps':>6} {'seconds':>8} {'gen tok/s':>10} {'drafted':>8} "
-             f"{'kept':>6} {'tok/step':>8} {'graphs':>6} {'verify':>6} {'time/plain':>10} {'same tokens':>11}"]
+             f"{'kept':>6} {'tok/step':>8} {'graphs':>6} {'verify':>6} {'deferred':>8} {'time/plain':>10} "
+             f"{'same tokens':>11}"]
     for row in document["rows"]:
         lines.append(f"{row['batch']:>5} {row['system']:>17} {row['steps']:>6} {row['seconds']:>8.3f} "
                      f"{row['generated_per_s']:>10.1f} {row['draft_tokens']:>8} {row['accepted_tokens']:>6} "
                      f"{row['tokens_per_step']:>8.2f} {row['graph_steps']:>6} {row['verify_graph_steps']:>6} "
+                     f"{row['deferred_samples']:>8} "
                      f"{row['time_vs_plain']:>10.2f} "
                      f"{'yes' if row['requests_with_other_tokens'] == 0 else 'NO':>11}")
     return "\n".join(lines)
@@ -325,6 +334,8 @@ def _parse(argv: list[str] | None) -> SpecSettings:
     parser.add_argument("--suite-backbone", default="small", help="with --workload copy: tiny, small or full")
     parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "off", "padded"],
                         help="EngineConfig.cuda_graphs (padded: the graphs' padded shapes, run eagerly)")
+    parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                        help="EngineConfig.async_scheduling (auto: on CUDA)")
     args = parser.parse_args(argv)
     dtype = model_dtype(parser, args, ("prompt_len", "new_tokens", "drafts", "prediction_tokens", "edit_every"))
     if args.modules < 0 or min(args.batch_sizes) < 1:
@@ -335,7 +346,7 @@ def _parse(argv: list[str] | None) -> SpecSettings:
         parser.error(f"--suite-backbone must be one of {sorted(SETTINGS)}")
     return SpecSettings(args.config, args.device, dtype, tuple(args.batch_sizes), args.prompt_len, args.new_tokens,
                         args.modules, args.drafts, args.prediction_tokens, args.edit_every, args.block_size, args.seed,
-                        args.out, args.workload, args.suite_backbone, args.cuda_graphs)
+                        args.out, args.workload, args.suite_backbone, args.cuda_graphs, args.async_scheduling)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,7 +9,11 @@ step N+1 and the runner launches it while step N still runs on the device (its s
 placeholders, fed to N+1 on the device); then N's result is read, the scheduler updates and every
 changed request gets its text. The CPU work of one step thus overlaps the device work of the next; at
 most one launched step waits to be read (`_pending`), and none once the engine is idle. The rules that
-keep the outputs identical to the synchronous loop are in `scheduler`'s docstring.
+keep the outputs identical to the synchronous loop are in `scheduler`'s docstring. Structured outputs keep
+the overlap too: when a grammar mask of N+1 needs N's token, N+1's forward pass is launched, N is read (its
+matchers advance) while that pass runs, and only then is N+1's sampling queued (`ModelRunner.launch`).
+Speculative decoding does not overlap: drafts are found from every token, so while requests with drafters
+run (`Scheduler.speculating`) each step is read back before the next is planned.
 
 A failed step fails the requests it held and the loop goes on; a failure the device cannot recover from (a
 CUDA error, after which its context is unusable) or a fault in the loop itself ends the engine instead:
@@ -380,14 +384,15 @@ class Engine:
     def step(self) -> None:
         """One engine step: schedule, launch, then read and emit this step (or, asynchronously, the previous one)."""
         started = time.perf_counter()
-        if self.scheduler.num_structured or self.scheduler.speculating:  # their matchers need the pending step's
-            self._flush()  # tokens before the next mask; drafts are looked up from every token, the last included
+        if self.scheduler.speculating:  # drafts are looked up from every token, the last included
+            self._flush()
         plan = self.scheduler.schedule()
         launched = self.runner.launch(plan)
         if self.async_scheduling:
             previous, self._pending = self._pending, (plan, launched)
             if previous is not None:
                 self._collect(*previous)
+            launched.sample()  # deferred if a grammar mask needed the previous step's token, which its matcher has now
             if plan.is_empty:  # nothing runs: read it now, so an idle engine holds no pending step
                 self._flush()
         else:

@@ -10,7 +10,9 @@ sync) and its `PendingStep.result()` read later: the step's one sync. Until then
 `PLACEHOLDER` in the runner's token ids; if the next step is launched before that (asynchronous
 scheduling), the rows that feed such a token are filled from the pending step's device tensor of sampled
 ids with an index copy into the static `input_ids` buffer, before the forward or graph replay reads it.
-`run` = launch + result, the synchronous step.
+`run` = launch + result, the synchronous step. A structured request's grammar mask needs its previous token, so
+when that token is still in flight the step's sampling is deferred (`PendingStep.sample`) until the caller has
+read the step before back: the forward pass is queued either way.
 
 A request with drafts in the plan (`StepPlan.drafts`, speculative decoding) runs them after its last token and
 samples at each of those positions, with each position's own seed; `result()` keeps the draws up to the first
@@ -19,6 +21,7 @@ that differs from its draft (`speculative.accepted`), and the kept drafts count 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter
 from collections.abc import Callable
@@ -89,10 +92,20 @@ class PendingStep:
     had any finite logit."""
     counts: TokenCounts | None = None
     """With drafts: the token counts to advance by what each request with penalties or bad words keeps."""
+    deferred: Callable[[], None] | None = None
+    """The step's sampling, not queued yet: a structured row's mask waits until its matcher has seen the token
+    the step before this one draws for it (`ModelRunner.launch`)."""
     _result: StepResult | None = None
+
+    def sample(self) -> None:
+        """Queue the step's sampling if it was deferred (no host sync); the fields above are then set."""
+        if self.deferred is not None:
+            deferred, self.deferred = self.deferred, None
+            deferred()
 
     def result(self) -> StepResult:
         """Read the sampled tokens back (the step's host sync) and put them into the runner's token ids."""
+        self.sample()
         if self._result is None:
             drawable = None
             if self.drawable is not None:  # one copy for both
@@ -196,6 +209,10 @@ class ModelRunner:
         ]
         model.bind_kv_cache(self.kv_caches)
         self.held: dict[str, _Held] = {}
+        self._unsampled: PendingStep | None = None
+        """The launched step whose sampling is deferred, if any (`launch`)."""
+        self.num_deferred_samples = 0
+        """Steps whose sampling waited for the step before them to be read (structured rows, `launch`)."""
         self.host_rows = HostRows(config.max_num_seqs, config.max_blocks_per_seq, config.max_k)
         self.graphs = None
         if config.graph_mode != "off":
@@ -213,24 +230,46 @@ class ModelRunner:
         return self.launch(plan).result()
 
     def launch(self, plan: StepPlan) -> PendingStep:
-        """Apply the plan's deltas, queue one forward pass and the sampling of the requests that sample."""
+        """Apply the plan's deltas, queue one forward pass and the sampling of the requests that sample.
+
+        The sampling is deferred (`PendingStep.deferred`) when a structured request samples while the token before
+        it is still in flight (asynchronous scheduling): its grammar mask needs that token, so the caller reads the
+        step before this one back, and its matchers advance, while this one's forward pass runs, and then calls
+        `PendingStep.sample()` (vLLM's split of execute and sample). A step launched after it samples it first.
+        """
+        if self._unsampled is not None:
+            self._unsampled.sample()  # (a no-op when the caller did it)
+            self._unsampled = None
         self._apply(plan)
         if plan.is_empty:
             return PendingStep()
         order = list(plan.num_scheduled_tokens)
         sampling_rows, num_logit_rows = self._fill(plan, order)
+        step = PendingStep()
         shape = self.graphs.select(self.meta, num_logit_rows) if self.graphs is not None else None
         if shape is not None:
             logits = self.graphs.logits(shape, self.meta.has_modules, num_logit_rows)
-            return self._sample(plan, order, sampling_rows, logits)
-        with forward_context(self.meta):
-            hidden = self.model(self.meta.input_ids[: self.meta.num_tokens], self.meta.positions[: self.meta.num_tokens])
-            logits = self.model.compute_logits(hidden[self.meta.logits_indices[:num_logit_rows]])
-            scored = self._score_prompts(plan, order, hidden)
-        step = self._sample(plan, order, sampling_rows, logits)
-        if scored is not None:
-            step.prompt_logprobs, step.prompt_targets = scored
+        else:
+            with forward_context(self.meta):
+                hidden = self.model(self.meta.input_ids[: self.meta.num_tokens],
+                                    self.meta.positions[: self.meta.num_tokens])
+                logits = self.model.compute_logits(hidden[self.meta.logits_indices[:num_logit_rows]])
+                scored = self._score_prompts(plan, order, hidden)
+            if scored is not None:
+                step.prompt_logprobs, step.prompt_targets = scored
+        sample = functools.partial(self._sample, plan, order, sampling_rows, logits, step)
+        if self._masks_wait(order, sampling_rows):
+            step.deferred, self._unsampled = sample, step
+            self.num_deferred_samples += 1
+        else:
+            sample()
         return step
+
+    def _masks_wait(self, order: list[str], sampling_rows: list[int]) -> bool:
+        """Whether a structured request samples in this step while its previous token is still in flight."""
+        if not self._extras["structured"]:
+            return False
+        return any(self.held[order[i]].data.matcher is not None and self.held[order[i]].pending for i in sampling_rows)
 
     def _score_prompts(self, plan: StepPlan, order: list[str], hidden: torch.Tensor):
         """For the requests that ask for prompt logprobs: the logprob of every prompt token this step's
@@ -374,7 +413,9 @@ class ModelRunner:
             device = meta.input_ids.device
             meta.modules.fill(host_tensor(slots, device), host_tensor(gates, device))
 
-    def _sample(self, plan: StepPlan, order: list[str], sampling_rows: list[int], logits: torch.Tensor) -> StepResult:
+    def _sample(self, plan: StepPlan, order: list[str], sampling_rows: list[int], logits: torch.Tensor,
+                step: PendingStep) -> None:
+        """Queue the step's sampling into `step`, and mark each sampled token a placeholder in the token ids."""
         for request_id in order:
             self.held[request_id].num_computed_tokens += plan.num_scheduled_tokens[request_id]
         for request_id, drafts in plan.drafts.items():  # drafts count as computed once the result keeps them
@@ -397,14 +438,14 @@ class ModelRunner:
         if self._extras["counted"]:  # a request with drafts counts the tokens its result keeps (`_keep`)
             self._count([None if h.request_id in plan.drafts else h for h in rows] if plan.drafts else rows, params,
                         sampled)
-        step = PendingStep(request_ids, held, [len(h.token_ids) for h in held], params, drafts, sampled,
-                           gather_logprobs(logits, sampled, params), drawable=drawable,
-                           counts=self.counts if drafts and self._extras["counted"] else None)
+        step.request_ids, step.held, step.positions = request_ids, held, [len(h.token_ids) for h in held]
+        step.params, step.drafts, step.sampled = params, drafts, sampled
+        step.logprobs, step.drawable = gather_logprobs(logits, sampled, params), drawable
+        step.counts = self.counts if drafts and self._extras["counted"] else None
         first_rows = itertools.accumulate((len(d) + 1 for d in drafts[:-1]), initial=0) if drafts else itertools.count()
         for h, first_row in zip(held, first_rows):  # (a request with drafts has a row per draft and one more)
             h.pending[len(h.token_ids)] = (step, first_row)
             h.token_ids.append(PLACEHOLDER)
-        return step
 
     @staticmethod
     def _sampling_rows(held: list[_Held], drafts: list[list[int]]) -> tuple[list[_Held], list[int], list | None]:

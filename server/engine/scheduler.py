@@ -22,8 +22,9 @@ its attention reads any, and later steps run after this one on the device.
 one still runs (asynchronous scheduling), with these rules:
 
 - a request whose placeholder will certainly end it (max_tokens or max_model_len reached) is not
-  scheduled again; one that ends on the token's value (EOS, stop token, stop string, abort) was, and
-  that row's result is ignored: the request is finished, its blocks freed, the runner told to drop it;
+  scheduled again; one that ends on the token's value (EOS, stop token, stop string, a grammar's end,
+  abort) was, and that row's result is ignored: the request is finished, its blocks freed, the runner
+  told to drop it;
 - placeholders are replaced in step order, also for requests preempted meanwhile (they sit in
   `waiting`); a request holding a placeholder is never (re)admitted, so `NewRequestData` carries only
   real token ids;

@@ -8,9 +8,11 @@ of allowed tokens, and disallowed logits become -inf; after the step, the schedu
 token it drew, and a matcher that has reached the end of its grammar ends the request (`stop`). Logprobs
 stay those of the unconstrained distribution, as without a constraint.
 
-A matcher must have seen a request's last token before its next row is filled, so the engine reads a
-launched step back before it plans the next one while constrained requests run (asynchronous scheduling
-pauses for them; see `Engine.step`). xgrammar is imported only when a constraint is used.
+A matcher must have seen a request's last token before its next row is filled. With asynchronous scheduling
+the next step is launched while that token is still in flight, so its sampling waits (`ModelRunner.launch`):
+its forward pass runs while the engine reads the step before back and the matchers advance, and then the masks
+are filled and the sampling queued (vLLM splits execution and sampling for this too; see `Engine.step`).
+xgrammar is imported only when a constraint is used.
 
 Speculative decoding: the tokens a grammar forces next are drafted (`speculative.Drafter`); drafts are cut to
 the longest prefix the grammar accepts (`grammar_prefix`), and the row of each draft is masked as the matcher
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from server.engine.transfer import to_device
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "grammar")
@@ -148,7 +152,8 @@ def grammar_prefix(matcher, drafts: list[int]) -> list[int]:
 
 def constrain(logits: torch.Tensor, matchers: list, after: list[int | None] | None = None) -> torch.Tensor:
     """A copy of `logits` [S, vocab] with every token its row's matcher forbids at -inf; rows whose matcher
-    is None are unchanged. The bitmask is filled on the host and applied on the logits' device.
+    is None are unchanged. The bitmask is filled on the host and applied on the logits' device, its copy there
+    queued without a host wait.
 
     `after[row]`, for a draft's row (speculative decoding): the draft before it, which its matcher accepts
     first (a request's rows are consecutive, its first without one); every matcher is rolled back after."""
@@ -163,11 +168,13 @@ def constrain(logits: torch.Tensor, matchers: list, after: list[int | None] | No
             if not matcher.accept_token(after[row]):  # the scheduler let through only drafts the grammar allows
                 raise RuntimeError(f"draft token {after[row]} is outside its request's grammar")
             advanced.setdefault(id(matcher), [matcher, 0])[1] += 1
-            if matcher.is_terminated():  # the draft ended the output: this row's draw is never kept
-                continue
+        if matcher.is_terminated():  # a draft, or the token the step before drew, ended the output (asynchronous
+            continue  # scheduling ran this row anyway): the row's draw is never kept
         matcher.fill_next_token_bitmask(bitmask, row)
     for matcher, count in advanced.values():
         matcher.rollback(count)
     constrained = logits.clone()
-    xgrammar.apply_token_bitmask_inplace(constrained, bitmask.to(logits.device), indices=rows)
+    device = logits.device  # (queued copies: a blocking one would wait for the step's forward pass)
+    xgrammar.apply_token_bitmask_inplace(constrained, to_device(bitmask, device),
+                                         indices=to_device(torch.tensor(rows, dtype=torch.int32), device))
     return constrained

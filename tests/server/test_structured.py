@@ -25,6 +25,9 @@ SPECS = {
     "grammar": GrammarSpec("grammar", 'root ::= "(" item ("," item)? ")"\nitem ::= [xyz]'),
 }
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
+OVERLAPPED = {"async_scheduling": "on", "speculative_config": '{"grammar_tokens": 0}'}
+"""Asynchronous scheduling without drafts: each step's grammar masks wait for the step before (deferred sampling);
+with the default forced-token drafts the engine reads every step back instead."""
 
 
 def _engine(setup, **overrides) -> Engine:
@@ -64,12 +67,18 @@ def _requests(engine: Engine, sampling: SamplingParams, constrained: bool = True
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_each_row_follows_its_grammar_and_free_rows_are_untouched(setup, temperature, device):
-    """On CUDA the bitmask is applied by xgrammar's CUDA kernel, inside the engine's decode-graph steps."""
+@pytest.mark.parametrize("drafts", ["forced", "none"])
+def test_each_row_follows_its_grammar_and_free_rows_are_untouched(setup, temperature, device, drafts):
+    """On CUDA the bitmask is applied by xgrammar's CUDA kernel, inside the engine's decode-graph steps; there
+    scheduling is asynchronous, and without drafts each step's sampling waits for the step before it."""
     on = {"device": device, "block_size": 4 if device == "cpu" else 16}
+    if drafts == "none":
+        on["speculative_config"] = '{"grammar_tokens": 0}'
     engine = _engine(setup, **on)
     sampling = SamplingParams(max_tokens=80, temperature=temperature, seed=3)
     outputs = engine.generate_batch(_requests(engine, sampling))
+    if device == "cuda" and drafts == "none":
+        assert engine.runner.num_deferred_samples > 0
     for name in SPECS:
         assert outputs[name][-1].finish_reason == "stop", name  # the grammar ended it, not max_tokens
         _check(name, _text(outputs[name]))
@@ -84,13 +93,19 @@ def test_async_scheduling_and_preemption_give_the_same_structured_tokens(setup):
     reference = _engine(setup)
     expected = reference.generate_batch(_requests(reference, sampling))
     # (drafts of forced tokens finish the requests in fewer steps, and then the pool does not run out)
-    for overrides in ({"async_scheduling": "on"}, {"num_kv_blocks": 20, "max_num_batched_tokens": 8,
-                                                   "speculative_config": '{"grammar_tokens": 0}'}):
+    small_pool = {"num_kv_blocks": 20, "max_num_batched_tokens": 8}
+    for overrides, overlapped in (  # (overlapped: some step's masks waited for the step before)
+            ({"async_scheduling": "on"}, False),  # (forced-token drafts: every step is read back first)
+            (OVERLAPPED, True),
+            ({"async_scheduling": "on", "speculative_config": '{"disable_by_batch_size": 2}'}, True),
+            (small_pool | {"speculative_config": '{"grammar_tokens": 0}'}, False),
+            (OVERLAPPED | small_pool, True)):
         engine = _engine(setup, **overrides)
         preempted = []
         engine.step_observer = lambda stats: preempted.append(stats.num_preempted)
         outputs = engine.generate_batch(_requests(engine, sampling))
         assert sum(preempted) > 0 or "num_kv_blocks" not in overrides, "the KV pool was meant to run out"
+        assert (engine.runner.num_deferred_samples > 0) == overlapped, overrides
         for name in (*SPECS, "free"):
             assert _text(outputs[name]) == _text(expected[name]), (overrides, name)
             assert [lp.token_id for o in outputs[name] for lp in o.logprobs] == [t for o in outputs[name]
@@ -128,7 +143,7 @@ def test_a_deferred_grammar_starts_after_its_token_and_leaves_the_tokens_before_
     free = [t for o in _engine(setup).generate_batch([Request("f", PROMPT, greedy)])["f"] for t in o.token_ids]
     start = next(i for i, t in enumerate(free) if i >= 2 and t not in free[:i])  # the reasoning's end, say
     unseen = next(t for t in range(300) if t not in free)
-    for overrides in ({}, {"async_scheduling": "on"}):
+    for overrides in ({}, {"async_scheduling": "on"}, OVERLAPPED):
         engine = _engine(setup, **overrides)
         grammar = engine.compile_grammar(SPECS["regex"])
         outputs = engine.generate_batch([
@@ -144,7 +159,7 @@ def test_a_deferred_grammar_starts_after_its_token_and_leaves_the_tokens_before_
             "length"
 
 
-@pytest.mark.parametrize("overrides", [{}, {"async_scheduling": "on"}])
+@pytest.mark.parametrize("overrides", [{}, {"async_scheduling": "on"}, OVERLAPPED])
 def test_a_request_left_no_token_fails_alone_and_its_neighbours_go_on(setup, overrides):
     """min_tokens holding back the EOS a finished grammar needs, or allowed tokens the grammar forbids: that
     request fails with `NoDrawableTokenError` at the position where nothing was left; the others in its batch
