@@ -46,6 +46,10 @@ class EngineConfig:
     history are computed once. Outputs are the same either way."""
     max_loaded_modules: int = 16
     """Module pool slots: modules resident on the device at once."""
+    max_cpu_modules: int | None = None
+    """Modules whose host copy in the serving dtype (pinned, on CUDA) is kept ready for loading into a slot, least
+    recently loaded dropped first, as vLLM's --max-cpu-loras; None: every module once loaded. A module without
+    one is converted from the library's fp32 weights when it is loaded."""
     max_rank: int | None = None
     """Largest module rank the pool holds; default: the library's largest."""
     max_k: int = 4

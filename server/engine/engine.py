@@ -268,7 +268,8 @@ class Engine:
 
     def _use_library(self, library) -> None:
         self.library = library
-        self.runner.load_module = module_loader(library)
+        self.runner.load_module = module_loader(library, self.model.dtype, self.model.device,
+                                                self.config.max_cpu_modules)
 
     # -- the step loop ----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from server.engine.kv_pool import BlockPool
 from server.engine.module_pool import ModulePool
 from server.engine.runner import ModelRunner, RunnerConfig
 from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.transfer import host_tensor
 from server.model.backbone import Backbone
 from server.model.loader import BackboneConfig, load_backbone, resolve_model_dir
 
@@ -217,7 +219,8 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
         config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks,
         config.block_size, max_model_len, graph_mode, config.cuda_graph_max_batch, 1 + speculative.max_drafts,
     )
-    runner = ModelRunner(model, runner_config, module_loader(library), eos_ids)
+    runner = ModelRunner(model, runner_config, module_loader(library, model.dtype, model.device,
+                                                             config.max_cpu_modules), eos_ids)
     logger.info(
         "KV cache: %d blocks of %d tokens; max_model_len %d; module slots %d",
         num_blocks, config.block_size, max_model_len, model.max_slots,
@@ -225,13 +228,27 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     return EngineParts(tokenizer, library, model, scheduler, runner, max_model_len)
 
 
-def module_loader(library):
-    """`load(module_id) -> (weights, scale)` over `library`, each module's weights looked up once."""
-    cache: dict[str, tuple] = {}
+def module_loader(library, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  capacity: int | None = None):
+    """`load(module_id) -> (weights, scale)` over `library`: the module's weights in the pool's `dtype`, on CUDA in
+    pinned host memory, so that writing them into a pool slot is a queued copy (`Backbone.write_module`) that
+    neither waits for the step in flight nor makes the host wait (S-LoRA and vLLM keep their host copies of
+    adapters pinned too). The `capacity` most recently loaded modules keep their copies (None: every module);
+    another is converted again from the library's fp32 weights when it is next loaded."""
+    if capacity is not None and capacity < 1:
+        raise ValueError(f"max_cpu_modules must be at least 1, got {capacity}")
+    cache: OrderedDict[str, tuple] = OrderedDict()
 
     def load(module_id: str):
-        if module_id not in cache:
-            cache[module_id] = (library.module_weights(module_id), library.modules[module_id].scale)
-        return cache[module_id]
+        entry = cache.get(module_id)
+        if entry is not None:
+            cache.move_to_end(module_id)
+            return entry
+        weights = {point: (host_tensor(a.to(dtype), device), host_tensor(b.to(dtype), device))
+                   for point, (a, b) in library.module_weights(module_id).items()}
+        entry = cache[module_id] = (weights, library.modules[module_id].scale)
+        if capacity is not None and len(cache) > capacity:
+            cache.popitem(last=False)
+        return entry
 
     return load

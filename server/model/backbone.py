@@ -114,12 +114,7 @@ class Backbone(nn.Module):
         if unknown:
             raise ValueError(f"module has weights for unknown (layer, target) points: {sorted(unknown)[:5]}")
         for index, linear in self.adapted_linears():
-            pairs = tuple(weights.get((index, target)) for target in linear.targets)
-            pairs = tuple(
-                None if pair is None else (pair[0].to(self.device, self.dtype), pair[1].to(self.device, self.dtype))
-                for pair in pairs
-            )
-            linear.stack.write_slot(slot, pairs, scale)
+            linear.stack.write_slot(slot, tuple(weights.get((index, target)) for target in linear.targets), scale)
 
     def clear_module(self, slot: int) -> None:
         """Empty pool slot `slot` in every adapted linear."""

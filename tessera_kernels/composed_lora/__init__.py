@@ -95,7 +95,9 @@ class LoraStack:
         per_slice: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...],
         scale: float,
     ) -> None:
-        """Put one module into `slot`: per slice its A [r, in] and B [n_s, r], or None (zeros)."""
+        """Put one module into `slot`: per slice its A [r, in] and B [n_s, r], or None (zeros), on any device and in
+        any dtype. Every write is queued on the current stream, after the steps that may still read the slot; from
+        pinned host memory in the pool's dtype no copy makes the host wait."""
         self.clear_slot(slot)
         rank = 0
         for s, pair in enumerate(per_slice):
@@ -105,8 +107,8 @@ class LoraStack:
             r = a.shape[0]
             if r > self.max_rank:
                 raise ValueError(f"module rank {r} exceeds the pool's max_rank {self.max_rank}")
-            self.lora_a[s][slot, :r].copy_(a)
-            self.lora_b[s][slot, :, :r].copy_(b)
+            self.lora_a[s][slot, :r].copy_(a, non_blocking=True)
+            self.lora_b[s][slot, :, :r].copy_(b, non_blocking=True)
             rank = max(rank, r)
         self.scale[slot] = scale
         self.ranks[slot] = rank

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+import torch
+
 from router.composition import Composition
+from router.library import ModuleLibrary
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import Request, SamplingParams
+from server.engine.setup import module_loader
 
 COMPOSITIONS = [
     Composition(("m0",), (1.0,), "explicit"),
@@ -189,13 +194,35 @@ def test_requests_passing_one_that_waits_for_module_slots_change_no_token(setup)
     requests = lambda: [Request(f"r{i}", PROMPTS[i % 4] + [60 + i], sampled, c)  # noqa: E731
                         for i, c in enumerate(compositions)]
     reference = _engine(setup, max_loaded_modules=3).generate_batch(requests())
-    for overrides in ({"async_scheduling": "on"}, {"async_scheduling": "off", "module_wait_steps": 0}):
+    for overrides in ({"async_scheduling": "on"}, {"async_scheduling": "off", "module_wait_steps": 0},
+                      {"async_scheduling": "on", "max_cpu_modules": 1}):  # (host copies converted again too)
         loads = []
         engine = _engine(setup, max_loaded_modules=1, max_num_seqs=4, **overrides)
         engine.step_observer = lambda stats: loads.append(stats.num_module_loads)
         outputs = engine.generate_batch(requests())
         assert {r: _tokens(o) for r, o in outputs.items()} == {r: _tokens(o) for r, o in reference.items()}
         assert sum(loads) >= 3, "one slot for three modules: they were swapped"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_module_loader_converts_once_and_keeps_the_most_recently_loaded(setup, device):
+    """Host copies in the pool's dtype (pinned on CUDA, so slot writes are queued copies), at most `capacity`."""
+    library = ModuleLibrary.load(setup[1])
+    load = module_loader(library, torch.float16, device, capacity=2)
+    first = load("m0")
+    weights, scale = first
+    assert scale == library.modules["m0"].scale and weights.keys() == library.module_weights("m0").keys()
+    for point, (a, b) in weights.items():
+        want_a, want_b = library.module_weights("m0")[point]
+        assert a.device.type == b.device.type == "cpu" and a.is_pinned() == b.is_pinned() == (device == "cuda")
+        assert a.dtype == b.dtype == torch.float16
+        assert torch.equal(a, want_a.half()) and torch.equal(b, want_b.half())
+    assert load("m0") is first  # converted once
+    old_m1 = load("m1")
+    assert load("m0") is first and load("m2")[1] == library.modules["m2"].scale  # m1: least recently loaded, dropped
+    assert load("m0") is first and load("m1") is not old_m1
+    with pytest.raises(ValueError, match="max_cpu_modules must be at least 1, got 0"):
+        module_loader(library, capacity=0)
 
 
 def test_only_errors_that_leave_the_device_unusable_are_fatal():
