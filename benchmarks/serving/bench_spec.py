@@ -34,10 +34,11 @@ The table reports per setting: engine steps, wall seconds, generated tokens per 
 kept, tokens per step of a request (outputs over the steps each request ran in: the prompt's step gives the
 first), the steps replayed from CUDA graphs (decode and, of those, verify graphs: steps that run drafts), the
 steps whose sampling waited for the step before (`deferred`: grammar masks under asynchronous scheduling, the form
-workload's `plain`), and the time relative to `plain`. Under `plain`, decode steps replay CUDA graphs and overlap
-the next step's planning (structured ones too, with only their sampling deferred); steps that run drafts replay
-verify graphs up to their largest batch but never overlap (the engine's documented cost), which is what the
-ratio weighs against the steps saved.
+workload's `plain`), the steps planned only after the one in flight was read back for speculation (`waits`), and
+the time relative to `plain`. Under `plain`, decode steps replay CUDA graphs and overlap the next step's planning
+(structured ones too, with only their sampling deferred); a setting that drafts replays verify graphs up to their
+largest batch and gives up the overlap for its `waits` (the engine's documented cost), which is what the ratio
+weighs against the steps saved.
 """
 
 from __future__ import annotations
@@ -264,11 +265,11 @@ def _run_batch(settings: SpecSettings, workload, batch: int) -> list[dict]:
         steps.__init__()
         graphs = engine.runner.graphs
         replays = (graphs.num_replays, graphs.num_verify_replays) if graphs is not None else (0, 0)
-        deferred = engine.runner.num_deferred_samples
+        deferred, waits = engine.runner.num_deferred_samples, engine.num_token_waits
         _, seconds, tokens = timed_batch(engine, workload.requests(batch, predictions), settings.device)
         if graphs is not None:
             replays = (graphs.num_replays - replays[0], graphs.num_verify_replays - replays[1])
-        deferred = engine.runner.num_deferred_samples - deferred
+        deferred, waits = engine.runner.num_deferred_samples - deferred, engine.num_token_waits - waits
         del engine
         if system == "plain":
             plain = tokens
@@ -278,6 +279,7 @@ def _run_batch(settings: SpecSettings, workload, batch: int) -> list[dict]:
                      "draft_tokens": steps.drafted, "accepted_tokens": steps.accepted,
                      "tokens_per_step": generated / steps.seq_steps, "graph_steps": replays[0],
                      "verify_graph_steps": replays[1], "deferred_samples": deferred,
+                     "token_waits": waits,
                      "time_vs_plain": seconds / rows[0]["seconds"] if rows else 1.0,
                      "requests_with_other_tokens": len(differing(plain, tokens, settings.dtype, system))})
     return rows
@@ -302,13 +304,13 @@ def table(document: dict) -> str:
     lines = [f"{head} on {document['environment']['device']} ({s['dtype']}); n-gram k={s['drafts']}, "
              f"{s['prediction_tokens']} prediction tokens a step",
              f"{'batch':>5} {'setting':>17} {'steps':>6} {'seconds':>8} {'gen tok/s':>10} {'drafted':>8} "
-             f"{'kept':>6} {'tok/step':>8} {'graphs':>6} {'verify':>6} {'deferred':>8} {'time/plain':>10} "
+             f"{'kept':>6} {'tok/step':>8} {'graphs':>6} {'verify':>6} {'deferred':>8} {'waits':>5} {'time/plain':>10} "
              f"{'same tokens':>11}"]
     for row in document["rows"]:
         lines.append(f"{row['batch']:>5} {row['system']:>17} {row['steps']:>6} {row['seconds']:>8.3f} "
                      f"{row['generated_per_s']:>10.1f} {row['draft_tokens']:>8} {row['accepted_tokens']:>6} "
                      f"{row['tokens_per_step']:>8.2f} {row['graph_steps']:>6} {row['verify_graph_steps']:>6} "
-                     f"{row['deferred_samples']:>8} "
+                     f"{row['deferred_samples']:>8} {row['token_waits']:>5} "
                      f"{row['time_vs_plain']:>10.2f} "
                      f"{'yes' if row['requests_with_other_tokens'] == 0 else 'NO':>11}")
     return "\n".join(lines)

@@ -95,8 +95,9 @@ class EngineConfig:
     change). Tessera's `prediction_tokens` (default 16; 0 ignores them) sets how many tokens of a request's OpenAI
     `prediction` are drafted per step, and `grammar_tokens` (default 16; 0: none) how many of the tokens a
     structured output's grammar forces next; both work without this flag too. Every sampling parameter
-    and structured outputs work with drafts. While drafting requests run, steps are not overlapped (async
-    scheduling waits). Steps that run drafts replay verify graphs of 1 + the most drafts per sequence (the largest
+    and structured outputs work with drafts. A step is not overlapped with the one before (async scheduling waits)
+    when that one ran drafts or a request in it is likely to draft next (`Scheduler.needs_tokens`). Steps that run
+    drafts replay verify graphs of 1 + the most drafts per sequence (the largest
     of the three counts) token rows a sequence, for batches whose rows fit 512 and max_num_batched_tokens, and run
     eagerly above that; `"disable_by_batch_size": N` stops drafting while more than N requests run."""
     seed: int = 0

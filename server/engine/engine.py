@@ -12,8 +12,9 @@ most one launched step waits to be read (`_pending`), and none once the engine i
 keep the outputs identical to the synchronous loop are in `scheduler`'s docstring. Structured outputs keep
 the overlap too: when a grammar mask of N+1 needs N's token, N+1's forward pass is launched, N is read (its
 matchers advance) while that pass runs, and only then is N+1's sampling queued (`ModelRunner.launch`).
-Speculative decoding does not overlap: drafts are found from every token, so while requests with drafters
-run (`Scheduler.speculating`) each step is read back before the next is planned.
+Speculative decoding overlaps only in part: drafts are found from every token, so the step in flight is read
+back before the next is planned when it runs drafts or when a request likely to draft next has a token in it
+(`Scheduler.needs_tokens`); a drafting request that found no drafts last time runs overlapped plain steps.
 
 A failed step fails the requests it held and the loop goes on; a failure the device cannot recover from (a
 CUDA error, after which its context is unusable) or a fault in the loop itself ends the engine instead:
@@ -87,6 +88,8 @@ class Engine:
         """What the sampling fields a request leaves out become (`EngineConfig.generation_config`)."""
         self.async_scheduling = config.async_scheduling_on(str(self.model.device))
         self._pending: tuple[StepPlan, PendingStep] | None = None
+        self.num_token_waits = 0
+        """Steps planned only after the step in flight was read back, for speculative decoding (`needs_tokens`)."""
         self.model_name = config.served_name()  # a Hub id is served by its id
         self._rng = random.Random(config.seed)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -385,8 +388,9 @@ class Engine:
     def step(self) -> None:
         """One engine step: schedule, launch, then read and emit this step (or, asynchronously, the previous one)."""
         started = time.perf_counter()
-        if self.scheduler.speculating:  # drafts are looked up from every token, the last included
-            self._flush()
+        if self._pending is not None and self.scheduler.needs_tokens:  # drafts are found from every token, the
+            self._flush()  # last one included (and a step that ran drafts decides where its requests go on)
+            self.num_token_waits += 1
         plan = self.scheduler.schedule()
         launched = self.runner.launch(plan)
         if self.async_scheduling:

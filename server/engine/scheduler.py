@@ -37,8 +37,11 @@ or a chunk of prompt scoring's. A request with a `Drafter` whose step reaches it
 decode, or the chunk that ends its prompt) runs up to k draft tokens after it, in blocks that are free (drafts
 never preempt). Its own tokens count as computed when planned; `update` appends every token the step kept
 (`StepResult.accepted`, then the sampled one) and counts the kept drafts as computed, since their KV was
-written for the very tokens kept. Drafts need every token known, so the engine reads each step back before
-planning the next while such requests run (`speculating`).
+written for the very tokens kept. Drafts need every token known: under asynchronous scheduling the engine reads
+the step in flight back before planning the next when that step runs drafts, or when a request with a token in
+flight found drafts after its known tokens the last time `update` looked (`needs_tokens`); otherwise steps
+overlap, and a drafting request whose token is in flight runs a plain step (it drafts once its tokens are
+known again).
 """
 
 from __future__ import annotations
@@ -180,6 +183,8 @@ class Scheduler:
         self._dropped: list[str] = []
         self._in_flight: dict[int, dict[str, RequestState]] = {}
         """Per planned step not updated yet: the requests that sample in it, in batch order."""
+        self._drafting_in_flight: set[int] = set()
+        """The steps not updated yet that run drafts."""
         self._num_steps = 0
         self._num_arrivals = 0
         self.num_preempted_last_step = 0
@@ -221,6 +226,19 @@ class Scheduler:
             return False
         limit = self.speculative.disable_by_batch_size
         return not limit or len(self.running) <= limit
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether the next step must be planned with every token known (the engine reads the step in flight back
+        first): a step in flight runs drafts (what each request keeps decides where it goes on), or drafts may run
+        now and a request with a token in flight found drafts after its tokens when last looked at (`Drafter.hot`),
+        so its next step should draft. Otherwise steps overlap, and a drafting request whose token is in flight
+        runs its next step without drafts."""
+        if self._drafting_in_flight:
+            return True
+        if not self.speculating:
+            return False
+        return any(s.num_placeholders and s.drafter is not None and s.drafter.hot for s in self.running)
 
     def waiting_module_ids(self) -> tuple[str, ...]:
         """Modules that waiting requests use."""
@@ -317,6 +335,7 @@ class Scheduler:
             block_deltas[request_id] += new_blocks
             plan.num_scheduled_tokens[request_id] += len(drafts)
             plan.drafts[request_id] = drafts
+            self._drafting_in_flight.add(plan.step_id)
             self.drafted_last_step += len(drafts)
             budget -= len(drafts)
             if budget == 0:
@@ -483,6 +502,7 @@ class Scheduler:
         if min(self._in_flight) < plan.step_id:
             raise RuntimeError(f"step {plan.step_id} updated before step {min(self._in_flight)}")
         samplers = self._in_flight.pop(plan.step_id)
+        self._drafting_in_flight.discard(plan.step_id)
         self._add_prompt_logprobs(result)
         sampled = {r: (t, lp) for r, t, lp in zip(result.request_ids, result.sampled_token_ids, result.logprobs)}
         changed = []
@@ -505,6 +525,9 @@ class Scheduler:
                 self._register_full_blocks(state)
             if reason is not None:
                 self.finish(request_id, reason)
+            elif state.drafter is not None and self.speculating:
+                state.drafter.hot = state.drafter.peek(state.token_ids, len(state.token_ids) - state.num_placeholders,
+                                                       state.num_prompt_tokens)
             changed.append(state)
         return changed
 
@@ -553,6 +576,7 @@ class Scheduler:
         """Forget every step not updated yet (after a failed step, whose requests were all finished), and every
         cached prefix: blocks registered for a step that failed may never have been written."""
         self._in_flight.clear()
+        self._drafting_in_flight.clear()
         self.blocks.reset_cache()
 
     def _finish_reason(self, state: RequestState, token_id: int) -> str | None:

@@ -130,6 +130,10 @@ class Drafter:
         """Draft tokens proposed (and run) so far."""
         self.num_accepted = 0
         """Of those, tokens the model drew as drafted."""
+        self.hot = True
+        """Whether drafts follow the tokens known when the scheduler last looked (`peek`, after each step it reads):
+        a step planned while the request's next token is in flight waits for that token only then. True until
+        first looked at."""
 
     @property
     def max_drafts(self) -> int:
@@ -150,6 +154,14 @@ class Drafter:
         if not drafts:
             drafts = self._from_history(min(limit, self.config.num_speculative_tokens))
         return drafts
+
+    def peek(self, token_ids: list[int], num_known: int, num_prompt: int) -> bool:
+        """Whether `propose` would find a draft after the first `num_known` of `token_ids` (limits aside); it moves
+        nothing `propose` depends on (the prediction's cursor stays), so looking never changes a proposal."""
+        self._sync(token_ids, num_known)
+        return bool(self._from_prediction(num_known - num_prompt, min(1, self.config.prediction_tokens), move=False)
+                    or (self.matcher is not None and self.matcher.find_jump_forward_tokens())
+                    or self._from_history(min(1, self.config.num_speculative_tokens)))
 
     def record(self, num_drafted: int, num_accepted: int) -> None:
         self.num_drafted += num_drafted
@@ -173,9 +185,10 @@ class Drafter:
                 return _tokens(history, start + n, min(start + n + limit, size))
         return []
 
-    def _from_prediction(self, num_output: int, limit: int) -> list[int]:
+    def _from_prediction(self, num_output: int, limit: int, move: bool = True) -> list[int]:
         """The prediction's start before any output; later, what follows the next occurrence (from the cursor, else
-        from the start) of the longest output suffix found in the prediction."""
+        from the start) of the longest output suffix found in the prediction (the cursor then moves past it, if
+        `move`)."""
         if limit <= 0 or not self.num_prediction:
             return []
         if num_output == 0:
@@ -186,7 +199,8 @@ class Drafter:
             if start < 0:
                 start = _find(self.prediction, suffix, 0)
             if start >= 0:
-                self.cursor = start + n
+                if move:
+                    self.cursor = start + n
                 return _tokens(self.prediction, start + n, min(start + n + limit, self.num_prediction))
         return []
 

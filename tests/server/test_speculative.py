@@ -115,6 +115,23 @@ def test_the_search_in_a_prediction_goes_forward_from_the_last_match():
     assert _propose(drafter, [9, 5, 1, 5, 2, 5, 3, 5], 1, limit=1) == [1]  # past the end: from the start again
 
 
+def test_peeking_says_whether_a_proposal_would_come_and_changes_none():
+    """`peek` (after each step read back) is True where `propose` finds drafts; the search through the prediction
+    still goes forward from the last proposal, not from where a peek found a match."""
+    prediction = (5, 1, 5, 2, 5, 3)
+    drafter = Drafter(replace(NGRAM, num_speculative_tokens=0, prompt_lookup_max=1), prediction)
+    assert drafter.hot  # not looked at yet
+    assert _propose(drafter, [9, 5], 1, limit=1) == [1]
+    assert drafter.peek([9, 5, 1, 5, 2, 5], 6, 1) and drafter.peek([9, 5, 1, 5], 4, 1)
+    assert _propose(drafter, [9, 5, 1, 5], 1, limit=1) == [2]  # (a peek that moved the cursor would give 3)
+    assert not drafter.peek([9, 5, 1, 5, 2, 5, 3, 7], 8, 1)  # 7 is nowhere in the prediction
+    assert not drafter.peek([9, 5, 1, 5, 2, 5, 3, 7, 5], 8, 1)  # tokens past num_known are not looked at
+    assert drafter.peek([9, 5, 1, 5, 2, 5, 3, 7, 5], 9, 1)
+    lookup = Drafter(NGRAM)
+    assert not lookup.peek([1, 2, 3, 4], 4, 2) and lookup.peek([1, 2, 3, 4, 2], 5, 2)
+    assert _propose(lookup, [1, 2, 3, 4, 2], 2, limit=5) == [3, 4, 2]
+
+
 def test_predictions_are_ignored_when_prediction_tokens_is_0():
     drafter = Drafter(SpeculativeConfig(prediction_tokens=0), (1, 2, 3))
     assert drafter.max_drafts == 0 and _propose(drafter, [7], 1, limit=5) == []
@@ -353,6 +370,15 @@ def test_speculation_gives_the_plain_output(setup, stop, free, plain, mode, engi
     assert sum(s.num_accepted_tokens for s in steps) == kept
     if mode != "ngram":  # a random model's output rarely repeats its prompt: n-gram alone may accept nothing
         assert sum(s.num_accepted_tokens for s in steps) > 0
+    if engine_options.get("async_scheduling") == "on":  # the next step waits for the one in flight only when a
+        # request with a token in it is likely to draft: always with an exact prediction, not while lookup finds none
+        waits = engine.num_token_waits
+        if mode == "exact":
+            assert waits >= len(steps) - 2, (waits, len(steps))
+        elif mode == "ngram":
+            assert 0 < waits < 0.6 * len(steps), (waits, len(steps))
+    else:
+        assert engine.num_token_waits == 0
     if mode in ("exact", "ngram+exact") and "num_kv_blocks" not in engine_options:
         assert len(steps) < plain_steps * 0.75, (len(steps), plain_steps)
         for request_id in ("r0", "r1", "r2", "r3", "r6", "r8", "r9", "r10"):  # an exact prediction: all kept

@@ -94,18 +94,19 @@ def test_async_scheduling_and_preemption_give_the_same_structured_tokens(setup):
     expected = reference.generate_batch(_requests(reference, sampling))
     # (drafts of forced tokens finish the requests in fewer steps, and then the pool does not run out)
     small_pool = {"num_kv_blocks": 20, "max_num_batched_tokens": 8}
-    for overrides, overlapped in (  # (overlapped: some step's masks waited for the step before)
-            ({"async_scheduling": "on"}, False),  # (forced-token drafts: every step is read back first)
-            (OVERLAPPED, True),
-            ({"async_scheduling": "on", "speculative_config": '{"disable_by_batch_size": 2}'}, True),
-            (small_pool | {"speculative_config": '{"grammar_tokens": 0}'}, False),
-            (OVERLAPPED | small_pool, True)):
+    for overrides, overlapped, waited in (  # (overlapped: some step's masks waited for the step before; waited:
+            # some step was planned only after the one in flight was read, for its forced-token drafts)
+            ({"async_scheduling": "on"}, True, True),
+            (OVERLAPPED, True, False),
+            ({"async_scheduling": "on", "speculative_config": '{"disable_by_batch_size": 2}'}, True, True),
+            (small_pool | {"speculative_config": '{"grammar_tokens": 0}'}, False, False),
+            (OVERLAPPED | small_pool, True, False)):
         engine = _engine(setup, **overrides)
         preempted = []
         engine.step_observer = lambda stats: preempted.append(stats.num_preempted)
         outputs = engine.generate_batch(_requests(engine, sampling))
         assert sum(preempted) > 0 or "num_kv_blocks" not in overrides, "the KV pool was meant to run out"
-        assert (engine.runner.num_deferred_samples > 0) == overlapped, overrides
+        assert (engine.runner.num_deferred_samples > 0, engine.num_token_waits > 0) == (overlapped, waited), overrides
         for name in (*SPECS, "free"):
             assert _text(outputs[name]) == _text(expected[name]), (overrides, name)
             assert [lp.token_id for o in outputs[name] for lp in o.logprobs] == [t for o in outputs[name]
