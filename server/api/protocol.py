@@ -11,6 +11,7 @@ controls (`add_generation_prompt`, `continue_final_message`, `chat_template_kwar
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
@@ -99,11 +100,23 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    """OpenAI's `response_format`."""
+class TagStructure(BaseModel):
+    """One structure of vLLM's first structural tag form: `begin`, content following `schema`, `end`."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    begin: str = Field(min_length=1)
+    schema_: dict | bool = Field(default=True, alias="schema")
+    end: str
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`, and vLLM's structural tags: `{"type": "structural_tag", "format": {...}}`
+    (xgrammar's format) or `{"type": "structural_tag", "structures": [...], "triggers": [...]}`."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    format: dict | None = None
+    structures: list[TagStructure] | None = None
+    triggers: list[str] | None = None
 
     @field_validator("json_schema")
     @classmethod
@@ -116,7 +129,19 @@ class ResponseFormat(BaseModel):
     def _schema_for_its_type(self):
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("type json_schema needs a json_schema object: {\"name\": ..., \"schema\": {...}}")
+        tag_fields = [name for name in ("format", "structures", "triggers") if getattr(self, name) is not None]
+        if self.type != "structural_tag" and tag_fields:
+            raise ValueError(f"{', '.join(tag_fields)} only go with type structural_tag")
+        if self.type == "structural_tag" and sorted(tag_fields) not in (["format"], ["structures", "triggers"]):
+            raise ValueError("type structural_tag needs either format, or structures and triggers")
         return self
+
+    def structural_tag(self) -> str:
+        """The structural tag as JSON text (`structured.structural_tag` reads it)."""
+        if self.format is not None:
+            return json.dumps({"type": "structural_tag", "format": self.format})
+        return json.dumps({"structures": [s.model_dump(by_alias=True) for s in self.structures],
+                           "triggers": self.triggers})
 
 
 class StructuredOutputs(BaseModel):
@@ -129,13 +154,15 @@ class StructuredOutputs(BaseModel):
     grammar: str | None = None
     """EBNF in xgrammar's dialect, root rule `root`."""
     json_object: bool | None = None
+    structural_tag: str | dict | None = None
+    """A structural tag (JSON text or object), in either of the forms `response_format` takes."""
 
     @model_validator(mode="after")
     def _exactly_one(self):
-        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
-                 if getattr(self, "json_" if name == "json" else name) not in (None, False)]
+        names = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+        given = [name for name in names if getattr(self, "json_" if name == "json" else name) not in (None, False)]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of json, regex, choice, grammar, json_object; got {given or 'none'}")
+            raise ValueError(f"give exactly one of {', '.join(names)}; got {given or 'none'}")
         return self
 
 
@@ -223,18 +250,20 @@ class _Common(_NotesIgnored):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structural_tag: str | None = None
     """vLLM's older structured-output fields (vLLM dropped them in 0.12 and now ignores them, so the constraint
     fails open there): honoured as the `structured_outputs` they stand for."""
 
     @model_validator(mode="after")
     def _guided_fields(self):
         legacy = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
-                  "grammar": self.guided_grammar}
+                  "grammar": self.guided_grammar, "structural_tag": self.structural_tag}
         given = {kind: value for kind, value in legacy.items() if value is not None}
         if not given:
             return self
         if len(given) > 1 or self.structured_outputs is not None:
-            named = [f"guided_{kind}" for kind in given] + (["structured_outputs"] if self.structured_outputs else [])
+            named = [kind if kind == "structural_tag" else f"guided_{kind}" for kind in given]
+            named += ["structured_outputs"] if self.structured_outputs else []
             raise ValueError(f"give one structured-output constraint, got {', '.join(named)}")
         self.structured_outputs = StructuredOutputs.model_validate(given)
         return self

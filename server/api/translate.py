@@ -283,9 +283,14 @@ def grammar_spec(body) -> tuple[GrammarSpec, str] | None:
                 return GrammarSpec(kind, getattr(outputs, kind)), "structured_outputs"
         if outputs.choice is not None:
             return GrammarSpec("choice", json.dumps(outputs.choice)), "structured_outputs"
+        if outputs.structural_tag is not None:
+            tag = outputs.structural_tag
+            return GrammarSpec("structural_tag", tag if isinstance(tag, str) else json.dumps(tag)), "structured_outputs"
         return GrammarSpec("json_object"), "structured_outputs"
     if fmt is None or fmt.type == "text":
         return None
+    if fmt.type == "structural_tag":
+        return GrammarSpec("structural_tag", fmt.structural_tag()), "response_format"
     if fmt.type == "json_schema" and fmt.json_schema.schema_ is not None:
         return GrammarSpec("json_schema", json.dumps(fmt.json_schema.schema_)), "response_format"
     return GrammarSpec("json_object"), "response_format"

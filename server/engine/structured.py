@@ -1,5 +1,5 @@
 """Structured outputs: every sampled token of a request kept inside a JSON schema, JSON, a regex, a choice
-of strings or an EBNF grammar.
+of strings, an EBNF grammar or a structural tag (free text in which tags, once triggered, follow a schema).
 
 xgrammar (the structured-output engine vLLM and SGLang use) compiles a constraint against the tokenizer's
 vocabulary once (`GrammarCompiler`, which caches compiled grammars); each request then walks its own
@@ -30,8 +30,8 @@ import torch
 
 from server.engine.transfer import to_device
 
-GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
-KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "grammar")
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "structural_tag"]
+KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,39 @@ class GrammarSpec:
     kind: GrammarKind
     value: str = ""
     """json_schema: the schema as JSON text; regex: the pattern; grammar: EBNF (xgrammar's dialect, root rule
-    `root`); choice: a JSON list of the strings allowed; json_object: unused."""
+    `root`); choice: a JSON list of the strings allowed; structural_tag: a structural tag as JSON text
+    (`structural_tag`); json_object: unused."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown structured output kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def structural_tag(text: str):
+    """The xgrammar structural tag of `text`, JSON in either form vLLM takes: `{"type": "structural_tag", "format":
+    {...}}` (xgrammar's formats: free text until a trigger, then a tag whose content follows a JSON schema, a
+    regex, a grammar, ...), or the first form, `{"structures": [{"begin": ..., "schema": {...}, "end": ...}],
+    "triggers": [...]}`: free text in which a trigger (a prefix of some structure's `begin`) starts a structure,
+    whose content follows its schema up to its `end`. ValueError names what is wrong."""
+    import xgrammar
+
+    try:
+        tag = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid structural tag: not JSON ({error.msg})") from None
+    if not isinstance(tag, dict):
+        raise ValueError("invalid structural tag: expected a JSON object")
+    if "structures" not in tag:
+        return tag
+    structures, triggers = tag["structures"], tag.get("triggers")
+    if not isinstance(structures, list) or not isinstance(triggers, list) or not triggers:
+        raise ValueError("invalid structural tag: structures and triggers must be lists, with at least one trigger")
+    try:
+        items = [xgrammar.StructuralTagItem(begin=s["begin"], schema=s.get("schema", {}), end=s["end"])
+                 for s in structures]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"invalid structural tag: each structure needs begin, end and a schema ({error})") from None
+    return xgrammar.StructuralTag.from_legacy_structural_tag(items, triggers)
 
 
 def choice_grammar(choices: list[str]) -> str:
@@ -80,6 +108,8 @@ class GrammarCompiler:
                 return compiler.compile_regex(spec.value)
             if spec.kind == "choice":
                 return compiler.compile_grammar(choice_grammar(json.loads(spec.value)))
+            if spec.kind == "structural_tag":
+                return compiler.compile_structural_tag(structural_tag(spec.value))
             return compiler.compile_grammar(spec.value)
         except ValueError:
             raise

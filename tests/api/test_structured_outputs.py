@@ -103,3 +103,45 @@ def test_more_than_one_constraint_with_guided_fields_is_a_400(server, fields):
     response = httpx.post(server.url + "/v1/chat/completions", json={"model": "reverse", "messages": MESSAGES,
                                                                      **fields}, timeout=30)
     assert response.status_code == 400 and "one structured-output constraint" in response.json()["error"]["message"]
+
+
+TAG = {"structures": [{"begin": "<f>", "schema": {"type": "object", "properties": {"n": {"enum": [1, 2, 3]}},
+                                                  "required": ["n"], "additionalProperties": False}, "end": "</f>"}],
+       "triggers": ["<f"]}
+
+
+def test_structural_tags_in_each_form_vllm_takes_constrain_alike(client, server):
+    """response_format {"type": "structural_tag", ...} (both forms), structured_outputs.structural_tag (text or
+    object) and the older top-level structural_tag: the same tags, so the same seeded text; a logit bias towards the
+    trigger makes the tiny model write tags, whose content keeps to their schema."""
+    from tests.server.test_structured import check_tagged
+
+    bias = {str(t): 30 for t in server.engine.tokenizer.encode("<f", add_special_tokens=False)}
+    kwargs = dict(model="reverse", messages=MESSAGES, max_tokens=50, temperature=1.0, seed=3, logit_bias=bias)
+    schema = TAG["structures"][0]["schema"]
+    new_form = {"type": "triggered_tags", "triggers": ["<f"], "tags": [
+        {"type": "tag", "begin": "<f>", "content": {"type": "json_schema", "json_schema": schema}, "end": "</f>"}]}
+    texts = [client.chat.completions.create(**kwargs, **request).choices[0].message.content for request in (
+        {"response_format": {"type": "structural_tag", **TAG}},
+        {"response_format": {"type": "structural_tag", "format": new_form}},
+        {"extra_body": {"structured_outputs": {"structural_tag": json.dumps(TAG)}}},
+        {"extra_body": {"structured_outputs": {"structural_tag": TAG}}},
+        {"extra_body": {"structural_tag": json.dumps(TAG)}})]
+    assert len(set(texts)) == 1 and check_tagged(texts[0]) >= 1, texts
+
+
+@pytest.mark.parametrize(("body", "param", "message"), [
+    ({"response_format": {"type": "structural_tag", "triggers": ["<f"]}}, None, "either format, or structures"),
+    ({"response_format": {"type": "json_object", "triggers": ["<f"]}}, None, "only go with type structural_tag"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "nope"}}}, "response_format",
+     "invalid structural tag"),
+    ({"structured_outputs": {"structural_tag": "{not json"}}, "structured_outputs", "not JSON"),
+    ({"structural_tag": "{}", "guided_regex": "a"}, None, "got guided_regex, structural_tag"),
+])
+def test_a_bad_structural_tag_is_a_400_naming_it(server, body, param, message):
+    response = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                          json={"model": "reverse", "messages": MESSAGES, "max_tokens": 4, **body})
+    error = response.json()["error"]
+    assert response.status_code == 400 and message in error["message"], error
+    if param is not None:
+        assert error["param"] == param and error["code"] == "invalid_structured_output"

@@ -113,6 +113,55 @@ def test_async_scheduling_and_preemption_give_the_same_structured_tokens(setup):
                                                                                 for t in o.token_ids]
 
 
+TAG = {"structures": [{"begin": "<f>", "schema": {"type": "object", "properties": {"n": {"enum": [1, 2, 3]}},
+                                                  "required": ["n"], "additionalProperties": False}, "end": "</f>"}],
+       "triggers": ["<f"]}
+"""A structural tag, vLLM's first form: free text, in which `<f` starts a `<f>{"n": 1|2|3}</f>` structure."""
+
+
+def check_tagged(text: str) -> int:
+    """The complete structures in `text` (each tag's content a JSON object of TAG's schema; the last one may be
+    cut by max_tokens); fails if a structure broke its schema."""
+    *tags, last = text.split("<f>")
+    for tag in tags[1:]:
+        content, end, _ = tag.partition("</f>")
+        assert end and json.loads(content)["n"] in (1, 2, 3), text
+    assert "</f>" not in last or json.loads(last.partition("</f>")[0])["n"] in (1, 2, 3), text
+    return len(tags) - 1 + ("</f>" in last)
+
+
+@pytest.mark.parametrize("overrides", [{}, OVERLAPPED])
+def test_a_structural_tag_leaves_text_free_and_holds_each_triggered_structure_to_its_schema(setup, overrides):
+    """A logit bias towards `<` and `f` makes the tiny model write the trigger again and again; each time, the tag's
+    schema takes over until `</f>`. The same bias without the tag writes no structure."""
+    engine = _engine(setup, **overrides)
+    bias = tuple((token_id, 30.0) for token_id in engine.tokenizer.encode("<f", add_special_tokens=False))
+    sampling = SamplingParams(max_tokens=60, temperature=1.0, seed=4, logit_bias=bias)
+    tag = engine.compile_grammar(GrammarSpec("structural_tag", json.dumps(TAG)))
+    new_form = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<f"], "tags": [
+        {"type": "tag", "begin": "<f>", "content": {"type": "json_schema", "json_schema": TAG["structures"][0]["schema"]},
+         "end": "</f>"}]}}
+    outputs = engine.generate_batch([
+        Request("tagged", PROMPT, sampling, grammar=tag),
+        Request("new_form", PROMPT, sampling, grammar=engine.compile_grammar(GrammarSpec("structural_tag",
+                                                                                         json.dumps(new_form)))),
+        Request("free", PROMPT, sampling)])
+    assert check_tagged(_text(outputs["tagged"])) >= 2 and _text(outputs["new_form"]) == _text(outputs["tagged"])
+    assert "<f>" not in _text(outputs["free"]) and "<f" in _text(outputs["free"])
+
+
+@pytest.mark.parametrize(("tag", "message"), [
+    ("[1]", "expected a JSON object"),
+    ("{not json", "not JSON"),
+    (json.dumps({"structures": [{"begin": "<f>"}], "triggers": ["<f"]}), "needs begin, end and a schema"),
+    (json.dumps({"structures": [], "triggers": []}), "at least one trigger"),
+    (json.dumps({"type": "structural_tag", "format": {"type": "nonsense"}}), "invalid structural tag"),
+])
+def test_a_bad_structural_tag_is_a_value_error_saying_so(setup, tag, message):
+    with pytest.raises(ValueError, match=message):
+        _engine(setup).compile_grammar(GrammarSpec("structural_tag", tag))
+
+
 def test_a_grammar_cut_by_max_tokens_ends_by_length(setup):
     engine = _engine(setup)
     grammar = engine.compile_grammar(GrammarSpec("regex", r"[a-z]{30}"))
