@@ -37,6 +37,9 @@ class ToolParser:
     name: ClassVar[str]
     keeps_special_tokens: ClassVar[bool] = False
     """Its markers are special tokens: the text it reads must be decoded with them."""
+    structural_format: ClassVar[str | None] = None
+    """xgrammar's name of this format (`structured.tool_call_tag`): with tool_choice auto, replies are generated
+    under it, each call held to the format and its tool's schema; None: calls are read from free text only."""
 
     def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
         """The content and calls of a whole reply; None when it makes no call or does not parse. `tools` (name
@@ -61,6 +64,7 @@ def before_marker(text: str, marker: str) -> str:
 
 class Hermes(ToolParser):
     name = "hermes"
+    structural_format = "qwen_3"  # `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`
     OPEN = "<tool_call>"
     _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
@@ -151,6 +155,7 @@ class Qwen3Coder(ToolParser):
     number, boolean, null, object, array), and stays a string where the schema says string or nothing."""
 
     name = "qwen3_coder"
+    structural_format = "qwen_3_coder"
     OPEN, FUNCTION = "<tool_call>", "<function="
     _CALL = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.S)
     _PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)

@@ -14,7 +14,10 @@ the calls come out exactly, as a structured output.
 format. It needs the parser of that format, named at start-up (`--tool-call-parser`, as vLLM's; see
 `server.api.tool_parsers`: hermes, llama3_json, mistral, qwen3_coder, pythonic). Without one, auto is a 400
 rather than a guess; vLLM without `--enable-auto-tool-choice` refuses it too. The text before the calls is
-the message's content; a reply whose calls do not parse, or name no tool of the request, stays text.
+the message's content; a reply whose calls do not parse, or name no tool of the request, stays text. For
+formats xgrammar knows (hermes, qwen3_coder) the reply is generated under a structural tag (`auto_tool_grammar`,
+unless `--no-tool-call-structural-tags`): the text is free until the model starts a call, and from there the call
+is held to the format, a tool's name and that tool's schema, so it parses.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import uuid
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, NamedToolChoice
 from server.api.tool_parsers import PARSERS, ToolParser
-from server.engine.structured import GrammarSpec
+from server.engine.structured import GrammarSpec, tool_call_tag
 
 ANY_OBJECT = {"type": "object"}
 
@@ -75,6 +78,15 @@ def tool_grammar(body: ChatCompletionRequest, mode: str) -> GrammarSpec:
     if not body.parallel_tool_calls:
         array["maxItems"] = 1
     return GrammarSpec("json_schema", json.dumps(array))
+
+
+def auto_tool_grammar(body: ChatCompletionRequest, parser: ToolParser) -> GrammarSpec | None:
+    """For tool_choice auto: the structural tag that holds each call the model starts to `parser`'s format and
+    its tool's schema (free text around it), or None where xgrammar does not know the format."""
+    if parser.structural_format is None:
+        return None
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    return GrammarSpec("structural_tag", tool_call_tag(parser.structural_format, tools, body.parallel_tool_calls))
 
 
 def template_messages(body: ChatCompletionRequest) -> list[dict]:

@@ -76,6 +76,18 @@ def structural_tag(text: str):
     return xgrammar.StructuralTag.from_legacy_structural_tag(items, triggers)
 
 
+def tool_call_tag(model_format: str, tools: list[dict], parallel: bool) -> str:
+    """A structural tag (JSON text) for a reply that may call `tools` (OpenAI's function tool shape) in the tool-call
+    format xgrammar names `model_format`: free text, in which each call is held to the format and to its tool's
+    parameters schema (unless its `strict` is false); one call unless `parallel`. The reply's reasoning, if any,
+    is left to `DeferredMatcher`."""
+    import xgrammar
+
+    tag = xgrammar.get_model_structural_tag(model_format, tools=tools, tool_choice="auto", reasoning=False,
+                                            parallel_tool_calls=parallel)
+    return tag.model_dump_json()
+
+
 def choice_grammar(choices: list[str]) -> str:
     """EBNF whose language is exactly `choices` (string literals escaped as JSON strings, which the EBNF
     dialect reads the same way)."""

@@ -32,6 +32,7 @@ THINKING_CHAT_TEMPLATE = (
 turn opens a `<think>` block, or writes an empty one when `enable_thinking` is false; an earlier assistant turn's
 `reasoning_content` is rendered in its own block."""
 THINK_TOKENS = ("<think>", "</think>")
+TOOL_TOKENS = ("<tool_call>", "</tool_call>")
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -67,13 +68,16 @@ class TinyConfig:
     thinking: bool = False
     """A reasoning model's tokenizer: `<think>` and `</think>` are tokens (not special ones, as in Qwen3) and the
     chat template is `THINKING_CHAT_TEMPLATE`."""
+    tool_tokens: bool = False
+    """`<tool_call>` and `</tool_call>` are tokens (not special ones), as in Qwen's tokenizers."""
     seed: int = 0
     """Seed of the random weights."""
 
 
-def write_tokenizer(path: str | Path, vocab_size: int = 384, thinking: bool = False) -> None:
+def write_tokenizer(path: str | Path, vocab_size: int = 384, thinking: bool = False, tool_tokens: bool = False) -> None:
     """Train a byte-level BPE tokenizer on a fixed corpus and save it with a ChatML chat template (with
-    `thinking`, the think tokens after the trained vocabulary and `THINKING_CHAT_TEMPLATE`)."""
+    `thinking`, the think tokens after the trained vocabulary and `THINKING_CHAT_TEMPLATE`; with `tool_tokens`, the
+    tool-call tokens after those)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,8 +91,9 @@ def write_tokenizer(path: str | Path, vocab_size: int = 384, thinking: bool = Fa
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
-    if thinking:
-        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    added = (THINK_TOKENS if thinking else ()) + (TOOL_TOKENS if tool_tokens else ())
+    if added:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|bos|>",
@@ -135,7 +140,7 @@ def write_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), max_shard
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(path, thinking=cfg.thinking)
+    write_tokenizer(path, thinking=cfg.thinking, tool_tokens=cfg.tool_tokens)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     config = _hf_config(
         cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id

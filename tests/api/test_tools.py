@@ -207,6 +207,73 @@ def test_auto_with_the_hermes_parser_reads_the_calls_out_of_the_text(hermes):
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason in ("stop", "length")
 
 
+def test_auto_holds_each_call_the_model_starts_to_the_format_and_its_tools_schema(tiny_checkpoints, library_dir):
+    """With `<tool_call>` a token (as in Qwen's tokenizers), a bias towards it makes the tiny model start calls; from
+    there the structural tag writes a hermes call to one of the tools with arguments of its schema, and nothing
+    after it unless parallel_tool_calls. The same bias with the tags off writes calls that do not parse."""
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from tests.api.conftest import MAX_MODEL_LEN, serve
+
+    model = tiny_checkpoints("llama", tool_tokens=True)
+    config = dict(model=model, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN, tool_call_parser="hermes")
+    with serve(Engine(EngineConfig(**config))) as served:
+        (opening,) = served.engine.tokenizer.encode("<tool_call>", add_special_tokens=False)
+        kwargs = dict(model=served.backbone, messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=200, temperature=1.0,
+                      logit_bias={str(opening): 30})
+        client, names = served.client(), []
+        for seed in range(3):
+            for parallel in (False, True):
+                choice = client.chat.completions.create(**kwargs, seed=seed, parallel_tool_calls=parallel).choices[0]
+                assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+                assert len(choice.message.tool_calls) == 1 or parallel
+                for call in choice.message.tool_calls:
+                    if call.function.name == "get_weather":
+                        _check_weather(call.function.arguments)
+                    else:
+                        assert call.function.name == "get_time"
+                        assert isinstance(json.loads(call.function.arguments)["utc"], bool)
+                    names.append(call.function.name)
+        assert set(names) == {"get_weather", "get_time"}  # (each tool is reachable)
+    with serve(Engine(EngineConfig(**config, tool_call_structural_tags=False))) as free:
+        choice = free.client().chat.completions.create(**kwargs, seed=0).choices[0]
+        assert choice.message.tool_calls is None and "<tool_call>" in choice.message.content
+
+
+@pytest.mark.parametrize(("parser_name", "good", "bad"), [
+    ("hermes", 'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "oslo", "unit": "c"}}\n</tool_call>',
+     'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "rome", "unit": "c"}}\n</tool_call>'),
+    ("qwen3_coder", "Sure.<tool_call>\n<function=get_time>\n<parameter=utc>\ntrue\n</parameter>\n</function>\n"
+     "</tool_call>", "Sure.<tool_call>\n<function=get_date>\n"),
+])
+def test_the_structural_tag_of_each_format_takes_the_calls_its_parser_reads(setup_engine, parser_name, good, bad):
+    """The tag accepts a reply its parser reads into a call that fits, and refuses a call outside the schemas."""
+    import xgrammar
+
+    from server.api.protocol import ChatCompletionRequest
+    from server.api.tool_parsers import PARSERS
+    from server.api.tools import auto_tool_grammar
+
+    parser = PARSERS[parser_name]
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, "tools": [WEATHER, TIME],
+                                                 "parallel_tool_calls": False})
+    grammar = setup_engine.compile_grammar(auto_tool_grammar(body, parser))
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
+    content, calls = parser.parse(good, schemas)
+    assert content == "Sure." and len(calls) == 1
+    assert xgrammar.GrammarMatcher(grammar).accept_string(good)
+    assert not xgrammar.GrammarMatcher(grammar).accept_string(bad)
+    assert PARSERS["llama3_json"].structural_format is None  # (its parser reads only replies that start with a call)
+
+
+@pytest.fixture(scope="module")
+def setup_engine(tiny_llama):
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+
+    return Engine(EngineConfig(model=tiny_llama, num_kv_blocks=8))
+
+
 def test_an_unknown_parser_fails_at_start_up(tiny_llama, library_dir):
     from server.api.app import create_app
     from server.engine.config import EngineConfig
