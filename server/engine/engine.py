@@ -87,6 +87,7 @@ class Engine:
         self.sampling_defaults = parts.sampling_defaults
         """What the sampling fields a request leaves out become (`EngineConfig.generation_config`)."""
         self.async_scheduling = config.async_scheduling_on(str(self.model.device))
+        self.scheduler.overlapped = self.async_scheduling
         self._pending: tuple[StepPlan, PendingStep] | None = None
         self.num_token_waits = 0
         """Steps planned only after the step in flight was read back, for speculative decoding (`needs_tokens`)."""

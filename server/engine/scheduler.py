@@ -185,6 +185,9 @@ class Scheduler:
         """Per planned step not updated yet: the requests that sample in it, in batch order."""
         self._drafting_in_flight: set[int] = set()
         """The steps not updated yet that run drafts."""
+        self.overlapped = False
+        """Whether steps are planned while the one before runs (the engine's asynchronous scheduling): only then
+        are drafters looked at after each step read back (`needs_tokens`)."""
         self._num_steps = 0
         self._num_arrivals = 0
         self.num_preempted_last_step = 0
@@ -525,7 +528,7 @@ class Scheduler:
                 self._register_full_blocks(state)
             if reason is not None:
                 self.finish(request_id, reason)
-            elif state.drafter is not None and self.speculating:
+            elif state.drafter is not None and self.overlapped and self.speculating:
                 state.drafter.hot = state.drafter.peek(state.token_ids, len(state.token_ids) - state.num_placeholders,
                                                        state.num_prompt_tokens)
             changed.append(state)
