@@ -88,6 +88,7 @@ class Hermes(ToolParser):
 
 class Llama3Json(ToolParser):
     name = "llama3_json"
+    structural_format = "llama"  # (it allows text before a call; such a reply stays text here, as in vLLM)
     PYTHON_TAG = "<|python_tag|>"
 
     def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:

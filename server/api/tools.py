@@ -15,9 +15,9 @@ format. It needs the parser of that format, named at start-up (`--tool-call-pars
 `server.api.tool_parsers`: hermes, llama3_json, mistral, qwen3_coder, pythonic). Without one, auto is a 400
 rather than a guess; vLLM without `--enable-auto-tool-choice` refuses it too. The text before the calls is
 the message's content; a reply whose calls do not parse, or name no tool of the request, stays text. For
-formats xgrammar knows (hermes, qwen3_coder) the reply is generated under a structural tag (`auto_tool_grammar`,
-unless `--no-tool-call-structural-tags`): the text is free until the model starts a call, and from there the call
-is held to the format, a tool's name and that tool's schema, so it parses.
+formats xgrammar knows (hermes, llama3_json, qwen3_coder) the reply is generated under a structural tag
+(`auto_tool_grammar`, unless `--no-tool-call-structural-tags`): the text is free until the model starts a call,
+and from there the call is held to the format, a tool's name and that tool's schema, so it parses.
 """
 
 from __future__ import annotations
