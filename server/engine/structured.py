@@ -80,11 +80,12 @@ def tool_call_tag(model_format: str, tools: list[dict], parallel: bool) -> str:
     """A structural tag (JSON text) for a reply that may call `tools` (OpenAI's function tool shape) in the tool-call
     format xgrammar names `model_format`: free text, in which each call is held to the format and to its tool's
     parameters schema (unless its `strict` is false); one call unless `parallel`. The reply's reasoning, if any,
-    is left to `DeferredMatcher`."""
+    is left to `DeferredMatcher`, and the free text keeps every token (xgrammar would bar `<think>` from it,
+    which would stop a thinking model served without a reasoning parser from thinking)."""
     import xgrammar
 
     tag = xgrammar.get_model_structural_tag(model_format, tools=tools, tool_choice="auto", reasoning=False,
-                                            parallel_tool_calls=parallel)
+                                            exclude_special_tokens=False, parallel_tool_calls=parallel)
     return tag.model_dump_json()
 
 

@@ -275,7 +275,8 @@ def test_the_forced_parts_of_a_call_are_drafted_so_it_takes_fewer_steps(tiny_che
     ("llama3_json", '{"name": "get_time", "parameters": {"utc": false}}', '{"name": "get_time", "parameters": {"utc": 1}}'),
 ])
 def test_the_structural_tag_of_each_format_takes_the_calls_its_parser_reads(setup_engine, parser_name, good, bad):
-    """The tag accepts a reply its parser reads into a call that fits, and refuses a call outside the schemas."""
+    """The tag accepts a reply its parser reads into a call that fits, also after a `<think>` block (a thinking
+    model served without a reasoning parser still thinks), and refuses a call outside the schemas."""
     import xgrammar
 
     from server.api.protocol import ChatCompletionRequest
@@ -291,6 +292,7 @@ def test_the_structural_tag_of_each_format_takes_the_calls_its_parser_reads(setu
     assert content == ("Sure." if good.startswith("Sure.") else None) and len(calls) == 1
     assert xgrammar.GrammarMatcher(grammar).accept_string(good)
     assert not xgrammar.GrammarMatcher(grammar).accept_string(bad)
+    assert xgrammar.GrammarMatcher(grammar).accept_string("<think>which tool?</think>" + good)  # free text is free
 
 
 @pytest.fixture(scope="module")
