@@ -104,7 +104,8 @@ class TagStructure(BaseModel):
     """One structure of vLLM's first structural tag form: `begin`, content following `schema`, `end`."""
 
     begin: str = Field(min_length=1)
-    schema_: dict | bool = Field(default=True, alias="schema")
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    """The content's JSON schema; none (`{}`) allows any JSON value."""
     end: str
 
 

@@ -69,11 +69,16 @@ def structural_tag(text: str):
     if not isinstance(structures, list) or not isinstance(triggers, list) or not triggers:
         raise ValueError("invalid structural tag: structures and triggers must be lists, with at least one trigger")
     try:
-        items = [xgrammar.StructuralTagItem(begin=s["begin"], schema=s.get("schema", {}), end=s["end"])
+        items = [xgrammar.StructuralTagItem(begin=s["begin"], schema=_any_if_true(s.get("schema", {})), end=s["end"])
                  for s in structures]
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"invalid structural tag: each structure needs begin, end and a schema ({error})") from None
     return xgrammar.StructuralTag.from_legacy_structural_tag(items, triggers)
+
+
+def _any_if_true(schema):
+    """A structure's schema, `true` (any JSON value, as JSON Schema reads it) given as `{}`, which xgrammar takes."""
+    return {} if schema is True else schema
 
 
 def tool_call_tag(model_format: str, tools: list[dict], parallel: bool) -> str:

@@ -156,10 +156,22 @@ def test_a_structural_tag_leaves_text_free_and_holds_each_triggered_structure_to
     (json.dumps({"structures": [{"begin": "<f>"}], "triggers": ["<f"]}), "needs begin, end and a schema"),
     (json.dumps({"structures": [], "triggers": []}), "at least one trigger"),
     (json.dumps({"type": "structural_tag", "format": {"type": "nonsense"}}), "invalid structural tag"),
+    (json.dumps({"structures": [{"begin": "<f>", "schema": 3, "end": "</f>"}], "triggers": ["<f"]}),
+     "needs begin, end and a schema"),
 ])
 def test_a_bad_structural_tag_is_a_value_error_saying_so(setup, tag, message):
     with pytest.raises(ValueError, match=message):
         _engine(setup).compile_grammar(GrammarSpec("structural_tag", tag))
+
+
+@pytest.mark.parametrize("schema", [{}, True, None])
+def test_a_structure_without_a_schema_takes_any_json(setup, schema):
+    import xgrammar
+
+    structure = {"begin": "<f>", "end": "</f>"} | ({} if schema is None else {"schema": schema})
+    grammar = _engine(setup).compile_grammar(GrammarSpec("structural_tag", json.dumps(
+        {"structures": [structure], "triggers": ["<f"]})))
+    assert xgrammar.GrammarMatcher(grammar).accept_string('text <f>[1, "a"]</f> more')
 
 
 def test_a_grammar_cut_by_max_tokens_ends_by_length(setup):
