@@ -493,6 +493,7 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         self._pending = None
+        self.runner.drop_deferred()
         self.scheduler.cancel_in_flight()
         for request_id in list(self._sinks):
             self._fail(request_id, RuntimeError(f"engine step failed: {error}"))

@@ -265,6 +265,13 @@ class ModelRunner:
             sample()
         return step
 
+    def drop_deferred(self) -> None:
+        """Never sample the step whose sampling is deferred (a failure failed its requests, which the next plan
+        drops): its masks would wait for tokens that are never read."""
+        if self._unsampled is not None:
+            self._unsampled.deferred = None
+            self._unsampled = None
+
     def _masks_wait(self, order: list[str], sampling_rows: list[int]) -> bool:
         """Whether a structured request samples in this step while its previous token is still in flight."""
         if not self._extras["structured"]:

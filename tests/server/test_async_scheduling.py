@@ -224,6 +224,48 @@ def test_a_failed_step_fails_its_requests_and_leaves_nothing_pending(setup):
         engine.shutdown()
 
 
+def test_a_step_failing_while_the_next_waits_to_sample_leaves_that_sampling_behind(setup):
+    """Reading step N back fails while N+1's sampling waits for it (a structured request's mask): the requests
+    fail, and N+1's sampling is dropped with them instead of failing the next requests' step."""
+    pytest.importorskip("xgrammar")
+    from server.engine.structured import GrammarSpec
+
+    after = Request("after", PROMPTS[2], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), COMPOSITIONS[1])
+    expected = _tokens(_engine(setup, "off").generate_batch([after])["after"])
+    engine = _engine(setup, "on", speculative_config='{"grammar_tokens": 0}')
+    shaped = Request("shaped", PROMPTS[0], SamplingParams(max_tokens=20, temperature=0.0),
+                     grammar=engine.compile_grammar(GrammarSpec("regex", "[a-z]{20}")))
+    launch, failed = engine.runner.launch, []
+
+    def launch_then_read_badly(plan):  # reading step N back fails once, after N+1's sampling began to wait for it
+        step = launch(plan)
+        read = step.result
+
+        def result():
+            if engine.runner.num_deferred_samples and not failed:
+                failed.append(plan.step_id)
+                raise RuntimeError("reading the step went wrong")
+            return read()
+
+        step.result = result
+        return step
+
+    engine.runner.launch = launch_then_read_badly
+
+    async def main():
+        with pytest.raises(RuntimeError, match="engine step failed"):
+            await _collect(engine, shaped)
+        _assert_idle(engine)
+        return await _collect(engine, after)
+
+    engine.start()
+    try:
+        assert _tokens(asyncio.run(main())) == expected and failed
+        _assert_idle(engine)
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.gpu
 def test_cuda_decode_launches_never_wait_for_the_device(setup, stops):
     """On CUDA with captured decode graphs, launching a decode step (fill, late-token copy, replay, sampling,
