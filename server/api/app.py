@@ -264,13 +264,16 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
         for i, p in enumerate(prompts)
     ]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    parser = tools.parser_named(engine.config.tool_call_parser) if tool_mode == "auto" else None
+    configured = tools.parser_named(engine.config.tool_call_parser)
+    parser = configured if tool_mode == "auto" else None
     if parser is not None and parser.keeps_special_tokens:  # its markers are special tokens
         params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
     reasoning = reasoning_parser_named(engine.config.reasoning_parser) if reasoning_start is not None else None
     thinks = reasoning is not None and reasoning_start != "answer"
     after_reasoning = _single_token(engine.tokenizer, reasoning.CLOSE) if thinks else None
-    tag_parser = parser if engine.config.tool_call_structural_tags and (not thinks or after_reasoning) else None
+    tagged = tool_mode == "auto" or (getattr(body, "tools", None) and body.tool_choice == "none")
+    tag_parser = (configured if tagged and engine.config.tool_call_structural_tags and (not thinks or after_reasoning)
+                  else None)
     grammar = await _grammar(engine, body, tool_mode, tag_parser)  # (no tag that would bind the reasoning too)
     grammar_after = None
     if thinks and grammar is not None:
@@ -360,16 +363,20 @@ def _single_token(tokenizer, text: str) -> int | None:
 
 async def _grammar(engine, body, tool_mode: str | None, parser=None):
     """The compiled structured-output constraint of `body` or of its tool calls (compiled in a worker
-    thread), or None. With tool_choice auto, `parser`'s structural tag, if it has one and no other constraint
-    was asked for (`tools.auto_tool_grammar`); None leaves auto's text free."""
+    thread), or None. Where no other constraint was asked for, `parser`'s structural tag: with tool_choice auto,
+    calls held to its format (`tools.auto_tool_grammar`); with none, no call opened (`tools.no_call_grammar`);
+    a parser without one, or None, leaves the text free."""
     asked = translate.grammar_spec(body)
     if tool_mode not in (None, "auto"):  # auto generates free text, which the parser reads
         if asked is not None:
             raise APIError(400, "tool calls are generated under the tools' schemas; drop response_format and "
                                 "structured_outputs, or tool_choice", "tool_choice")
         asked = tools.tool_grammar(body, tool_mode), "tools"
-    elif tool_mode == "auto" and asked is None and parser is not None:
-        spec = await asyncio.to_thread(tools.auto_tool_grammar, body, parser)  # (xgrammar builds it: not in the loop)
+    elif asked is None and parser is not None:
+        if tool_mode == "auto":
+            spec = await asyncio.to_thread(tools.auto_tool_grammar, body, parser)  # (xgrammar builds it: off the loop)
+        else:
+            spec = tools.no_call_grammar(parser)
         asked = (spec, "tools") if spec is not None else None
     if asked is None:
         return None

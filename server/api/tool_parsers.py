@@ -40,6 +40,9 @@ class ToolParser:
     structural_format: ClassVar[str | None] = None
     """xgrammar's name of this format (`structured.tool_call_tag`): with tool_choice auto, replies are generated
     under it, each call held to the format and its tool's schema; None: calls are read from free text only."""
+    call_opening: ClassVar[str | None] = None
+    """The text that opens a call and nothing else (a marker): with tool_choice none it is kept out of the reply
+    (`tools.no_call_grammar`); None where a call opens with text a plain reply may hold too."""
 
     def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
         """The content and calls of a whole reply; None when it makes no call or does not parse. `tools` (name
@@ -65,7 +68,7 @@ def before_marker(text: str, marker: str) -> str:
 class Hermes(ToolParser):
     name = "hermes"
     structural_format = "qwen_3"  # `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`
-    OPEN = "<tool_call>"
+    OPEN = call_opening = "<tool_call>"
     _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
     def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
@@ -158,6 +161,7 @@ class Qwen3Coder(ToolParser):
     name = "qwen3_coder"
     structural_format = "qwen_3_coder"
     OPEN, FUNCTION = "<tool_call>", "<function="
+    call_opening = OPEN
     _CALL = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.S)
     _PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
 

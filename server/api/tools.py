@@ -17,7 +17,8 @@ rather than a guess; vLLM without `--enable-auto-tool-choice` refuses it too. Th
 the message's content; a reply whose calls do not parse, or name no tool of the request, stays text. For
 formats xgrammar knows (hermes, llama3_json, qwen3_coder) the reply is generated under a structural tag
 (`auto_tool_grammar`, unless `--no-tool-call-structural-tags`): the text is free until the model starts a call,
-and from there the call is held to the format, a tool's name and that tool's schema, so it parses.
+and from there the call is held to the format, a tool's name and that tool's schema, so it parses; with
+`none`, a reply in those formats with markers (hermes, qwen3_coder) cannot open a call (`no_call_grammar`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ def auto_tool_grammar(body: ChatCompletionRequest, parser: ToolParser) -> Gramma
         return None
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
     return GrammarSpec("structural_tag", tool_call_tag(parser.structural_format, tools, body.parallel_tool_calls))
+
+
+def no_call_grammar(parser: ToolParser) -> GrammarSpec | None:
+    """For tool_choice none: free text that never opens a call in `parser`'s format (OpenAI's none: the model
+    answers in text), or None where the format has no marker to keep out."""
+    if parser.call_opening is None:
+        return None
+    return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": {
+        "type": "any_text", "excludes": [parser.call_opening]}}))
 
 
 def template_messages(body: ChatCompletionRequest) -> list[dict]:

@@ -210,7 +210,8 @@ def test_auto_with_the_hermes_parser_reads_the_calls_out_of_the_text(hermes):
 def test_auto_holds_each_call_the_model_starts_to_the_format_and_its_tools_schema(tiny_checkpoints, library_dir):
     """With `<tool_call>` a token (as in Qwen's tokenizers), a bias towards it makes the tiny model start calls; from
     there the structural tag writes a hermes call to one of the tools with arguments of its schema, and nothing
-    after it unless parallel_tool_calls. The same bias with the tags off writes calls that do not parse."""
+    after it unless parallel_tool_calls; with tool_choice none it opens none. The same bias with the tags off
+    writes calls that do not parse, whatever the tool choice."""
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
     from tests.api.conftest import MAX_MODEL_LEN, serve
@@ -235,9 +236,14 @@ def test_auto_holds_each_call_the_model_starts_to_the_format_and_its_tools_schem
                         assert isinstance(json.loads(call.function.arguments)["utc"], bool)
                     names.append(call.function.name)
         assert set(names) == {"get_weather", "get_time"}  # (each tool is reachable)
+        for seed in range(3):  # tool_choice none: the same bias cannot open a call, the reply is text
+            choice = client.chat.completions.create(**kwargs, seed=seed, tool_choice="none").choices[0]
+            assert choice.message.tool_calls is None and "<tool_call>" not in choice.message.content, choice
+            assert choice.finish_reason in ("stop", "length")
     with serve(Engine(EngineConfig(**config, tool_call_structural_tags=False))) as free:
-        choice = free.client().chat.completions.create(**kwargs, seed=0).choices[0]
-        assert choice.message.tool_calls is None and "<tool_call>" in choice.message.content
+        for tool_choice in ("auto", "none"):
+            choice = free.client().chat.completions.create(**kwargs, seed=0, tool_choice=tool_choice).choices[0]
+            assert choice.message.tool_calls is None and "<tool_call>" in choice.message.content
 
 
 def test_the_forced_parts_of_a_call_are_drafted_so_it_takes_fewer_steps(tiny_checkpoints):
