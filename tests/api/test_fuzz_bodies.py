@@ -9,6 +9,9 @@ import random
 
 import httpx
 
+_TAG = {"structures": [{"begin": "<a>", "schema": {"enum": [1, 2]}, "end": "</a>"}], "triggers": ["<a"]}
+
+
 def _body(rng: random.Random, kind: str) -> dict:
     """A chat or text completion body with a random subset of the fields, some of them in conflict."""
     b = {"model": rng.choice(["reverse", "uppercase", "auto", "m0", "reverse+uppercase"])}
@@ -33,8 +36,8 @@ def _body(rng: random.Random, kind: str) -> dict:
         "stop_token_ids": lambda: [rng.randrange(300)], "logit_bias": lambda: {str(rng.randrange(300)): 5},
         "prompt_logprobs": lambda: rng.choice([0, 1]), "echo": lambda: rng.random() < 0.5,
         "structured_outputs": lambda: rng.choice([{"choice": ["yes", "no"]}, {"regex": "[ab]{2,4}"},
-                                                  {"json_object": True}]),
-        "response_format": lambda: {"type": "json_object"},
+                                                  {"json_object": True}, {"structural_tag": _TAG}]),
+        "response_format": lambda: rng.choice([{"type": "json_object"}, {"type": "structural_tag", **_TAG}]),
         "allowed_token_ids": lambda: rng.sample(range(300), rng.choice([1, 40])),
         "bad_words": lambda: rng.choice([["e"], ["the", "o b"]]), "return_tokens_as_token_ids": lambda: True,
         "request_id": lambda: rng.choice(["a", "same-id"]),
