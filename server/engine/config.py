@@ -73,13 +73,12 @@ class EngineConfig:
     (`[f(a=1)]`: Llama 3.2, Llama 4); see `server.api.tool_parsers`. None refuses auto with a 400; required
     and named tool choices need no parser."""
     tool_call_structural_tags: bool = True
-    """With tool_choice auto and a tool_call_parser whose format xgrammar knows (hermes, llama3_json,
-    qwen3_coder), generate the
-    reply under a structural tag (xgrammar's, the mechanism vLLM's and NVIDIA Dynamo's tool-call parsers use for
-    this): the text stays free, and each call the model starts
-    is held to the format and to its tool's parameters schema (one call unless parallel_tool_calls), so it always
-    parses. A function whose `strict` is false keeps free arguments. Off: calls are read from free text as
-    generated."""
+    """With tool_choice auto and a tool_call_parser whose format xgrammar knows (hermes, llama3_json, qwen3_coder),
+    generate the reply under a structural tag (xgrammar's, the mechanism vLLM's and NVIDIA Dynamo's tool-call
+    parsers use for this): the text stays free, and each call the model starts is held to the format and to its
+    tool's parameters schema (one call unless parallel_tool_calls), so it always parses; a function whose `strict`
+    is false keeps free arguments. With tool_choice none, a format with a call marker (hermes, qwen3_coder) keeps
+    the marker out of the reply. Off: calls are read from free text as generated."""
     reasoning_parser: str | None = None
     """Return a reasoning model's `<think>` block apart from its answer (the message's `reasoning` and
     `reasoning_content`), as vLLM's --reasoning-parser: qwen3 or deepseek_r1 (`server.api.reasoning`). Tool

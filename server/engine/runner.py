@@ -276,7 +276,8 @@ class ModelRunner:
         """Whether a structured request samples in this step while its previous token is still in flight."""
         if not self._extras["structured"]:
             return False
-        return any(self.held[order[i]].data.matcher is not None and self.held[order[i]].pending for i in sampling_rows)
+        sampling = (self.held[order[i]] for i in sampling_rows)
+        return any(held.data.matcher is not None and held.pending for held in sampling)
 
     def _score_prompts(self, plan: StepPlan, order: list[str], hidden: torch.Tensor):
         """For the requests that ask for prompt logprobs: the logprob of every prompt token this step's
