@@ -265,15 +265,18 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
     ]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     configured = tools.parser_named(engine.config.tool_call_parser)
-    parser = configured if tool_mode == "auto" else None
+    forced = tool_mode not in (None, "auto")  # required or a named function
+    native = (configured if forced and configured is not None and configured.structural_format is not None
+              and engine.config.tool_call_structural_tags else None)  # forced calls in the model's own format
+    parser = configured if tool_mode == "auto" else native
     if parser is not None and parser.keeps_special_tokens:  # its markers are special tokens
         params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
     reasoning = reasoning_parser_named(engine.config.reasoning_parser) if reasoning_start is not None else None
     thinks = reasoning is not None and reasoning_start != "answer"
     after_reasoning = _single_token(engine.tokenizer, reasoning.CLOSE) if thinks else None
     tagged = tool_mode == "auto" or (getattr(body, "tools", None) and body.tool_choice == "none")
-    tag_parser = (configured if tagged and engine.config.tool_call_structural_tags and (not thinks or after_reasoning)
-                  else None)
+    tag_parser = native if forced else (
+        configured if tagged and engine.config.tool_call_structural_tags and (not thinks or after_reasoning) else None)
     grammar = await _grammar(engine, body, tool_mode, tag_parser)  # (no tag that would bind the reasoning too)
     grammar_after = None
     if thinks and grammar is not None:
@@ -363,15 +366,17 @@ def _single_token(tokenizer, text: str) -> int | None:
 
 async def _grammar(engine, body, tool_mode: str | None, parser=None):
     """The compiled structured-output constraint of `body` or of its tool calls (compiled in a worker
-    thread), or None. Where no other constraint was asked for, `parser`'s structural tag: with tool_choice auto,
-    calls held to its format (`tools.auto_tool_grammar`); with none, no call opened (`tools.no_call_grammar`);
-    a parser without one, or None, leaves the text free."""
+    thread), or None. Required and named tool choices: the calls in `parser`'s format where it has a structural
+    tag (`tools.forced_tool_grammar`), else as JSON (`tools.tool_grammar`). Where no other constraint was asked
+    for, `parser`'s structural tag: with tool_choice auto, calls held to its format (`tools.auto_tool_grammar`);
+    with none, no call opened (`tools.no_call_grammar`); a parser without one, or None, leaves the text free."""
     asked = translate.grammar_spec(body)
     if tool_mode not in (None, "auto"):  # auto generates free text, which the parser reads
         if asked is not None:
             raise APIError(400, "tool calls are generated under the tools' schemas; drop response_format and "
                                 "structured_outputs, or tool_choice", "tool_choice")
-        asked = tools.tool_grammar(body, tool_mode), "tools"
+        spec = await asyncio.to_thread(tools.forced_tool_grammar, body, parser, tool_mode) if parser else None
+        asked = spec or tools.tool_grammar(body, tool_mode), "tools"
     elif asked is None and parser is not None:
         if tool_mode == "auto":
             spec = await asyncio.to_thread(tools.auto_tool_grammar, body, parser)  # (xgrammar builds it: off the loop)

@@ -92,16 +92,22 @@ def _reasoning(text: str | None) -> dict:
 def _message(call: Call, text: str, reason: str | None) -> tuple[dict, str | None]:
     """A chat choice's message and finish reason from its content: its text, or the tool calls it made
     (`api.tools`)."""
-    if call.tool_mode == "auto":
+    if call.tool_parser is not None:  # auto, or a forced choice in the parser's format
         content, calls = auto_calls(call.tool_parser, text, call.tool_schemas)
         if calls is None:
             return {"role": "assistant", "content": text}, reason
-        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        return {"role": "assistant", "content": content, "tool_calls": calls}, _calls_reason(call, reason)
     calls = tool_calls(call.tool_mode, text, reason == "stop") if call.tool_mode is not None else None
     if calls is None:
         return {"role": "assistant", "content": text}, reason
     return {"role": "assistant", "content": None, "tool_calls": calls}, \
         "tool_calls" if call.tool_mode == "required" else reason
+
+
+def _calls_reason(call: Call, reason: str | None) -> str | None:
+    """The finish reason of a reply read into calls by the call's parser: `tool_calls`, except for a named function
+    (OpenAI ends it with stop) and a reply cut by max_tokens (its complete calls are kept, and it says length)."""
+    return reason if call.tool_mode not in ("auto", "required") or reason == "length" else "tool_calls"
 
 
 def _tool_chunk(call: Call, index: int, text: str, reason: str | None, sent: int = 0) -> dict:
@@ -170,6 +176,8 @@ class _ChatChoice:
         """tool_choice auto: characters of the content streamed before the calls."""
         self.opened = False
         """A named call: its id and name were sent."""
+        self.calls_sent = 0
+        """A forced choice in the parser's format: the calls streamed."""
         self.arguments_sent: list[int] = []
         """tool_choice required: per call announced, the characters of its arguments streamed."""
         self.reader = RequiredCallsReader()
@@ -202,12 +210,31 @@ class _ChatChoice:
                 self.sent = len(ready)
             if output.finished:
                 chunks.append(_tool_chunk(call, self.index, content, output.finish_reason, self.sent))
+        elif call.tool_parser is not None:  # a forced choice in the parser's format: each call once it is complete
+            chunks += self._native_chunks(new, content, output)
         elif call.tool_mode == "required":  # each call's id and name once known, then its arguments as they come
             chunks += self._required_chunks(new, content, output)
         elif new or output.finished:  # a named call: its arguments stream as they come
             chunks += _named_call_chunks(call, self.index, new, output, None if self.opened else new_call_id())
             self.opened = True
         return chunks
+
+    def _native_chunks(self, new: str, content: str, output) -> list[dict]:
+        """Its tag allows nothing but calls, so a call that parses is final: each one is sent whole (id, name and
+        arguments) as soon as it does."""
+        call, chunks = self.call, []
+        calls = auto_calls(call.tool_parser, content, call.tool_schemas)[1] if new or output.finished else None
+        for j in range(self.calls_sent, len(calls or ())):
+            chunks.append(self._delta({"tool_calls": [{"index": j} | calls[j]]}))
+        self.calls_sent = max(self.calls_sent, len(calls or ()))
+        if not output.finished:
+            return chunks
+        if not self.calls_sent:  # cut before a call was complete: sent whole, as text
+            return chunks + [_tool_chunk(call, self.index, content, output.finish_reason)]
+        last = self._delta({})
+        last["choices"][0]["finish_reason"] = _calls_reason(call, output.finish_reason)
+        last["tessera"] = tessera_field(call)
+        return chunks + [last]
 
     def _required_chunks(self, new: str, content: str, output) -> list[dict]:
         chunks = []

@@ -47,7 +47,8 @@ class Call:
     tool_schemas: dict[str, dict] = field(default_factory=dict)
     """The request's tools, name -> parameters schema (an `auto` reply may call only these)."""
     tool_parser: object | None = None
-    """With tool_mode `auto`: the `tool_parsers.ToolParser` that reads the calls out of the reply."""
+    """The `tool_parsers.ToolParser` that reads the calls out of the reply: with tool_mode `auto`, and with a forced
+    tool_mode whose calls are generated in the parser's format (`tools.forced_tool_grammar`)."""
     reasoning: object | None = None
     """A chat call's `reasoning.ReasoningParser`, which splits each reply into reasoning and content; or None."""
     reasoning_start: str | None = None

@@ -40,6 +40,8 @@ class ToolParser:
     structural_format: ClassVar[str | None] = None
     """xgrammar's name of this format (`structured.tool_call_tag`): with tool_choice auto, replies are generated
     under it, each call held to the format and its tool's schema; None: calls are read from free text only."""
+    call_separator: ClassVar[str] = "\n"
+    """What goes between two calls of a reply the structural tag makes all calls (tool_choice required)."""
     call_opening: ClassVar[str | None] = None
     """The text that opens a call and nothing else (a marker): with tool_choice none it is kept out of the reply
     (`tools.no_call_grammar`); None where a call opens with text a plain reply may hold too."""
@@ -92,6 +94,7 @@ class Hermes(ToolParser):
 class Llama3Json(ToolParser):
     name = "llama3_json"
     structural_format = "llama"  # (it allows text before a call; such a reply stays text here, as in vLLM)
+    call_separator = "; "
     PYTHON_TAG = "<|python_tag|>"
 
     def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:

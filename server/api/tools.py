@@ -10,6 +10,10 @@ the calls come out exactly, as a structured output.
   `tool_calls`;
 - `none`: free text (the tools are still in the prompt, as OpenAI and vLLM render them).
 
+With a parser whose format xgrammar knows (below), required and named calls are written in the model's own
+format instead, under a structural tag that allows nothing but those calls (`forced_tool_grammar`), and read
+back by the parser as auto's are.
+
 `auto` (OpenAI's default when tools are given) lets the model choose between text and a call, in its own
 format. It needs the parser of that format, named at start-up (`--tool-call-parser`, as vLLM's; see
 `server.api.tool_parsers`: hermes, llama3_json, mistral, qwen3_coder, pythonic). Without one, auto is a 400
@@ -29,7 +33,7 @@ import uuid
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, NamedToolChoice
 from server.api.tool_parsers import PARSERS, ToolParser
-from server.engine.structured import GrammarSpec, tool_call_tag
+from server.engine.structured import GrammarSpec, forced_call_tag, tool_call_tag
 
 ANY_OBJECT = {"type": "object"}
 
@@ -88,6 +92,17 @@ def auto_tool_grammar(body: ChatCompletionRequest, parser: ToolParser) -> Gramma
         return None
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
     return GrammarSpec("structural_tag", tool_call_tag(parser.structural_format, tools, body.parallel_tool_calls))
+
+
+def forced_tool_grammar(body: ChatCompletionRequest, parser: ToolParser, mode: str) -> GrammarSpec | None:
+    """For tool_choice required or a named function (`mode`): the structural tag that makes the reply nothing but
+    calls in `parser`'s format, to the tools `mode` allows, each held to its schema; None where xgrammar does not
+    know the format (the reply is then `tool_grammar`'s JSON)."""
+    if parser.structural_format is None:
+        return None
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    return GrammarSpec("structural_tag", forced_call_tag(parser.structural_format, tools, mode,
+                                                         body.parallel_tool_calls, parser.call_separator))
 
 
 def no_call_grammar(parser: ToolParser) -> GrammarSpec | None:

@@ -78,7 +78,9 @@ class EngineConfig:
     parsers use for this): the text stays free, and each call the model starts is held to the format and to its
     tool's parameters schema (one call unless parallel_tool_calls), so it always parses; a function whose `strict`
     is false keeps free arguments. With tool_choice none, a format with a call marker (hermes, qwen3_coder) keeps
-    the marker out of the reply. Off: calls are read from free text as generated."""
+    the marker out of the reply. With tool_choice required or a named function, the reply is nothing but calls in
+    that format (`api.tools.forced_tool_grammar`) rather than JSON. Off: auto's calls are read from free text as
+    generated, and required and named calls are JSON."""
     reasoning_parser: str | None = None
     """Return a reasoning model's `<think>` block apart from its answer (the message's `reasoning` and
     `reasoning_content`), as vLLM's --reasoning-parser: qwen3 or deepseek_r1 (`server.api.reasoning`). Tool

@@ -94,6 +94,26 @@ def tool_call_tag(model_format: str, tools: list[dict], parallel: bool) -> str:
     return tag.model_dump_json()
 
 
+def forced_call_tag(model_format: str, tools: list[dict], choice: str, parallel: bool, separator: str) -> str:
+    """A structural tag (JSON text) for a reply that is nothing but calls in the tool-call format xgrammar names
+    `model_format`: with `choice` "required", one or more calls to `tools` (one unless `parallel`), joined by
+    `separator`; with `choice` a function's name, one call to that function. Each call is held to its tool's
+    parameters schema, as in `tool_call_tag`."""
+    import xgrammar
+    from xgrammar.structural_tag import TagsWithSeparatorFormat, TriggeredTagsFormat
+
+    named = {"type": "function", "function": {"name": choice}}
+    tag = xgrammar.get_model_structural_tag(model_format, tools=tools,
+                                            tool_choice="required" if choice == "required" else named,
+                                            reasoning=False, exclude_special_tokens=False, parallel_tool_calls=parallel)
+    if choice == "required":  # xgrammar's required allows text after the calls; the reply here is the calls only
+        if not isinstance(tag.format, TriggeredTagsFormat):
+            raise ValueError(f"xgrammar's {model_format} format for required tool calls is not a set of tags")
+        tag.format = TagsWithSeparatorFormat(tags=tag.format.tags, separator=separator, at_least_one=True,
+                                             stop_after_first=not parallel)
+    return tag.model_dump_json()
+
+
 def choice_grammar(choices: list[str]) -> str:
     """EBNF whose language is exactly `choices` (string literals escaped as JSON strings, which the EBNF
     dialect reads the same way)."""

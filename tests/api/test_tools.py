@@ -226,8 +226,9 @@ def test_auto_holds_each_call_the_model_starts_to_the_format_and_its_tools_schem
         for seed in range(3):
             for parallel in (False, True):
                 choice = client.chat.completions.create(**kwargs, seed=seed, parallel_tool_calls=parallel).choices[0]
-                assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
-                assert len(choice.message.tool_calls) == 1 or parallel
+                # (parallel calls may go on until max_tokens: the complete ones are kept, and the reason is length)
+                assert choice.finish_reason in ("tool_calls", "length" if parallel else "tool_calls"), choice
+                assert choice.message.content is None and (len(choice.message.tool_calls) == 1 or parallel)
                 for call in choice.message.tool_calls:
                     if call.function.name == "get_weather":
                         _check_weather(call.function.arguments)
@@ -301,6 +302,42 @@ def test_the_structural_tag_of_each_format_takes_the_calls_its_parser_reads(setu
     assert xgrammar.GrammarMatcher(grammar).accept_string("<think>which tool?</think>" + good)  # free text is free
 
 
+@pytest.mark.parametrize(("parser_name", "call"), [
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "oslo", "unit": "c"}}\n</tool_call>'),
+    ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\noslo\n</parameter>\n<parameter=unit>\nc\n"
+     "</parameter>\n</function>\n</tool_call>"),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "oslo", "unit": "c"}}'),
+])
+def test_the_forced_tags_of_each_format_take_calls_and_nothing_else(setup_engine, parser_name, call):
+    """tool_choice required: one call or more (joined by the format's separator only with parallel_tool_calls), no
+    text around them; a named function: one call to it. What the tag takes, the parser reads back."""
+    import xgrammar
+
+    from server.api.protocol import ChatCompletionRequest
+    from server.api.tool_parsers import PARSERS
+    from server.api.tools import forced_tool_grammar
+
+    parser = PARSERS[parser_name]
+    two = call + parser.call_separator + call
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
+    assert parser.parse(call, schemas) == (None, [("get_weather", {"city": "oslo", "unit": "c"})])
+    assert parser.parse(two, schemas) == (None, [("get_weather", {"city": "oslo", "unit": "c"})] * 2)
+
+    def takes(mode: str, parallel: bool, text: str) -> bool:
+        body = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, "tools": [WEATHER, TIME],
+                                                     "parallel_tool_calls": parallel})
+        grammar = setup_engine.compile_grammar(forced_tool_grammar(body, parser, mode))
+        matcher = xgrammar.GrammarMatcher(grammar)
+        return matcher.accept_string(text) and matcher.is_completed() if text else matcher.is_completed()
+
+    for parallel in (False, True):
+        assert takes("required", parallel, call) and takes("get_weather", parallel, call)
+        assert takes("required", parallel, two) == parallel
+        assert not takes("get_weather", parallel, two) and not takes("get_time", parallel, call)
+        for other in ("", "Sure." + call, call + " done"):
+            assert not takes("required", parallel, other) and not takes("get_weather", parallel, other)
+
+
 @pytest.fixture(scope="module")
 def setup_engine(tiny_llama):
     from server.engine.config import EngineConfig
@@ -317,3 +354,52 @@ def test_an_unknown_parser_fails_at_start_up(tiny_llama, library_dir):
     engine = Engine(EngineConfig(model=tiny_llama, num_kv_blocks=8, tool_call_parser="llama9"))
     with pytest.raises(ValueError, match="tool_call_parser must be one of hermes"):
         create_app(engine)
+
+
+def test_required_and_named_calls_are_generated_in_the_parsers_own_format(tiny_checkpoints):
+    """With a parser whose format has a structural tag (hermes here), required and named tool choices are written
+    as the model's own calls (`<tool_call>` blocks), nothing else, so they read back into calls that fit the
+    schemas; streamed, the same calls come, each whole once complete; a reply cut before a call is complete is
+    text. With the tags off, the calls are JSON, as without a parser."""
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from tests.api.conftest import MAX_MODEL_LEN, serve
+
+    model = tiny_checkpoints("llama", tool_tokens=True)
+    config = dict(model=model, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN, tool_call_parser="hermes")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    with serve(Engine(EngineConfig(**config))) as served:
+        client = served.client()
+        kwargs = dict(model=served.backbone, messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=200, temperature=1.0,
+                      logprobs=True)
+        counts = set()
+        for seed in range(3):
+            for choice_of, parallel in (("required", False), ("required", True), (named, True)):
+                asked = dict(kwargs, seed=seed, tool_choice=choice_of, parallel_tool_calls=parallel)
+                choice = client.chat.completions.create(**asked).choices[0]
+                assert "".join(t.token for t in choice.logprobs.content).startswith("<tool_call>\n{"), choice
+                assert choice.message.content is None
+                assert choice.finish_reason == ("stop" if choice_of is named else "tool_calls")
+                calls = choice.message.tool_calls
+                assert len(calls) == 1 or (parallel and choice_of == "required"), calls
+                counts.add(len(calls))
+                for call in calls:
+                    if call.function.name == "get_weather":
+                        _check_weather(call.function.arguments)
+                    else:
+                        assert call.function.name == "get_time" and choice_of == "required"
+                        assert isinstance(json.loads(call.function.arguments)["utc"], bool)
+                deltas = [d for c in client.chat.completions.create(**asked, stream=True) if c.choices
+                          for d in c.choices[0].delta.tool_calls or ()]
+                assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == \
+                    [(j, c.function.name, c.function.arguments) for j, c in enumerate(calls)]
+                assert all(d.id.startswith("call_") for d in deltas)
+        assert max(counts) > 1  # (parallel calls are reachable)
+        cut = client.chat.completions.create(**dict(kwargs, max_tokens=3, tool_choice="required")).choices[0]
+        assert cut.finish_reason == "length" and cut.message.tool_calls is None
+        opening = cut.message.content[:11]
+        assert opening and "<tool_call>".startswith(opening), cut
+    with serve(Engine(EngineConfig(**config, tool_call_structural_tags=False))) as json_calls:
+        choice = json_calls.client().chat.completions.create(**kwargs, seed=0, tool_choice="required").choices[0]
+        assert choice.logprobs.content[0].token.startswith("[") and choice.finish_reason == "tool_calls"
+        assert choice.message.tool_calls[0].function.name in ("get_weather", "get_time")
