@@ -13,7 +13,7 @@
 #      p99 TPOT with 8 mixed modules vs none (needs the web stack carried as wheels, below).
 # Prepare here:  ../shared/tools/vllm_lora_peer/prepare.sh .peer   (pytest is on the GPU machine already)
 #                python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
-#                  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .wheels fastapi uvicorn pydantic \
+#                  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .wheels fastapi uvicorn uvloop httptools pydantic \
 #                  xgrammar apache-tvm-ffi
 #                (the web stack the GPU machine lacks, for the online stage, and xgrammar for the structured-output
 #                tests of stage `tests`, which skip without it)

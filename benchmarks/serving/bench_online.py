@@ -5,8 +5,10 @@
 
 One process holds everything: a backbone with random weights built in memory (as bench_engine does; no
 download), 8 random rank-16 modules on all seven projections, Tessera's engine behind its real HTTP app
-on uvicorn at 127.0.0.1 (`server.api.background`), and `tessera bench`'s load generator
-(`benchmarks.serving.runner`) streaming completions at it, every request forced to its full length:
+on uvicorn at 127.0.0.1 (`server.api.background`); `tessera bench`'s load generator
+(`benchmarks.serving.runner`) streams completions at it from a process of its own (a client in the server's
+process would share its interpreter lock, and its per-token work would slow the server it measures), every
+request forced to its full length:
 
     capacity    a fixed-concurrency run without modules: completed requests per second
     none        Poisson arrivals at --load x capacity, no modules
@@ -14,15 +16,22 @@ on uvicorn at 127.0.0.1 (`server.api.background`), and `tessera bench`'s load ge
                 one of the 8 modules (uniform, a random gate): every batch mixes modules
 
 It prints a table and writes JSON (`--out`): each run's summary (TTFT, TPOT, ITL, end-to-end latency,
-throughput) and the ratio of the two runs' p99 TPOT.
+throughput), the ratio of the two runs' p99 TPOT, and the server's CPU time per generated token on its HTTP
+thread (the event loop: requests, SSE chunks) and on its engine thread (Linux only). The two share one
+interpreter lock, so when their sum per step nears the device's step time the host, not the device, bounds
+throughput.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
+import multiprocessing
+import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -102,6 +111,28 @@ def _config(args: argparse.Namespace, url: str, model: str, **load) -> BenchConf
                        output_len=str(args.output_len), ignore_eos=True, progress=False, **load)
 
 
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of each live Python thread of this process, by thread name (Linux's
+    /proc; empty elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    seconds = {}
+    for thread in threading.enumerate():
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds[thread.name] = seconds.get(thread.name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
+def _server_cpu(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float | None]:
+    """Microseconds of CPU per generated token on the server's HTTP and engine threads between two readings."""
+    per_token = lambda name: (1e6 * (after[name] - before.get(name, 0.0)) / tokens  # noqa: E731
+                              if name in after and tokens else None)
+    return {"http_us_per_token": per_token("tessera-http"), "engine_us_per_token": per_token("tessera-engine")}
+
+
 def _summary(document: dict) -> dict:
     run = document["runs"][0]
     return {"rate": run["rate"], "concurrency": run["concurrency"], **run["summary"],
@@ -110,10 +141,11 @@ def _summary(document: dict) -> dict:
 
 def _row(name: str, s: dict) -> str:
     ms = lambda v: "   n/a" if v is None else f"{1e3 * v:6.1f}"  # noqa: E731
+    us = lambda v: "   n/a" if v is None else f"{v:6.1f}"  # noqa: E731
     rate = "   -" if s["rate"] is None else f"{s['rate']:4.1f}"
     return (f"{name:<9} {rate} {s['request_throughput']:6.2f} {s['output_throughput']:8.0f} "
             f"{ms(s['ttft']['p50'])} {ms(s['ttft']['p99'])} {ms(s['tpot']['p50'])} {ms(s['tpot']['p99'])} "
-            f"{s['num_failed']:5d}")
+            f"{s['num_failed']:5d} {us(s['http_us_per_token'])} {us(s['engine_us_per_token'])}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,13 +157,20 @@ def main(argv: list[str] | None = None) -> dict:
     document = {"benchmark": "online", "config": vars(args), "device": device, "torch": torch.__version__,
                 "git": git_state(REPO), "num_modules": NUM_MODULES, "module_rank": MODULE_RANK,
                 "setup_seconds": time.perf_counter() - started}
-    with serve_in_background(engine) as url:
-        capacity = _summary(benchmark(_config(args, url, engine.model_name, concurrency=args.concurrency)))
+    client = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    with client, serve_in_background(engine) as url:
+
+        def measure(**load) -> dict:
+            before = thread_cpu_seconds()
+            summary = _summary(client.submit(benchmark, _config(args, url, engine.model_name, **load)).result())
+            return summary | _server_cpu(before, thread_cpu_seconds(), summary["output_tokens"])
+
+        capacity = measure(concurrency=args.concurrency)
         rate = args.load * capacity["request_throughput"]
         if not rate > 0:
             raise SystemExit(f"the capacity run completed no request: {capacity['failures']}")
-        none = _summary(benchmark(_config(args, url, engine.model_name, rate=(rate,))))
-        mixed = _summary(benchmark(_config(args, url, engine.model_name, rate=(rate,), modules_k=1)))
+        none = measure(rate=(rate,))
+        mixed = measure(rate=(rate,), modules_k=1)
     p99 = (none["tpot"]["p99"], mixed["tpot"]["p99"])
     document["runs"] = {"capacity": capacity, "none": none, "modules": mixed}
     document["p99_tpot_ratio"] = p99[1] / p99[0] if None not in p99 and p99[0] > 0 else None
@@ -140,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(Path(args.out), document)
     print(f"{args.config} on {device}, {args.dtype}: prompts {args.input_len} words, {args.output_len} new tokens")
     print(f"{'run':<9} {'rate':>4} {'req/s':>6} {'tok/s':>8} {'TTFT50':>6} {'TTFT99':>6} {'TPOT50':>6} {'TPOT99':>6}"
-          f" {'fails':>5}   (latencies in ms)")
+          f" {'fails':>5} {'http':>6} {'engine':>6}   (latencies in ms; server CPU in us per token)")
     for name in ("capacity", "none", "modules"):
         print(_row(name, document["runs"][name]))
     ratio = document["p99_tpot_ratio"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -103,6 +104,19 @@ class Call:
         return body
 
 
+def _checked(item: RequestOutput | Exception) -> RequestOutput:
+    """An increment, or the API error a choice's failure is."""
+    if isinstance(item, (UnknownModuleError, CompositionError)):  # refused by the engine at admission
+        raise from_router(item, "model")
+    if isinstance(item, NoDrawableTokenError):  # the request's own parameters conflict
+        raise APIError(400, str(item), None, "no_drawable_token")
+    if isinstance(item, EngineDeadError):
+        raise APIError(503, str(item), None, "engine_dead")
+    if isinstance(item, Exception):
+        raise APIError(500, f"generation failed: {item}", None, "internal_error")
+    return item
+
+
 class Runner:
     """Drives the engine for API calls and records metrics."""
 
@@ -113,7 +127,8 @@ class Runner:
         self.log_requests = log_requests
         """Log one line per finished request (`--enable-log-requests`): id, composition, tokens, latencies."""
 
-    async def _choice(self, call: Call, index: int, sink: asyncio.Queue) -> None:
+    async def _choice(self, call: Call, index: int) -> AsyncIterator[RequestOutput | Exception]:
+        """Choice `index`'s increments, then the error that ended it, if any; its metrics when it ends."""
         request = Request(f"{call.call_id}-{index}", call.prompts[index], call.params[index], call.composition,
                           grammar=call.grammar, grammar_after=call.grammar_after, priority=call.priority,
                           cache_salt=call.cache_salt, prediction=call.prediction or ())
@@ -121,44 +136,48 @@ class Runner:
         timing.num_prompt_tokens = len(call.prompts[index])
         status = "abort"
         try:
-            async for output in self.engine.generate(request):
-                if output.token_ids and timing.first_token is None:
-                    timing.first_token = time.monotonic()
-                timing.num_output_tokens = output.num_output_tokens
-                await sink.put((index, output))
-                if output.finished:
-                    status = output.finish_reason or "stop"
+            async with contextlib.aclosing(self.engine.generate(request)) as increments:
+                async for output in increments:
+                    if output.token_ids and timing.first_token is None:
+                        timing.first_token = time.monotonic()
+                    timing.num_output_tokens = output.num_output_tokens
+                    if output.finished:
+                        status = output.finish_reason or "stop"
+                    yield output
         except NoDrawableTokenError as error:  # the client's to fix: no stack trace
             logger.info("request %s failed: %s", request.request_id, error)
             status = "error"
-            await sink.put((index, error))
-        except Exception as error:  # noqa: BLE001 - reported to the client through the sink
+            yield error
+        except Exception as error:  # noqa: BLE001 - reported to the client through the stream
             logger.exception("request %s failed", request.request_id)
             status = "error"
-            await sink.put((index, error))
+            yield error
         finally:
             timing.end = time.monotonic()
             self.metrics.observe_request(task_label(call.composition), status, timing, call.composition.module_ids)
             if self.log_requests:
                 _log_request(call, request, status, timing)
 
+    async def _feed(self, call: Call, index: int, sink: asyncio.Queue) -> None:
+        async with contextlib.aclosing(self._choice(call, index)) as choice:
+            async for item in choice:
+                await sink.put((index, item))
+
     async def outputs(self, call: Call) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Every choice's increments as they come; leaving early aborts every choice."""
+        """Every choice's increments as they come; leaving early aborts every choice. One choice is read in the
+        caller's task; several each have a task of their own, merged through a queue."""
+        if len(call.prompts) == 1:
+            async with contextlib.aclosing(self._choice(call, 0)) as choice:
+                async for item in choice:
+                    yield 0, _checked(item)
+            return
         sink: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._choice(call, i, sink)) for i in range(len(call.prompts))]
+        tasks = [asyncio.create_task(self._feed(call, i, sink)) for i in range(len(call.prompts))]
         remaining = len(tasks)
         try:
             while remaining:
                 index, item = await sink.get()
-                if isinstance(item, (UnknownModuleError, CompositionError)):  # refused by the engine at admission
-                    raise from_router(item, "model")
-                if isinstance(item, NoDrawableTokenError):  # the request's own parameters conflict
-                    raise APIError(400, str(item), None, "no_drawable_token")
-                if isinstance(item, EngineDeadError):
-                    raise APIError(503, str(item), None, "engine_dead")
-                if isinstance(item, Exception):
-                    raise APIError(500, f"generation failed: {item}", None, "internal_error")
-                if item.finished:
+                if _checked(item).finished:
                     remaining -= 1
                 yield index, item
         finally:

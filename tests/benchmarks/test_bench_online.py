@@ -1,5 +1,5 @@
 """benchmarks/serving/bench_online.py end to end on the CPU: a tiny random model behind the real HTTP app,
-three load runs through `tessera bench`'s generator, and numbers that add up."""
+three load runs through `tessera bench`'s generator (in a process of its own), and numbers that add up."""
 
 import json
 
@@ -17,6 +17,8 @@ def test_three_runs_through_the_http_stack_and_the_ratio(tmp_path):
     for name in ("capacity", "none", "modules"):
         assert runs[name]["num_succeeded"] == 12 and runs[name]["num_failed"] == 0
         assert runs[name]["output_tokens"] == 12 * 6  # ignore_eos: every request runs to its length
+        # the server's threads did the serving (the client ran in a process of its own, so it is not counted)
+        assert runs[name]["engine_us_per_token"] > 0 and runs[name]["http_us_per_token"] >= 0
     assert runs["capacity"]["concurrency"] == 4 and runs["capacity"]["rate"] is None
     rate = runs["none"]["rate"]
     assert rate == pytest.approx(0.8 * runs["capacity"]["request_throughput"]) and runs["modules"]["rate"] == rate
