@@ -64,16 +64,48 @@ def structural_tag(text: str):
     if not isinstance(tag, dict):
         raise ValueError("invalid structural tag: expected a JSON object")
     if "structures" not in tag:
-        return tag
+        return _tag_schemas_as_patterns(tag)
     structures, triggers = tag["structures"], tag.get("triggers")
     if not isinstance(structures, list) or not isinstance(triggers, list) or not triggers:
         raise ValueError("invalid structural tag: structures and triggers must be lists, with at least one trigger")
     try:
-        items = [xgrammar.StructuralTagItem(begin=s["begin"], schema=_any_if_true(s.get("schema", {})), end=s["end"])
+        items = [xgrammar.StructuralTagItem(begin=s["begin"], end=s["end"],
+                                            schema=bounded_strings_as_patterns(_any_if_true(s.get("schema", {}))))
                  for s in structures]
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"invalid structural tag: each structure needs begin, end and a schema ({error})") from None
     return xgrammar.StructuralTag.from_legacy_structural_tag(items, triggers)
+
+
+def bounded_strings_as_patterns(schema):
+    """`schema` with each string bounded by minLength / maxLength (and no pattern, format, enum or const of its own)
+    bounded by a pattern instead: `{"type": "string", "maxLength": 6}` becomes `{"type": "string", "pattern":
+    "^.{0,6}$"}`, the same strings. xgrammar 0.2 (its issue #800) compiles a length bound into a character class
+    that admits raw control characters, so such a string could come out as invalid JSON; a pattern goes through
+    its JSON-aware regex, which cannot. (Escape sequences are out of reach inside the bound either way.)"""
+    if isinstance(schema, list):
+        return [bounded_strings_as_patterns(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: bounded_strings_as_patterns(value) for key, value in schema.items()}
+    low, high = out.get("minLength"), out.get("maxLength")
+    bounds = [bound for bound in (low, high) if bound is not None]
+    if (out.get("type") == "string" and not {"pattern", "format", "enum", "const"} & out.keys() and bounds
+            and all(type(bound) is int for bound in bounds)):  # (a bool is not a bound)
+        out.pop("minLength", None)
+        out.pop("maxLength", None)
+        out["pattern"] = f"^.{{{low or 0},{'' if high is None else high}}}$"
+    return out
+
+
+def _tag_schemas_as_patterns(tag):
+    """A structural tag (its JSON) with `bounded_strings_as_patterns` applied to every `json_schema` in it."""
+    if isinstance(tag, list):
+        return [_tag_schemas_as_patterns(item) for item in tag]
+    if not isinstance(tag, dict):
+        return tag
+    return {key: bounded_strings_as_patterns(value) if key == "json_schema" else _tag_schemas_as_patterns(value)
+            for key, value in tag.items()}
 
 
 def _any_if_true(schema):
@@ -141,7 +173,7 @@ class GrammarCompiler:
             if spec.kind == "json_object":
                 return compiler.compile_builtin_json_grammar()
             if spec.kind == "json_schema":
-                return compiler.compile_json_schema(spec.value, any_whitespace=False)
+                return compiler.compile_json_schema(_schema_as_patterns(spec.value), any_whitespace=False)
             if spec.kind == "regex":
                 return compiler.compile_regex(spec.value)
             if spec.kind == "choice":
@@ -153,6 +185,16 @@ class GrammarCompiler:
             raise
         except Exception as error:  # noqa: BLE001 - xgrammar reports bad input as RuntimeError and others
             raise ValueError(f"invalid {spec.kind.replace('_', ' ')}: {error}") from None
+
+
+def _schema_as_patterns(text: str) -> str:
+    """A JSON schema's text through `bounded_strings_as_patterns` (text that is not JSON as it is, for xgrammar to
+    report)."""
+    try:
+        schema = json.loads(text)
+    except ValueError:
+        return text
+    return json.dumps(bounded_strings_as_patterns(schema))
 
 
 def new_matcher(compiled, start_after: int | None = None):

@@ -174,6 +174,33 @@ def test_a_structure_without_a_schema_takes_any_json(setup, schema):
     assert xgrammar.GrammarMatcher(grammar).accept_string('text <f>[1, "a"]</f> more')
 
 
+def test_a_string_bounded_by_length_never_takes_a_raw_control_character(setup):
+    """xgrammar 0.2 compiles minLength / maxLength into a character class that lets raw control characters into
+    the string (invalid JSON); bounded by a pattern instead (`bounded_strings_as_patterns`), such a string keeps
+    its bounds and takes only what JSON allows unescaped: in a JSON schema and in both forms of structural tag."""
+    import xgrammar
+
+    schema = {"type": "object", "properties": {"t": {"type": "string", "minLength": 2, "maxLength": 4}},
+              "required": ["t"], "additionalProperties": False}
+    new_form = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<f"], "tags": [
+        {"type": "tag", "begin": "<f>", "content": {"type": "json_schema", "json_schema": schema}, "end": "</f>"}]}}
+    legacy = {"structures": [{"begin": "<f>", "schema": schema, "end": "</f>"}], "triggers": ["<f"]}
+    engine = _engine(setup)
+    for spec, wrap in ((GrammarSpec("json_schema", json.dumps(schema)), "{}"),
+                       (GrammarSpec("structural_tag", json.dumps(new_form)), "say <f>{}</f>"),
+                       (GrammarSpec("structural_tag", json.dumps(legacy)), "say <f>{}</f>")):
+        grammar = engine.compile_grammar(spec)
+
+        def takes(value: str) -> bool:
+            matcher = xgrammar.GrammarMatcher(grammar)
+            return matcher.accept_string(wrap.replace("{}", '{"t": "' + value + '"}')) and matcher.is_completed()
+
+        assert takes("ab") and takes("a b!") and takes("é€x")
+        assert not takes("a") and not takes("abcde")  # the bounds hold
+        for control in ("\x15", "\t", "\x00", "\x1f"):
+            assert not takes("a" + control + "b"), repr(control)
+
+
 def test_a_grammar_cut_by_max_tokens_ends_by_length(setup):
     engine = _engine(setup)
     grammar = engine.compile_grammar(GrammarSpec("regex", r"[a-z]{30}"))
