@@ -278,6 +278,8 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
     tag_parser = native if forced else (
         configured if tagged and engine.config.tool_call_structural_tags and (not thinks or after_reasoning) else None)
     grammar = await _grammar(engine, body, tool_mode, tag_parser)  # (no tag that would bind the reasoning too)
+    held = (parser is not None and parser is tag_parser and parser.structural_format is not None
+            and translate.grammar_spec(body) is None)  # the reply is under the parser's tag
     grammar_after = None
     if thinks and grammar is not None:
         grammar_after = after_reasoning  # the grammar shapes the answer only
@@ -287,7 +289,8 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
         kind, body.model, prompts, params, composition, body.n, include_usage, grammar, echo_texts, tool_mode,
         prompt_logprobs=body.prompt_logprobs is not None,
         tool_schemas={t.function.name: t.function.parameters or {} for t in getattr(body, "tools", None) or ()},
-        tool_parser=parser, reasoning=reasoning, reasoning_start=reasoning_start, grammar_after=grammar_after,
+        tool_parser=parser, calls_held=held, reasoning=reasoning, reasoning_start=reasoning_start,
+        grammar_after=grammar_after,
         priority=_priority(engine, body),
         reasoning_close=_single_token(engine.tokenizer, reasoning.CLOSE) if reasoning is not None else None,
         tokens_as_ids=body.return_tokens_as_token_ids,

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
 from server.api.serving import Call, Runner, predicted, reasoning_tokens, sse, total_reasoning_tokens, usage
-from server.api.tools import RequiredCallsReader, auto_calls, new_call_id, tool_calls
+from server.api.tools import JsonCallsReader, auto_calls, new_call_id, tool_call_entry, tool_calls
 
 
 def tessera_field(call: Call) -> dict:
@@ -93,7 +93,9 @@ def _message(call: Call, text: str, reason: str | None) -> tuple[dict, str | Non
     """A chat choice's message and finish reason from its content: its text, or the tool calls it made
     (`api.tools`)."""
     if call.tool_parser is not None:  # auto, or a forced choice in the parser's format
-        content, calls = auto_calls(call.tool_parser, text, call.tool_schemas)
+        reader = _held_reader(call)
+        content, calls = (_held_calls(call.tool_parser, reader, text) if reader is not None
+                          else auto_calls(call.tool_parser, text, call.tool_schemas))
         if calls is None:
             return {"role": "assistant", "content": text}, reason
         return {"role": "assistant", "content": content, "tool_calls": calls}, _calls_reason(call, reason)
@@ -102,6 +104,23 @@ def _message(call: Call, text: str, reason: str | None) -> tuple[dict, str | Non
         return {"role": "assistant", "content": text}, reason
     return {"role": "assistant", "content": None, "tool_calls": calls}, \
         "tool_calls" if call.tool_mode == "required" else reason
+
+
+def _held_reader(call: Call) -> JsonCallsReader | None:
+    """A reader of the calls of a reply held to a format of JSON calls by its tag (`Call.calls_held`), or None."""
+    keys = call.tool_parser.call_keys if call.tool_parser is not None and call.calls_held else None
+    return JsonCallsReader(keys, array=False) if keys else None
+
+
+def _held_calls(parser, reader: JsonCallsReader, text: str) -> tuple[str | None, list[dict] | None]:
+    """(content, calls) of a whole reply held to `parser`'s JSON calls: each complete call with its arguments as
+    generated (what its stream sent); (text, None) when it makes none."""
+    start = parser.calls_start(text)
+    found = [(name, arguments) for name, arguments, done in reader.feed(text[start:]) if done] \
+        if start is not None else []
+    if not found:
+        return text, None
+    return text[:start].strip() or None, [tool_call_entry(name, arguments) for name, arguments in found]
 
 
 def _calls_reason(call: Call, reason: str | None) -> str | None:
@@ -180,8 +199,10 @@ class _ChatChoice:
         """A forced choice in the parser's format: the calls streamed."""
         self.arguments_sent: list[int] = []
         """tool_choice required: per call announced, the characters of its arguments streamed."""
-        self.reader = RequiredCallsReader()
-        """tool_choice required: the calls read out of the content so far."""
+        self.reader = _held_reader(call) or JsonCallsReader()
+        """tool_choice required as JSON, or a reply held to a format of JSON calls: the calls read so far."""
+        self.calls_at: int | None = None
+        """A reply held to a format of JSON calls: where in its content the calls begin, once known."""
         self.echo = call.echo_texts[index] if call.echo_texts is not None else ""
         self.token_ids: list[int] = []
         self.reasoning = ""
@@ -203,7 +224,9 @@ class _ChatChoice:
         if call.tool_mode is None:
             return self._text_chunks(output, thought, new)
         chunks = [self._delta(_reasoning(thought))] if thought else []
-        if call.tool_mode == "auto":  # content streams until a call may begin; calls come at the end
+        if not self.reader.array:  # held to JSON calls: content until the calls begin, then each call as it comes
+            chunks += self._held_chunks(content, output)
+        elif call.tool_mode == "auto":  # content streams until a call may begin; calls come at the end
             ready = call.tool_parser.streamable(content)
             if len(ready) > self.sent and not output.finished:
                 chunks.append(self._delta({"content": ready[self.sent:]}))
@@ -236,7 +259,9 @@ class _ChatChoice:
         last["tessera"] = tessera_field(call)
         return chunks + [last]
 
-    def _required_chunks(self, new: str, content: str, output) -> list[dict]:
+    def _call_deltas(self, new: str) -> list[dict]:
+        """Feed `new` text to the reader: each call's id and name once its name is complete, then its arguments
+        as they come."""
         chunks = []
         for j, (name, arguments, _) in enumerate(self.reader.feed(new)):
             if name is None:
@@ -249,6 +274,29 @@ class _ChatChoice:
                 piece = arguments[self.arguments_sent[j]:]
                 chunks.append(self._delta({"tool_calls": [{"index": j, "function": {"arguments": piece}}]}))
                 self.arguments_sent[j] = len(arguments)
+        return chunks
+
+    def _held_chunks(self, content: str, output) -> list[dict]:
+        call, parser, chunks = self.call, self.call.tool_parser, []
+        if self.calls_at is None:
+            self.calls_at = parser.calls_start(content)
+            ready = parser.streamable(content) if self.calls_at is None else content[: self.calls_at]
+            if len(ready) > self.sent and (self.calls_at is not None or not output.finished):
+                chunks.append(self._delta({"content": ready[self.sent:]}))
+                self.sent = len(ready)
+        if self.calls_at is not None:
+            chunks += self._call_deltas(content[self.calls_at + len(self.reader.text):])
+        if not output.finished:
+            return chunks
+        if not self.arguments_sent:  # no call began: the rest is text
+            return chunks + [_tool_chunk(call, self.index, content, output.finish_reason, self.sent)]
+        last = self._delta({})
+        last["choices"][0]["finish_reason"] = _calls_reason(call, output.finish_reason)
+        last["tessera"] = tessera_field(call)
+        return chunks + [last]
+
+    def _required_chunks(self, new: str, content: str, output) -> list[dict]:
+        chunks = self._call_deltas(new)
         if not output.finished:
             return chunks
         if not self.arguments_sent:  # nothing announced (a reply cut before any name): sent whole, as text

@@ -50,6 +50,10 @@ class Call:
     tool_parser: object | None = None
     """The `tool_parsers.ToolParser` that reads the calls out of the reply: with tool_mode `auto`, and with a forced
     tool_mode whose calls are generated in the parser's format (`tools.forced_tool_grammar`)."""
+    calls_held: bool = False
+    """With `tool_parser`: the reply is generated under the parser's structural tag, so each call it starts follows
+    the format (complete unless max_tokens cuts it), and a format of JSON calls streams their arguments as they
+    come (`ToolParser.call_keys`)."""
     reasoning: object | None = None
     """A chat call's `reasoning.ReasoningParser`, which splits each reply into reasoning and content; or None."""
     reasoning_start: str | None = None

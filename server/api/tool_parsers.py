@@ -42,6 +42,10 @@ class ToolParser:
     under it, each call held to the format and its tool's schema; None: calls are read from free text only."""
     call_separator: ClassVar[str] = "\n"
     """What goes between two calls of a reply the structural tag makes all calls (tool_choice required)."""
+    call_keys: ClassVar[tuple[str, ...] | None] = None
+    """Where each call is a JSON object `{"name": ..., KEY: {...}}` (after the format's markers): the keys its
+    arguments may sit under, so a call held to the format by its structural tag streams its arguments as they
+    are generated (`tools.JsonCallsReader`, `calls_start`); None where calls are read whole."""
     call_opening: ClassVar[str | None] = None
     """The text that opens a call and nothing else (a marker): with tool_choice none it is kept out of the reply
     (`tools.no_call_grammar`); None where a call opens with text a plain reply may hold too."""
@@ -53,6 +57,11 @@ class ToolParser:
 
     def streamable(self, text: str) -> str:
         """The part of a reply so far that is content whatever comes next (streamed before the reply ends)."""
+        raise NotImplementedError
+
+    def calls_start(self, text: str) -> int | None:
+        """With `call_keys`: where a reply's calls begin once that is certain (everything before is content), or
+        None while it is not (or never is: the reply is text)."""
         raise NotImplementedError
 
 
@@ -90,6 +99,12 @@ class Hermes(ToolParser):
     def streamable(self, text: str) -> str:
         return before_marker(text, self.OPEN)
 
+    call_keys = ("arguments",)
+
+    def calls_start(self, text: str) -> int | None:
+        start = text.find(self.OPEN)
+        return start if start >= 0 else None
+
 
 class Llama3Json(ToolParser):
     name = "llama3_json"
@@ -124,6 +139,12 @@ class Llama3Json(ToolParser):
         if not body or body.startswith("{") or self.PYTHON_TAG.startswith(body[: len(self.PYTHON_TAG)]):
             return ""  # a call may be coming: the whole reply is decided at its end
         return text
+
+    call_keys = ("parameters", "arguments")
+
+    def calls_start(self, text: str) -> int | None:
+        body = text.lstrip()
+        return len(text) - len(body) if body.startswith(("{", self.PYTHON_TAG)) else None
 
 
 class Mistral(ToolParser):

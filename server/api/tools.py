@@ -156,7 +156,7 @@ def auto_calls(parser: ToolParser, text: str, tools: dict[str, dict]) -> tuple[s
     content, found = parsed
     if any(name not in tools or not isinstance(arguments, dict) for name, arguments in found):
         return text, None
-    return content, [_call(name, json.dumps(arguments)) for name, arguments in found]
+    return content, [tool_call_entry(name, json.dumps(arguments)) for name, arguments in found]
 
 
 def tool_calls(mode: str, text: str, finished: bool) -> list[dict] | None:
@@ -165,30 +165,35 @@ def tool_calls(mode: str, text: str, finished: bool) -> list[dict] | None:
     its stream sent); None when a `required` reply is cut short and does not parse (the text is then
     returned as content)."""
     if mode != "required":
-        return [_call(mode, text)]
+        return [tool_call_entry(mode, text)]
     try:
         items = json.loads(text) if finished else None
     except ValueError:
         items = None
     if not isinstance(items, list):
         return None
-    return [_call(name, arguments) for name, arguments, _ in required_calls_so_far(text)]
+    return [tool_call_entry(name, arguments) for name, arguments, _ in required_calls_so_far(text)]
 
 
 _SPACE = " \t\n\r"
 
 
-class RequiredCallsReader:
-    """Reads the calls of a `required` reply as its text grows, each character once (a stream rescanning the
-    whole reply at every increment would cost quadratic time in a long call's arguments).
+class JsonCallsReader:
+    """Reads calls written as JSON objects `{"name": ..., KEY: {...}}` as their text grows, each character once (a
+    stream rescanning the whole reply at every increment would cost quadratic time in a long call's arguments).
 
-    The reply follows `tool_grammar`'s array of `{"name": ..., "parameters": {...}}` objects, so only its end
-    can be cut; a call's arguments are the `parameters` value's text as generated."""
+    `array`: the text is `tool_grammar`'s array of `{"name": ..., "parameters": {...}}` objects (tool_choice
+    required as JSON); else it is a sequence of such objects with anything but `{` between them (a call format's
+    markers and separators: hermes' `<tool_call>` blocks, llama3_json's `;`), read from where the calls begin.
+    The text follows a grammar that holds it to that shape, so only its end can be cut. A call's arguments are
+    the text of its value under one of `keys`, as generated."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: tuple[str, ...] = ("parameters",), array: bool = True) -> None:
+        self.keys = keys
+        self.array = array
         self.text = ""
         self._at = 0
-        self._state = "start"
+        self._state = "start" if array else "items"
         self._calls: list[list] = []
         """[name or None, index of the arguments' start or None, index of their end or None, complete]."""
         self._key = ""
@@ -216,7 +221,7 @@ class RequiredCallsReader:
             if char == "{":
                 self._calls.append([None, None, None, False])
                 self._state = "members"
-            elif char != ",":
+            elif char != "," and self.array:
                 self._state = "stop"
         elif state == "members":
             if char == "}":
@@ -235,7 +240,7 @@ class RequiredCallsReader:
         elif state == "value":
             self._value_start, self._in_string, self._escaped = self._at, char == '"', False
             self._depth = 1 if char in "{[" else 0
-            if self._key == "parameters":
+            if self._key in self.keys:
                 self._calls[-1][1] = self._at
             self._state = "string" if char == '"' else "compound" if self._depth else "literal"
             return char != "" and self._state != "literal"
@@ -271,7 +276,7 @@ class RequiredCallsReader:
 
     def _end_value(self, end: int) -> None:
         call = self._calls[-1]
-        if self._key == "parameters":
+        if self._key in self.keys:
             call[2] = end
         elif self._key == "name":
             call[0] = json.loads(self.text[self._value_start : end])
@@ -280,14 +285,14 @@ class RequiredCallsReader:
 
 def required_calls_so_far(text: str) -> list[tuple[str | None, str, bool]]:
     """(name or None while unknown, arguments text so far, whether the call is complete) of each call a
-    `required` reply has begun (`RequiredCallsReader` on the whole text)."""
-    return RequiredCallsReader().feed(text)
+    `required` reply has begun (`JsonCallsReader` on the whole text)."""
+    return JsonCallsReader().feed(text)
 
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _call(name: str, arguments: str) -> dict:
+def tool_call_entry(name: str, arguments: str) -> dict:
     return {"id": new_call_id(), "type": "function",
             "function": {"name": name, "arguments": arguments}}

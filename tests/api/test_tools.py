@@ -102,11 +102,11 @@ def test_required_calls_are_read_while_they_are_generated():
         [(None, "", False)]
     import random
 
-    from server.api.tools import RequiredCallsReader
+    from server.api.tools import JsonCallsReader
 
     rng = random.Random(0)
     for _ in range(20):  # fed in pieces, the reader says at every piece what a fresh read of the text says
-        reader, end = RequiredCallsReader(), 0
+        reader, end = JsonCallsReader(), 0
         while end < len(text):
             step = rng.randint(1, 9)
             assert reader.feed(text[end : end + step]) == required_calls_so_far(text[: end + step])
@@ -237,6 +237,17 @@ def test_auto_holds_each_call_the_model_starts_to_the_format_and_its_tools_schem
                         assert isinstance(json.loads(call.function.arguments)["utc"], bool)
                     names.append(call.function.name)
         assert set(names) == {"get_weather", "get_time"}  # (each tool is reachable)
+        one = dict(kwargs, seed=1, parallel_tool_calls=False)  # streamed: the same call, its arguments in pieces
+        whole = client.chat.completions.create(**one).choices[0]
+        chunks = list(client.chat.completions.create(**one, stream=True))
+        streamed = {}
+        for d in (d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()):
+            name, arguments = streamed.get(d.index, (d.function.name, ""))
+            streamed[d.index] = (name, arguments + d.function.arguments)
+        assert [streamed[j] for j in sorted(streamed)] == [(c.function.name, c.function.arguments)
+                                                           for c in whole.message.tool_calls]
+        assert sum(bool(c.choices and c.choices[0].delta.tool_calls) for c in chunks) > 2 * len(streamed)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
         for seed in range(3):  # tool_choice none: the same bias cannot open a call, the reply is text
             choice = client.chat.completions.create(**kwargs, seed=seed, tool_choice="none").choices[0]
             assert choice.message.tool_calls is None and "<tool_call>" not in choice.message.content, choice
@@ -359,8 +370,8 @@ def test_an_unknown_parser_fails_at_start_up(tiny_llama, library_dir):
 def test_required_and_named_calls_are_generated_in_the_parsers_own_format(tiny_checkpoints):
     """With a parser whose format has a structural tag (hermes here), required and named tool choices are written
     as the model's own calls (`<tool_call>` blocks), nothing else, so they read back into calls that fit the
-    schemas; streamed, the same calls come, each whole once complete; a reply cut before a call is complete is
-    text. With the tags off, the calls are JSON, as without a parser."""
+    schemas; streamed, the same calls come, each one's arguments in pieces as they are generated; a reply cut
+    before a call is complete is text. With the tags off, the calls are JSON, as without a parser."""
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
     from tests.api.conftest import MAX_MODEL_LEN, serve
@@ -391,9 +402,18 @@ def test_required_and_named_calls_are_generated_in_the_parsers_own_format(tiny_c
                         assert isinstance(json.loads(call.function.arguments)["utc"], bool)
                 deltas = [d for c in client.chat.completions.create(**asked, stream=True) if c.choices
                           for d in c.choices[0].delta.tool_calls or ()]
-                assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == \
-                    [(j, c.function.name, c.function.arguments) for j, c in enumerate(calls)]
-                assert all(d.id.startswith("call_") for d in deltas)
+                streamed, pieces = {}, 0
+                for d in deltas:  # each call's id and name first, then its arguments in pieces as generated
+                    if d.index not in streamed:
+                        assert d.id.startswith("call_") and d.function.name and d.function.arguments == ""
+                        streamed[d.index] = (d.function.name, "")
+                    else:
+                        assert d.id is None and d.function.name is None
+                        streamed[d.index] = (streamed[d.index][0], streamed[d.index][1] + d.function.arguments)
+                        pieces += 1
+                assert [streamed[j] for j in sorted(streamed)] == [(c.function.name, c.function.arguments)
+                                                                   for c in calls]
+                assert pieces > len(calls)
         assert max(counts) > 1  # (parallel calls are reachable)
         cut = client.chat.completions.create(**dict(kwargs, max_tokens=3, tool_choice="required")).choices[0]
         assert cut.finish_reason == "length" and cut.message.tool_calls is None
