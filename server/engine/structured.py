@@ -78,8 +78,8 @@ def structural_tag(text: str):
 
 
 def bounded_strings_as_patterns(schema):
-    """`schema` with each string bounded by minLength / maxLength (and no pattern, format, enum or const of its own)
-    bounded by a pattern instead: `{"type": "string", "maxLength": 6}` becomes `{"type": "string", "pattern":
+    """`schema` with each string bounded by minLength / maxLength (and no pattern, format, enum or const of its own;
+    a schema of several types, one of them string, too) bounded by a pattern instead: `{"type": "string", "maxLength": 6}` becomes `{"type": "string", "pattern":
     "^.{0,6}$"}`, the same strings. xgrammar 0.2 (its issue #800) compiles a length bound into a character class
     that admits raw control characters, so such a string could come out as invalid JSON; a pattern goes through
     its JSON-aware regex, which cannot. (Escape sequences are out of reach inside the bound either way.)"""
@@ -90,7 +90,9 @@ def bounded_strings_as_patterns(schema):
     out = {key: bounded_strings_as_patterns(value) for key, value in schema.items()}
     low, high = out.get("minLength"), out.get("maxLength")
     bounds = [bound for bound in (low, high) if bound is not None]
-    if (out.get("type") == "string" and not {"pattern", "format", "enum", "const"} & out.keys() and bounds
+    kind = out.get("type")
+    if ((kind == "string" or isinstance(kind, list) and "string" in kind)
+            and not {"pattern", "format", "enum", "const"} & out.keys() and bounds
             and all(type(bound) is int for bound in bounds)):  # (a bool is not a bound)
         out.pop("minLength", None)
         out.pop("maxLength", None)

@@ -180,8 +180,9 @@ def test_a_string_bounded_by_length_never_takes_a_raw_control_character(setup):
     its bounds and takes only what JSON allows unescaped: in a JSON schema and in both forms of structural tag."""
     import xgrammar
 
-    schema = {"type": "object", "properties": {"t": {"type": "string", "minLength": 2, "maxLength": 4}},
-              "required": ["t"], "additionalProperties": False}
+    schema = {"type": "object", "properties": {"t": {"type": "string", "minLength": 2, "maxLength": 4},
+                                               "u": {"type": ["string", "null"], "maxLength": 4}},
+              "required": ["t", "u"], "additionalProperties": False}
     new_form = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<f"], "tags": [
         {"type": "tag", "begin": "<f>", "content": {"type": "json_schema", "json_schema": schema}, "end": "</f>"}]}}
     legacy = {"structures": [{"begin": "<f>", "schema": schema, "end": "</f>"}], "triggers": ["<f"]}
@@ -191,14 +192,16 @@ def test_a_string_bounded_by_length_never_takes_a_raw_control_character(setup):
                        (GrammarSpec("structural_tag", json.dumps(legacy)), "say <f>{}</f>")):
         grammar = engine.compile_grammar(spec)
 
-        def takes(value: str) -> bool:
+        def takes(value: str, other: str | None = None) -> bool:
             matcher = xgrammar.GrammarMatcher(grammar)
-            return matcher.accept_string(wrap.replace("{}", '{"t": "' + value + '"}')) and matcher.is_completed()
+            text = wrap.replace("{}", '{"t": "' + value + '", "u": ' + (other or '"' + value + '"') + "}")
+            return matcher.accept_string(text) and matcher.is_completed()
 
-        assert takes("ab") and takes("a b!") and takes("é€x")
+        assert takes("ab") and takes("a b!") and takes("é€x") and takes("ab", "null")
         assert not takes("a") and not takes("abcde")  # the bounds hold
         for control in ("\x15", "\t", "\x00", "\x1f"):
             assert not takes("a" + control + "b"), repr(control)
+            assert not takes("ab", '"a' + control + '"'), repr(control)
 
 
 def test_a_grammar_cut_by_max_tokens_ends_by_length(setup):
