@@ -64,49 +64,109 @@ def structural_tag(text: str):
     if not isinstance(tag, dict):
         raise ValueError("invalid structural tag: expected a JSON object")
     if "structures" not in tag:
-        return _tag_schemas_as_patterns(tag)
+        return _tag_schemas_prepared(tag)
     structures, triggers = tag["structures"], tag.get("triggers")
     if not isinstance(structures, list) or not isinstance(triggers, list) or not triggers:
         raise ValueError("invalid structural tag: structures and triggers must be lists, with at least one trigger")
+    needs = "invalid structural tag: each structure needs begin, end and a schema"
     try:
-        items = [xgrammar.StructuralTagItem(begin=s["begin"], end=s["end"],
-                                            schema=bounded_strings_as_patterns(_any_if_true(s.get("schema", {}))))
-                 for s in structures]
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"invalid structural tag: each structure needs begin, end and a schema ({error})") from None
+        given = [(s["begin"], s["end"], _any_if_true(s.get("schema", {}))) for s in structures]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{needs} ({error})") from None
+    schemas = [prepared_schema(schema) for _, _, schema in given]  # (its own ValueError says what is unsupported)
+    try:
+        items = [xgrammar.StructuralTagItem(begin=begin, end=end, schema=schema)
+                 for (begin, end, _), schema in zip(given, schemas)]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{needs} ({error})") from None
     return xgrammar.StructuralTag.from_legacy_structural_tag(items, triggers)
 
 
-def bounded_strings_as_patterns(schema):
-    """`schema` with each string bounded by minLength / maxLength (and no pattern, format, enum or const of its own;
-    a schema of several types, one of them string, too) bounded by a pattern instead: `{"type": "string", "maxLength": 6}` becomes `{"type": "string", "pattern":
-    "^.{0,6}$"}`, the same strings. xgrammar 0.2 (its issue #800) compiles a length bound into a character class
-    that admits raw control characters, so such a string could come out as invalid JSON; a pattern goes through
-    its JSON-aware regex, which cannot. (Escape sequences are out of reach inside the bound either way.)"""
-    if isinstance(schema, list):
-        return [bounded_strings_as_patterns(item) for item in schema]
+UNENFORCED = ("not", "if", "then", "else", "dependentSchemas", "dependentRequired", "contains", "minContains",
+              "maxContains")
+"""JSON schema keywords xgrammar 0.2 would ignore while generating (the output could break them): a schema with
+one is refused, not served open. (uniqueItems is ignored too, and served: pydantic writes it for every set.)"""
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+"""Keywords whose value maps names to schemas."""
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems", "propertyNames", "unevaluatedProperties",
+                  "unevaluatedItems")
+
+
+def prepared_schema(schema, path: str = "#"):
+    """A JSON schema as the grammar engine (xgrammar 0.2) is given it, so that what it generates is valid JSON that
+    the schema accepts; ValueError naming a keyword it cannot enforce (`UNENFORCED`) and where.
+
+    - A string bounded by minLength / maxLength (and no pattern, format, enum or const of its own; of several
+      types, one of them string, too) is bounded by a pattern instead: `{"type": "string", "maxLength": 6}` becomes
+      `{"type": "string", "pattern": "^.{0,6}$"}`, the same strings. xgrammar (its issue #800) compiles a length
+      bound into a character class that admits raw control characters, which would make the output invalid
+      JSON; a pattern goes through its JSON-aware regex, which cannot. (Escape sequences are out of reach inside
+      the bound either way.)
+    - An allOf of several parts, which xgrammar would treat as any value, is merged into one schema where the parts
+      agree (their `required` lists joined, their `properties` put together); parts that disagree on a keyword
+      are a ValueError."""
     if not isinstance(schema, dict):
         return schema
-    out = {key: bounded_strings_as_patterns(value) for key, value in schema.items()}
-    low, high = out.get("minLength"), out.get("maxLength")
+    for keyword in UNENFORCED:
+        if keyword in schema:
+            raise ValueError(f"unsupported json schema: {keyword!r} at {path} cannot be enforced while generating "
+                             "(the grammar engine would ignore it); drop it or express it another way")
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: prepared_schema(value, f"{path}/{key}/{name}") for name, value in out[key].items()}
+    for key in _SCHEMA_LISTS + _SCHEMA_VALUES:
+        if isinstance(out.get(key), list):
+            out[key] = [prepared_schema(value, f"{path}/{key}/{i}") for i, value in enumerate(out[key])]
+        elif key in out:
+            out[key] = prepared_schema(out[key], f"{path}/{key}")
+    if isinstance(out.get("allOf"), list) and len(out["allOf"]) > 1:
+        out = _merged_all_of(out, path)
+    return _length_as_pattern(out)
+
+
+def _merged_all_of(schema: dict, path: str) -> dict:
+    merged = {key: value for key, value in schema.items() if key != "allOf"}
+    for i, part in enumerate(schema["allOf"]):
+        if not isinstance(part, dict) or "$ref" in part:
+            raise ValueError(f"unsupported json schema: allOf at {path} has a part ({i}) that is a reference or not "
+                             "an object; only parts that can be merged into one schema are supported")
+        for key, value in part.items():
+            if key not in merged:
+                merged[key] = value
+            elif key == "required" and isinstance(value, list):
+                merged[key] = list(dict.fromkeys(merged[key] + value))
+            elif key == "properties" and isinstance(value, dict):
+                clash = [name for name in value if merged[key].get(name, value[name]) != value[name]]
+                if clash:
+                    raise ValueError(f"unsupported json schema: the parts of allOf at {path} give property "
+                                     f"{clash[0]!r} different schemas")
+                merged[key] = merged[key] | value
+            elif merged[key] != value:
+                raise ValueError(f"unsupported json schema: the parts of allOf at {path} disagree on {key!r}")
+    return merged
+
+
+def _length_as_pattern(schema: dict) -> dict:
+    low, high = schema.get("minLength"), schema.get("maxLength")
     bounds = [bound for bound in (low, high) if bound is not None]
-    kind = out.get("type")
+    kind = schema.get("type")
     if ((kind == "string" or isinstance(kind, list) and "string" in kind)
-            and not {"pattern", "format", "enum", "const"} & out.keys() and bounds
+            and not {"pattern", "format", "enum", "const"} & schema.keys() and bounds
             and all(type(bound) is int for bound in bounds)):  # (a bool is not a bound)
-        out.pop("minLength", None)
-        out.pop("maxLength", None)
-        out["pattern"] = f"^.{{{low or 0},{'' if high is None else high}}}$"
-    return out
+        schema = {key: value for key, value in schema.items() if key not in ("minLength", "maxLength")}
+        schema["pattern"] = f"^.{{{low or 0},{'' if high is None else high}}}$"
+    return schema
 
 
-def _tag_schemas_as_patterns(tag):
-    """A structural tag (its JSON) with `bounded_strings_as_patterns` applied to every `json_schema` in it."""
+def _tag_schemas_prepared(tag):
+    """A structural tag (its JSON) with `prepared_schema` applied to every `json_schema` in it."""
     if isinstance(tag, list):
-        return [_tag_schemas_as_patterns(item) for item in tag]
+        return [_tag_schemas_prepared(item) for item in tag]
     if not isinstance(tag, dict):
         return tag
-    return {key: bounded_strings_as_patterns(value) if key == "json_schema" else _tag_schemas_as_patterns(value)
+    return {key: prepared_schema(value) if key == "json_schema" else _tag_schemas_prepared(value)
             for key, value in tag.items()}
 
 
@@ -175,7 +235,7 @@ class GrammarCompiler:
             if spec.kind == "json_object":
                 return compiler.compile_builtin_json_grammar()
             if spec.kind == "json_schema":
-                return compiler.compile_json_schema(_schema_as_patterns(spec.value), any_whitespace=False)
+                return compiler.compile_json_schema(_schema_prepared(spec.value), any_whitespace=False)
             if spec.kind == "regex":
                 return compiler.compile_regex(spec.value)
             if spec.kind == "choice":
@@ -189,14 +249,13 @@ class GrammarCompiler:
             raise ValueError(f"invalid {spec.kind.replace('_', ' ')}: {error}") from None
 
 
-def _schema_as_patterns(text: str) -> str:
-    """A JSON schema's text through `bounded_strings_as_patterns` (text that is not JSON as it is, for xgrammar to
-    report)."""
+def _schema_prepared(text: str) -> str:
+    """A JSON schema's text through `prepared_schema` (text that is not JSON as it is, for xgrammar to report)."""
     try:
         schema = json.loads(text)
     except ValueError:
         return text
-    return json.dumps(bounded_strings_as_patterns(schema))
+    return json.dumps(prepared_schema(schema))
 
 
 def new_matcher(compiled, start_after: int | None = None):

@@ -176,7 +176,7 @@ def test_a_structure_without_a_schema_takes_any_json(setup, schema):
 
 def test_a_string_bounded_by_length_never_takes_a_raw_control_character(setup):
     """xgrammar 0.2 compiles minLength / maxLength into a character class that lets raw control characters into
-    the string (invalid JSON); bounded by a pattern instead (`bounded_strings_as_patterns`), such a string keeps
+    the string (invalid JSON); bounded by a pattern instead (`prepared_schema`), such a string keeps
     its bounds and takes only what JSON allows unescaped: in a JSON schema and in both forms of structural tag."""
     import xgrammar
 
@@ -204,6 +204,25 @@ def test_a_string_bounded_by_length_never_takes_a_raw_control_character(setup):
             assert not takes("ab", '"a' + control + '"'), repr(control)
 
 
+def test_an_all_of_is_merged_and_keywords_only_as_property_names_are_fine(setup):
+    """xgrammar would take any value for an allOf of several parts; merged, every part holds. A property named like
+    a keyword the engine cannot enforce (`not`, `if`) is only a name."""
+    import xgrammar
+
+    schema = {"allOf": [{"type": "object", "properties": {"not": {"type": "integer"}}, "required": ["not"]},
+                        {"properties": {"if": {"type": "string", "maxLength": 2}}, "required": ["if"]}],
+              "additionalProperties": False}
+    grammar = _engine(setup).compile_grammar(GrammarSpec("json_schema", json.dumps(schema)))
+
+    def takes(text: str) -> bool:
+        matcher = xgrammar.GrammarMatcher(grammar)
+        return matcher.accept_string(text) and matcher.is_completed()
+
+    assert takes('{"not": 3, "if": "ab"}')
+    assert not takes('{"not": 3}') and not takes('{"if": "ab"}') and not takes("5")  # both parts' requirements
+    assert not takes('{"not": 3, "if": "abc"}') and not takes('{"not": "x", "if": "ab"}')
+
+
 def test_a_grammar_cut_by_max_tokens_ends_by_length(setup):
     engine = _engine(setup)
     grammar = engine.compile_grammar(GrammarSpec("regex", r"[a-z]{30}"))
@@ -218,6 +237,15 @@ def test_a_grammar_cut_by_max_tokens_ends_by_length(setup):
     (GrammarSpec("grammar", "root ::= missing_rule"), "invalid grammar"),
     (GrammarSpec("choice", json.dumps([])), "non-empty list"),
     (GrammarSpec("choice", json.dumps(["a", ""])), "non-empty strings"),
+    (GrammarSpec("json_schema", json.dumps({"type": "object", "properties": {"b": {"not": {"type": "string"}}}})),
+     "unsupported json schema: 'not' at #/properties/b cannot be enforced"),
+    (GrammarSpec("json_schema", json.dumps({"type": "array", "items": {"if": {}, "then": {}}})), "'if' at #/items"),
+    (GrammarSpec("json_schema", json.dumps({"allOf": [{"type": "integer"}, {"type": "string"}]})),
+     "allOf at # disagree on 'type'"),
+    (GrammarSpec("json_schema", json.dumps({"allOf": [{"$ref": "#/$defs/a"}, {"type": "string"}],
+                                            "$defs": {"a": {"type": "string"}}})), "a reference"),
+    (GrammarSpec("structural_tag", json.dumps({"structures": [{"begin": "<f>", "end": "</f>", "schema": {
+        "type": "object", "dependentRequired": {"a": ["b"]}}}], "triggers": ["<f"]})), "'dependentRequired' at #"),
 ])
 def test_bad_constraints_are_a_value_error_naming_the_kind(setup, spec, message):
     with pytest.raises(ValueError, match=message):
