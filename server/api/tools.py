@@ -76,13 +76,13 @@ def tool_grammar(body: ChatCompletionRequest, mode: str) -> GrammarSpec:
     """The JSON schema the reply follows in `mode`."""
     schemas = {tool.function.name: tool.function.parameters or ANY_OBJECT for tool in body.tools}
     if mode != "required":
-        return GrammarSpec("json_schema", json.dumps(schemas[mode]))
+        return GrammarSpec("json_schema", json.dumps(schemas[mode]), strict=False)
     calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
               "required": ["name", "parameters"], "additionalProperties": False} for name, schema in schemas.items()]
     array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
     if not body.parallel_tool_calls:
         array["maxItems"] = 1
-    return GrammarSpec("json_schema", json.dumps(array))
+    return GrammarSpec("json_schema", json.dumps(array), strict=False)
 
 
 def auto_tool_grammar(body: ChatCompletionRequest, parser: ToolParser) -> GrammarSpec | None:
@@ -91,7 +91,8 @@ def auto_tool_grammar(body: ChatCompletionRequest, parser: ToolParser) -> Gramma
     if parser.structural_format is None:
         return None
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
-    return GrammarSpec("structural_tag", tool_call_tag(parser.structural_format, tools, body.parallel_tool_calls))
+    return GrammarSpec("structural_tag", tool_call_tag(parser.structural_format, tools, body.parallel_tool_calls),
+                       strict=False)
 
 
 def forced_tool_grammar(body: ChatCompletionRequest, parser: ToolParser, mode: str) -> GrammarSpec | None:
@@ -102,7 +103,8 @@ def forced_tool_grammar(body: ChatCompletionRequest, parser: ToolParser, mode: s
         return None
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
     return GrammarSpec("structural_tag", forced_call_tag(parser.structural_format, tools, mode,
-                                                         body.parallel_tool_calls, parser.call_separator))
+                                                         body.parallel_tool_calls, parser.call_separator),
+                       strict=False)
 
 
 def no_call_grammar(parser: ToolParser) -> GrammarSpec | None:

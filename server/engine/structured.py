@@ -43,18 +43,22 @@ class GrammarSpec:
     """json_schema: the schema as JSON text; regex: the pattern; grammar: EBNF (xgrammar's dialect, root rule
     `root`); choice: a JSON list of the strings allowed; structural_tag: a structural tag as JSON text
     (`structural_tag`); json_object: unused."""
+    strict: bool = True
+    """A JSON schema in it using a keyword the grammar cannot enforce (`UNENFORCED`) is a ValueError; False leaves
+    such keywords unenforced (the schemas of tools, which guide calls as OpenAI's non-strict functions do)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown structured output kind {self.kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def structural_tag(text: str):
+def structural_tag(text: str, strict: bool = True):
     """The xgrammar structural tag of `text`, JSON in either form vLLM takes: `{"type": "structural_tag", "format":
     {...}}` (xgrammar's formats: free text until a trigger, then a tag whose content follows a JSON schema, a
     regex, a grammar, ...), or the first form, `{"structures": [{"begin": ..., "schema": {...}, "end": ...}],
     "triggers": [...]}`: free text in which a trigger (a prefix of some structure's `begin`) starts a structure,
-    whose content follows its schema up to its `end`. ValueError names what is wrong."""
+    whose content follows its schema up to its `end`. Its schemas go through `prepared_schema` (with `strict`).
+    ValueError names what is wrong."""
     import xgrammar
 
     try:
@@ -64,7 +68,7 @@ def structural_tag(text: str):
     if not isinstance(tag, dict):
         raise ValueError("invalid structural tag: expected a JSON object")
     if "structures" not in tag:
-        return _tag_schemas_prepared(tag)
+        return _tag_schemas_prepared(tag, strict)
     structures, triggers = tag["structures"], tag.get("triggers")
     if not isinstance(structures, list) or not isinstance(triggers, list) or not triggers:
         raise ValueError("invalid structural tag: structures and triggers must be lists, with at least one trigger")
@@ -73,7 +77,7 @@ def structural_tag(text: str):
         given = [(s["begin"], s["end"], _any_if_true(s.get("schema", {}))) for s in structures]
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{needs} ({error})") from None
-    schemas = [prepared_schema(schema) for _, _, schema in given]  # (its own ValueError says what is unsupported)
+    schemas = [prepared_schema(schema, strict=strict) for _, _, schema in given]  # (its own ValueError says what is unsupported)
     try:
         items = [xgrammar.StructuralTagItem(begin=begin, end=end, schema=schema)
                  for (begin, end, _), schema in zip(given, schemas)]
@@ -93,7 +97,7 @@ _SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems", "propertyN
                   "unevaluatedItems")
 
 
-def prepared_schema(schema, path: str = "#"):
+def prepared_schema(schema, path: str = "#", strict: bool = True):
     """A JSON schema as the grammar engine (xgrammar 0.2) is given it, so that what it generates is valid JSON that
     the schema accepts; ValueError naming a keyword it cannot enforce (`UNENFORCED`) and where.
 
@@ -105,24 +109,31 @@ def prepared_schema(schema, path: str = "#"):
       the bound either way.)
     - An allOf of several parts, which xgrammar would treat as any value, is merged into one schema where the parts
       agree (their `required` lists joined, their `properties` put together); parts that disagree on a keyword
-      are a ValueError."""
+      are a ValueError.
+
+    Not `strict`: neither is an error; such keywords, and allOfs whose parts disagree, stay unenforced."""
     if not isinstance(schema, dict):
         return schema
     for keyword in UNENFORCED:
-        if keyword in schema:
+        if keyword in schema and strict:
             raise ValueError(f"unsupported json schema: {keyword!r} at {path} cannot be enforced while generating "
                              "(the grammar engine would ignore it); drop it or express it another way")
     out = dict(schema)
     for key in _SCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: prepared_schema(value, f"{path}/{key}/{name}") for name, value in out[key].items()}
+            out[key] = {name: prepared_schema(value, f"{path}/{key}/{name}", strict)
+                        for name, value in out[key].items()}
     for key in _SCHEMA_LISTS + _SCHEMA_VALUES:
         if isinstance(out.get(key), list):
-            out[key] = [prepared_schema(value, f"{path}/{key}/{i}") for i, value in enumerate(out[key])]
+            out[key] = [prepared_schema(value, f"{path}/{key}/{i}", strict) for i, value in enumerate(out[key])]
         elif key in out:
-            out[key] = prepared_schema(out[key], f"{path}/{key}")
+            out[key] = prepared_schema(out[key], f"{path}/{key}", strict)
     if isinstance(out.get("allOf"), list) and len(out["allOf"]) > 1:
-        out = _merged_all_of(out, path)
+        try:
+            out = _merged_all_of(out, path)
+        except ValueError:
+            if strict:
+                raise
     return _length_as_pattern(out)
 
 
@@ -160,13 +171,13 @@ def _length_as_pattern(schema: dict) -> dict:
     return schema
 
 
-def _tag_schemas_prepared(tag):
+def _tag_schemas_prepared(tag, strict: bool):
     """A structural tag (its JSON) with `prepared_schema` applied to every `json_schema` in it."""
     if isinstance(tag, list):
-        return [_tag_schemas_prepared(item) for item in tag]
+        return [_tag_schemas_prepared(item, strict) for item in tag]
     if not isinstance(tag, dict):
         return tag
-    return {key: prepared_schema(value) if key == "json_schema" else _tag_schemas_prepared(value)
+    return {key: prepared_schema(value, strict=strict) if key == "json_schema" else _tag_schemas_prepared(value, strict)
             for key, value in tag.items()}
 
 
@@ -235,13 +246,13 @@ class GrammarCompiler:
             if spec.kind == "json_object":
                 return compiler.compile_builtin_json_grammar()
             if spec.kind == "json_schema":
-                return compiler.compile_json_schema(_schema_prepared(spec.value), any_whitespace=False)
+                return compiler.compile_json_schema(_schema_prepared(spec.value, spec.strict), any_whitespace=False)
             if spec.kind == "regex":
                 return compiler.compile_regex(spec.value)
             if spec.kind == "choice":
                 return compiler.compile_grammar(choice_grammar(json.loads(spec.value)))
             if spec.kind == "structural_tag":
-                return compiler.compile_structural_tag(structural_tag(spec.value))
+                return compiler.compile_structural_tag(structural_tag(spec.value, spec.strict))
             return compiler.compile_grammar(spec.value)
         except ValueError:
             raise
@@ -249,13 +260,13 @@ class GrammarCompiler:
             raise ValueError(f"invalid {spec.kind.replace('_', ' ')}: {error}") from None
 
 
-def _schema_prepared(text: str) -> str:
+def _schema_prepared(text: str, strict: bool) -> str:
     """A JSON schema's text through `prepared_schema` (text that is not JSON as it is, for xgrammar to report)."""
     try:
         schema = json.loads(text)
     except ValueError:
         return text
-    return json.dumps(prepared_schema(schema))
+    return json.dumps(prepared_schema(schema, strict=strict))
 
 
 def new_matcher(compiled, start_after: int | None = None):

@@ -146,6 +146,20 @@ def test_what_cannot_be_served_is_a_400_naming_why(server, fields, message):
     assert message in error["message"] and error["type"] == "invalid_request_error"
 
 
+def test_a_tool_schema_keyword_the_grammar_cannot_enforce_is_left_unenforced(client):
+    """A function's parameters guide its calls (as OpenAI's non-strict functions): a keyword the grammar cannot hold
+    them to (`not` here) is left out of the constraint, where in a response_format schema it is a 400."""
+    odd = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["function"]["parameters"]
+                                            | {"not": {"required": ["zone"]}}}}
+    reply = client.chat.completions.create(model="reverse", messages=MESSAGES, tools=[odd], tool_choice="required",
+                                           max_tokens=120, temperature=0, parallel_tool_calls=False)
+    (call,) = reply.choices[0].message.tool_calls
+    _check_weather(call.function.arguments)
+    with pytest.raises(openai.BadRequestError, match="'not' at #"):
+        client.chat.completions.create(model="reverse", messages=MESSAGES, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "w", "schema": odd["function"]["parameters"]}})
+
+
 def test_the_sdk_raises_bad_request_for_auto(client):
     with pytest.raises(openai.BadRequestError, match="tool_choice auto"):
         client.chat.completions.create(model="reverse", messages=MESSAGES, tools=[WEATHER], max_tokens=4)
