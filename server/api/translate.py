@@ -292,5 +292,6 @@ def grammar_spec(body) -> tuple[GrammarSpec, str] | None:
     if fmt.type == "structural_tag":
         return GrammarSpec("structural_tag", fmt.structural_tag()), "response_format"
     if fmt.type == "json_schema" and fmt.json_schema.schema_ is not None:
-        return GrammarSpec("json_schema", json.dumps(fmt.json_schema.schema_)), "response_format"
+        strict = fmt.json_schema.strict is not False  # false: OpenAI's best effort, unenforceable keywords allowed
+        return GrammarSpec("json_schema", json.dumps(fmt.json_schema.schema_), strict=strict), "response_format"
     return GrammarSpec("json_object"), "response_format"
