@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 _REPLACEMENT = "\ufffd"
+_TRIM = 4096
+"""Characters dropped from the front of a long output's text at a time (`Detokenizer._trim`)."""
 
 
 def streaming_backend(tokenizer: object):
@@ -66,7 +68,11 @@ class Detokenizer:
     """The `tokenizers.Tokenizer` streamed with; None: re-decode every update."""
     _stream: object = field(default=None, init=False, repr=False)
     _text: str = field(default="", init=False, repr=False)
-    """The stream's text so far: the decode of the output's first `_released` tokens."""
+    """The stream's text so far, the decode of the output's first `_released` tokens, from character `_base` on:
+    what lies further back than any stop string could reach is dropped, so a long output's updates do not copy
+    its whole text."""
+    _base: int = field(default=0, init=False, repr=False)
+    """Characters of the output text dropped from the front of `_text`."""
     _fed: int = field(default=0, init=False, repr=False)
     """Output tokens given to the stream."""
     _released: int = field(default=0, init=False, repr=False)
@@ -81,44 +87,59 @@ class Detokenizer:
 
             self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
 
-    def update(self, output_ids: list[int], finished: bool) -> tuple[str, bool]:
-        """(new text to release, whether a stop string matched)."""
-        text = self._decode(output_ids)
-        matches = [(at, i) for i, stop in enumerate(self.stop)
-                   if (at := text.find(stop, max(self.emitted - len(stop) + 1, 0))) != -1]
+    def update(self, output_ids: list[int], finished: bool, start: int = 0, end: int | None = None
+               ) -> tuple[str, bool]:
+        """(new text to release, whether a stop string matched) for the output `output_ids[start:end]` (a request's
+        token ids and where its output lies in them: nothing is copied)."""
+        end = len(output_ids) if end is None else end
+        text, base = self._decode(output_ids, start, end)  # the output's text from character `base` on
+        matches = [(at + base, i) for i, stop in enumerate(self.stop)
+                   if (at := text.find(stop, max(self.emitted - len(stop) + 1 - base, 0))) != -1]
         if matches:  # the earliest match ends the text, whichever stop string it is
             at, index = min(matches)
             self.matched_stop = self.stop[index]
-            return self._release(text, at + len(self.matched_stop) if self.include_stop else at), True
-        return self._release(text, len(text) if finished else self._held_back_end(text)), False
+            return self._release(text, base, at + len(self.matched_stop) if self.include_stop else at), True
+        releasable = base + (len(text) if finished else self._held_back_end(text))
+        released = self._release(text, base, releasable)
+        self._trim()
+        return released, False
 
-    def _decode(self, output_ids: list[int]) -> str:
-        """The whole decode of `output_ids` (skipping special tokens), streamed where possible."""
-        if self._stream is not None and len(output_ids) >= self._fed:
+    def _decode(self, ids: list[int], start: int, end: int) -> tuple[str, int]:
+        """The decode of the output `ids[start:end]` (skipping special tokens), streamed where possible, from
+        character `base` on: (text, base)."""
+        if self._stream is not None and end - start >= self._fed:
             try:
-                return self._streamed(output_ids)
+                return self._streamed(ids, start, end), self._base
             except Exception as error:  # noqa: BLE001 - the stream gave up on this output: re-decode from now on
                 logger.debug("streamed detokenization stopped (%s); decoding whole outputs", error)
         self._stream = None
-        return self.tokenizer.decode(output_ids, skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(ids[start:end], skip_special_tokens=self.skip_special_tokens), 0
 
-    def _streamed(self, output_ids: list[int]) -> str:
-        for token_id in output_ids[self._fed :]:
+    def _streamed(self, ids: list[int], start: int, end: int) -> str:
+        for token_id in ids[start + self._fed : end]:
             chunk = self._stream.step(self.backend, token_id)
             self._fed += 1
             if chunk is not None:
                 self._text += chunk
                 self._window, self._released = self._released, self._fed
-        if self._released == len(output_ids):
+        if self._released == end - start:
             return self._text
-        pending = self._pending_text(output_ids)
-        if pending is None:
-            return self.tokenizer.decode(output_ids, skip_special_tokens=self.skip_special_tokens)
+        pending = self._pending_text(ids[start + self._window : end])
+        if pending is None:  # (the whole text, from `_base` on)
+            return self.tokenizer.decode(ids[start:end], skip_special_tokens=self.skip_special_tokens)[self._base :]
         return self._text + pending
 
-    def _pending_text(self, output_ids: list[int]) -> str | None:
-        """Text of the tokens after the release point, decoded over the stream's window; None if inconsistent."""
-        window = output_ids[self._window :]
+    def _trim(self) -> None:
+        """Drop the front of the stream's text that is released and out of every stop string's reach (in steps of
+        a few thousand characters, so each character is copied a bounded number of times)."""
+        reach = max((len(stop) for stop in self.stop), default=0)
+        drop = min(self.emitted - reach, self._base + len(self._text)) - self._base
+        if drop >= _TRIM:
+            self._text, self._base = self._text[drop:], self._base + drop
+
+    def _pending_text(self, window: list[int]) -> str | None:
+        """Text of the tokens after the release point, decoded over the stream's window (the output's tokens from
+        `_window` on); None if inconsistent."""
         skip = self.skip_special_tokens
         known = self.backend.decode(window[: self._released - self._window], skip_special_tokens=skip)
         grown = self.backend.decode(window, skip_special_tokens=skip)
@@ -137,8 +158,10 @@ class Detokenizer:
                     break
         return end
 
-    def _release(self, text: str, end: int) -> str:
+    def _release(self, text: str, base: int, end: int) -> str:
+        """The text from what was emitted up to `end` (both counted from the output's start; `text` starts at
+        character `base`)."""
         if end <= self.emitted:
             return ""
-        new, self.emitted = text[self.emitted : end], end
+        new, self.emitted = text[self.emitted - base : end - base], end
         return new

@@ -430,13 +430,15 @@ class Engine:
     def _emit(self, state: RequestState) -> None:
         request_id = state.request_id
         finished = state.finish_reason is not None
-        output_ids = state.output_ids  # a copy: read once (finishing drops placeholders only, never outputs)
+        # the output is token_ids[start:end], read in place (a copy per step would cost a long output its length
+        # every step); finishing drops placeholders only, never outputs, so `end` stands
+        token_ids, start, end = state.token_ids, state.num_prompt_tokens, state.num_prompt_tokens + state.num_output_ids
         detok = self._detok[request_id]
         cut = state.stopped_by_token and not detok.include_stop  # the ending token's text is left out, as vLLM
         if detok.stop and len(state.new_logprobs) > 1:  # kept drafts: stop strings checked token by token
-            text, stopped, output_ids = self._text_by_token(state, detok, output_ids, cut, finished)
+            text, stopped, end = self._text_by_token(state, detok, end, cut, finished)
         else:
-            text, stopped = detok.update(output_ids[:-1] if cut else output_ids, finished)
+            text, stopped = detok.update(token_ids, finished, start, end - cut)
         if stopped and not finished:
             self.scheduler.finish(request_id, "stop")
             finished = True
@@ -444,7 +446,7 @@ class Engine:
         prompt_logprobs = None
         if state.request.sampling.prompt_logprobs is not None and not state.prompt_logprobs_sent:
             prompt_logprobs, state.prompt_logprobs_sent = (None, *state.prompt_logprobs), True
-        new_ids = tuple(output_ids[len(output_ids) - len(state.new_logprobs) :])
+        new_ids = tuple(token_ids[end - len(state.new_logprobs) : end])
         state.new_logprobs = []
         output = RequestOutput(
             request_id=request_id,
@@ -454,7 +456,7 @@ class Engine:
             finished=finished,
             finish_reason=state.finish_reason,
             num_prompt_tokens=state.num_prompt_tokens,
-            num_output_tokens=len(output_ids),
+            num_output_tokens=end - start,
             num_cached_tokens=state.num_cached_tokens or 0,
             stop_reason=(detok.matched_stop or state.stop_token) if finished else None,
             prompt_logprobs=prompt_logprobs,
@@ -465,21 +467,22 @@ class Engine:
             self._detok.pop(request_id, None)
         sink(output)
 
-    def _text_by_token(self, state: RequestState, detok: Detokenizer, output_ids: list[int], cut: bool,
-                       finished: bool) -> tuple[str, bool, list[int]]:
-        """The text of several new tokens (kept drafts), whether a stop string matched, and the output ids: the
-        text is checked one token at a time, so a stop string ends the output at the token whose text completes
-        it, as plain decoding ends it, and the tokens after it are dropped."""
-        ids = output_ids[:-1] if cut else output_ids
+    def _text_by_token(self, state: RequestState, detok: Detokenizer, end: int, cut: bool,
+                       finished: bool) -> tuple[str, bool, int]:
+        """The text of several new tokens (kept drafts), whether a stop string matched, and where the output ends
+        in the request's token ids (`end` unless a stop string cut it): the text is checked one token at a time,
+        so a stop string ends the output at the token whose text completes it, as plain decoding ends it, and
+        the tokens after it are dropped."""
+        token_ids, start = state.token_ids, state.num_prompt_tokens
         text = ""
-        for end in range(len(output_ids) - len(state.new_logprobs) + 1, len(ids)):
-            piece, stopped = detok.update(ids[:end], False)
+        for stop_at in range(end - len(state.new_logprobs) + 1, end - cut):
+            piece, stopped = detok.update(token_ids, False, start, stop_at)
             text += piece
             if stopped:
-                self.scheduler.truncate(state, end)
-                return text, True, output_ids[:end]
-        piece, stopped = detok.update(ids, finished)
-        return text + piece, stopped, output_ids
+                self.scheduler.truncate(state, stop_at - start)
+                return text, True, stop_at
+        piece, stopped = detok.update(token_ids, finished, start, end - cut)
+        return text + piece, stopped, end
 
     def _finish(self, request_id: str, reason: str) -> None:
         state = self.scheduler.finish(request_id, reason)

@@ -152,3 +152,33 @@ def test_a_stop_string_kept_in_the_text_is_not_held_back(tiny_llama):
                 checked = True
         assert checked and stops == [True, True] and kept.matched_stop == "sat on"
         assert texts == ["the cat sat on", "the cat "]
+
+
+@pytest.mark.parametrize("name", ["tiny", "sentencepiece"])
+def test_a_long_output_is_read_in_place_and_its_text_kept_short(tokenizers, name):
+    """A request's output is read where it lies in its token ids (`start`, `end`: no copy per step), and the text
+    kept is only what a stop string can still reach, so an update costs the same at token 20,000 as at token 20;
+    the releases are still exactly the whole decode's, up to a stop string met far into the output."""
+    tokenizer = tokenizers[name]
+    rng = random.Random(3)
+    filler = tokenizer("the tall hall: ", add_special_tokens=False)["input_ids"]
+    output = [token for _ in range(20_000 // len(filler)) for token in filler]  # about 20,000 tokens,
+    output += tokenizer(TEXT, add_special_tokens=False)["input_ids"]  # then multi-byte text with the stop string
+    stop = "ẞ€"
+    prompt = [rng.randrange(len(tokenizer)) for _ in range(7)]
+    token_ids = prompt + output + [-1]  # (a placeholder after the output, as asynchronous steps leave one)
+    detokenizer = Detokenizer(tokenizer, (stop, "never"), stream=True)
+    released, longest = "", 0
+    for end in range(len(prompt) + 1, len(token_ids)):
+        piece, stopped = detokenizer.update(token_ids, False, len(prompt), end)
+        released += piece
+        longest = max(longest, len(detokenizer._text))
+        if stopped:
+            break
+    whole = tokenizer.decode(output, skip_special_tokens=True)
+    assert stopped and released == whole[: whole.index(stop)]
+    assert detokenizer._base > 0 and longest < 3 * 4096  # a window, not the 20,000 tokens' text
+    later = Detokenizer(tokenizer, (), stream=True)  # no stop string found: the whole text, released in pieces
+    text = "".join(later.update(token_ids, n == len(token_ids) - 1, len(prompt), n)[0]
+                   for n in range(len(prompt) + 1, len(token_ids)))
+    assert text == whole and later._base > len(whole) - 3 * 4096
