@@ -27,7 +27,9 @@ def composition_header(call: Call) -> dict[str, str]:
 async def collect(runner: Runner, call: Call) -> dict:
     """The non-streaming body of a call."""
     n = len(call.prompts)
-    texts, logprobs, reasons, stop_reasons = [""] * n, [[] for _ in range(n)], [None] * n, [None] * n
+    pieces, lengths = [[] for _ in range(n)], [0] * n  # each choice's text, joined at the end (a string grown
+    # piece by piece would be copied whole at every token)
+    logprobs, reasons, stop_reasons = [[] for _ in range(n)], [None] * n, [None] * n
     text_lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
     completion_tokens, cached_tokens, echoed, scored = [0] * n, [0] * n, set(), [None] * n
     drafts = [(0, 0)] * n
@@ -42,16 +44,19 @@ async def collect(runner: Runner, call: Call) -> dict:
             if call.kind == "chat":
                 logprobs[index] += runner.chat_logprobs(output, call.tokens_as_ids)
             else:
-                part = runner.text_logprobs(output, len(texts[index]), call.prompts[index] if echo else None,
+                part = runner.text_logprobs(output, lengths[index], call.prompts[index] if echo else None,
                                             call.tokens_as_ids)
                 for key in text_lp[index]:
                     text_lp[index][key] += part[key]
-        texts[index] += (call.echo_texts[index] if echo else "") + output.text
+        piece = (call.echo_texts[index] if echo else "") + output.text
+        pieces[index].append(piece)
+        lengths[index] += len(piece)
         completion_tokens[index] = output.num_output_tokens
         cached_tokens[index] = output.num_cached_tokens
         drafts[index] = output.speculation or (0, 0)
         reasons[index], stop_reasons[index] = output.finish_reason, output.stop_reason
     choices, thought = [], []
+    texts = ["".join(choice) for choice in pieces]
     for i in range(n):
         wants = call.params[i].logprobs is not None
         if call.kind == "chat":
@@ -211,6 +216,8 @@ class _ChatChoice:
     def chunks(self, output) -> list[dict]:
         """The chunks one increment of the choice's output makes."""
         call = self.call
+        if call.tool_mode is None and call.reasoning is None:  # plain text: nothing to keep (a reply grown piece by
+            return self._text_chunks(output, "", output.text)  # piece would be copied whole at every token)
         self.text += output.text
         if call.reasoning is not None:
             self.token_ids += output.token_ids
