@@ -77,7 +77,7 @@ def structural_tag(text: str, strict: bool = True):
         given = [(s["begin"], s["end"], _any_if_true(s.get("schema", {}))) for s in structures]
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{needs} ({error})") from None
-    schemas = [prepared_schema(schema, strict=strict) for _, _, schema in given]  # (its own ValueError says what is unsupported)
+    schemas = [prepared_schema(schema, strict=strict) for _, _, schema in given]  # (its ValueError says what)
     try:
         items = [xgrammar.StructuralTagItem(begin=begin, end=end, schema=schema)
                  for (begin, end, _), schema in zip(given, schemas)]
