@@ -63,6 +63,60 @@ class ReasoningParser:
         return reasoning.strip("\n"), ""
 
 
+class ReasoningStream:
+    """`ReasoningParser.split` of a growing reply, paid per new character: each `feed` gives what the reasoning and
+    the content gained, exactly the difference of two splits of the whole reply, while only the text not yet given
+    out is kept (so a reply of 30,000 tokens is not scanned and copied whole at every token)."""
+
+    def __init__(self, parser: ReasoningParser, start: Start):
+        self.parser = parser
+        self.phase = {"answer": "answer", "reasoning": "reasoning", "detect": "detect"}[start]
+        """detect (the reply may still open a block), reasoning, content (after the block: its leading newlines
+        dropped) or answer (all of it content, as it is)."""
+        self.pending = ""
+        """Text not given out yet: the reply so far (detect), the reasoning after what was given (reasoning:
+        newlines that may end it, a tail that may start `</think>`), leading newlines (content)."""
+        self.reasoned = False
+        """Whether any reasoning was given (its leading newlines are behind it then)."""
+
+    def feed(self, more: str, finished: bool) -> tuple[str, str]:
+        """(reasoning gained, content gained) once the reply has grown by `more`."""
+        parser, self.pending = self.parser, self.pending + more
+        thought = ""
+        if self.phase == "detect":
+            body = self.pending.lstrip()
+            if body.startswith(parser.OPEN):
+                self.phase, self.pending = "reasoning", body[len(parser.OPEN):]
+            elif not finished and parser.OPEN.startswith(body):
+                return "", ""
+            else:
+                self.phase = "answer"
+        if self.phase == "reasoning":
+            at = self.pending.find(parser.CLOSE)
+            if at < 0:
+                return self._reason(self.pending if finished else before_marker(self.pending, parser.CLOSE)), ""
+            thought = self._reason(self.pending[:at], rest=self.pending[at + len(parser.CLOSE):])
+            self.phase = "content"
+        if self.phase == "content":
+            content = self.pending.lstrip("\n")
+            if not content:
+                return thought, ""
+            self.phase = "answer"  # (the newlines before the answer are behind it)
+            self.pending = content
+        content, self.pending = self.pending, ""
+        return thought, content
+
+    def _reason(self, body: str, rest: str | None = None) -> str:
+        """Give out `body` (the front of `pending` that is reasoning for sure) but the newlines at its end, and at
+        the reasoning's start; with `rest` (the text after `</think>`), `pending` becomes it."""
+        lead = 0 if self.reasoned else len(body) - len(body.lstrip("\n"))
+        end = len(body.rstrip("\n"))
+        thought = body[lead:end] if end > lead else ""
+        self.reasoned = self.reasoned or bool(thought)
+        self.pending = rest if rest is not None else self.pending[end if thought else 0 :]
+        return thought
+
+
 class Qwen3(ReasoningParser):
     name = "qwen3"
     default = "detect"

@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
+from server.api.reasoning import ReasoningStream
 from server.api.serving import Call, Runner, predicted, reasoning_tokens, sse, total_reasoning_tokens, usage
 from server.api.tools import JsonCallsReader, auto_calls, new_call_id, tool_call_entry, tool_calls
 
@@ -61,7 +62,7 @@ async def collect(runner: Runner, call: Call) -> dict:
         wants = call.params[i].logprobs is not None
         if call.kind == "chat":
             message, reason = reply(call, texts[i], reasons[i])
-            thought.append(reasoning_tokens(call, token_ids[i], message.get("reasoning") or ""))
+            thought.append(reasoning_tokens(call, token_ids[i], bool(message.get("reasoning"))))
             choices.append({"index": i, "message": message, "logprobs": {"content": logprobs[i]} if wants else None,
                             "finish_reason": reason, "stop_reason": stop_reasons[i]})
         else:
@@ -190,12 +191,8 @@ class _ChatChoice:
 
     def __init__(self, call: Call, runner: Runner, index: int):
         self.call, self.runner, self.index = call, runner, index
-        self.text = ""
-        """The reply generated so far."""
-        self.reasoning_sent = 0
-        """Characters of its reasoning streamed."""
         self.content = ""
-        """Its content so far, as far as released (all of it without a reasoning parser)."""
+        """With tool calls: its content so far, as far as released (all of it without a reasoning parser)."""
         self.sent = 0
         """tool_choice auto: characters of the content streamed before the calls."""
         self.opened = False
@@ -210,26 +207,20 @@ class _ChatChoice:
         """A reply held to a format of JSON calls: where in its content the calls begin, once known."""
         self.echo = call.echo_texts[index] if call.echo_texts is not None else ""
         self.token_ids: list[int] = []
-        self.reasoning = ""
-        """Its reasoning so far (with a reasoning parser)."""
+        self.split = ReasoningStream(call.reasoning, call.reasoning_start) if call.reasoning is not None else None
+        """With a reasoning parser: the reply split into reasoning and content as it grows."""
 
     def chunks(self, output) -> list[dict]:
         """The chunks one increment of the choice's output makes."""
         call = self.call
-        if call.tool_mode is None and call.reasoning is None:  # plain text: nothing to keep (a reply grown piece by
-            return self._text_chunks(output, "", output.text)  # piece would be copied whole at every token)
-        self.text += output.text
-        if call.reasoning is not None:
+        thought, new = "", output.text  # (nothing of the reply is kept where nothing needs it: a string grown per
+        if self.split is not None:      # token would be copied whole at every token)
             self.token_ids += output.token_ids
-        if call.reasoning is None:
-            reasoning, content = "", self.text
-        else:
-            reasoning, content = call.reasoning.split(self.text, call.reasoning_start, output.finished)
-            self.reasoning = reasoning
-        thought, new = reasoning[self.reasoning_sent:], content[len(self.content):]
-        self.reasoning_sent, self.content = len(reasoning), content
+            thought, new = self.split.feed(output.text, output.finished)
         if call.tool_mode is None:
             return self._text_chunks(output, thought, new)
+        self.content += new  # (tool calls read the whole content)
+        content = self.content
         chunks = [self._delta(_reasoning(thought))] if thought else []
         if not self.reader.array:  # held to JSON calls: content until the calls begin, then each call as it comes
             chunks += self._held_chunks(content, output)
@@ -377,7 +368,8 @@ async def chunks(runner: Runner, call: Call) -> AsyncIterator[dict]:
         yield error.body()
         return
     if call.include_usage:
-        thought = total_reasoning_tokens(call, [reasoning_tokens(call, choice.token_ids, choice.reasoning)
+        thought = total_reasoning_tokens(call, [reasoning_tokens(call, choice.token_ids,
+                                                                 choice.split is not None and choice.split.reasoned)
                                                 for choice in choices or ()])
         total = usage(call.num_prompt_tokens, sum(completion_tokens), call.num_cached_tokens(cached_tokens), thought,
                       predicted(call, drafts))

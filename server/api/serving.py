@@ -296,11 +296,11 @@ def predicted(call: "Call", drafts: list[tuple[int, int]]) -> tuple[int, int] | 
     return sum(drafted for drafted, _ in drafts), sum(accepted for _, accepted in drafts)
 
 
-def reasoning_tokens(call: "Call", token_ids: list[int], reasoning: str) -> int | None:
-    """How many of a choice's generated tokens are reasoning: those before the `</think>` token, or all of them
-    when the reply ended inside its reasoning; None where the tokenizer spells `</think>` with several tokens
-    (they are not counted then)."""
-    if not reasoning:
+def reasoning_tokens(call: "Call", token_ids: list[int], reasoned: bool) -> int | None:
+    """How many of a choice's generated tokens are reasoning (`reasoned`: it has any): those before the `</think>`
+    token, or all of them when the reply ended inside its reasoning; None where the tokenizer spells `</think>`
+    with several tokens (they are not counted then)."""
+    if not reasoned:
         return 0
     if call.reasoning_close is None:
         return None

@@ -55,6 +55,27 @@ def test_streamed_splits_only_grow_and_end_as_the_whole_reply(start):
             assert sent == QWEN3.split(text, start, finished=True)
 
 
+@pytest.mark.parametrize("name", ["qwen3", "deepseek_r1"])
+def test_a_reasoning_stream_gives_what_each_split_of_the_whole_reply_gains(name):
+    """`ReasoningStream` (the streamed chat path) keeps only what it has not given out, yet after every feed the
+    reasoning and content it gave are the whole reply's split at that point: random replies built of tag pieces,
+    newlines and text, fed in random pieces, from each start."""
+    from server.api.reasoning import ReasoningStream
+
+    parser, rng = REASONING_PARSERS[name], random.Random(7)
+    atoms = ["<think>", "</think>", "<th", "</thi", "nk>", "\n", "\n\n", " ", "a", "bc", "<", "/", "x y", "</"]
+    for _ in range(3000):
+        start = rng.choice(["answer", "reasoning", "detect"])
+        text, stream, given = "", ReasoningStream(parser, start), ("", "")
+        pieces = ["".join(rng.choice(atoms) for _ in range(rng.randrange(1, 4))) for _ in range(rng.randrange(8))]
+        for i, piece in enumerate([*pieces, ""]):
+            text, finished = text + piece, i == len(pieces)
+            thought, content = stream.feed(piece, finished)
+            given = (given[0] + thought, given[1] + content)
+            assert given == parser.split(text, start, finished), (start, pieces[: i + 1], finished)
+        assert stream.pending.strip("\n") == ""  # (a finished reply is given out but the newlines split drops)
+
+
 @pytest.fixture(scope="module")
 def thinker(tiny_checkpoints):
     """A tiny reasoning model (its template opens `<think>`) served with the deepseek_r1 parser."""
