@@ -210,7 +210,8 @@ class _Events:
         self.output: list[tuple[int, dict]] = []
         """Items finished so far, with their output index."""
         self.text: dict | None = None
-        """The reasoning or message item streaming now: {"kind", "id", "index", "text"}."""
+        """The reasoning or message item streaming now: {"kind", "id", "index", "pieces"} (its text, joined when it
+        closes: a string grown per token would be copied whole at every token)."""
         self.calls: dict[int, dict] = {}
         """Function calls by their chat index: {"id", "index", "call_id", "name", "arguments"}."""
         self.logprobs: list[dict] = []
@@ -242,7 +243,7 @@ class _Events:
             events += self._close_text("completed")
         if self.text is None:
             self.text = {"kind": kind, "id": _id("rs" if kind == "reasoning" else "msg"), "index": self._next_index(),
-                         "text": ""}
+                         "pieces": []}
             item_id, index = self.text["id"], self.text["index"]
             if kind == "reasoning":
                 events.append(self.event("response.output_item.added", output_index=index,
@@ -252,7 +253,7 @@ class _Events:
                                          item=_message_item(item_id, "", "in_progress") | {"content": []}))
                 events.append(self.event("response.content_part.added", item_id=item_id, output_index=index,
                                          content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
-        self.text["text"] += piece
+        self.text["pieces"].append(piece)
         if kind == "reasoning":
             return events + [self.event("response.reasoning_text.delta", item_id=self.text["id"],
                                         output_index=self.text["index"], content_index=0, delta=piece)]
@@ -265,6 +266,7 @@ class _Events:
     def _close_text(self, status: str) -> list[str]:
         text, self.text = self.text, None
         item_id, index = text["id"], text["index"]
+        text["text"] = "".join(text.pop("pieces"))
         if text["kind"] == "reasoning":
             item = _reasoning_item(item_id, text["text"], "completed")
             events = [self.event("response.reasoning_text.done", item_id=item_id, output_index=index, content_index=0,
