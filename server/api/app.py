@@ -277,9 +277,8 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
     tagged = tool_mode == "auto" or (getattr(body, "tools", None) and body.tool_choice == "none")
     tag_parser = native if forced else (
         configured if tagged and engine.config.tool_call_structural_tags and (not thinks or after_reasoning) else None)
-    grammar = await _grammar(engine, body, tool_mode, tag_parser)  # (no tag that would bind the reasoning too)
-    held = (parser is not None and parser is tag_parser and parser.structural_format is not None
-            and translate.grammar_spec(body) is None)  # the reply is under the parser's tag
+    grammar, in_format = await _grammar(engine, body, tool_mode, tag_parser)  # (no tag binding the reasoning too)
+    held = parser is not None and in_format  # the reply is under the parser's tag
     grammar_after = None
     if thinks and grammar is not None:
         grammar_after = after_reasoning  # the grammar shapes the answer only
@@ -368,29 +367,31 @@ def _single_token(tokenizer, text: str) -> int | None:
 
 
 async def _grammar(engine, body, tool_mode: str | None, parser=None):
-    """The compiled structured-output constraint of `body` or of its tool calls (compiled in a worker
-    thread), or None. Required and named tool choices: the calls in `parser`'s format where it has a structural
-    tag (`tools.forced_tool_grammar`), else as JSON (`tools.tool_grammar`). Where no other constraint was asked
-    for, `parser`'s structural tag: with tool_choice auto, calls held to its format (`tools.auto_tool_grammar`);
-    with none, no call opened (`tools.no_call_grammar`); a parser without one, or None, leaves the text free."""
+    """(the compiled structured-output constraint of `body` or of its tool calls, or None; whether it is `parser`'s
+    call format), compiled in a worker thread. Where no other constraint was asked for, `parser`'s structural tag
+    (`tools.call_tool_grammar`): with tool_choice auto, each call the model starts held to its format; required
+    and named, nothing but calls in it (without a tag, required and named are JSON: `tools.tool_grammar`); with
+    none, no call opened (`tools.no_call_grammar`). A parser without a tag, or None, leaves auto's text free."""
     asked = translate.grammar_spec(body)
-    if tool_mode not in (None, "auto"):  # auto generates free text, which the parser reads
-        if asked is not None:
-            raise APIError(400, "tool calls are generated under the tools' schemas; drop response_format and "
-                                "structured_outputs, or tool_choice", "tool_choice")
-        spec = await asyncio.to_thread(tools.forced_tool_grammar, body, parser, tool_mode) if parser else None
-        asked = spec or tools.tool_grammar(body, tool_mode), "tools"
-    elif asked is None and parser is not None:
-        if tool_mode == "auto":
-            spec = await asyncio.to_thread(tools.auto_tool_grammar, body, parser)  # (xgrammar builds it: off the loop)
+    forced = tool_mode not in (None, "auto")
+    if forced and asked is not None:
+        raise APIError(400, "tool calls are generated under the tools' schemas; drop response_format and "
+                            "structured_outputs, or tool_choice", "tool_choice")
+    spec = None
+    if asked is None and parser is not None:
+        if tool_mode is not None:  # (xgrammar builds the tag: off the event loop)
+            spec = await asyncio.to_thread(tools.call_tool_grammar, body, parser, tool_mode)
         else:
             spec = tools.no_call_grammar(parser)
         asked = (spec, "tools") if spec is not None else None
+    held = spec is not None and tool_mode is not None
+    if forced and asked is None:
+        asked = tools.tool_grammar(body, tool_mode), "tools"
     if asked is None:
-        return None
+        return None, False
     spec, param = asked
     try:
-        return await asyncio.to_thread(engine.compile_grammar, spec)
+        return await asyncio.to_thread(engine.compile_grammar, spec), held
     except ValueError as error:
         raise APIError(400, str(error), param, "invalid_structured_output") from None
 

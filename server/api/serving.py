@@ -49,7 +49,7 @@ class Call:
     """The request's tools, name -> parameters schema (an `auto` reply may call only these)."""
     tool_parser: object | None = None
     """The `tool_parsers.ToolParser` that reads the calls out of the reply: with tool_mode `auto`, and with a forced
-    tool_mode whose calls are generated in the parser's format (`tools.forced_tool_grammar`)."""
+    tool_mode whose calls are generated in the parser's format (`tools.call_tool_grammar`)."""
     calls_held: bool = False
     """With `tool_parser`: the reply is generated under the parser's structural tag, so each call it starts follows
     the format (complete unless max_tokens cuts it), and a format of JSON calls streams their arguments as they

@@ -80,6 +80,7 @@ class Hermes(ToolParser):
     name = "hermes"
     structural_format = "qwen_3"  # `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`
     OPEN = call_opening = "<tool_call>"
+    call_keys = ("arguments",)
     _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
     def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
@@ -99,8 +100,6 @@ class Hermes(ToolParser):
     def streamable(self, text: str) -> str:
         return before_marker(text, self.OPEN)
 
-    call_keys = ("arguments",)
-
     def calls_start(self, text: str) -> int | None:
         start = text.find(self.OPEN)
         return start if start >= 0 else None
@@ -110,6 +109,7 @@ class Llama3Json(ToolParser):
     name = "llama3_json"
     structural_format = "llama"  # (it allows text before a call; such a reply stays text here, as in vLLM)
     call_separator = "; "
+    call_keys = ("parameters", "arguments")
     PYTHON_TAG = "<|python_tag|>"
 
     def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
@@ -139,8 +139,6 @@ class Llama3Json(ToolParser):
         if not body or body.startswith("{") or self.PYTHON_TAG.startswith(body[: len(self.PYTHON_TAG)]):
             return ""  # a call may be coming: the whole reply is decided at its end
         return text
-
-    call_keys = ("parameters", "arguments")
 
     def calls_start(self, text: str) -> int | None:
         body = text.lstrip()

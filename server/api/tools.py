@@ -11,7 +11,7 @@ the calls come out exactly, as a structured output.
 - `none`: free text (the tools are still in the prompt, as OpenAI and vLLM render them).
 
 With a parser whose format xgrammar knows (below), required and named calls are written in the model's own
-format instead, under a structural tag that allows nothing but those calls (`forced_tool_grammar`), and read
+format instead, under a structural tag that allows nothing but those calls (`call_tool_grammar`), and read
 back by the parser as auto's are.
 
 `auto` (OpenAI's default when tools are given) lets the model choose between text and a call, in its own
@@ -20,7 +20,7 @@ format. It needs the parser of that format, named at start-up (`--tool-call-pars
 rather than a guess; vLLM without `--enable-auto-tool-choice` refuses it too. The text before the calls is
 the message's content; a reply whose calls do not parse, or name no tool of the request, stays text. For
 formats xgrammar knows (hermes, llama3_json, qwen3_coder) the reply is generated under a structural tag
-(`auto_tool_grammar`, unless `--no-tool-call-structural-tags`): the text is free until the model starts a call,
+(`call_tool_grammar`, unless `--no-tool-call-structural-tags`): the text is free until the model starts a call,
 and from there the call is held to the format, a tool's name and that tool's schema, so it parses; with
 `none`, a reply in those formats with markers (hermes, qwen3_coder) cannot open a call (`no_call_grammar`).
 """
@@ -33,7 +33,7 @@ import uuid
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, NamedToolChoice
 from server.api.tool_parsers import PARSERS, ToolParser
-from server.engine.structured import GrammarSpec, forced_call_tag, tool_call_tag
+from server.engine.structured import GrammarSpec, tool_call_tag
 
 ANY_OBJECT = {"type": "object"}
 
@@ -85,26 +85,16 @@ def tool_grammar(body: ChatCompletionRequest, mode: str) -> GrammarSpec:
     return GrammarSpec("json_schema", json.dumps(array), strict=False)
 
 
-def auto_tool_grammar(body: ChatCompletionRequest, parser: ToolParser) -> GrammarSpec | None:
-    """For tool_choice auto: the structural tag that holds each call the model starts to `parser`'s format and
-    its tool's schema (free text around it), or None where xgrammar does not know the format."""
+def call_tool_grammar(body: ChatCompletionRequest, parser: ToolParser, mode: str) -> GrammarSpec | None:
+    """The structural tag of `parser`'s call format for tool mode `mode` (`structured.tool_call_tag`): with auto,
+    free text in which each call the model starts is held to the format and its tool's schema; with required or
+    a named function, nothing but calls in that format. None where xgrammar does not know the format (auto then
+    reads calls from free text; required and named are `tool_grammar`'s JSON)."""
     if parser.structural_format is None:
         return None
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
-    return GrammarSpec("structural_tag", tool_call_tag(parser.structural_format, tools, body.parallel_tool_calls),
-                       strict=False)
-
-
-def forced_tool_grammar(body: ChatCompletionRequest, parser: ToolParser, mode: str) -> GrammarSpec | None:
-    """For tool_choice required or a named function (`mode`): the structural tag that makes the reply nothing but
-    calls in `parser`'s format, to the tools `mode` allows, each held to its schema; None where xgrammar does not
-    know the format (the reply is then `tool_grammar`'s JSON)."""
-    if parser.structural_format is None:
-        return None
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
-    return GrammarSpec("structural_tag", forced_call_tag(parser.structural_format, tools, mode,
-                                                         body.parallel_tool_calls, parser.call_separator),
-                       strict=False)
+    return GrammarSpec("structural_tag", tool_call_tag(parser.structural_format, tools, mode, body.parallel_tool_calls,
+                                                       parser.call_separator), strict=False)
 
 
 def no_call_grammar(parser: ToolParser) -> GrammarSpec | None:

@@ -79,7 +79,7 @@ class EngineConfig:
     tool's parameters schema (one call unless parallel_tool_calls), so it always parses; a function whose `strict`
     is false keeps free arguments. With tool_choice none, a format with a call marker (hermes, qwen3_coder) keeps
     the marker out of the reply. With tool_choice required or a named function, the reply is nothing but calls in
-    that format (`api.tools.forced_tool_grammar`) rather than JSON. Off: auto's calls are read from free text as
+    that format (`api.tools.call_tool_grammar`) rather than JSON. Off: auto's calls are read from free text as
     generated, and required and named calls are JSON."""
     reasoning_parser: str | None = None
     """Return a reasoning model's `<think>` block apart from its answer (the message's `reasoning` and

@@ -186,32 +186,24 @@ def _any_if_true(schema):
     return {} if schema is True else schema
 
 
-def tool_call_tag(model_format: str, tools: list[dict], parallel: bool) -> str:
-    """A structural tag (JSON text) for a reply that may call `tools` (OpenAI's function tool shape) in the tool-call
-    format xgrammar names `model_format`: free text, in which each call is held to the format and to its tool's
-    parameters schema (unless its `strict` is false); one call unless `parallel`. The reply's reasoning, if any,
-    is left to `DeferredMatcher`, and the free text keeps every token (xgrammar would bar `<think>` from it,
-    which would stop a thinking model served without a reasoning parser from thinking)."""
-    import xgrammar
+def tool_call_tag(model_format: str, tools: list[dict], choice: str, parallel: bool, separator: str) -> str:
+    """A structural tag (JSON text) for a reply that calls `tools` (OpenAI's function tool shape) in the tool-call
+    format xgrammar names `model_format`, each call held to the format and to its tool's parameters schema (unless
+    its `strict` is false), one call unless `parallel`:
 
-    tag = xgrammar.get_model_structural_tag(model_format, tools=tools, tool_choice="auto", reasoning=False,
-                                            exclude_special_tokens=False, parallel_tool_calls=parallel)
-    return tag.model_dump_json()
-
-
-def forced_call_tag(model_format: str, tools: list[dict], choice: str, parallel: bool, separator: str) -> str:
-    """A structural tag (JSON text) for a reply that is nothing but calls in the tool-call format xgrammar names
-    `model_format`: with `choice` "required", one or more calls to `tools` (one unless `parallel`), joined by
-    `separator`; with `choice` a function's name, one call to that function. Each call is held to its tool's
-    parameters schema, as in `tool_call_tag`."""
+    - `choice` "auto": free text, in which a call may start. The free text keeps every token (xgrammar would bar
+      `<think>` from it, which would stop a thinking model served without a reasoning parser from thinking); the
+      reply's reasoning, if any, is left to `DeferredMatcher`.
+    - "required": nothing but calls, joined by `separator` (xgrammar's own required tag allows text after them).
+    - a function's name: one call to that function, nothing else."""
     import xgrammar
     from xgrammar.structural_tag import TagsWithSeparatorFormat, TriggeredTagsFormat
 
     named = {"type": "function", "function": {"name": choice}}
     tag = xgrammar.get_model_structural_tag(model_format, tools=tools,
-                                            tool_choice="required" if choice == "required" else named,
+                                            tool_choice=choice if choice in ("auto", "required") else named,
                                             reasoning=False, exclude_special_tokens=False, parallel_tool_calls=parallel)
-    if choice == "required":  # xgrammar's required allows text after the calls; the reply here is the calls only
+    if choice == "required":
         if not isinstance(tag.format, TriggeredTagsFormat):
             raise ValueError(f"xgrammar's {model_format} format for required tool calls is not a set of tags")
         tag.format = TagsWithSeparatorFormat(tags=tag.format.tags, separator=separator, at_least_one=True,

@@ -282,7 +282,7 @@ def test_the_forced_parts_of_a_call_are_drafted_so_it_takes_fewer_steps(tiny_che
     them (on by default), giving the same reply in fewer engine steps than without drafts."""
     from server.api.protocol import ChatCompletionRequest
     from server.api.tool_parsers import PARSERS
-    from server.api.tools import auto_tool_grammar
+    from server.api.tools import call_tool_grammar
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
     from server.engine.request import Request, SamplingParams
@@ -294,7 +294,7 @@ def test_the_forced_parts_of_a_call_are_drafted_so_it_takes_fewer_steps(tiny_che
         steps = []
         engine = Engine(EngineConfig(model=tiny_checkpoints("llama", tool_tokens=True), num_kv_blocks=64,
                                      speculative_config=speculative), step_observer=steps.append)
-        grammar = engine.compile_grammar(auto_tool_grammar(body, PARSERS["hermes"]))
+        grammar = engine.compile_grammar(call_tool_grammar(body, PARSERS["hermes"], "auto"))
         (opening,) = engine.tokenizer.encode("<tool_call>", add_special_tokens=False)
         sampling = SamplingParams(max_tokens=120, temperature=1.0, seed=1, logit_bias=((opening, 30.0),))
         outputs = engine.generate_batch([Request("r", [5, 6, 7], sampling, grammar=grammar)])["r"]
@@ -318,12 +318,12 @@ def test_the_structural_tag_of_each_format_takes_the_calls_its_parser_reads(setu
 
     from server.api.protocol import ChatCompletionRequest
     from server.api.tool_parsers import PARSERS
-    from server.api.tools import auto_tool_grammar
+    from server.api.tools import call_tool_grammar
 
     parser = PARSERS[parser_name]
     body = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, "tools": [WEATHER, TIME],
                                                  "parallel_tool_calls": False})
-    grammar = setup_engine.compile_grammar(auto_tool_grammar(body, parser))
+    grammar = setup_engine.compile_grammar(call_tool_grammar(body, parser, "auto"))
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
     content, calls = parser.parse(good, schemas)
     assert content == ("Sure." if good.startswith("Sure.") else None) and len(calls) == 1
@@ -345,7 +345,7 @@ def test_the_forced_tags_of_each_format_take_calls_and_nothing_else(setup_engine
 
     from server.api.protocol import ChatCompletionRequest
     from server.api.tool_parsers import PARSERS
-    from server.api.tools import forced_tool_grammar
+    from server.api.tools import call_tool_grammar
 
     parser = PARSERS[parser_name]
     two = call + parser.call_separator + call
@@ -356,7 +356,7 @@ def test_the_forced_tags_of_each_format_take_calls_and_nothing_else(setup_engine
     def takes(mode: str, parallel: bool, text: str) -> bool:
         body = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, "tools": [WEATHER, TIME],
                                                      "parallel_tool_calls": parallel})
-        grammar = setup_engine.compile_grammar(forced_tool_grammar(body, parser, mode))
+        grammar = setup_engine.compile_grammar(call_tool_grammar(body, parser, mode))
         matcher = xgrammar.GrammarMatcher(grammar)
         return matcher.accept_string(text) and matcher.is_completed() if text else matcher.is_completed()
 
