@@ -33,8 +33,8 @@ from router.validate import (
 )
 
 __all__ = [
-    "TARGETS", "BackboneFingerprint", "ControllerSettings", "ModuleInfo", "ModuleLibrary", "ModuleWeights",
-    "TaskInfo", "fingerprint_from_hf_config", "random_library",
+    "TARGETS", "BackboneFingerprint", "ControllerSettings", "LibraryView", "ModuleInfo", "ModuleLibrary",
+    "ModuleWeights", "TaskInfo", "fingerprint_from_hf_config", "random_library",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,10 @@ class ModuleLibrary:
         if name not in self.weights:
             raise UnknownModuleError(name, list(self.modules))
         return self.weights[name]
+
+    def view(self) -> "LibraryView":
+        """This library without its module weights (`LibraryView`)."""
+        return LibraryView(self.backbone, dict(self.modules), dict(self.tasks), self.controller)
 
     @classmethod
     def load(cls, path: str | Path, expect: BackboneFingerprint | None = None) -> "ModuleLibrary":
@@ -190,6 +194,18 @@ class ModuleLibrary:
             self.backbone, {k: v for k, v in self.modules.items() if k != name}, dict(self.tasks),
             self.controller.without_module_column(name), {k: v for k, v in self.weights.items() if k != name},
         )
+
+
+@dataclass(frozen=True, eq=False)
+class LibraryView:
+    """What a checked `ModuleLibrary` says, without its module weights: names, ranks, tasks and the controller,
+    all that routing a request needs. The API process of an engine in a process of its own (`server.engine.process`)
+    routes with one while the weights, gigabytes for a large library, stay with the engine."""
+
+    backbone: BackboneFingerprint
+    modules: dict[str, ModuleInfo]
+    tasks: dict[str, TaskInfo]
+    controller: Controller
 
 
 NO_TASK_LOGIT = -1e4

@@ -103,6 +103,10 @@ class TextEncoder:
                 cls._instances[config] = cls(config)
             return cls._instances[config]
 
+    def __reduce__(self):
+        """Pickled as its config: unpickled, it is the receiving process's shared encoder (loaded there on use)."""
+        return TextEncoder.shared, (self.config,)
+
     @property
     def loaded(self) -> bool:
         return self._model is not None

@@ -136,6 +136,10 @@ def _engine(config: EngineConfig):
     except FileNotFoundError as error:
         _fail(f"--model {config.model}: {error}")
     try:
+        if config.engine_process:
+            from server.engine.process import EngineProcess
+
+            return EngineProcess(config)
         return Engine(config)
     except LibraryError as error:
         _fail(f"--library {config.library}: {error}")

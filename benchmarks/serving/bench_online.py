@@ -19,13 +19,15 @@ It prints a table and writes JSON (`--out`): each run's summary (TTFT, TPOT, ITL
 throughput), the ratio of the two runs' p99 TPOT, and the server's CPU time per generated token on its HTTP
 thread (the event loop: requests, SSE chunks) and on its engine thread (Linux only). The two share one
 interpreter lock, so when their sum per step nears the device's step time the host, not the device, bounds
-throughput.
+throughput. `--engine-process` builds the engine in a process of its own (`server.engine.process`) instead: the
+engine column is then that whole process's CPU, and `pipe` the API-side thread that reads its pipe.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import gc
 import multiprocessing
 import os
@@ -70,6 +72,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=None, help="new tokens (default 128; quick: 6)")
     parser.add_argument("--load", type=float, default=0.8, help="Poisson rate as a share of the capacity")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine-process", action="store_true",
+                        help="run the engine in a process of its own (EngineConfig.engine_process)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda: no CUDA device is available")
@@ -111,26 +115,39 @@ def _config(args: argparse.Namespace, url: str, model: str, **load) -> BenchConf
                        output_len=str(args.output_len), ignore_eos=True, progress=False, **load)
 
 
-def thread_cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) so far of each live Python thread of this process, by thread name (Linux's
-    /proc; empty elsewhere)."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+def _cpu_seconds(stat_path: str) -> float | None:
+    """User + system CPU seconds of a /proc stat file (a process's or a thread's); None where there is none."""
+    try:
+        with open(stat_path) as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+
+
+def server_cpu_seconds(engine) -> dict[str, float]:
+    """CPU seconds so far of each live Python thread of this process, by thread name, and of the engine's own
+    process as `tessera-engine` when it has one (Linux's /proc; empty elsewhere)."""
     seconds = {}
     for thread in threading.enumerate():
-        try:
-            with open(f"/proc/self/task/{thread.native_id}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        seconds[thread.name] = seconds.get(thread.name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        used = _cpu_seconds(f"/proc/self/task/{thread.native_id}/stat")
+        if used is not None:
+            seconds[thread.name] = seconds.get(thread.name, 0.0) + used
+    pid = getattr(engine, "pid", None)
+    used = _cpu_seconds(f"/proc/{pid}/stat") if pid is not None else None
+    if used is not None:
+        seconds["tessera-engine"] = used
     return seconds
 
 
 def _server_cpu(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float | None]:
-    """Microseconds of CPU per generated token on the server's HTTP and engine threads between two readings."""
+    """Microseconds of CPU per generated token between two readings: the server's HTTP thread, its engine (the
+    step loop's thread, or the engine's whole process), and the API-side thread that reads an engine process's
+    pipe (None without one)."""
     per_token = lambda name: (1e6 * (after[name] - before.get(name, 0.0)) / tokens  # noqa: E731
                               if name in after and tokens else None)
-    return {"http_us_per_token": per_token("tessera-http"), "engine_us_per_token": per_token("tessera-engine")}
+    return {"http_us_per_token": per_token("tessera-http"), "engine_us_per_token": per_token("tessera-engine"),
+            "pipe_us_per_token": per_token("tessera-engine-reader")}
 
 
 def _summary(document: dict) -> dict:
@@ -145,14 +162,20 @@ def _row(name: str, s: dict) -> str:
     rate = "   -" if s["rate"] is None else f"{s['rate']:4.1f}"
     return (f"{name:<9} {rate} {s['request_throughput']:6.2f} {s['output_throughput']:8.0f} "
             f"{ms(s['ttft']['p50'])} {ms(s['ttft']['p99'])} {ms(s['tpot']['p50'])} {ms(s['tpot']['p99'])} "
-            f"{s['num_failed']:5d} {us(s['http_us_per_token'])} {us(s['engine_us_per_token'])}")
+            f"{s['num_failed']:5d} {us(s['http_us_per_token'])} {us(s['engine_us_per_token'])} "
+            f"{us(s['pipe_us_per_token'])}")
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the three load runs; returns the JSON document it wrote to `--out`."""
     args = _parse(argv)
     started = time.perf_counter()
-    engine = _engine(args)
+    if args.engine_process:
+        from server.engine.process import EngineProcess
+
+        engine = EngineProcess(build=functools.partial(_engine, args))
+    else:
+        engine = _engine(args)
     device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or "cpu")
     document = {"benchmark": "online", "config": vars(args), "device": device, "torch": torch.__version__,
                 "git": git_state(REPO), "num_modules": NUM_MODULES, "module_rank": MODULE_RANK,
@@ -161,9 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     with client, serve_in_background(engine) as url:
 
         def measure(**load) -> dict:
-            before = thread_cpu_seconds()
+            before = server_cpu_seconds(engine)
             summary = _summary(client.submit(benchmark, _config(args, url, engine.model_name, **load)).result())
-            return summary | _server_cpu(before, thread_cpu_seconds(), summary["output_tokens"])
+            return summary | _server_cpu(before, server_cpu_seconds(engine), summary["output_tokens"])
 
         capacity = measure(concurrency=args.concurrency)
         rate = args.load * capacity["request_throughput"]
@@ -179,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(Path(args.out), document)
     print(f"{args.config} on {device}, {args.dtype}: prompts {args.input_len} words, {args.output_len} new tokens")
     print(f"{'run':<9} {'rate':>4} {'req/s':>6} {'tok/s':>8} {'TTFT50':>6} {'TTFT99':>6} {'TPOT50':>6} {'TPOT99':>6}"
-          f" {'fails':>5} {'http':>6} {'engine':>6}   (latencies in ms; server CPU in us per token)")
+          f" {'fails':>5} {'http':>6} {'engine':>6} {'pipe':>6}   (latencies in ms; server CPU in us per token)")
     for name in ("capacity", "none", "modules"):
         print(_row(name, document["runs"][name]))
     ratio = document["p99_tpot_ratio"]

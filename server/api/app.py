@@ -52,7 +52,7 @@ def create_app(engine, api_key: str | None = None, allowed_origins: list[str] | 
     """
     tools.parser_named(engine.config.tool_call_parser)  # an unknown parser fails at start-up
     reasoning = reasoning_parser_named(engine.config.reasoning_parser)
-    metrics = Metrics(engine.model_name, engine.scheduler.modules.num_slots)
+    metrics = Metrics(engine.model_name, engine.num_module_slots)
     engine.step_observer = metrics.observe_step
     metrics.observe_step(engine.stats())
 

@@ -64,7 +64,7 @@ async def search(runner: Runner, call: Call, index: int, length_penalty: float) 
     """The best `call.n` beams from the prompt of choice `index`, best first."""
     engine, params, prompt = runner.engine, call.params[index], call.prompts[index]
     width = call.n
-    ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(engine.scheduler.eos_ids))
+    ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(engine.eos_ids))
     step = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=2 * width)
     live, finished = [Beam([])], []
     for position in range(params.max_tokens):

@@ -119,6 +119,10 @@ class EngineConfig:
     async_scheduling: str = "auto"
     """Plan and launch step N+1 before step N's tokens are read back, so the CPU work between steps overlaps
     the device's: auto (on CUDA; off on the CPU), on or off. Outputs are the same either way."""
+    engine_process: bool = False
+    """Run the engine in a process of its own (`server.engine.process`), as vLLM's EngineCore: the HTTP server's
+    work per streamed token (SSE chunks, socket writes, asyncio) then no longer takes the interpreter lock from
+    the step loop. Off: the engine's step loop is a thread of the server's process."""
 
     def speculative(self):
         """The parsed `speculative_config` (`speculative.SpeculativeConfig`); ValueError when it is bad."""

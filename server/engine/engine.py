@@ -106,6 +106,9 @@ class Engine:
         self._compiler_lock = threading.Lock()
         self.runtime_modules: set[str] = set()
         """Modules added while serving (add_module); only these can be removed again."""
+        self.after_iteration: Callable[[], None] | None = None
+        """Called on the loop's thread after each pass of the step loop (a step, or an inbox drained before an idle
+        wait) and when the loop dies: an engine in a process of its own (`process`) sends what the pass emitted."""
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -162,17 +165,30 @@ class Engine:
     def stats(self) -> StepStats:
         return self._last_stats
 
+    @property
+    def eos_ids(self) -> set[int]:
+        """The token ids that end generation unless a request ignores EOS."""
+        return self.scheduler.eos_ids
+
+    @property
+    def num_module_slots(self) -> int:
+        return self.scheduler.modules.num_slots
+
     def compile_grammar(self, spec):
         """A structured-output constraint (`structured.GrammarSpec`) compiled for this backbone's tokenizer,
         for `Request.grammar`; ValueError when the spec is bad. Blocking (milliseconds for a typical schema;
         cached): the API calls it in a worker thread."""
+        return self.grammar_compiler().compile(spec)
+
+    def grammar_compiler(self):
+        """The engine's one `structured.GrammarCompiler`, built on first use."""
         with self._compiler_lock:  # building the compiler reads the whole vocabulary: once per engine
             if self._grammar_compiler is None:
                 from server.engine.structured import GrammarCompiler
 
                 self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model.hf_config.vocab_size,
                                                          self.scheduler.eos_ids)
-        return self._grammar_compiler.compile(spec)
+        return self._grammar_compiler
 
     @functools.cached_property
     def fingerprint(self):
@@ -283,14 +299,22 @@ class Engine:
             while not self._stopping:
                 self._drain_inbox()
                 if not self.has_work():
+                    self._iterated()
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
                 self._guarded(self.step)
+                self._iterated()
             self._guarded(self._flush)
             self._refuse_queued_changes()
+            self._iterated()
         except BaseException as error:  # noqa: BLE001 - a dead loop must say so, not leave requests hanging
             self._die(error)
+            self._iterated()
+
+    def _iterated(self) -> None:
+        if self.after_iteration is not None:
+            self.after_iteration()
 
     def _die(self, error: BaseException) -> None:
         logger.critical("the engine stopped serving: %s", error, exc_info=error)

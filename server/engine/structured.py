@@ -228,6 +228,7 @@ class GrammarCompiler:
         self._xgr = xgrammar
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=sorted(stop_token_ids) or None)
+        self._info = info
         self._compiler = xgrammar.GrammarCompiler(info, max_threads=2)
         self.vocab_size = vocab_size
 
@@ -250,6 +251,11 @@ class GrammarCompiler:
             raise
         except Exception as error:  # noqa: BLE001 - xgrammar reports bad input as RuntimeError and others
             raise ValueError(f"invalid {spec.kind.replace('_', ' ')}: {error}") from None
+
+    def deserialize(self, text: str):
+        """A compiled grammar from its `serialize_json()` text, made by a compiler over the same tokenizer and
+        vocabulary (in another process: `server.engine.process`)."""
+        return self._xgr.CompiledGrammar.deserialize_json(text, self._info)
 
 
 def _schema_prepared(text: str, strict: bool) -> str:

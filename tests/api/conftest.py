@@ -6,6 +6,7 @@ test modules wrap it in module-scoped fixtures, so each module starts one server
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import openai
 import pytest
 from transformers import AutoConfig
 
-from router.library import ModuleLibrary, fingerprint_from_hf_config, random_library
+from router.library import LibraryView, ModuleLibrary, fingerprint_from_hf_config, random_library
 from server.api.background import serve_in_background
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
@@ -34,9 +35,11 @@ class Served:
     def backbone(self) -> str:
         return self.engine.model_name
 
-    @property
+    @functools.cached_property
     def library(self) -> ModuleLibrary:
-        return self.engine.library
+        """The served library with its weights (read from disk when the engine runs in a process of its own)."""
+        library = self.engine.library
+        return ModuleLibrary.load(self.engine.config.library) if isinstance(library, LibraryView) else library
 
     def client(self, api_key: str = "unused") -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
@@ -57,9 +60,15 @@ def library_dir(tiny_llama, tmp_path_factory) -> str:
     return str(library.write(tmp_path_factory.mktemp("library") / "lib"))
 
 
-def make_engine(model: str, library: str | None) -> Engine:
-    return Engine(EngineConfig(model=model, library=library, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN,
-                               max_num_seqs=8, max_num_batched_tokens=256, seed=0))
+def make_engine(model: str, library: str | None, **overrides) -> Engine:
+    """An engine for the API tests; `engine_process=True` in `overrides` gives a `process.EngineProcess`."""
+    config = EngineConfig(model=model, library=library, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN,
+                          max_num_seqs=8, max_num_batched_tokens=256, seed=0, **overrides)
+    if config.engine_process:
+        from server.engine.process import EngineProcess
+
+        return EngineProcess(config)
+    return Engine(config)
 
 
 @pytest.fixture(scope="module")

@@ -43,9 +43,10 @@ def test_serve_rejects_a_directory_without_config_json(tmp_path):
     assert "config.json" in result.stderr and str(tmp_path) in result.stderr
 
 
-def test_serve_rejects_an_invalid_library(tiny_llama, tmp_path):
+@pytest.mark.parametrize("where", [(), ("--engine-process",)], ids=["thread", "process"])
+def test_serve_rejects_an_invalid_library(tiny_llama, tmp_path, where):
     (tmp_path / "library.json").write_text('{"format": "something else"}')
-    result = run_cli("serve", "--model", tiny_llama, "--library", str(tmp_path))
+    result = run_cli("serve", "--model", tiny_llama, "--library", str(tmp_path), *where)
     assert result.returncode == 2
     assert result.stderr.startswith(f"tessera: error: --library {tmp_path}:") and "Traceback" not in result.stderr
 
@@ -196,15 +197,17 @@ def test_half_a_tls_pair_is_a_clear_error(tiny_llama, tmp_path):
     assert result.returncode == 2 and "--ssl-keyfile and --ssl-certfile go together" in result.stderr
 
 
-def test_sigterm_lets_a_running_stream_finish_before_the_server_exits(tiny_llama):
+@pytest.mark.parametrize("where", [(), ("--engine-process",)], ids=["thread", "process"])
+def test_sigterm_lets_a_running_stream_finish_before_the_server_exits(tiny_llama, where):
     """A rolling restart: the server stops taking connections, every stream in flight runs to its end, then the
-    process exits cleanly."""
+    process exits cleanly (and an engine process with it, whether the signal reached only the server or, as
+    systemd sends it, its whole group)."""
     import json
     import signal
 
     port = free_port()
-    process = cli("serve", "--model", tiny_llama, "--port", str(port), "--num-kv-blocks", "64",
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = cli("serve", "--model", tiny_llama, "--port", str(port), "--num-kv-blocks", "64", *where,
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(process, url, timeout=90)
@@ -213,15 +216,30 @@ def test_sigterm_lets_a_running_stream_finish_before_the_server_exits(tiny_llama
         events = []
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
-                if line.startswith("data: ") and len(events) == 2:
-                    process.send_signal(signal.SIGTERM)  # mid-stream
+                if line.startswith("data: ") and len(events) == 2:  # mid-stream
+                    os.killpg(process.pid, signal.SIGTERM) if where else process.send_signal(signal.SIGTERM)
                 if line.startswith("data: "):
                     events.append(line.removeprefix("data: "))
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["usage"]["completion_tokens"] == 120  # every token, none cut
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+        if where:  # no engine process is left behind
+            deadline = time.monotonic() + 10
+            while _group_alive(process.pid):
+                assert time.monotonic() < deadline, "the engine process outlived the server"
+                time.sleep(0.05)
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
     finally:
         if process.poll() is None:
             process.kill()
+        if _group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -101,7 +101,7 @@ def test_vllm_lora_requests_info_names_the_modules_of_running_and_waiting_reques
     response = chat(server, model=server.backbone, modules={"m1": 1.0})  # the real server, once idle again
     assert response.status_code == 200
     (labels,) = [dict(labels) for (name, labels), _ in scrape(server).items() if name == "vllm:lora_requests_info"]
-    assert labels == {"max_lora": str(server.engine.scheduler.modules.num_slots), "waiting_lora_adapters": "",
+    assert labels == {"max_lora": str(server.engine.num_module_slots), "waiting_lora_adapters": "",
                       "running_lora_adapters": ""}
 
 

@@ -8,9 +8,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from tests.api.conftest import MAX_MODEL_LEN, serve
+from tests.api.conftest import make_engine, serve
 from tests.api.test_errors import error_of
 from tests.router.helpers import random_peft_adapter
 
@@ -21,10 +20,9 @@ LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _engine(model: str, library: str | None, runtime: bool = True) -> Engine:
-    return Engine(EngineConfig(model=model, library=library, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN,
-                               max_num_seqs=8, max_num_batched_tokens=256, seed=0, runtime_modules=runtime,
-                               max_loaded_modules=2, max_rank=8))
+def _engine(model: str, library: str | None, runtime: bool = True, process: bool = False) -> Engine:
+    return make_engine(model, library, runtime_modules=runtime, max_loaded_modules=2, max_rank=8,
+                       engine_process=process)
 
 
 def _base(model_dir):
@@ -148,8 +146,7 @@ def test_loading_is_off_unless_asked_and_works_without_a_library(tiny_llama, tmp
 
 def test_lora_modules_at_start_up_serve_like_vllm_names_them(tiny_llama, library_dir, tmp_path):
     adapter = _adapter(tiny_llama, tmp_path / "sql", 7)
-    engine = Engine(EngineConfig(model=tiny_llama, library=library_dir, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN,
-                                 max_num_seqs=8, max_num_batched_tokens=256, lora_modules=(f"sql={adapter}",)))
+    engine = make_engine(tiny_llama, library_dir, lora_modules=(f"sql={adapter}",))
     controller = engine.library.controller
     assert all("sql" not in controller.gates_for_task(task).module_ids for task in controller.tasks)
     with serve(engine) as server, httpx.Client(base_url=server.url, timeout=60) as http:

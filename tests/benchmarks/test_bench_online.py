@@ -9,9 +9,10 @@ from benchmarks.serving import bench_online
 
 
 @pytest.mark.slow
-def test_three_runs_through_the_http_stack_and_the_ratio(tmp_path):
+@pytest.mark.parametrize("where", [(), ("--engine-process",)], ids=["thread", "process"])
+def test_three_runs_through_the_http_stack_and_the_ratio(tmp_path, where):
     out = tmp_path / "online.json"
-    document = bench_online.main(["--config", "tiny", "--quick", "--device", "cpu", "--out", str(out)])
+    document = bench_online.main(["--config", "tiny", "--quick", "--device", "cpu", "--out", str(out), *where])
     assert json.loads(out.read_text()) == json.loads(json.dumps(document))
     runs = document["runs"]
     for name in ("capacity", "none", "modules"):
@@ -19,6 +20,7 @@ def test_three_runs_through_the_http_stack_and_the_ratio(tmp_path):
         assert runs[name]["output_tokens"] == 12 * 6  # ignore_eos: every request runs to its length
         # the server's threads did the serving (the client ran in a process of its own, so it is not counted)
         assert runs[name]["engine_us_per_token"] > 0 and runs[name]["http_us_per_token"] >= 0
+        assert (runs[name]["pipe_us_per_token"] is not None) == bool(where)  # the reader of the engine's pipe
     assert runs["capacity"]["concurrency"] == 4 and runs["capacity"]["rate"] is None
     rate = runs["none"]["rate"]
     assert rate == pytest.approx(0.8 * runs["capacity"]["request_throughput"]) and runs["modules"]["rate"] == rate
