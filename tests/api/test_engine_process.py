@@ -8,6 +8,8 @@ after them check what only a separate process has: the weights stay in it, and i
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import signal
 import threading
@@ -20,7 +22,7 @@ import pytest
 from router.errors import LibraryError
 from router.library import LibraryView
 from server.engine.config import EngineConfig
-from server.engine.engine import EngineDeadError
+from server.engine.engine import Engine, EngineDeadError
 from server.engine.process import EngineProcess, pack_error, unpack_error
 from server.engine.request import NoDrawableTokenError, Request, SamplingParams
 from tests.api.conftest import make_engine, serve
@@ -108,3 +110,53 @@ def test_a_dead_engine_process_fails_its_requests_and_health_says_503(tiny_llama
         assert caught.value.status_code == 503
     with pytest.raises(EngineDeadError):
         engine.add_module(None, None).result(timeout=5)
+
+
+def failing_launches(config: EngineConfig, failures: dict[int, str]) -> Engine:
+    """An engine (built in the engine's process) whose step number n raises RuntimeError(failures[n])."""
+    engine = Engine(config)
+    launch, steps = engine.runner.launch, itertools.count()
+
+    def launch_or_fail(plan):
+        step = next(steps)
+        if step in failures:
+            raise RuntimeError(failures[step])
+        return launch(plan)
+
+    engine.runner.launch = launch_or_fail
+    return engine
+
+
+def _config(tiny_llama, library_dir) -> EngineConfig:
+    return EngineConfig(model=tiny_llama, library=library_dir, num_kv_blocks=64, max_model_len=256, max_num_seqs=8,
+                        max_num_batched_tokens=256, seed=0)
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_process_serves_on(tiny_llama, library_dir):
+    build = functools.partial(failing_launches, _config(tiny_llama, library_dir), {2: "a step that failed"})
+    with serve(EngineProcess(build=build)) as served:
+        client = served.client()
+        with pytest.raises(openai.InternalServerError, match="a step that failed"):
+            client.completions.create(model="reverse", prompt="abc", max_tokens=8)
+        again = client.completions.create(model="reverse", prompt="abc", max_tokens=4, extra_body={"ignore_eos": True})
+        assert again.usage.completion_tokens == 4 and served.engine.healthy()
+
+
+def test_a_device_error_in_the_engine_process_is_a_503_until_restarted(tiny_llama, library_dir):
+    fatal = "CUDA error: an illegal memory access was encountered"
+    engine = EngineProcess(build=functools.partial(failing_launches, _config(tiny_llama, library_dir), {3: fatal}))
+    with serve(engine) as served:
+        client = served.client()
+        with pytest.raises(openai.InternalServerError, match="illegal memory access"):  # its step failed
+            client.completions.create(model="reverse", prompt="abc", max_tokens=8)
+        deadline = time.monotonic() + 10
+        while engine.dead is None:  # the loop's death follows its step's failure in the next message
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert isinstance(engine.dead, EngineDeadError) and not engine.healthy()
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model="reverse", prompt="abc", max_tokens=8)
+        assert caught.value.status_code == 503 and "illegal memory access" in str(caught.value)
+        assert engine._process.is_alive(), "the step loop died, not the process"
+        assert httpx.get(served.url + "/health", timeout=10).status_code == 503
+    assert not engine._process.is_alive(), "shut down with the server"
