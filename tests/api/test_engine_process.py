@@ -2,8 +2,9 @@
 
 The API test modules that exercise the engine from every side (chat and completions, every tagging route,
 structured outputs, metrics and client disconnects, adapters loaded and unloaded while serving) run here a second
-time, against an `EngineProcess`: their tests are imported below and their server fixtures replaced. The tests
-after them check what only a separate process has: the weights stay in it, and its death is a 503, not a hang.
+time, against an `EngineProcess`: their tests are imported below and their server fixtures replaced (text routing's
+run in `test_engine_process_routing`, since their `client` fixture is another server's). The tests after them
+check what only a separate process has: the weights stay in it, and its death is a 503, not a hang.
 """
 
 from __future__ import annotations

@@ -28,13 +28,18 @@ OFF_TOPIC = "tell me a joke about cats"
 
 
 @pytest.fixture(scope="module")
-def routed(tiny_llama, tmp_path_factory) -> Iterator[Served]:
-    """A server whose library (tasks reverse, uppercase, arithmetic) has a trained text router."""
+def routed_library(tiny_llama, tmp_path_factory) -> str:
+    """A library (tasks reverse, uppercase, arithmetic) with a trained text router."""
     fingerprint = fingerprint_from_hf_config(AutoConfig.from_pretrained(tiny_llama))
     library = random_library(fingerprint, num_modules=4, tasks=TASKS, rank=8, std=0.2, seed=0)
     library = library.with_text_router(trained_head()[0], TextRouterSettings(min_confidence=MIN_CONFIDENCE))
-    path = library.write(tmp_path_factory.mktemp("routed") / "lib")
-    with serve(make_engine(tiny_llama, str(path))) as served:
+    return str(library.write(tmp_path_factory.mktemp("routed") / "lib"))
+
+
+@pytest.fixture(scope="module")
+def routed(tiny_llama, routed_library) -> Iterator[Served]:
+    """A server of `routed_library`."""
+    with serve(make_engine(tiny_llama, routed_library)) as served:
         yield served
 
 
