@@ -266,7 +266,7 @@ async def _call(runner: Runner, kind: str, body, prompts: list[list[int]], reque
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     configured = tools.parser_named(engine.config.tool_call_parser)
     forced = tool_mode not in (None, "auto")  # required or a named function
-    native = (configured if forced and configured is not None and configured.structural_format is not None
+    native = (configured if forced and configured is not None and configured.tag_format(engine.tokenizer) is not None
               and engine.config.tool_call_structural_tags else None)  # forced calls in the model's own format
     parser = configured if tool_mode == "auto" else native
     if parser is not None and parser.keeps_special_tokens:  # its markers are special tokens
@@ -380,9 +380,9 @@ async def _grammar(engine, body, tool_mode: str | None, parser=None):
     spec = None
     if asked is None and parser is not None:
         if tool_mode is not None:  # (xgrammar builds the tag: off the event loop)
-            spec = await asyncio.to_thread(tools.call_tool_grammar, body, parser, tool_mode)
+            spec = await asyncio.to_thread(tools.call_tool_grammar, body, parser, tool_mode, engine.tokenizer)
         else:
-            spec = tools.no_call_grammar(parser)
+            spec = tools.no_call_grammar(parser, engine.tokenizer)
         asked = (spec, "tools") if spec is not None else None
     held = spec is not None and tool_mode is not None
     if forced and asked is None:

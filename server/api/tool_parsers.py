@@ -50,6 +50,10 @@ class ToolParser:
     """The text that opens a call and nothing else (a marker): with tool_choice none it is kept out of the reply
     (`tools.no_call_grammar`); None where a call opens with text a plain reply may hold too."""
 
+    def tag_format(self, tokenizer) -> str | None:
+        """The structural format (`structural_format`) of the calls of the model `tokenizer` belongs to."""
+        return self.structural_format
+
     def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
         """The content and calls of a whole reply; None when it makes no call or does not parse. `tools` (name
         -> parameters schema) is for formats whose arguments are untyped text."""
@@ -146,9 +150,23 @@ class Llama3Json(ToolParser):
 
 
 class Mistral(ToolParser):
+    """Mistral's calls after the special token `[TOOL_CALLS]`: a JSON array of `{"name": ..., "arguments": ...}` (v3
+    tokenizers), or `NAME[ARGS]{...}` per call (v11 and later); it reads both. Its structural tag writes the one the
+    chat template writes (`tag_format`)."""
+
     name = "mistral"
     keeps_special_tokens = True
+    structural_format = "mistral_v3"
+    call_separator = ""
+    call_opening = "[TOOL_CALLS]"
     CALLS, ARGS = "[TOOL_CALLS]", "[ARGS]"
+
+    def tag_format(self, tokenizer) -> str | None:
+        """v11's NAME[ARGS]{...} where the chat template writes calls that way, else v3's array; None for a tokenizer
+        without the token `[TOOL_CALLS]` (no tag can hold calls to it there: they are read from free text)."""
+        if tokenizer is None or len(tokenizer.encode(self.CALLS, add_special_tokens=False)) != 1:
+            return None
+        return "mistral_v11" if self.ARGS in (getattr(tokenizer, "chat_template", None) or "") else "mistral_v3"
 
     def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
         start = text.find(self.CALLS)

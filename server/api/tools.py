@@ -19,10 +19,11 @@ format. It needs the parser of that format, named at start-up (`--tool-call-pars
 `server.api.tool_parsers`: hermes, llama3_json, mistral, qwen3_coder, pythonic). Without one, auto is a 400
 rather than a guess; vLLM without `--enable-auto-tool-choice` refuses it too. The text before the calls is
 the message's content; a reply whose calls do not parse, or name no tool of the request, stays text. For
-formats xgrammar knows (hermes, llama3_json, qwen3_coder) the reply is generated under a structural tag
-(`call_tool_grammar`, unless `--no-tool-call-structural-tags`): the text is free until the model starts a call,
-and from there the call is held to the format, a tool's name and that tool's schema, so it parses; with
-`none`, a reply in those formats with markers (hermes, qwen3_coder) cannot open a call (`no_call_grammar`).
+formats xgrammar knows (hermes, llama3_json, qwen3_coder) and Mistral's (v3 and v11, built here: its markers are
+special tokens) the reply is generated under a structural tag (`call_tool_grammar`, unless
+`--no-tool-call-structural-tags`): the text is free until the model starts a call, and from there the call is held
+to the format, a tool's name and that tool's schema, so it parses; with `none`, a reply in those formats with
+markers (hermes, qwen3_coder, mistral) cannot open a call (`no_call_grammar`).
 """
 
 from __future__ import annotations
@@ -85,25 +86,30 @@ def tool_grammar(body: ChatCompletionRequest, mode: str) -> GrammarSpec:
     return GrammarSpec("json_schema", json.dumps(array), strict=False)
 
 
-def call_tool_grammar(body: ChatCompletionRequest, parser: ToolParser, mode: str) -> GrammarSpec | None:
+def call_tool_grammar(body: ChatCompletionRequest, parser: ToolParser, mode: str, tokenizer=None) -> GrammarSpec | None:
     """The structural tag of `parser`'s call format for tool mode `mode` (`structured.tool_call_tag`): with auto,
     free text in which each call the model starts is held to the format and its tool's schema; with required or
     a named function, nothing but calls in that format. None where xgrammar does not know the format (auto then
-    reads calls from free text; required and named are `tool_grammar`'s JSON)."""
-    if parser.structural_format is None:
+    reads calls from free text; required and named are `tool_grammar`'s JSON). `tokenizer`, the model's, picks the
+    format where a family has several (`ToolParser.tag_format`)."""
+    model_format = parser.tag_format(tokenizer)
+    if model_format is None:
         return None
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
-    return GrammarSpec("structural_tag", tool_call_tag(parser.structural_format, tools, mode, body.parallel_tool_calls,
+    return GrammarSpec("structural_tag", tool_call_tag(model_format, tools, mode, body.parallel_tool_calls,
                                                        parser.call_separator), strict=False)
 
 
-def no_call_grammar(parser: ToolParser) -> GrammarSpec | None:
+def no_call_grammar(parser: ToolParser, tokenizer=None) -> GrammarSpec | None:
     """For tool_choice none: free text that never opens a call in `parser`'s format (OpenAI's none: the model
-    answers in text), or None where the format has no marker to keep out."""
-    if parser.call_opening is None:
+    answers in text), or None where the format has no marker to keep out, or no tag for `tokenizer`'s model."""
+    if parser.call_opening is None or parser.tag_format(tokenizer) is None:
         return None
-    return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": {
-        "type": "any_text", "excludes": [parser.call_opening]}}))
+    if parser.keeps_special_tokens:  # the marker is a special token: kept out as a token (xgrammar matches it so)
+        free = {"type": "any_tokens", "exclude_tokens": [parser.call_opening]}
+    else:
+        free = {"type": "any_text", "excludes": [parser.call_opening]}
+    return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": free}))
 
 
 def template_messages(body: ChatCompletionRequest) -> list[dict]:

@@ -196,6 +196,8 @@ def tool_call_tag(model_format: str, tools: list[dict], choice: str, parallel: b
       reply's reasoning, if any, is left to `DeferredMatcher`.
     - "required": nothing but calls, joined by `separator` (xgrammar's own required tag allows text after them).
     - a function's name: one call to that function, nothing else."""
+    if model_format in MISTRAL_FORMATS:
+        return mistral_tool_call_tag(tools, choice, parallel, named_arguments=model_format == "mistral_v11")
     import xgrammar
     from xgrammar.structural_tag import TagsWithSeparatorFormat, TriggeredTagsFormat
 
@@ -209,6 +211,47 @@ def tool_call_tag(model_format: str, tools: list[dict], choice: str, parallel: b
         tag.format = TagsWithSeparatorFormat(tags=tag.format.tags, separator=separator, at_least_one=True,
                                              stop_after_first=not parallel)
     return tag.model_dump_json()
+
+
+MISTRAL_FORMATS = ("mistral_v3", "mistral_v11")
+"""Mistral's tool-call formats (xgrammar has no builtin tag for them): `[TOOL_CALLS]` then a JSON array of
+`{"name": ..., "arguments": {...}}` (v3 tokenizers: Mistral-7B-Instruct-v0.3, Mixtral), or `[TOOL_CALLS]NAME[ARGS]{...}`
+per call (v11 and later: Mistral Small 3.2, Magistral, Devstral)."""
+
+
+def mistral_tool_call_tag(tools: list[dict], choice: str, parallel: bool, named_arguments: bool) -> str:
+    """`tool_call_tag` for Mistral's formats (`MISTRAL_FORMATS`; `named_arguments` for v11's NAME[ARGS]{...}).
+
+    Its markers are special tokens, which xgrammar matches as tokens, not text: a call begins at the token
+    `[TOOL_CALLS]` (and v11's arguments after the token `[ARGS]`). Auto: free tokens until a call begins (one call,
+    or one array of one call, unless `parallel`). Required: nothing but calls. A named function: one call to it."""
+    functions = [tool["function"] for tool in tools if tool.get("type", "function") == "function"]
+    if choice not in ("auto", "required"):
+        functions = [f for f in functions if f["name"] == choice]
+        if not functions:
+            raise ValueError(f"tool_choice names function {choice!r}, which is not among the tools")
+    free = {"type": "object"}  # a function whose strict is false keeps free arguments
+    schemas = {f["name"]: (f.get("parameters") or free) if f.get("strict") is not False else free for f in functions}
+    one = not parallel or choice not in ("auto", "required")
+    single = one or not named_arguments  # (v3's one array holds every call)
+    if named_arguments:  # one tag per call: [TOOL_CALLS]NAME[ARGS]{...}
+        content = {"type": "or", "elements": [
+            {"type": "sequence", "elements": [{"type": "const_string", "value": name}, {"type": "token", "token": "[ARGS]"},
+                                              {"type": "json_schema", "json_schema": schema}]}
+            for name, schema in schemas.items()]}
+    else:  # one tag for all calls: [TOOL_CALLS][{"name": ..., "arguments": ...}, ...]
+        calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
+            {"type": "object", "properties": {"name": {"const": name}, "arguments": schema},
+             "required": ["name", "arguments"], "additionalProperties": False} for name, schema in schemas.items()]}}
+        content = {"type": "json_schema", "json_schema": calls | ({"maxItems": 1} if one else {})}
+    tag = {"type": "tag", "begin": {"type": "token", "token": "[TOOL_CALLS]"}, "content": content, "end": ""}
+    if choice == "auto":
+        form = {"type": "token_triggered_tags", "trigger_tokens": ["[TOOL_CALLS]"], "tags": [tag],
+                "stop_after_first": single}
+    else:
+        form = {"type": "tags_with_separator", "tags": [tag], "separator": "", "at_least_one": True,
+                "stop_after_first": single}
+    return json.dumps({"type": "structural_tag", "format": form})
 
 
 def choice_grammar(choices: list[str]) -> str:
@@ -353,6 +396,9 @@ def constrain(logits: torch.Tensor, matchers: list, after: list[int | None] | No
         matcher.fill_next_token_bitmask(bitmask, row)
     for matcher, count in advanced.values():
         matcher.rollback(count)
+    tail = logits.shape[1] % 32
+    if tail and rows:  # the last word's bits past the vocabulary: allowed (a grammar of token-triggered tags clears
+        bitmask[:, -1] |= ~((1 << tail) - 1)  # them, and xgrammar's CPU kernel then writes past the logits' rows)
     constrained = logits.clone()
     device = logits.device  # (queued copies: a blocking one would wait for the step's forward pass)
     xgrammar.apply_token_bitmask_inplace(constrained, to_device(bitmask, device),

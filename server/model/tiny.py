@@ -31,6 +31,27 @@ THINKING_CHAT_TEMPLATE = (
 """A reasoning model's template (as Qwen3-2507's thinking models and DeepSeek-R1 write theirs): the assistant
 turn opens a `<think>` block, or writes an empty one when `enable_thinking` is false; an earlier assistant turn's
 `reasoning_content` is rendered in its own block."""
+MISTRAL_TOOL_TOKENS = ("[TOOL_CALLS]", "[ARGS]")
+"""Special tokens of Mistral's tokenizers that its tool calls are written with (`mistral_chat_template`)."""
+
+
+def mistral_chat_template(version: str) -> str:
+    """A ChatML template whose assistant turns write their tool calls as Mistral's templates do: v3
+    `[TOOL_CALLS][{"name": ..., "arguments": {...}}]`, v11 `[TOOL_CALLS]NAME[ARGS]{...}` per call."""
+    if version == "v11":
+        calls = ("{% for call in message.tool_calls %}{{ '[TOOL_CALLS]' + call.function.name + '[ARGS]' }}"
+                 "{{ call.function.arguments | tojson }}{% endfor %}")
+    elif version == "v3":
+        calls = ("{{ '[TOOL_CALLS]' }}{{ message.tool_calls | map(attribute='function') | list | tojson }}")
+    else:
+        raise ValueError(f"mistral tool-call format must be v3 or v11, got {version!r}")
+    return ("{% for message in messages %}"
+            "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') }}"
+            "{% if message.tool_calls is defined and message.tool_calls %}" + calls + "{% endif %}"
+            "{{ '<|im_end|>\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 THINK_TOKENS = ("<think>", "</think>")
 TOOL_TOKENS = ("<tool_call>", "</tool_call>")
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
@@ -70,14 +91,18 @@ class TinyConfig:
     chat template is `THINKING_CHAT_TEMPLATE`."""
     tool_tokens: bool = False
     """`<tool_call>` and `</tool_call>` are tokens (not special ones), as in Qwen's tokenizers."""
+    mistral_tools: str | None = None
+    """v3 or v11: `[TOOL_CALLS]` and `[ARGS]` are special tokens, as in Mistral's tokenizers, and the chat template
+    writes calls in that version's format (`mistral_chat_template`)."""
     seed: int = 0
     """Seed of the random weights."""
 
 
-def write_tokenizer(path: str | Path, vocab_size: int = 384, thinking: bool = False, tool_tokens: bool = False) -> None:
+def write_tokenizer(path: str | Path, vocab_size: int = 384, thinking: bool = False, tool_tokens: bool = False,
+                    mistral_tools: str | None = None) -> None:
     """Train a byte-level BPE tokenizer on a fixed corpus and save it with a ChatML chat template (with
     `thinking`, the think tokens after the trained vocabulary and `THINKING_CHAT_TEMPLATE`; with `tool_tokens`, the
-    tool-call tokens after those)."""
+    tool-call tokens after those; with `mistral_tools`, Mistral's as special tokens and its template)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -99,9 +124,10 @@ def write_tokenizer(path: str | Path, vocab_size: int = 384, thinking: bool = Fa
         bos_token="<|bos|>",
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>", "<|eos|>"],
+        additional_special_tokens=["<|im_start|>", "<|eos|>", *(MISTRAL_TOOL_TOKENS if mistral_tools else ())],
     )
-    fast.chat_template = THINKING_CHAT_TEMPLATE if thinking else CHAT_TEMPLATE
+    fast.chat_template = (mistral_chat_template(mistral_tools) if mistral_tools else
+                          THINKING_CHAT_TEMPLATE if thinking else CHAT_TEMPLATE)
     fast.save_pretrained(str(path))
 
 
@@ -140,7 +166,7 @@ def write_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), max_shard
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(path, thinking=cfg.thinking, tool_tokens=cfg.tool_tokens)
+    write_tokenizer(path, thinking=cfg.thinking, tool_tokens=cfg.tool_tokens, mistral_tools=cfg.mistral_tools)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     config = _hf_config(
         cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id

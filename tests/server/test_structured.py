@@ -307,3 +307,33 @@ def test_a_request_left_no_token_fails_alone_and_its_neighbours_go_on(setup, ove
     for request in neighbours:
         assert [o.token_ids for o in outputs[request.request_id]] == [o.token_ids for o in alone[request.request_id]]
     assert not engine.has_work() and engine.scheduler.blocks.num_used == 0
+
+
+def test_a_mask_leaves_the_bits_past_the_vocabulary_alone(tiny_checkpoints):
+    """A grammar of token-triggered tags (Mistral's tool calls) clears the bitmask's bits past the vocabulary (386
+    tokens here, not a multiple of 32), and xgrammar's CPU kernel then wrote -inf past the logits' rows (the heap
+    broke within a few hundred steps). `constrain` sets those bits, so the mask is exactly the grammar's."""
+    import torch
+    import xgrammar
+
+    from server.engine.structured import GrammarCompiler, constrain, mistral_tool_call_tag
+
+    engine = Engine(EngineConfig(model=tiny_checkpoints("mistral", mistral_tools="v11"), num_kv_blocks=8))
+    vocab = engine.model.hf_config.vocab_size
+    assert vocab % 32
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    compiler = GrammarCompiler(engine.tokenizer, vocab, engine.eos_ids)
+    grammar = compiler.compile(GrammarSpec("structural_tag", mistral_tool_call_tag(tools, "auto", False, True)))
+    (opening,) = engine.tokenizer.encode("[TOOL_CALLS]", add_special_tokens=False)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(300):
+        matcher = xgrammar.GrammarMatcher(grammar)
+        if step % 2:
+            assert matcher.accept_token(opening)  # then only the function's name may follow
+        logits = torch.randn(2, vocab, generator=generator)
+        masked = constrain(logits, [matcher, None])
+        expected = xgrammar.allocate_token_bitmask(1, vocab)
+        matcher.fill_next_token_bitmask(expected, 0)
+        allowed = torch.tensor([bool(expected[0, i // 32] >> (i % 32) & 1) for i in range(vocab)])
+        assert torch.equal(masked[0], torch.where(allowed, logits[0], float("-inf"))) and torch.equal(masked[1], logits[1])
+        assert 0 < int(allowed.sum()) < vocab if step % 2 else int(allowed.sum()) == vocab
