@@ -281,8 +281,10 @@ class EngineProcess:
                     self.library, self.runtime_modules = modules  # before the caller hears: requests may use it now
                     with self._lock:
                         future = self._calls.pop(call_id, None)
-                    if future is not None:
-                        future.set_exception(unpack_error(error)) if error is not None else future.set_result(result)
+                    if future is not None and error is not None:
+                        future.set_exception(unpack_error(error))
+                    elif future is not None:
+                        future.set_result(result)
         except (EOFError, OSError):
             pass
         except Exception as error:  # noqa: BLE001 - a reader that stops must say so, not leave requests hanging
