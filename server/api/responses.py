@@ -114,7 +114,7 @@ def _message(call: Call, text: str, reason: str | None) -> tuple[dict, str | Non
 
 def _held_reader(call: Call) -> JsonCallsReader | None:
     """A reader of the calls of a reply held to a format of JSON calls by its tag (`Call.calls_held`), or None."""
-    keys = call.tool_parser.call_keys if call.tool_parser is not None and call.calls_held else None
+    keys = call.held_keys if call.tool_parser is not None and call.calls_held else None
     return JsonCallsReader(keys, array=False) if keys else None
 
 

@@ -53,7 +53,10 @@ class Call:
     calls_held: bool = False
     """With `tool_parser`: the reply is generated under the parser's structural tag, so each call it starts follows
     the format (complete unless max_tokens cuts it), and a format of JSON calls streams their arguments as they
-    come (`ToolParser.call_keys`)."""
+    come (`held_keys`)."""
+    held_keys: tuple[str, ...] | None = None
+    """With `calls_held`, for a format of JSON calls: the keys their arguments sit under (`ToolParser.held_call_keys`
+    for the model's format); None where calls are read whole."""
     reasoning: object | None = None
     """A chat call's `reasoning.ReasoningParser`, which splits each reply into reasoning and content; or None."""
     reasoning_start: str | None = None

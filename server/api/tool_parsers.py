@@ -54,6 +54,10 @@ class ToolParser:
         """The structural format (`structural_format`) of the calls of the model `tokenizer` belongs to."""
         return self.structural_format
 
+    def held_call_keys(self, tokenizer) -> tuple[str, ...] | None:
+        """`call_keys` for the format of the model `tokenizer` belongs to (`tag_format`)."""
+        return self.call_keys
+
     def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
         """The content and calls of a whole reply; None when it makes no call or does not parse. `tools` (name
         -> parameters schema) is for formats whose arguments are untyped text."""
@@ -152,7 +156,7 @@ class Llama3Json(ToolParser):
 class Mistral(ToolParser):
     """Mistral's calls after the special token `[TOOL_CALLS]`: a JSON array of `{"name": ..., "arguments": ...}` (v3
     tokenizers), or `NAME[ARGS]{...}` per call (v11 and later); it reads both. Its structural tag writes the one the
-    chat template writes (`tag_format`)."""
+    chat template writes (`tag_format`); held to v3's, the calls' arguments stream as they are generated."""
 
     name = "mistral"
     keeps_special_tokens = True
@@ -167,6 +171,14 @@ class Mistral(ToolParser):
         if tokenizer is None or len(tokenizer.encode(self.CALLS, add_special_tokens=False)) != 1:
             return None
         return "mistral_v11" if self.ARGS in (getattr(tokenizer, "chat_template", None) or "") else "mistral_v3"
+
+    def held_call_keys(self, tokenizer) -> tuple[str, ...] | None:
+        """v3's calls are JSON objects (in one array): their arguments stream as generated; v11's come whole."""
+        return ("arguments",) if self.tag_format(tokenizer) == "mistral_v3" else None
+
+    def calls_start(self, text: str) -> int | None:
+        start = text.find(self.CALLS)
+        return start if start >= 0 else None
 
     def parse(self, text: str, tools: dict[str, dict]) -> Parsed | None:
         start = text.find(self.CALLS)
