@@ -19,7 +19,8 @@
 #                (the web stack the GPU machine lacks, for the online stage, and xgrammar for the structured-output
 #                tests of stage `tests`, which skip without it)
 # Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer", ".wheels"]); results land in
-#                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online, online-process, prefix, slots, spec
+#                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online, online-process, prefix, slots,
+#                spec
 #                (default: first).
 # Budget:        a task that is lent a GPU now gets 15 minutes of device time in all, the machine's start
 #                (a minute or more) included, so a session has one full call and a short rerun. `first` is
@@ -86,7 +87,8 @@ for stage in $STAGES; do
       timeout 200 python3 benchmarks/serving/bench_spec.py --workload form --batch-sizes 1 8 32 \
         --out "$OUT/bench_spec_form.json" 2>&1 | tail -14 ;;
     *)
-      echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online, online-process, prefix, slots, spec)" >&2
+      echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online, online-process, prefix," \
+        "slots, spec)" >&2
       exit 2 ;;
   esac
 done

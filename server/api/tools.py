@@ -89,7 +89,7 @@ def tool_grammar(body: ChatCompletionRequest, mode: str) -> GrammarSpec:
 def call_tool_grammar(body: ChatCompletionRequest, parser: ToolParser, mode: str, tokenizer=None) -> GrammarSpec | None:
     """The structural tag of `parser`'s call format for tool mode `mode` (`structured.tool_call_tag`): with auto,
     free text in which each call the model starts is held to the format and its tool's schema; with required or
-    a named function, nothing but calls in that format. None where xgrammar does not know the format (auto then
+    a named function, nothing but calls in that format. None where the parser has no tag for the model (auto then
     reads calls from free text; required and named are `tool_grammar`'s JSON). `tokenizer`, the model's, picks the
     format where a family has several (`ToolParser.tag_format`)."""
     model_format = parser.tag_format(tokenizer)

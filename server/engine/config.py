@@ -73,13 +73,13 @@ class EngineConfig:
     (`[f(a=1)]`: Llama 3.2, Llama 4); see `server.api.tool_parsers`. None refuses auto with a 400; required
     and named tool choices need no parser."""
     tool_call_structural_tags: bool = True
-    """With tool_choice auto and a tool_call_parser whose format has a tag (hermes, llama3_json, qwen3_coder: xgrammar's;
-    mistral: v3's array or v11's NAME[ARGS], as the chat template writes calls; `structured.mistral_tool_call_tag`),
-    generate the reply under a structural tag (xgrammar's, the mechanism vLLM's and NVIDIA Dynamo's tool-call
-    parsers use for this): the text stays free, and each call the model starts is held to the format and to its
-    tool's parameters schema (one call unless parallel_tool_calls), so it always parses; a function whose `strict`
-    is false keeps free arguments. With tool_choice none, a format with a call marker (hermes, qwen3_coder, mistral) keeps
-    the marker out of the reply. With tool_choice required or a named function, the reply is nothing but calls in
+    """With tool_choice auto and a tool_call_parser whose format has a tag (hermes, llama3_json, qwen3_coder:
+    xgrammar's; mistral: v3's array or v11's NAME[ARGS], as the chat template writes calls, in
+    `structured.mistral_tool_call_tag`), generate the reply under a structural tag (xgrammar's, the mechanism vLLM's
+    and NVIDIA Dynamo's tool-call parsers use for this): the text stays free, and each call the model starts is held
+    to the format and to its tool's parameters schema (one call unless parallel_tool_calls), so it always parses; a
+    function whose `strict` is false keeps free arguments. With tool_choice none, a format with a call marker
+    (hermes, qwen3_coder, mistral) keeps the marker out of the reply. With tool_choice required or a named function, the reply is nothing but calls in
     that format (`api.tools.call_tool_grammar`) rather than JSON. Off: auto's calls are read from free text as
     generated, and required and named calls are JSON."""
     reasoning_parser: str | None = None

@@ -108,7 +108,8 @@ class Engine:
         """Modules added while serving (add_module); only these can be removed again."""
         self.after_iteration: Callable[[], None] | None = None
         """Called on the loop's thread after each pass of the step loop (a step, or an inbox drained before an idle
-        wait) and when the loop dies: an engine in a process of its own (`process`) sends what the pass emitted."""
+        wait) and when the loop dies: an engine in a process of its own (`server.engine.process`) sends what the pass
+        emitted."""
 
     # -- life cycle -------------------------------------------------------------------------------
 

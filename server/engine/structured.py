@@ -236,7 +236,8 @@ def mistral_tool_call_tag(tools: list[dict], choice: str, parallel: bool, named_
     single = one or not named_arguments  # (v3's one array holds every call)
     if named_arguments:  # one tag per call: [TOOL_CALLS]NAME[ARGS]{...}
         content = {"type": "or", "elements": [
-            {"type": "sequence", "elements": [{"type": "const_string", "value": name}, {"type": "token", "token": "[ARGS]"},
+            {"type": "sequence", "elements": [{"type": "const_string", "value": name},
+                                              {"type": "token", "token": "[ARGS]"},
                                               {"type": "json_schema", "json_schema": schema}]}
             for name, schema in schemas.items()]}
     else:  # one tag for all calls: [TOOL_CALLS][{"name": ..., "arguments": ...}, ...]

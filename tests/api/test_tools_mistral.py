@@ -62,8 +62,10 @@ def test_each_tool_mode_takes_calls_in_the_models_format_and_what_it_takes_parse
         """Whether the mode's grammar takes `text`'s tokens (its markers as the special tokens they are), then EOS."""
         import xgrammar
 
-        spec = no_call_grammar(PARSER, engine.tokenizer) if mode == "none" else call_tool_grammar(_body(parallel), PARSER, mode,
-                                                                                 engine.tokenizer)
+        if mode == "none":
+            spec = no_call_grammar(PARSER, engine.tokenizer)
+        else:
+            spec = call_tool_grammar(_body(parallel), PARSER, mode, engine.tokenizer)
         matcher = xgrammar.GrammarMatcher(engine.compile_grammar(spec))
         return all(matcher.accept_token(t) for t in engine.tokenizer.encode(text, add_special_tokens=False)) and \
             matcher.accept_token(eos) and matcher.is_terminated()

@@ -335,5 +335,6 @@ def test_a_mask_leaves_the_bits_past_the_vocabulary_alone(tiny_checkpoints):
         expected = xgrammar.allocate_token_bitmask(1, vocab)
         matcher.fill_next_token_bitmask(expected, 0)
         allowed = torch.tensor([bool(expected[0, i // 32] >> (i % 32) & 1) for i in range(vocab)])
-        assert torch.equal(masked[0], torch.where(allowed, logits[0], float("-inf"))) and torch.equal(masked[1], logits[1])
+        assert torch.equal(masked[0], torch.where(allowed, logits[0], float("-inf")))
+        assert torch.equal(masked[1], logits[1])
         assert 0 < int(allowed.sum()) < vocab if step % 2 else int(allowed.sum()) == vocab
