@@ -131,6 +131,7 @@ class EngineProcess:
             raise unpack_error(message[1])
         self._use(message[1])
         self._last_stats = message[1].stats
+        logger.info("engine process %d ready (%s)", self._process.pid, self.model_name)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # sinks and calls against the reader's sweep when the process dies
         self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
