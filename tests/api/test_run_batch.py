@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from server.batch import read_lines, run_batch
 from tests.api.conftest import make_engine, serve
 from tests.api.test_cli import run_cli
@@ -65,11 +67,12 @@ def test_a_batch_is_served_line_for_line_as_the_api_serves_it(tiny_llama, librar
     assert unknown["status_code"] == 404 and unknown["body"]["error"]["code"] == "model_not_found"
 
 
-def test_the_cli_runs_a_batch_and_refuses_a_missing_input(tiny_llama, tmp_path):
+@pytest.mark.parametrize("where", [(), ("--engine-process",)], ids=["thread", "process"])
+def test_the_cli_runs_a_batch_and_refuses_a_missing_input(tiny_llama, tmp_path, where):
     source = _write(tmp_path / "in.jsonl", [{"custom_id": "a", "url": "/v1/completions",
                                              "body": {"model": Path(tiny_llama).name, "prompt": "x", "max_tokens": 2}}])
     result = run_cli("run-batch", "--model", tiny_llama, "-i", str(source), "-o", str(tmp_path / "out.jsonl"),
-                     "--num-kv-blocks", "16")
+                     "--num-kv-blocks", "16", *where)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"lines": 1, "served": 1, "api_errors": 0,
                                                                  "invalid_lines": 0}
