@@ -252,10 +252,7 @@ class _ChatChoice:
             return chunks
         if not self.calls_sent:  # cut before a call was complete: sent whole, as text
             return chunks + [_tool_chunk(call, self.index, content, output.finish_reason)]
-        last = self._delta({})
-        last["choices"][0]["finish_reason"] = _calls_reason(call, output.finish_reason)
-        last["tessera"] = tessera_field(call)
-        return chunks + [last]
+        return chunks + [self._last(_calls_reason(call, output.finish_reason))]
 
     def _call_deltas(self, new: str) -> list[dict]:
         """Feed `new` text to the reader: each call's id and name once its name is complete, then its arguments
@@ -288,10 +285,7 @@ class _ChatChoice:
             return chunks
         if not self.arguments_sent:  # no call began: the rest is text
             return chunks + [_tool_chunk(call, self.index, content, output.finish_reason, self.sent)]
-        last = self._delta({})
-        last["choices"][0]["finish_reason"] = _calls_reason(call, output.finish_reason)
-        last["tessera"] = tessera_field(call)
-        return chunks + [last]
+        return chunks + [self._last(_calls_reason(call, output.finish_reason))]
 
     def _required_chunks(self, new: str, content: str, output) -> list[dict]:
         chunks = self._call_deltas(new)
@@ -300,10 +294,14 @@ class _ChatChoice:
         if not self.arguments_sent:  # nothing announced (a reply cut before any name): sent whole, as text
             return chunks + [_tool_chunk(self.call, self.index, content, output.finish_reason)]
         parsed = tool_calls("required", content, output.finish_reason == "stop") is not None
+        return chunks + [self._last("tool_calls" if parsed else output.finish_reason)]
+
+    def _last(self, reason: str | None) -> dict:
+        """The empty chunk that ends a choice whose calls were streamed: its finish reason and Tessera's field."""
         last = self._delta({})
-        last["choices"][0]["finish_reason"] = "tool_calls" if parsed else output.finish_reason
+        last["choices"][0]["finish_reason"] = reason
         last["tessera"] = tessera_field(self.call)
-        return chunks + [last]
+        return last
 
     def _delta(self, fields: dict) -> dict:
         return self.call.envelope(stream=True) | {"choices": [{"index": self.index, "delta": fields,
