@@ -2,7 +2,8 @@
 
 A step reads like this: the scheduler plans, the runner runs, the scheduler updates, and every request
 that changed gets its new text. The step loop runs on a dedicated thread because a forward pass is
-compute-bound; requests arrive and increments leave through thread-safe hand-offs to asyncio queues.
+compute-bound; requests arrive and increments leave through thread-safe hand-offs (`Increments`: a reader
+that falls behind gets what accumulated as one increment).
 
 With asynchronous scheduling (`EngineConfig.async_scheduling`) a step is pipelined: the scheduler plans
 step N+1 and the runner launches it while step N still runs on the device (its sampled tokens are
@@ -63,6 +64,50 @@ def is_fatal(error: BaseException) -> bool:
         return True
     text = str(error)
     return type(error).__name__ == "AcceleratorError" or "CUDA error" in text or "device-side assert" in text
+
+
+class Increments:
+    """One request's increments, from the thread that emits them to the asyncio task that reads them.
+
+    A reader that has fallen behind gets everything that accumulated as one increment
+    (`RequestOutput.followed_by`), as vLLM's output collector does: when the HTTP loop is the bottleneck
+    (hundreds of streams on a fast device), each stream then costs one chunk per pass of the loop instead of one
+    per token, so the loop catches up instead of falling further behind. A reader that keeps up sees one
+    increment per step. The loop is woken once per batch of increments, not once per increment."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._output: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self._wake_pending = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """From any thread: add an increment, or the error that ends the request."""
+        with self._lock:
+            if isinstance(item, BaseException):
+                self._error = item
+            else:
+                self._output = item if self._output is None else self._output.followed_by(item)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def get(self) -> RequestOutput:
+        """On the loop: everything added since the last call, merged; raises the error once the output before
+        it has been read."""
+        while True:
+            with self._lock:
+                if self._output is not None:
+                    output, self._output = self._output, None
+                    return output
+                if self._error is not None:
+                    raise self._error
+                self._wake_pending = False
+                self._ready.clear()
+            await self._ready.wait()
 
 
 class Engine:
@@ -130,15 +175,12 @@ class Engine:
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Stream `request`'s increments; leaving the iteration early aborts it and frees its blocks."""
-        loop = asyncio.get_running_loop()
-        increments: asyncio.Queue = asyncio.Queue()
-        self.submit(request, lambda item: loop.call_soon_threadsafe(increments.put_nowait, item))
+        increments = Increments(asyncio.get_running_loop())
+        self.submit(request, increments.put)
         finished = False
         try:
             while not finished:
                 item = await increments.get()
-                if isinstance(item, BaseException):
-                    raise item
                 finished = item.finished
                 yield item
         finally:

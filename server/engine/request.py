@@ -6,6 +6,7 @@ the engine only ever sees single-sequence requests.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -142,6 +143,13 @@ class RequestOutput:
     speculation: tuple[int, int] | None = None
     """For a request that speculates: (draft tokens its steps ran so far, of those the ones kept: the model drew
     them as drafted); None for one that does not."""
+
+    def followed_by(self, later: RequestOutput) -> RequestOutput:
+        """This increment and the `later` one of the same request as one increment, as if the engine had emitted
+        them together: what a reader that fell behind receives (`Engine.generate`)."""
+        logprobs = self.logprobs if later.logprobs is None else (self.logprobs or ()) + later.logprobs
+        return dataclasses.replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
+                                   logprobs=logprobs, prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs)
 
 
 @dataclass(frozen=True)

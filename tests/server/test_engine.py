@@ -4,6 +4,7 @@ preemption and abort give the same tokens and free everything."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ import torch
 from router.composition import Composition
 from router.library import ModuleLibrary
 from server.engine.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.request import Request, SamplingParams
+from server.engine.engine import Engine, Increments
+from server.engine.request import Request, RequestOutput, SamplingParams
 from server.engine.setup import module_loader
 
 COMPOSITIONS = [
@@ -145,6 +146,50 @@ def test_leaving_a_stream_early_aborts_and_frees_blocks(setup):
         assert engine.scheduler.modules.num_pinned == 0
     finally:
         engine.shutdown()
+
+
+def test_a_reader_that_falls_behind_gets_what_accumulated_as_one_increment(setup):
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    engine = _engine(setup)
+    engine.start()
+    try:
+        keeping_up = asyncio.run(_collect(engine, Request("fast", PROMPTS[0], params, COMPOSITIONS[1])))
+
+        async def behind():
+            outputs = []
+            async for output in engine.generate(Request("slow", PROMPTS[0], params, COMPOSITIONS[1])):
+                outputs.append(output)
+                while len(outputs) == 1 and engine.stats().num_running:  # the engine finishes meanwhile
+                    await asyncio.sleep(0.01)
+            return outputs
+
+        fell_behind = asyncio.run(behind())
+    finally:
+        engine.shutdown()
+    assert len(fell_behind) == 2 and fell_behind[-1].finished and fell_behind[-1].finish_reason == "length"
+    assert _tokens(fell_behind) == _tokens(keeping_up)
+    assert "".join(o.text for o in fell_behind) == "".join(o.text for o in keeping_up)
+    assert [lp for o in fell_behind for lp in o.logprobs] == [lp for o in keeping_up for lp in o.logprobs]
+    assert fell_behind[0].prompt_logprobs == keeping_up[0].prompt_logprobs is not None
+    assert fell_behind[1].prompt_logprobs is None
+    assert fell_behind[-1].num_output_tokens == 24 and len(fell_behind[-1].token_ids) == 23
+
+
+def test_increments_deliver_the_output_before_the_error_that_ends_it():
+    async def main():
+        increments = Increments(asyncio.get_running_loop())
+        outputs = [RequestOutput("r", text, (i,), None, False, None, 3, i + 1) for i, text in enumerate("abc")]
+        failure = RuntimeError("the step failed")
+        producer = threading.Thread(target=lambda: [increments.put(item) for item in (*outputs, failure)])
+        producer.start()
+        producer.join()
+        merged = await increments.get()
+        with pytest.raises(RuntimeError, match="the step failed"):
+            await increments.get()
+        return merged
+
+    merged = asyncio.run(main())
+    assert (merged.text, merged.token_ids, merged.num_output_tokens, merged.logprobs) == ("abc", (0, 1, 2), 3, None)
 
 
 def test_stop_text_and_special_tokens_follow_the_request(setup):
