@@ -52,6 +52,23 @@ def _check(q, k_cache, v_cache, meta, window, atol, tiles=None):
     assert torch.all(out[num_live:] == 7.0), "rows past the live tokens were written"
 
 
+@pytest.mark.parametrize("budget", [1 << 24, 1000])  # one decode batch; several (a batch per few sequences)
+@pytest.mark.parametrize("heads, kv_heads, window", [(8, 2, None), (4, 4, 5), (6, 1, None)])
+def test_the_references_decode_batches_equal_attention_one_sequence_at_a_time(budget, heads, kv_heads, window,
+                                                                             monkeypatch):
+    monkeypatch.setattr(reference, "_DECODE_BATCH_ELEMENTS", budget)
+    seq_lens, query_lens = [1, 37, 9, 16, 60, 23, 3, 41], [1, 1, 4, 1, 1, 7, 1, 1]  # decodes among prefills
+    q, k_cache, v_cache, meta = _make_case(seq_lens, query_lens, heads, kv_heads, 32, 8, torch.float32, seed=3)
+    meta.block_tables[:, -1] = -1  # a table's unused tail may hold anything
+    expected = torch.full_like(q, 7.0)
+    for i in range(meta.num_seqs):
+        reference.attend_one(expected, q, k_cache, v_cache, meta, 0.2, window, i)
+    out = torch.full_like(q, 7.0)
+    reference.paged_attention(out, q, k_cache, v_cache, meta, 0.2, window)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    assert torch.all(out[sum(query_lens):] == 7.0)
+
+
 @pytest.fixture
 def small_partitions(monkeypatch):
     """Force several decode splits on short contexts."""
