@@ -74,6 +74,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engine-process", action="store_true",
                         help="run the engine in a process of its own (EngineConfig.engine_process)")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="tokens a streamed chunk gathers after the first (EngineConfig.stream_interval)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda: no CUDA device is available")
@@ -84,6 +86,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, default)
         elif value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.stream_interval < 1:
+        parser.error(f"--stream-interval must be at least 1, got {args.stream_interval}")
     if not 0 < args.load <= 1:
         parser.error(f"--load must be in (0, 1], got {args.load}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -99,7 +103,7 @@ def _engine(args: argparse.Namespace):
     per_request = -(-(args.input_len + args.output_len + 8) // 16)  # 16-token blocks; margin for the template
     settings = EngineSettings(block_size=16, max_num_seqs=args.concurrency, max_num_batched_tokens=8192,
                               num_kv_blocks=args.concurrency * per_request, max_slots=NUM_MODULES,
-                              max_rank=MODULE_RANK, max_k=1)
+                              max_rank=MODULE_RANK, max_k=1, stream_interval=args.stream_interval)
     engine = tessera_engine(hf_model, word_tokenizer(shape.vocab_size), library, settings, args.dtype,
                             observer=lambda stats: None)
     del hf_model
@@ -160,10 +164,11 @@ def _row(name: str, s: dict) -> str:
     ms = lambda v: "   n/a" if v is None else f"{1e3 * v:6.1f}"  # noqa: E731
     us = lambda v: "   n/a" if v is None else f"{v:6.1f}"  # noqa: E731
     rate = "   -" if s["rate"] is None else f"{s['rate']:4.1f}"
+    per_chunk = "   n/a" if s["tokens_per_chunk"] is None else f"{s['tokens_per_chunk']:6.2f}"
     return (f"{name:<9} {rate} {s['request_throughput']:6.2f} {s['output_throughput']:8.0f} "
             f"{ms(s['ttft']['p50'])} {ms(s['ttft']['p99'])} {ms(s['tpot']['p50'])} {ms(s['tpot']['p99'])} "
             f"{s['num_failed']:5d} {us(s['http_us_per_token'])} {us(s['engine_us_per_token'])} "
-            f"{us(s['pipe_us_per_token'])}")
+            f"{us(s['pipe_us_per_token'])} {per_chunk}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -186,7 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
         def measure(**load) -> dict:
             before = server_cpu_seconds(engine)
             summary = _summary(client.submit(benchmark, _config(args, url, engine.model_name, **load)).result())
-            return summary | _server_cpu(before, server_cpu_seconds(engine), summary["output_tokens"])
+            tokens = summary["output_tokens"]
+            return summary | _server_cpu(before, server_cpu_seconds(engine), tokens) | {
+                "tokens_per_chunk": tokens / summary["output_chunks"] if summary["output_chunks"] else None}
 
         capacity = measure(concurrency=args.concurrency)
         rate = args.load * capacity["request_throughput"]
@@ -202,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(Path(args.out), document)
     print(f"{args.config} on {device}, {args.dtype}: prompts {args.input_len} words, {args.output_len} new tokens")
     print(f"{'run':<9} {'rate':>4} {'req/s':>6} {'tok/s':>8} {'TTFT50':>6} {'TTFT99':>6} {'TPOT50':>6} {'TPOT99':>6}"
-          f" {'fails':>5} {'http':>6} {'engine':>6} {'pipe':>6}   (latencies in ms; server CPU in us per token)")
+          f" {'fails':>5} {'http':>6} {'engine':>6} {'pipe':>6} {'tok/ch':>6}"
+          "   (latencies in ms; server CPU in us per token; tokens per SSE chunk)")
     for name in ("capacity", "none", "modules"):
         print(_row(name, document["runs"][name]))
     ratio = document["p99_tpot_ratio"]

@@ -194,6 +194,8 @@ class EngineSettings:
     """EngineConfig.module_wait_steps (0: requests waiting for module slots hold up the queue)."""
     speculative_config: str | None = None
     """EngineConfig.speculative_config (n-gram drafts; predictions are drafted without it)."""
+    stream_interval: int = 1
+    """EngineConfig.stream_interval: tokens a request gathers before its reader is woken."""
 
 
 def tessera_engine(
@@ -220,6 +222,7 @@ def tessera_engine(
         enable_prefix_caching=settings.enable_prefix_caching,
         module_wait_steps=settings.module_wait_steps,
         speculative_config=settings.speculative_config,
+        stream_interval=settings.stream_interval,
     )
     parts = assemble_parts(config, backbone, tokenizer, library, eos_ids=set())
     return Engine(config, step_observer=observer, parts=parts)

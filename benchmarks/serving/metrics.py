@@ -128,6 +128,7 @@ def summarize(records: list[RequestRecord], duration: float, slos: dict[str, flo
         "tokens_from": sources[0] if len(sources) == 1 else ("mixed" if sources else None),
         "request_throughput": per_second(len(done)),
         "output_throughput": per_second(output_tokens),
+        "output_chunks": sum(r.num_chunks for r in done),
         "ttft": latency_stats([r.ttft for r in done if r.ttft is not None]),
         "tpot": latency_stats([r.tpot for r in done if r.tpot is not None]),
         "itl": latency_stats([gap for r in done for gap in r.itl]),

@@ -120,6 +120,11 @@ class EngineConfig:
     async_scheduling: str = "auto"
     """Plan and launch step N+1 before step N's tokens are read back, so the CPU work between steps overlaps
     the device's: auto (on CUDA; off on the CPU), on or off. Outputs are the same either way."""
+    stream_interval: int = 1
+    """Tokens a request gathers before its reader is woken, as vLLM's --stream-interval: 1 streams every token as it
+    comes; N sends about one chunk per N tokens (the first token and the end at once), which cuts the HTTP
+    server's work per token about N-fold where hundreds of streams share it. The text is the same. At any setting
+    a reader that falls behind gets what gathered as one increment."""
     engine_process: bool = False
     """Run the engine in a process of its own (`server.engine.process`), as vLLM's EngineCore: the HTTP server's
     work per streamed token (SSE chunks, socket writes, asyncio) then no longer takes the interpreter lock from
@@ -165,6 +170,11 @@ class EngineConfig:
         if self.async_scheduling == "auto":
             return device.startswith("cuda")
         return self.async_scheduling == "on"
+
+    def check_stream_interval(self) -> None:
+        value = self.stream_interval
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"stream_interval must be an integer >= 1, got {value!r}")
 
     def check_block_size(self, device: str) -> None:
         """Raise ValueError unless `block_size` suits `device`: any size >= 1 on the CPU; on CUDA a power of two

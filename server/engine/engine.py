@@ -73,15 +73,19 @@ class Increments:
     (`RequestOutput.followed_by`), as vLLM's output collector does: when the HTTP loop is the bottleneck
     (hundreds of streams on a fast device), each stream then costs one chunk per pass of the loop instead of one
     per token, so the loop catches up instead of falling further behind. A reader that keeps up sees one
-    increment per step. The loop is woken once per batch of increments, not once per increment."""
+    increment per step, or with `interval` N (`EngineConfig.stream_interval`) one per N tokens: the first
+    increment, the last and an error wake it at once. The loop is woken once per batch of increments, not once
+    per increment."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: int = 1):
         self._loop = loop
+        self._interval = interval
         self._lock = threading.Lock()
         self._output: RequestOutput | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self._wake_pending = False
+        self._woken = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """From any thread: add an increment, or the error that ends the request."""
@@ -90,9 +94,11 @@ class Increments:
                 self._error = item
             else:
                 self._output = item if self._output is None else self._output.followed_by(item)
-            if self._wake_pending:
+            due = (not self._woken or self._error is not None or self._output.finished
+                   or len(self._output.token_ids) >= self._interval)
+            if self._wake_pending or not due:
                 return
-            self._wake_pending = True
+            self._wake_pending = self._woken = True
         self._loop.call_soon_threadsafe(self._ready.set)
 
     async def get(self) -> RequestOutput:
@@ -175,7 +181,7 @@ class Engine:
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Stream `request`'s increments; leaving the iteration early aborts it and frees its blocks."""
-        increments = Increments(asyncio.get_running_loop())
+        increments = Increments(asyncio.get_running_loop(), self.config.stream_interval)
         self.submit(request, increments.put)
         finished = False
         try:

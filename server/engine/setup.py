@@ -155,6 +155,7 @@ def build_parts(config: EngineConfig) -> EngineParts:
     config.speculative()
     config.async_scheduling_on(device)
     config.check_block_size(device)
+    config.check_stream_interval()
     model_dir = str(resolve_model_dir(config.model))
     library = _load_library(config, model_dir)
     largest = max((m.rank for m in library.modules.values()), default=8) if library else 8

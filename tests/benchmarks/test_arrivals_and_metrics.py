@@ -79,7 +79,7 @@ def test_summary_of_hand_made_timings():
     ]
     summary = summarize(records, duration=2.0, slos={"ttft": 0.3, "tpot": 0.2})
     assert (summary["num_requests"], summary["num_succeeded"], summary["num_failed"]) == (3, 2, 1)
-    assert summary["output_tokens"] == 17 and summary["prompt_tokens"] == 20
+    assert summary["output_tokens"] == 17 and summary["prompt_tokens"] == 20 and summary["output_chunks"] == 5
     assert summary["output_throughput"] == 8.5 and summary["request_throughput"] == 1.0
     assert summary["ttft"]["mean"] == pytest.approx(0.3) and summary["e2e"]["max"] == 1.2
     assert summary["tpot"]["p50"] == pytest.approx(0.1)  # 0.1 and 0.1

@@ -30,6 +30,7 @@ def check_run_adds_up(run: dict) -> None:
     assert summary["num_requests"] == len(requests) == summary["num_succeeded"] + summary["num_failed"]
     assert summary["num_failed"] == len(run["failures"])
     assert summary["output_tokens"] == sum(r["output_tokens"] for r in done)
+    assert summary["output_chunks"] == sum(r["num_chunks"] for r in done) <= summary["output_tokens"]
     assert summary["cached_prompt_tokens"] == sum(r["cached_tokens"] for r in done) <= summary["prompt_tokens"]
     assert summary["output_tokens"] == sum(t["output_tokens"] for t in run["per_task"].values())
     assert summary["output_throughput"] == pytest.approx(summary["output_tokens"] / summary["duration_s"])

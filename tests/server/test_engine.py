@@ -175,6 +175,25 @@ def test_a_reader_that_falls_behind_gets_what_accumulated_as_one_increment(setup
     assert fell_behind[-1].num_output_tokens == 24 and len(fell_behind[-1].token_ids) == 23
 
 
+def test_stream_interval_gathers_tokens_per_increment_with_the_first_and_the_last_at_once(setup):
+    params = SamplingParams(max_tokens=23, temperature=0.0, ignore_eos=True, logprobs=0)
+    every = _run_concurrently(_engine(setup), [Request("r", PROMPTS[1], params, COMPOSITIONS[3])])["r"]
+    gathered = _run_concurrently(_engine(setup, stream_interval=5), [Request("r", PROMPTS[1], params,
+                                                                             COMPOSITIONS[3])])["r"]
+    assert _tokens(gathered) == _tokens(every) and len(_tokens(every)) == 23
+    assert "".join(o.text for o in gathered) == "".join(o.text for o in every)
+    assert [lp for o in gathered for lp in o.logprobs] == [lp for o in every for lp in o.logprobs]
+    assert len(gathered[0].token_ids) == 1  # the first token is not held back
+    assert all(len(o.token_ids) >= 5 for o in gathered[1:-1]) and gathered[-1].finished
+    assert 2 <= len(gathered) <= 6  # 1 + 22 tokens in fives: 1, 5, 5, 5, 5, 2 when the reader keeps up
+
+
+def test_a_stream_interval_below_one_is_refused(setup):
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="stream_interval must be an integer >= 1"):
+            _engine(setup, stream_interval=bad)
+
+
 def test_increments_deliver_the_output_before_the_error_that_ends_it():
     async def main():
         increments = Increments(asyncio.get_running_loop())
