@@ -85,7 +85,14 @@ class Increments:
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self._wake_pending = False
-        self._woken = False
+        self._started = False
+        """Whether the first increment has been read."""
+
+    def _due(self) -> bool:
+        """Whether what has gathered is for the reader now (under the lock)."""
+        output = self._output
+        return self._error is not None or output is not None and (
+            not self._started or output.finished or len(output.token_ids) >= self._interval)
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """From any thread: add an increment, or the error that ends the request."""
@@ -94,23 +101,21 @@ class Increments:
                 self._error = item
             else:
                 self._output = item if self._output is None else self._output.followed_by(item)
-            due = (not self._woken or self._error is not None or self._output.finished
-                   or len(self._output.token_ids) >= self._interval)
-            if self._wake_pending or not due:
+            if self._wake_pending or not self._due():
                 return
-            self._wake_pending = self._woken = True
+            self._wake_pending = True
         self._loop.call_soon_threadsafe(self._ready.set)
 
     async def get(self) -> RequestOutput:
-        """On the loop: everything added since the last call, merged; raises the error once the output before
-        it has been read."""
+        """On the loop: what has gathered, as one increment, once it is due; raises the error once the output
+        before it has been read."""
         while True:
             with self._lock:
-                if self._output is not None:
-                    output, self._output = self._output, None
+                if self._due():
+                    if self._output is None:
+                        raise self._error
+                    output, self._output, self._started = self._output, None, True
                     return output
-                if self._error is not None:
-                    raise self._error
                 self._wake_pending = False
                 self._ready.clear()
             await self._ready.wait()

@@ -36,5 +36,5 @@ def test_chunks_gather_tokens_and_the_reply_is_unchanged(server):
     assert usage.completion_tokens == whole.usage.completion_tokens == 30
     assert len(logprobs) == 30
     per_chunk = [len(c.choices[0].logprobs.content) for c in content]
-    assert per_chunk[0] == 1 and all(n >= INTERVAL for n in per_chunk[1:-1])  # the first token at once
+    assert all(n >= INTERVAL for n in per_chunk[1:-1])  # (the first token comes at once: tests/server)
     assert len(content) <= 1 + -(-29 // INTERVAL)

@@ -151,16 +151,27 @@ def test_leaving_a_stream_early_aborts_and_frees_blocks(setup):
 def test_a_reader_that_falls_behind_gets_what_accumulated_as_one_increment(setup):
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
     engine = _engine(setup)
+    ran, done = threading.Event(), threading.Event()
+
+    def observe(stats):  # every step's stats, in order: the request ran, then nothing runs
+        if stats.num_running:
+            ran.set()
+        elif ran.is_set():
+            done.set()
+
+    engine.step_observer = observe
     engine.start()
     try:
         keeping_up = asyncio.run(_collect(engine, Request("fast", PROMPTS[0], params, COMPOSITIONS[1])))
+        ran.clear()
+        done.clear()
 
         async def behind():
             outputs = []
             async for output in engine.generate(Request("slow", PROMPTS[0], params, COMPOSITIONS[1])):
                 outputs.append(output)
-                while len(outputs) == 1 and engine.stats().num_running:  # the engine finishes meanwhile
-                    await asyncio.sleep(0.01)
+                if len(outputs) == 1:  # the engine finishes meanwhile
+                    assert await asyncio.to_thread(done.wait, 30)
             return outputs
 
         fell_behind = asyncio.run(behind())
@@ -183,9 +194,36 @@ def test_stream_interval_gathers_tokens_per_increment_with_the_first_and_the_las
     assert _tokens(gathered) == _tokens(every) and len(_tokens(every)) == 23
     assert "".join(o.text for o in gathered) == "".join(o.text for o in every)
     assert [lp for o in gathered for lp in o.logprobs] == [lp for o in every for lp in o.logprobs]
-    assert len(gathered[0].token_ids) == 1  # the first token is not held back
     assert all(len(o.token_ids) >= 5 for o in gathered[1:-1]) and gathered[-1].finished
     assert 2 <= len(gathered) <= 6  # 1 + 22 tokens in fives: 1, 5, 5, 5, 5, 2 when the reader keeps up
+
+
+def test_increments_wake_the_reader_for_the_first_token_then_per_interval_and_at_the_end():
+    def output(i, finished=False):
+        return RequestOutput("r", str(i), (i,), None, finished, "length" if finished else None, 3, i + 1)
+
+    async def taken(increments):
+        try:
+            return await asyncio.wait_for(increments.get(), 0.05)
+        except asyncio.TimeoutError:
+            return None
+
+    async def main():
+        increments = Increments(asyncio.get_running_loop(), interval=3)
+        increments.put(output(0))
+        first = await taken(increments)
+        increments.put(output(1))
+        increments.put(output(2))
+        held = await taken(increments)  # 2 tokens < 3: the reader sleeps on
+        increments.put(output(3))
+        third = await taken(increments)
+        increments.put(output(4, finished=True))
+        last = await taken(increments)
+        return first, held, third, last
+
+    first, held, third, last = asyncio.run(main())
+    assert first.token_ids == (0,) and held is None and third.token_ids == (1, 2, 3) and third.text == "123"
+    assert last.token_ids == (4,) and last.finished
 
 
 def test_a_stream_interval_below_one_is_refused(setup):
