@@ -99,6 +99,21 @@ def test_composed_lora_matches_reference(case, dtype):
     _check_case(stack, meta, x, y, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-t{c[1]}-k{c[2]}-nm{int(c[6])}")
+def test_the_references_token_and_slot_walks_agree(case, monkeypatch):
+    """The CPU path gathers each token's modules for small steps and walks the slots for large ones."""
+    pattern, num_tokens, k, ranks, widths, hidden, no_module = case
+    stack, meta, x, y = _make_case(pattern, num_tokens, k, ranks, widths, hidden, torch.float32, no_module)
+    results = []
+    for budget in (1 << 40, 0):  # every step token by token; every step slot by slot
+        monkeypatch.setattr(reference, "_GATHER_ELEMENTS", budget)
+        out = y.clone()
+        reference.composed_lora(out, x, stack, meta)
+        results.append(out)
+    assert not torch.equal(results[0], y)
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("pattern", ["zipf", "identical"])
 def test_composed_lora_prefill_sized_tiles(pattern):
     """Over 1024 entries the launcher switches to 64-row tiles."""
