@@ -1,8 +1,9 @@
 """Plain-torch composed_lora: the oracle for the Triton kernel and the CPU path.
 
-Small steps (decode) gather every token's modules and apply them in a few batched products; larger ones walk the
-distinct slots of the step (one segment per module, like the kernels), so memory stays at O(tokens x width)
-however many modules a batch mixes. Both compute the contract's sum in fp32.
+Small steps multiply every token by every module the step uses at once (two products per slice; each token keeps
+its own modules through weights that are zero elsewhere). Larger ones walk the distinct slots of the step (one
+segment per module, like the kernels), so memory stays at O(tokens x width) however many modules a batch mixes.
+Both compute the contract's sum in fp32.
 """
 
 from __future__ import annotations
@@ -22,24 +23,31 @@ def composed_lora(y: torch.Tensor, x: torch.Tensor, stack: LoraStack, meta: Modu
         return
     gates = meta.token_gates[:num_tokens]  # [T, k] fp32
     xf = x[:num_tokens].float()  # [T, in]
-    gathered = slots.numel() * stack.max_rank * max(x.shape[1], *stack.slice_widths)
-    by_token = _by_token if gathered <= _GATHER_ELEMENTS else _by_slot
-    y[:num_tokens] += by_token(xf, slots, live, gates, stack).to(y.dtype)
+    work = num_tokens * stack.max_rank * (x.shape[1] + sum(stack.slice_widths))
+    by = _all_at_once if work <= _AT_ONCE_WORK else _by_slot
+    y[:num_tokens] += by(xf, slots, live, gates, stack).to(y.dtype)
 
 
-_GATHER_ELEMENTS = 1 << 22
-"""Largest A or B gathered per token (elements) for which a step applies its modules token by token in batched
-products rather than slot by slot: decode steps of small and mid-sized models, where the slot walk's dozen ops per
-module would cost more than the arithmetic."""
+_AT_ONCE_WORK = 1 << 22
+"""Steps with tokens x max_rank x (in + out features) up to this apply all their modules at once; above it, slot by
+slot. On the CPU the slot walk costs a dozen small ops per module, which a small model's decode step cannot
+amortise; the all-at-once products cost (modules in the step / modules per token) times the arithmetic, which a
+large step should not pay. Measured on 2 CPU cores: a step of 256 tokens, 8 modules, 2 per token, on the tiny
+benchmark model (hidden 64) takes 0.8 ms at once against 2.6 ms slot by slot."""
 
 
-def _by_token(xf, slots, live, gates, stack: LoraStack) -> torch.Tensor:
+def _all_at_once(xf, slots, live, gates, stack: LoraStack) -> torch.Tensor:
+    used = torch.unique(slots[live])  # [U] sorted
     index = slots.clamp(min=0)
-    weight = torch.where(live, gates * stack.scale[index], 0.0)  # [T, k]; NO_MODULE entries weigh nothing
+    column = torch.searchsorted(used, index).clamp(max=used.numel() - 1)  # [T, k]; exact for live entries
+    weight = torch.where(live, gates * stack.scale[index], 0.0)  # NO_MODULE entries weigh nothing
+    per_module = torch.zeros(xf.shape[0], used.numel(), device=xf.device).scatter_add_(1, column, weight)  # [T, U]
+    rank = stack.max_rank
     deltas = []
     for a_all, b_all in zip(stack.lora_a, stack.lora_b):
-        shrunk = torch.einsum("ti,tkri->tkr", xf, a_all[index].float()) * weight[..., None]  # [T, k, max_rank]
-        deltas.append(torch.einsum("tkr,tknr->tn", shrunk, b_all[index].float()))  # [T, n_s]
+        shrunk = (xf @ a_all[used].float().flatten(0, 1).T).view(-1, used.numel(), rank)  # [T, U, max_rank]
+        shrunk = (shrunk * per_module[..., None]).flatten(1)
+        deltas.append(shrunk @ b_all[used].float().transpose(1, 2).flatten(0, 1))  # [T, n_s]
     return torch.cat(deltas, dim=1)
 
 

@@ -100,13 +100,13 @@ def test_composed_lora_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-t{c[1]}-k{c[2]}-nm{int(c[6])}")
-def test_the_references_token_and_slot_walks_agree(case, monkeypatch):
-    """The CPU path gathers each token's modules for small steps and walks the slots for large ones."""
+def test_the_references_two_ways_agree(case, monkeypatch):
+    """The CPU path applies a small step's modules all at once and walks the slots of a large one."""
     pattern, num_tokens, k, ranks, widths, hidden, no_module = case
     stack, meta, x, y = _make_case(pattern, num_tokens, k, ranks, widths, hidden, torch.float32, no_module)
     results = []
-    for budget in (1 << 40, 0):  # every step token by token; every step slot by slot
-        monkeypatch.setattr(reference, "_GATHER_ELEMENTS", budget)
+    for budget in (1 << 40, 0):  # every step at once; every step slot by slot
+        monkeypatch.setattr(reference, "_AT_ONCE_WORK", budget)
         out = y.clone()
         reference.composed_lora(out, x, stack, meta)
         results.append(out)
