@@ -70,7 +70,9 @@ def summary_table(document: dict) -> str:
         s = run["summary"]
         lines.append(f"== {run['name']}: {s['num_succeeded']}/{s['num_requests']} succeeded in "
                      f"{s['duration_s']:.2f} s, {s['request_throughput']:.2f} req/s, "
-                     f"{s['output_throughput']:.1f} output tok/s (tokens from {s['tokens_from']})")
+                     f"{s['output_throughput']:.1f} output tok/s (tokens from {s['tokens_from']}"
+                     + (f"; {s['output_tokens'] / s['output_chunks']:.2f} per chunk" if s.get("output_chunks") else "")
+                     + ")")
         lines.append(f"   {'ms':6} {'mean':>9} {'p50':>9} {'p90':>9} {'p99':>9} {'max':>9}")
         for metric in ("ttft", "tpot", "itl", "e2e"):
             stats = s[metric]

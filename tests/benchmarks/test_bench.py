@@ -113,9 +113,12 @@ def test_cli_runs_module_compositions_sent_in_the_body(server, tmp_path, capsys)
               "--num-requests", "4", "--modules-k", "2", "--input-len", "5", "--output-len", "2",
               "--no-progress", "--out", str(tmp_path)])
     assert exit_.value.code == 0
-    assert "== concurrency 3: 4/4 succeeded" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "== concurrency 3: 4/4 succeeded" in printed
     document = json.loads((tmp_path / "results.json").read_text())
     run = document["runs"][0]
+    summary = run["summary"]
+    assert f"; {summary['output_tokens'] / summary['output_chunks']:.2f} per chunk)" in printed
     check_run_adds_up(run)
     assert set(run["per_task"]) == {"explicit"}
     assert document["config"]["modules_k"] == 2
