@@ -70,7 +70,7 @@ class Increments:
     """One request's increments, from the thread that emits them to the asyncio task that reads them.
 
     A reader that has fallen behind gets everything that accumulated as one increment
-    (`RequestOutput.followed_by`), as vLLM's output collector does: when the HTTP loop is the bottleneck
+    (`RequestOutput.joined`), as vLLM's output collector does: when the HTTP loop is the bottleneck
     (hundreds of streams on a fast device), each stream then costs one chunk per pass of the loop instead of one
     per token, so the loop catches up instead of falling further behind. A reader that keeps up sees one
     increment per step, or with `interval` N (`EngineConfig.stream_interval`) one per N tokens: the first
@@ -81,7 +81,10 @@ class Increments:
         self._loop = loop
         self._interval = interval
         self._lock = threading.Lock()
-        self._output: RequestOutput | None = None
+        self._outputs: list[RequestOutput] = []
+        """Increments not yet read, oldest first (joined when read, so a long wait costs no repeated copies)."""
+        self._tokens = 0
+        """Tokens in them."""
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self._wake_pending = False
@@ -90,9 +93,8 @@ class Increments:
 
     def _due(self) -> bool:
         """Whether what has gathered is for the reader now (under the lock)."""
-        output = self._output
-        return self._error is not None or output is not None and (
-            not self._started or output.finished or len(output.token_ids) >= self._interval)
+        return self._error is not None or bool(self._outputs) and (
+            not self._started or self._outputs[-1].finished or self._tokens >= self._interval)
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """From any thread: add an increment, or the error that ends the request."""
@@ -100,7 +102,8 @@ class Increments:
             if isinstance(item, BaseException):
                 self._error = item
             else:
-                self._output = item if self._output is None else self._output.followed_by(item)
+                self._outputs.append(item)
+                self._tokens += len(item.token_ids)
             if self._wake_pending or not self._due():
                 return
             self._wake_pending = True
@@ -112,13 +115,14 @@ class Increments:
         while True:
             with self._lock:
                 if self._due():
-                    if self._output is None:
+                    if not self._outputs:
                         raise self._error
-                    output, self._output, self._started = self._output, None, True
-                    return output
+                    outputs, self._outputs, self._tokens, self._started = self._outputs, [], 0, True
+                    break
                 self._wake_pending = False
                 self._ready.clear()
             await self._ready.wait()
+        return RequestOutput.joined(outputs)
 
 
 class Engine:

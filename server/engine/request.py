@@ -144,12 +144,18 @@ class RequestOutput:
     """For a request that speculates: (draft tokens its steps ran so far, of those the ones kept: the model drew
     them as drafted); None for one that does not."""
 
-    def followed_by(self, later: RequestOutput) -> RequestOutput:
-        """This increment and the `later` one of the same request as one increment, as if the engine had emitted
-        them together: what a reader that fell behind receives (`Engine.generate`)."""
-        logprobs = self.logprobs if later.logprobs is None else (self.logprobs or ()) + later.logprobs
-        return dataclasses.replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
-                                   logprobs=logprobs, prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs)
+    @staticmethod
+    def joined(outputs: list[RequestOutput]) -> RequestOutput:
+        """Consecutive increments of one request as one, as if the engine had emitted them together: what a reader
+        that fell behind receives (`Engine.generate`). Linear in their total length."""
+        if len(outputs) == 1:
+            return outputs[0]
+        last = outputs[-1]
+        logprobs = [o.logprobs for o in outputs if o.logprobs is not None]
+        return dataclasses.replace(
+            last, text="".join(o.text for o in outputs), token_ids=tuple(t for o in outputs for t in o.token_ids),
+            logprobs=tuple(lp for part in logprobs for lp in part) if logprobs else None,
+            prompt_logprobs=next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None))
 
 
 @dataclass(frozen=True)
