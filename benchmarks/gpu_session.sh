@@ -11,7 +11,8 @@
 #      run cut short by its time limit still leaves the systems it finished),
 #   4. online: the same model behind Tessera's HTTP app, `tessera bench`'s load generator at 0.8x capacity,
 #      p99 TPOT with 8 mixed modules vs none (needs the web stack carried as wheels, below); `online-process` is
-#      the same with the engine in a process of its own (--engine-process), to compare with `online`.
+#      the same with the engine in a process of its own (--engine-process), to compare with `online`, and
+#      `online-interval` the same again with chunks of 4 tokens (--stream-interval 4).
 # Prepare here:  ../shared/tools/vllm_lora_peer/prepare.sh .peer   (pytest is on the GPU machine already)
 #                python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
 #                  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .wheels fastapi uvicorn uvloop httptools pydantic \
@@ -19,8 +20,8 @@
 #                (the web stack the GPU machine lacks, for the online stage, and xgrammar for the structured-output
 #                tests of stage `tests`, which skip without it)
 # Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer", ".wheels"]); results land in
-#                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online, online-process, prefix, slots,
-#                spec
+#                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online, online-process,
+#                online-interval, prefix, slots, spec
 #                (default: first).
 # Budget:        a task that is lent a GPU now gets 15 minutes of device time in all, the machine's start
 #                (a minute or more) included, so a session has one full call and a short rerun. `first` is
@@ -76,6 +77,9 @@ for stage in $STAGES; do
     online-process)
       timeout 540 python3 benchmarks/serving/bench_online.py --engine-process --out "$OUT/online_process.json" \
         2>&1 | tail -12 ;;
+    online-interval)
+      timeout 540 python3 benchmarks/serving/bench_online.py --engine-process --stream-interval 4 \
+        --out "$OUT/online_interval.json" 2>&1 | tail -12 ;;
     prefix)
       timeout 240 python3 benchmarks/serving/bench_prefix.py --out "$OUT/bench_prefix.json" 2>&1 | tail -8 ;;
     slots)
@@ -87,8 +91,8 @@ for stage in $STAGES; do
       timeout 200 python3 benchmarks/serving/bench_spec.py --workload form --batch-sizes 1 8 32 \
         --out "$OUT/bench_spec_form.json" 2>&1 | tail -14 ;;
     *)
-      echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online, online-process, prefix," \
-        "slots, spec)" >&2
+      echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online, online-process," \
+        "online-interval, prefix, slots, spec)" >&2
       exit 2 ;;
   esac
 done
