@@ -45,20 +45,22 @@ def paged_attention(
     per sequence per layer (`attend_one` on its own gives the same numbers)."""
     cu = meta.cu_query_lens[: meta.num_seqs + 1].tolist()
     seq_lens = meta.seq_lens[: meta.num_seqs].tolist()
-    decodes = [i for i in range(meta.num_seqs) if cu[i + 1] - cu[i] == 1]
+    decodes = []
     for i in range(meta.num_seqs):
         if cu[i + 1] - cu[i] > 1:
             attend_one(out, q, k_cache, v_cache, meta, scale, sliding_window, i)
+        elif cu[i + 1] - cu[i] == 1:
+            decodes.append(i)
     decodes.sort(key=seq_lens.__getitem__)  # batches of similar lengths pad less
     per_position = k_cache.shape[2] * k_cache.shape[3]
     batch: list[int] = []
-    for i in decodes + [None]:
-        if batch and (i is None or (len(batch) + 1) * per_position * seq_lens[i] > _DECODE_BATCH_ELEMENTS):
-            _attend_decodes(out, q, k_cache, v_cache, meta, scale, sliding_window, batch,
-                            [cu[j] for j in batch], [seq_lens[j] for j in batch])
+    for i in decodes:
+        if batch and (len(batch) + 1) * per_position * seq_lens[i] > _DECODE_BATCH_ELEMENTS:
+            _attend_decodes(out, q, k_cache, v_cache, meta, scale, sliding_window, batch, cu, seq_lens)
             batch = []
-        if i is not None:
-            batch.append(i)
+        batch.append(i)
+    if batch:
+        _attend_decodes(out, q, k_cache, v_cache, meta, scale, sliding_window, batch, cu, seq_lens)
 
 
 _DECODE_BATCH_ELEMENTS = 1 << 24
@@ -66,9 +68,10 @@ _DECODE_BATCH_ELEMENTS = 1 << 24
 several batches instead of one allocation of gigabytes."""
 
 
-def _attend_decodes(out, q, k_cache, v_cache, meta, scale, sliding_window, seqs, tokens, lens) -> None:
-    """Sequences `seqs`, each with one query token (row `tokens[j]` of q, context `lens[j]`), in one batch."""
+def _attend_decodes(out, q, k_cache, v_cache, meta, scale, sliding_window, seqs, cu, seq_lens) -> None:
+    """Sequences `seqs`, each with one query token (row cu[i] of q, context seq_lens[i]), in one batch."""
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    tokens, lens = [cu[i] for i in seqs], [seq_lens[i] for i in seqs]
     longest = max(lens)
     index = torch.tensor(seqs, device=q.device)
     tables = meta.block_tables[index, : -(-longest // block_size)].long().clamp(0, k_cache.shape[0] - 1)
