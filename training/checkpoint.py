@@ -8,8 +8,9 @@
 Resuming restores parameters and optimiser state exactly; data order and the alignment's module sample
 are functions of (seed, step), so a resumed run takes the same steps as an uninterrupted one. The run
 signature hashes everything that changes the training math (config fields except checkpoint_every,
-stop_after_steps, device and prune_threshold, which acts only at export; data; points; given relation;
-init library), and a checkpoint of a different run is refused rather than silently resumed or discarded.
+stop_after_steps, device, prune_threshold, which acts only at export, and the memory knobs micro_batch_size and
+gradient_checkpointing; data; points; given relation; init library), and a checkpoint of a different run is
+refused rather than silently resumed or discarded.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from router.atomic import write_directory
 logger = logging.getLogger(__name__)
 
 FORMAT = "tessera-train-checkpoint-1"
-UNSIGNED_FIELDS = ("checkpoint_every", "stop_after_steps", "device", "prune_threshold")
+UNSIGNED_FIELDS = ("checkpoint_every", "stop_after_steps", "device", "prune_threshold", "micro_batch_size",
+                   "gradient_checkpointing")
 
 
 class CheckpointError(ValueError):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from router.fingerprint import TARGETS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,28 @@ class TrainConfig:
     """Optimiser steps. Data is walked in seeded shuffled epochs, so steps * batch_size / examples epochs."""
     batch_size: int = 8
     """Examples per optimiser step."""
+    micro_batch_size: int | None = None
+    """Examples per forward and backward pass; a step accumulates the gradients of batch_size / micro_batch_size
+    passes (the last may be smaller). A memory knob that leaves the training math as it is: the task and alignment
+    losses are weighted by each pass's share of their tokens, so they equal the whole batch's, and only the
+    decoupling loss, a cosine over the tokens of one pass, is taken per pass and averaged. None: one pass of
+    batch_size. Not part of the run's signature, so a run may resume with another micro-batch size."""
+    gradient_checkpointing: bool = False
+    """Keep only each decoder layer's input in the forward pass and recompute the layer in the backward pass
+    (activation checkpointing), with the gates the forward pass used: about one more forward's compute for the
+    activation memory of one layer instead of all. For long sequences on a large backbone. Not part of the run's
+    signature."""
+    lr_schedule: str = "constant"
+    """How every learning rate moves over the steps after warmup: `constant`, `linear` (falling in a straight line
+    towards 0 at the end of the run) or `cosine` (along half a cosine towards 0), as transformers' schedules of
+    those names (training.step.lr_factor). NOTE: constant is what the recorded quality tables used; the schedule
+    sweep (benchmarks/RESULTS.md) measures the others on the suite."""
+    warmup_steps: int = 0
+    """Steps over which every learning rate rises linearly to its value (step i of the warmup uses (i + 1) /
+    warmup_steps of it), before lr_schedule applies. 0: no warmup."""
+    max_grad_norm: float = 0.0
+    """Clip the global norm of all trainable gradients (modules, gates, controller) to this before each update,
+    as transformers' Trainer does with 1.0; 0 turns clipping off. The norm before clipping is reported."""
     max_seq_len: int = 1024
     """Tokens kept per example; longer conversations are cut at the end (training.data.encode)."""
     seed: int = 0
@@ -135,6 +158,16 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.targets must be distinct names from {TARGETS}, got {list(self.targets)}")
         if self.stop_after_steps is not None and (isinstance(self.stop_after_steps, bool) or self.stop_after_steps < 1):
             raise ValueError(f"TrainConfig.stop_after_steps must be None or >= 1, got {self.stop_after_steps!r}")
+        if self.micro_batch_size is not None and (isinstance(self.micro_batch_size, bool)
+                                                  or not isinstance(self.micro_batch_size, int)
+                                                  or not 1 <= self.micro_batch_size <= self.batch_size):
+            raise ValueError(f"TrainConfig.micro_batch_size must be None or an integer in [1, batch_size="
+                             f"{self.batch_size}], got {self.micro_batch_size!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TrainConfig.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        self._check_float("max_grad_norm", low=0.0)
         if self.placement not in ("all", "search", "random"):
             raise ValueError(f"TrainConfig.placement must be all, search or random, got {self.placement!r}")
         self._check_float("placement_budget", low=0.0, high=1.0 + 1e-9, low_open=True)

@@ -203,6 +203,40 @@ class ModuleBank(nn.Module):
 
         return hook
 
+    def checkpoint_layers(self, model: nn.Module) -> None:
+        """Activation checkpointing for the decoder layers of `model` (TrainConfig.gradient_checkpointing).
+
+        Each layer's forward keeps only its inputs (torch.utils.checkpoint, non-reentrant) and is run again
+        when the backward pass needs its activations. The rerun happens after `gating` has exited, and maybe
+        while another forward's gating is set (the alignment loss runs two forwards with different gates in
+        one backward). So every layer call records the gating it ran with (gates, token mask, `on_point`), and
+        its rerun runs under the same: the same ops, as the checkpoint requires. What `on_point` sees in a rerun
+        goes to a pass whose loss was taken already, so it counts nothing twice.
+        """
+        from torch.utils.checkpoint import checkpoint
+
+        def rerun_as_now():
+            return contextlib.nullcontext(), self._restored((self._gates, self._token_mask, self._on_point))
+
+        for layer in model.get_decoder().layers:
+            forward = layer.forward
+
+            def checkpointed(*args, _forward=forward, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _forward(*args, **kwargs)
+                return checkpoint(_forward, *args, use_reentrant=False, context_fn=rerun_as_now, **kwargs)
+
+            layer.forward = checkpointed
+
+    @contextlib.contextmanager
+    def _restored(self, state: tuple):
+        previous = (self._gates, self._token_mask, self._on_point)
+        self._gates, self._token_mask, self._on_point = state
+        try:
+            yield
+        finally:
+            self._gates, self._token_mask, self._on_point = previous
+
     @contextlib.contextmanager
     def gating(self, gates: torch.Tensor, token_mask: torch.Tensor | None = None, on_point=None):
         """Run forwards with per-row module gates [batch, num_modules].
@@ -212,9 +246,5 @@ class ModuleBank(nn.Module):
         """
         if gates.dim() != 2 or gates.shape[1] != self.num_modules:
             raise ValueError(f"gates must be [batch, {self.num_modules}], got {list(gates.shape)}")
-        previous = (self._gates, self._token_mask, self._on_point)
-        self._gates, self._token_mask, self._on_point = gates, token_mask, on_point
-        try:
+        with self._restored((gates, token_mask, on_point)):
             yield
-        finally:
-            self._gates, self._token_mask, self._on_point = previous

@@ -2,11 +2,13 @@
 
 Everything random in a step is a function of (seed, step): the batch is a slice of a stream of seeded
 per-epoch permutations of the examples, and the alignment's module is drawn from a generator seeded by
-the step. So a run resumed from a checkpoint takes exactly the steps an uninterrupted run would.
+the step, and every learning rate is its configured value times `lr_factor(config, step)`. So a run resumed
+from a checkpoint takes exactly the steps an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +34,9 @@ class StepRunner:
             "prior": cfg.lambda_prior if len(trainer.tasks) > 1 else 0.0,
         }
         self._epoch, self._order = -1, []
+        self._served = torch.zeros(0)
+        self.grad_norm: float | None = None
+        """The global gradient norm of the last step before clipping; None when clipping is off."""
 
     def _permutation(self, epoch: int) -> list[int]:
         if epoch != self._epoch:
@@ -45,10 +50,51 @@ class StepRunner:
         return [self._permutation(pos // count)[pos % count] for pos in range(step * size, (step + 1) * size)]
 
     def step(self, step: int) -> tuple[dict[str, float], int]:
-        """Take optimiser step `step`; returns (unweighted terms and total as floats, tokens processed)."""
+        """Take optimiser step `step`; returns (unweighted terms and total as floats, tokens processed).
+
+        The step's batch runs as passes of at most `micro_batch_size` rows whose gradients add up. Each pass's task
+        and alignment losses are scaled by its share of the step's positions they average over, so their sum is
+        the whole batch's loss; the decoupling loss is scaled by the pass's share of tokens (an average of
+        per-pass cosines); the batch-free terms (sparsity, prior) count once. With one pass every share is 1.
+        """
+        t, cfg = self.trainer, self.trainer.config
+        indices = self.batch_indices(step)
+        size = cfg.micro_batch_size or len(indices)
+        passes = [indices[i: i + size] for i in range(0, len(indices), size)]
+        module = self._alignment_module(indices, step) if self.weights["align"] > 0 else None
+        targets = {i: _targets(t.rows[i][1]) for i in indices}
+        lengths = {i: len(t.rows[i][0]) for i in indices}
+        aligned = sum(targets[i] for i in indices if module is not None and self._uses(i, module)) or 1
+        t.optimizer.zero_grad(set_to_none=True)
+        values: dict[str, float] = {}
+        tokens = 0
+        for number, rows in enumerate(passes):
+            shares = {"task": sum(targets[i] for i in rows) / sum(targets.values()),
+                      "decouple": sum(lengths[i] for i in rows) / sum(lengths.values()),
+                      "align": sum(targets[i] for i in rows if module is not None and self._uses(i, module)) / aligned}
+            terms, pass_tokens = self._pass(rows, module, shares, batch_free=number == 0)
+            total = terms["task"] + sum(self.weights[name] * value for name, value in terms.items() if name != "task")
+            floats = {name: float(value.detach()) for name, value in (terms | {"total": total}).items()}
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"training diverged at step {step}: loss terms {floats}; lower the learning "
+                                         "rates")
+            total.backward()
+            for name, value in floats.items():
+                values[name] = values[name] + value if name in values else value
+            tokens += pass_tokens
+        self.grad_norm = self._clip() if cfg.max_grad_norm > 0 else None
+        factor = lr_factor(cfg, step)
+        for group in t.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        t.optimizer.step()
+        return values, tokens
+
+    def _pass(self, rows: list[int], module: int | None, shares: dict[str, float],
+              batch_free: bool) -> tuple[dict[str, torch.Tensor], int]:
+        """The weighted loss terms of one forward pass over `rows` (step's docstring), and its tokens."""
         t = self.trainer
-        batch = {k: v.to(t.device) for k, v in t.batch(self.batch_indices(step)).items()}
-        gates = t.controller(batch["task_ids"])  # [batch, N]
+        batch = {k: v.to(t.device) for k, v in t.batch(rows).items()}
+        gates = t.controller(batch["task_ids"])  # [rows, N]
         decouple: list[torch.Tensor] = []
 
         def on_point(adapter, u):  # u [tokens, R_p]
@@ -57,44 +103,77 @@ class StepRunner:
         hook = on_point if self.weights["decouple"] > 0 else None
         mask = batch["attention_mask"].bool()
         with t.bank.gating(gates, token_mask=mask, on_point=hook):
-            logits = t.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        terms = {"task": task_loss(logits, batch["labels"])}
+            logits = t.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).logits
+        terms = {"task": task_loss(logits, batch["labels"]) * shares["task"]}
         tokens = int(mask.sum())
         if hook is not None:
-            terms["decouple"] = torch.stack(decouple).mean()
-        if self.weights["align"] > 0:
-            terms["align"], extra = self._alignment(batch, gates.detach(), logits, step)
+            terms["decouple"] = torch.stack(decouple).mean() * shares["decouple"]
+        if module is not None:
+            align, extra = self._alignment(batch, gates.detach(), logits, module)
+            terms["align"] = align * shares["align"]
             tokens += extra
-        if self.weights["sparse"] > 0:
+        if batch_free and self.weights["sparse"] > 0:
             terms["sparse"] = sparsity_loss(t.bank.insertion_gates())
-        if self.weights["prior"] > 0:
+        if batch_free and self.weights["prior"] > 0:
             terms["prior"] = prior_loss(t.controller.soft_gates(), self.relation)
-        total = terms["task"] + sum(self.weights[name] * value for name, value in terms.items() if name != "task")
-        values = {name: float(value.detach()) for name, value in (terms | {"total": total}).items()}
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"training diverged at step {step}: loss terms {values}; lower the learning rates")
-        t.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        t.optimizer.step()
-        return values, tokens
+        return terms, tokens
+
+    def _uses(self, row: int, module: int) -> bool:
+        """Whether row `row`'s task gives `module` a gate (the served composition, as the forward pass uses it)."""
+        return bool(self._served[self.trainer.row_tasks[row], module] > 0)
+
+    def _alignment_module(self, indices: list[int], step: int) -> int | None:
+        """The module the alignment loss of step `step` compares with: one drawn (seeded by the step) from those
+        the batch's compositions use; None when none is used (every gate under the threshold)."""
+        t = self.trainer
+        with torch.no_grad():  # the gates the forward pass uses, per task
+            self._served = t.controller(torch.arange(len(t.tasks), device=t.device))  # [num_tasks, N]
+        active = torch.stack([self._served[t.row_tasks[i]] for i in indices]) > 0  # [batch, N]
+        candidates = active.any(dim=0).nonzero().flatten().cpu()
+        if len(candidates) == 0:
+            return None
+        gen = torch.Generator().manual_seed(t.config.seed * 1_000_003 + 7 * step + 1)
+        return int(candidates[torch.randint(len(candidates), (1,), generator=gen)])
 
     def _alignment(self, batch: dict, gates: torch.Tensor, logits: torch.Tensor,
-                   step: int) -> tuple[torch.Tensor, int]:
-        """KL from the composed model to one sampled active module alone, on the rows that use it."""
+                   module: int) -> tuple[torch.Tensor, int]:
+        """KL from the composed model to `module` alone, on the pass's rows that use it."""
         t = self.trainer
-        active = gates > 0  # [batch, N]
-        candidates = active.any(dim=0).nonzero().flatten().cpu()
-        if len(candidates) == 0:  # every gate of the batch is under the threshold: backbone only
+        rows = (gates[:, module] > 0).nonzero().flatten()
+        if len(rows) == 0:
             return torch.zeros((), device=t.device), 0
-        gen = torch.Generator().manual_seed(t.config.seed * 1_000_003 + 7 * step + 1)
-        module = int(candidates[torch.randint(len(candidates), (1,), generator=gen)])
-        rows = active[:, module].nonzero().flatten()
         alone = torch.zeros(len(rows), t.bank.num_modules, device=t.device)  # [rows, N]
         alone[:, module] = 1.0
         with t.bank.gating(alone):
-            module_logits = t.model(input_ids=batch["input_ids"][rows],
-                                    attention_mask=batch["attention_mask"][rows]).logits
+            module_logits = t.model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                                    use_cache=False).logits
         positions = batch["labels"][rows][:, 1:] != IGNORE  # [rows, seq - 1]
         target = logits[rows][:, :-1][positions]  # [positions, vocab]
         loss = alignment_loss(target, module_logits[:, :-1][positions])
         return loss, int(batch["attention_mask"][rows].sum())
+
+    def _clip(self) -> float:
+        """Clip the global norm of every trainable gradient to max_grad_norm; returns the norm before clipping."""
+        t = self.trainer
+        params = [p for group in t.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return float(torch.nn.utils.clip_grad_norm_(params, t.config.max_grad_norm))
+
+
+def _targets(labels: list[int]) -> int:
+    """Positions a row's task loss averages over: its tokens after the first whose label is not IGNORE."""
+    return sum(label != IGNORE for label in labels[1:])
+
+
+def lr_factor(config, step: int) -> float:
+    """The multiplier of every learning rate at (0-based) optimiser step `step`: a linear warmup over
+    `warmup_steps` ((step + 1) / warmup_steps), then `lr_schedule` over the remaining steps, as transformers'
+    linear and cosine schedules compute it (1 at the first step after warmup, falling towards 0 at the end)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.lr_schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))

@@ -3,6 +3,8 @@
     examples --encode--> rows;  model (frozen) + ModuleBank (hooks) + TaskController
     per step: gates = controller(task ids) -> forward with the bank -> task loss + regularisers
               (training.losses) -> AdamW on module weights, insertion-gate logits and gate logits
+              (in passes of micro_batch_size rows, optionally with activation checkpointing, gradient
+              clipping, and a warmup and schedule on every learning rate: training.step)
     checkpoints in OUT.ckpt every `checkpoint_every` steps; a rerun with the same arguments resumes
     end: prune insertion points (training.export), fold insertion gates into B, write the library
 
@@ -135,11 +137,14 @@ class Trainer:
         self.rows, self.row_tasks = self._encode()
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype).to(self.device).eval()
         self.model.requires_grad_(False)
+        self.model.config.use_cache = False  # no forward of training reads a KV cache (and a rerun must not append)
         if points is None and init is None and config.placement == "search":
             points = self._search_points()
         elif points is None and init is None and config.placement == "random":
             points = self._random_points()
         self.bank = self._build_bank(points)
+        if config.gradient_checkpointing:
+            self.bank.checkpoint_layers(self.model)
         self.controller = self._build_controller().to(self.device)
         self.optimizer = self._build_optimizer()
         self.step = 0
@@ -228,10 +233,10 @@ class Trainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
         groups = [{"params": [self.controller.logits, *[p for p in self.bank.gate_parameters() if p.requires_grad]],
-                   "lr": cfg.gate_learning_rate, "weight_decay": 0.0}]
-        if cfg.train_modules:
+                   "lr": cfg.gate_learning_rate, "initial_lr": cfg.gate_learning_rate, "weight_decay": 0.0}]
+        if cfg.train_modules:  # (each step sets lr to initial_lr times the schedule's factor)
             groups.append({"params": self.bank.module_parameters(), "lr": cfg.learning_rate,
-                           "weight_decay": cfg.weight_decay})
+                           "initial_lr": cfg.learning_rate, "weight_decay": cfg.weight_decay})
         return torch.optim.AdamW(groups)
 
     def parameters_by_name(self) -> dict[str, torch.nn.Parameter]:
@@ -278,7 +283,12 @@ class Trainer:
                 self.step += 1
                 history.append(terms["task"])
                 bar.update(1)
-                bar.set_postfix(loss=f"{terms['total']:.4f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+                shown = {"loss": f"{terms['total']:.4f}", "tok_s": f"{tokens / max(seconds, 1e-9):.0f}"}
+                if cfg.lr_schedule != "constant" or cfg.warmup_steps:
+                    shown["lr"] = f"{self.optimizer.param_groups[-1]['lr']:.2e}"
+                if runner.grad_norm is not None:
+                    shown["grad_norm"] = f"{runner.grad_norm:.3f}"
+                bar.set_postfix(**shown)
                 if self.step % cfg.checkpoint_every == 0 or self.step == end:
                     checkpoint.save(checkpoints, self.step, signature, self.parameters_by_name(), self.optimizer,
                                     relation)

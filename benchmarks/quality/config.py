@@ -90,6 +90,10 @@ class QualityConfig:
     sweep_compute: tuple[int, ...] = (1, 3, 6)
     """Multiples of `steps` of the compute sweep, Tessera and per-task LoRA alike (6 with `equal_data` gives each
     per-task adapter `steps` steps, the equal-steps baseline's compute, and Tessera as much in all)."""
+    sweep_schedules: tuple[str, ...] = ("constant", "cosine", "cosine+warmup", "cosine+warmup+clip")
+    """Points of the schedule sweep: a learning-rate schedule (TrainConfig.lr_schedule: constant, linear or cosine),
+    optionally with "+warmup" (TrainConfig.warmup_steps: 5% of the steps) and "+clip" (TrainConfig.max_grad_norm
+    1.0, transformers' Trainer's default); benchmarks.quality.sweeps.schedule_overrides."""
     sweep_baseline: bool = True
     """Also train and evaluate per-task LoRA at every point of the noise and length sweeps."""
 
@@ -100,7 +104,7 @@ class QualityConfig:
         object.__setattr__(self, "sweep_max_len", tuple(self.sweep_max_len))
         object.__setattr__(self, "sweep_regulariser_scales", tuple(self.sweep_regulariser_scales))
         for name in ("sweep_top_k", "sweep_ranks", "sweep_gate_temperatures", "sweep_gate_thresholds",
-                     "sweep_placement_budgets", "sweep_seeds", "sweep_compute"):
+                     "sweep_placement_budgets", "sweep_seeds", "sweep_compute", "sweep_schedules"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("train_per_task", "test_per_task", "val_per_task", "steps", "batch_size", "num_modules",
                      "rank", "max_seq_len", "answer_margin", "threads"):
@@ -124,6 +128,10 @@ class QualityConfig:
         if not self.sweep_placement_budgets or not all(0 < b <= 1 for b in self.sweep_placement_budgets):
             raise ValueError("QualityConfig.sweep_placement_budgets must be shares in (0, 1], "
                              f"got {self.sweep_placement_budgets}")
+        from benchmarks.quality.sweeps import schedule_overrides
+
+        for value in self.sweep_schedules or ("",):
+            self.train(0, **schedule_overrides(value, self.steps))  # ValueError naming a bad point
         self.suite(0)  # SuiteConfig checks lengths and noise
 
     def suite(self, seed: int, **overrides) -> SuiteConfig:
@@ -159,7 +167,7 @@ SETTINGS: dict[str, QualityConfig] = {
                           threads=1, sweep_modules=(2, 4), sweep_learning_rates=(1e-3, 3e-3), sweep_noise=(0.0, 0.2),
                           sweep_max_len=(4, 5), sweep_regulariser_scales=(1.0, 10.0),
                           sweep_top_k=(1, 2), sweep_ranks=(2, 4), sweep_gate_temperatures=(1.0, 2.0),
-                          sweep_gate_thresholds=(0.05, 0.2), sweep_placement_budgets=(0.5, 1.0),
+                          sweep_gate_thresholds=(0.05, 0.2), sweep_placement_budgets=(0.5, 1.0), sweep_schedules=("constant", "cosine+warmup+clip"),
                           sweep_seeds=(0, 1), sweep_compute=(1, 2)),
     "small": QualityConfig(backbone="small", train_per_task=400, test_per_task=50, val_per_task=25, min_len=3,
                            max_len=8, steps=1000, batch_size=16, learning_rate=3e-3, sweep_max_len=(5, 8, 11)),

@@ -16,6 +16,8 @@
                                                  the per-task LoRA's too) over the same data; LoRA alongside
     compute        TrainConfig.steps             multiples of the main run's steps; the per-task LoRA's steps
                                                  are scaled alike (LoRA alongside), so both get equal compute
+    schedule       TrainConfig.lr_schedule, warmup_steps and max_grad_norm: QualityConfig.sweep_schedules
+                                                 (schedule_overrides)
     lambda_*       TrainConfig.lambda_decouple, lambda_align, lambda_sparse, lambda_prior: each regulariser's
                    weight at QualityConfig.sweep_regulariser_scales times its default, the others at theirs
                    (weight 0 is the main table's ablation of that regulariser)
@@ -48,7 +50,11 @@ REGULARISERS = ("lambda_decouple", "lambda_align", "lambda_sparse", "lambda_prio
 CONTROLLER = {"top_k": "top_k", "rank": "rank", "temperature": "gate_temperature", "threshold": "gate_threshold"}
 """Sweep name -> the TrainConfig field it varies (the controller's gate settings and the module rank)."""
 SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, "placement", "placement_random", "seed", "compute",
-          *REGULARISERS)
+          "schedule", *REGULARISERS)
+SCHEDULES = ("constant", "linear", "cosine")
+"""The first part of a schedule-sweep point: TrainConfig.lr_schedule."""
+WARMUP_SHARE, CLIP_NORM = 0.05, 1.0
+"""A schedule point's "+warmup": warmup over this share of the steps; its "+clip": max_grad_norm."""
 
 
 def base_means(system: System, model_dir: Path, data: Data, serve_config: ServeConfig, max_tokens: int) -> dict:
@@ -92,7 +98,22 @@ def _grid(config: QualityConfig) -> dict[str, tuple[tuple, Callable[[object], tu
         "placement_random": (config.sweep_placement_budgets, lambda b: (placement_overrides(b, "random"), {}), False),
         "seed": (config.sweep_seeds, lambda s: ({"seed": s}, {}), True),
         "compute": (config.sweep_compute, lambda m: ({"steps": m * config.steps}, {}), True),
+        "schedule": (config.sweep_schedules, lambda v: (schedule_overrides(v, config.steps), {}), False),
     } | regularisers
+
+
+def schedule_overrides(value: str, steps: int) -> dict:
+    """TrainConfig fields of a schedule-sweep point "SCHEDULE[+warmup][+clip]" (QualityConfig.sweep_schedules)."""
+    schedule, *extras = value.split("+")
+    if schedule not in SCHEDULES or len(set(extras)) != len(extras) or not set(extras) <= {"warmup", "clip"}:
+        raise ValueError(f"schedule sweep point {value!r}: want one of {', '.join(SCHEDULES)}, then optionally "
+                         "+warmup and +clip")
+    fields: dict = {"lr_schedule": schedule}
+    if "warmup" in extras:
+        fields["warmup_steps"] = max(1, round(WARMUP_SHARE * steps))
+    if "clip" in extras:
+        fields["max_grad_norm"] = CLIP_NORM
+    return fields
 
 
 def placement_overrides(budget: float, chooser: str = "search") -> dict:
@@ -107,6 +128,9 @@ def main_value(config: QualityConfig, sweep: str, seed: int):
         return seed
     if sweep == "compute":
         return 1
+    if sweep == "schedule":
+        train = config.train(0)
+        return "+".join([train.lr_schedule] + ["warmup"] * (train.warmup_steps > 0) + ["clip"] * (train.max_grad_norm > 0))
     if sweep in REGULARISERS:
         return getattr(config.train(0), sweep)
     if sweep in CONTROLLER:

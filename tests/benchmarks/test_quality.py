@@ -205,7 +205,8 @@ def test_sweeps_and_plots(tiny_run):
              "noise": config.sweep_noise, "max_len": config.sweep_max_len, "top_k": config.sweep_top_k,
              "rank": config.sweep_ranks, "temperature": config.sweep_gate_temperatures,
              "threshold": config.sweep_gate_thresholds, "placement": config.sweep_placement_budgets,
-             "placement_random": config.sweep_placement_budgets, "seed": config.sweep_seeds, "compute": config.sweep_compute}
+             "placement_random": config.sweep_placement_budgets, "seed": config.sweep_seeds, "compute": config.sweep_compute,
+             "schedule": config.sweep_schedules}
     defaults = TrainConfig()
     for name in REGULARISERS:
         grids[name] = tuple(round(scale * getattr(defaults, name), 12) for scale in config.sweep_regulariser_scales)

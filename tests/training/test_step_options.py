@@ -1,0 +1,124 @@
+"""The step's memory and optimisation options on the tiny Llama: micro-batches and activation checkpointing
+train what one whole pass trains, the learning-rate schedules, gradient clipping, and their errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from training.checkpoint import checkpoint_dir
+from training.config import TrainConfig
+from training.step import StepRunner, lr_factor
+from training.trainer import Trainer, train_library
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def _trained(model_dir, examples, config) -> tuple[dict[str, torch.Tensor], tuple[float, ...]]:
+    trainer = Trainer(model_dir, examples, config)
+    steps = [StepRunner(trainer, torch.zeros(2, 2)).step(step)[0]["task"] for step in range(config.steps)]
+    return {name: p.detach().clone() for name, p in trainer.parameters_by_name().items()}, tuple(steps)
+
+
+def test_activation_checkpointing_trains_bit_for_bit_what_the_plain_forward_trains(tiny_llama, examples,
+                                                                                  small_config):
+    config = dataclasses.replace(small_config, steps=3)  # every loss term on: decoupling sees u in the reruns too
+    plain, plain_losses = _trained(tiny_llama, examples, config)
+    rerun, rerun_losses = _trained(tiny_llama, examples, dataclasses.replace(config, gradient_checkpointing=True))
+    assert rerun_losses == plain_losses
+    for name, tensor in plain.items():
+        assert torch.equal(rerun[name], tensor), name
+
+
+def test_activation_checkpointing_keeps_only_the_layers_inputs(tiny_llama, examples, small_config):
+    def saved_bytes(config) -> int:
+        trainer = Trainer(tiny_llama, examples, config)
+        batch = trainer.batch(list(range(4)))
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            with trainer.bank.gating(trainer.controller(batch["task_ids"])):
+                trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return total
+
+    plain = saved_bytes(dataclasses.replace(small_config, lambda_decouple=0.0))
+    checkpointed = saved_bytes(dataclasses.replace(small_config, lambda_decouple=0.0, gradient_checkpointing=True))
+    assert 0 < checkpointed < plain / 2, (checkpointed, plain)
+
+
+def test_micro_batches_add_up_to_the_whole_batch(tiny_llama, examples, small_config):
+    config = dataclasses.replace(small_config, steps=3, lambda_decouple=0.0)  # decoupling is per pass (documented)
+    whole, whole_losses = _trained(tiny_llama, examples, config)
+    for size in (1, 3):
+        parts, parts_losses = _trained(tiny_llama, examples, dataclasses.replace(config, micro_batch_size=size))
+        assert parts_losses == pytest.approx(whole_losses, rel=1e-5)
+        for name, tensor in whole.items():
+            torch.testing.assert_close(parts[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_run_resumes_with_another_micro_batch_size_and_checkpointing(tiny_llama, examples, small_config, tmp_path):
+    out = tmp_path / "lib"
+    stopped = train_library(tiny_llama, examples, out, dataclasses.replace(small_config, stop_after_steps=2,
+                                                                           micro_batch_size=2), progress=False)
+    assert stopped.steps == 2 and checkpoint_dir(out).is_dir()
+    resumed = train_library(tiny_llama, examples, out, dataclasses.replace(small_config, gradient_checkpointing=True),
+                            progress=False)
+    assert resumed.finished and resumed.resumed_from == 2 and resumed.path == out
+
+
+def test_learning_rate_schedules():
+    def factors(**fields):
+        config = TrainConfig(steps=10, **fields)
+        return [lr_factor(config, step) for step in range(10)]
+
+    assert factors() == [1.0] * 10
+    assert factors(warmup_steps=4) == [0.25, 0.5, 0.75] + [1.0] * 7
+    assert factors(lr_schedule="linear", warmup_steps=2) == pytest.approx([0.5, 1.0] + [1 - i / 8 for i in range(8)])
+    cosine = factors(lr_schedule="cosine")
+    assert cosine == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)])
+    assert cosine[0] == 1.0 and all(a > b > 0 for a, b in zip(cosine, cosine[1:]))
+
+
+def test_every_learning_rate_follows_the_schedule(tiny_llama, examples, small_config):
+    config = dataclasses.replace(small_config, steps=4, warmup_steps=2, lr_schedule="cosine")
+    trainer = Trainer(tiny_llama, examples, config)
+    runner = StepRunner(trainer, torch.zeros(2, 2))
+    for step in range(4):
+        runner.step(step)
+        gates, modules = trainer.optimizer.param_groups
+        assert gates["lr"] == pytest.approx(config.gate_learning_rate * lr_factor(config, step))
+        assert modules["lr"] == pytest.approx(config.learning_rate * lr_factor(config, step))
+    assert modules["lr"] == pytest.approx(config.learning_rate * 0.5 * (1 + math.cos(math.pi / 2)))
+
+
+def test_gradients_are_clipped_to_max_grad_norm(tiny_llama, examples, small_config):
+    trainer = Trainer(tiny_llama, examples, dataclasses.replace(small_config, max_grad_norm=0.05))
+    runner = StepRunner(trainer, torch.zeros(2, 2))
+    runner.step(0)
+    grads = [p.grad for group in trainer.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    assert runner.grad_norm > 0.05
+    assert float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) == \
+        pytest.approx(0.05, rel=1e-4)
+    unclipped = StepRunner(Trainer(tiny_llama, examples, small_config), torch.zeros(2, 2))
+    unclipped.step(0)
+    assert unclipped.grad_norm is None
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"micro_batch_size": 0}, r"micro_batch_size must be None or an integer in \[1, batch_size=8\], got 0"),
+    ({"micro_batch_size": 9}, r"micro_batch_size must be None or an integer in \[1, batch_size=8\], got 9"),
+    ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0, got -1"),
+    ({"lr_schedule": "step"}, "lr_schedule must be one of constant, linear, cosine, got 'step'"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be a finite number in"),
+])
+def test_bad_options_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**fields)
