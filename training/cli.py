@@ -1,6 +1,6 @@
 """`tessera train`: flags built from TrainConfig's fields and docstrings, and the run itself.
 
-    tessera train --model DIR --data FILE.jsonl --out LIBRARY [--init-library DIR] [--overwrite]
+    tessera train --model DIR --data FILE.jsonl --out LIBRARY [--eval-data FILE.jsonl] [--init-library DIR] [--overwrite]
                   [--relation R.json] [--task-descriptions D.json]
                   [--num-modules N --rank R ... one flag per TrainConfig field]
 
@@ -64,6 +64,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path,
                         help="JSONL training data: `task` plus OpenAI `messages` or ShareGPT `conversations`")
     parser.add_argument("--out", required=True, type=Path, help="module library directory to write")
+    parser.add_argument("--eval-data", type=Path, default=None,
+                        help="JSONL held-out examples of the trained tasks (the --data format): their task loss under "
+                             "each task's served composition is logged at every checkpoint and printed at the end")
     parser.add_argument("--init-library", type=Path, default=None,
                         help="start from this library's modules and controller (e.g. imported PEFT adapters)")
     parser.add_argument("--relation", type=Path, default=None,
@@ -144,10 +147,11 @@ def run_train(args: argparse.Namespace) -> None:
     try:
         check_target(args.out, args.overwrite, CLI_OVERWRITE_HINT)
         examples = load_examples(args.data)
+        eval_examples = load_examples(args.eval_data) if args.eval_data is not None else None
         init = _init_library(args)
         report = train_library(args.model, examples, args.out, config, init=init, progress=args.progress,
                                overwrite=args.overwrite, relation=_json_file(args.relation, "--relation"),
-                               descriptions=_descriptions(args.task_descriptions))
+                               descriptions=_descriptions(args.task_descriptions), eval_examples=eval_examples)
     except (DataError, LibraryError, CheckpointError, ValueError, FloatingPointError) as error:
         _fail(str(error))
     if report.finished:
@@ -155,5 +159,8 @@ def run_train(args: argparse.Namespace) -> None:
         print(f"wrote {report.path}: {report.steps} steps, final losses "
               f"{ {k: round(v, 4) for k, v in report.losses.items()} }, {report.tokens_per_second:.0f} tokens/s, "
               f"{kept} module insertion points kept")
+        if report.eval_history:
+            step, losses = report.eval_history[-1]
+            print(f"held-out task loss at step {step}: { {task: round(loss, 4) for task, loss in losses.items()} }")
     else:
         print(f"stopped after {report.steps} steps; rerun the same command to resume")

@@ -104,7 +104,7 @@ def load_examples(path: str | Path) -> list[Example]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read training data ({error})") from error
+        raise DataError(f"{path}: cannot read the examples ({error})") from error
     examples = [parse_line(line, f"{path}:{number}") for number, line in enumerate(lines, 1) if line.strip()]
     if not examples:
         raise DataError(f"{path}: no examples")

@@ -68,6 +68,9 @@ class TrainReport:
     """Module name -> insertion points it was trained on (before pruning): every (layer, target) of
     `config.targets` with placement `all`, the search's choice with `search`, seeded random points under the
     budget with `random`, the given `points` otherwise."""
+    eval_history: tuple[tuple[int, dict[str, float]], ...] = ()
+    """(step, held-out task loss per task and their `mean`) at every checkpoint of this run, when evaluation
+    examples were given (Trainer.evaluate)."""
 
 
 def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -115,7 +118,8 @@ class Trainer:
     def __init__(self, model_dir: str | Path, examples: Sequence[Example], config: TrainConfig, *,
                  points: Sequence[Point] | None = None,
                  relation: torch.Tensor | Mapping[str, Mapping[str, float]] | None = None,
-                 init: ModuleLibrary | None = None, descriptions: Mapping[str, str] | None = None):
+                 init: ModuleLibrary | None = None, descriptions: Mapping[str, str] | None = None,
+                 eval_examples: Sequence[Example] | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if not examples:
@@ -134,7 +138,8 @@ class Trainer:
             relation = relation_from_mapping(relation, names)
         self.relation_arg = None if relation is None else check_relation(relation, names)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.rows, self.row_tasks = self._encode()
+        self.rows, self.row_tasks = self._encode(self.examples)
+        self.eval_rows, self.eval_row_tasks = self._encode(eval_examples, "evaluation ") if eval_examples else ([], [])
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype).to(self.device).eval()
         self.model.requires_grad_(False)
         self.model.config.use_cache = False  # no forward of training reads a KV cache (and a rerun must not append)
@@ -182,26 +187,31 @@ class Trainer:
                     budget, chosen)
         return chosen
 
-    def _encode(self) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    def _encode(self, examples: Sequence[Example], kind: str = "") -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+        """(token ids, labels) and task index of every example that keeps an assistant token; `kind` names the set
+        in errors ("evaluation ")."""
         index = {t.name: i for i, t in enumerate(self.tasks)}
         rows, row_tasks, dropped = [], [], 0
         if not getattr(self.tokenizer, "chat_template", None):
             raise DataError(f"{self.tokenizer.name_or_path}: the tokenizer has no chat template; training needs one")
-        for number, example in enumerate(self.examples, 1):
+        for number, example in enumerate(examples, 1):
+            if example.task not in index:
+                raise DataError(f"{kind}example {number}: task {example.task!r} is not trained in this run; the tasks "
+                                f"are {list(index)}")
             try:
                 ids, labels = encode(self.tokenizer, example, self.config.max_seq_len)
             except DataError as error:
-                raise DataError(f"example {number} (task {example.task}): {error}") from error
+                raise DataError(f"{kind}example {number} (task {example.task}): {error}") from error
             if all(label == IGNORE for label in labels[1:]):
                 dropped += 1
                 continue
             rows.append((ids, labels))
             row_tasks.append(index[example.task])
         if dropped:
-            logger.warning("dropped %d examples with no assistant token within max_seq_len=%d",
-                           dropped, self.config.max_seq_len)
+            logger.warning("dropped %d %sexamples with no assistant token within max_seq_len=%d",
+                           dropped, kind, self.config.max_seq_len)
         if not rows:
-            raise DataError(f"no example keeps an assistant token within max_seq_len={self.config.max_seq_len}")
+            raise DataError(f"no {kind}example keeps an assistant token within max_seq_len={self.config.max_seq_len}")
         return rows, row_tasks
 
     def _build_bank(self, points: Sequence[Point] | None) -> ModuleBank:
@@ -249,6 +259,29 @@ class Trainer:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return collate([self.rows[i] for i in indices], [self.row_tasks[i] for i in indices], pad)
 
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out task loss of every task with evaluation examples: the mean cross-entropy over their assistant
+        positions (as the task loss), each row under its task's served composition (the controller's exported
+        gates: top-k, threshold, renormalised), and `mean`, the average over those tasks."""
+        gates = self.controller.export_gates()  # [num_tasks, N]
+        size = self.config.micro_batch_size or self.config.batch_size
+        sums: dict[int, list[float]] = {}
+        for start in range(0, len(self.eval_rows), size):
+            rows, tasks = self.eval_rows[start: start + size], self.eval_row_tasks[start: start + size]
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            batch = {k: v.to(self.device) for k, v in collate(rows, tasks, pad).items()}
+            with self.bank.gating(gates[batch["task_ids"]]):
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets,
+                                                       ignore_index=IGNORE, reduction="none").sum(dim=1)  # [rows]
+            for task, loss, count in zip(tasks, losses.tolist(), (targets != IGNORE).sum(dim=1).tolist()):
+                total = sums.setdefault(task, [0.0, 0])
+                total[0], total[1] = total[0] + loss, total[1] + count
+        result = {self.tasks[task].name: loss / count for task, (loss, count) in sums.items()}
+        return result | {"mean": sum(result.values()) / len(result)}
+
     def _relation(self) -> torch.Tensor:
         """R: the given one, zeros when the prior is off, else estimated from gradients (training.relation)."""
         num_tasks = len(self.tasks)
@@ -273,7 +306,7 @@ class Trainer:
         runner = StepRunner(self, relation)
         end = min(cfg.steps, cfg.stop_after_steps or cfg.steps)
         self.step = resumed_from
-        history, terms, tokens, seconds = [], {}, 0, 0.0
+        history, evaluations, terms, tokens, seconds = [], [], {}, 0, 0.0
         with tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", unit="step") as bar:
             while self.step < end:
                 start = time.perf_counter()
@@ -288,13 +321,20 @@ class Trainer:
                     shown["lr"] = f"{self.optimizer.param_groups[-1]['lr']:.2e}"
                 if runner.grad_norm is not None:
                     shown["grad_norm"] = f"{runner.grad_norm:.3f}"
-                bar.set_postfix(**shown)
                 if self.step % cfg.checkpoint_every == 0 or self.step == end:
                     checkpoint.save(checkpoints, self.step, signature, self.parameters_by_name(), self.optimizer,
                                     relation)
+                    if self.eval_rows:
+                        evaluations.append((self.step, self.evaluate()))
+                        logger.info("step %d: held-out task loss %s", self.step,
+                                    {task: round(loss, 4) for task, loss in evaluations[-1][1].items()})
+                if evaluations:
+                    shown["eval_loss"] = f"{evaluations[-1][1]['mean']:.4f}"
+                bar.set_postfix(**shown)
         trained = {spec.name: tuple(spec.points) for spec in self.bank.specs}
         return TrainReport(self.step, self.step >= cfg.steps, terms, tuple(history),
-                           tokens / seconds if seconds else 0.0, {}, resumed_from, None, trained_points=trained)
+                           tokens / seconds if seconds else 0.0, {}, resumed_from, None, trained_points=trained,
+                           eval_history=tuple(evaluations))
 
     def export(self) -> tuple[ModuleLibrary, dict[str, tuple[Point, ...]]]:
         """Prune the bank (it then computes what the library serves) and build the library."""
@@ -313,6 +353,7 @@ def train_library(
     points: Sequence[Point] | None = None, relation: torch.Tensor | Mapping[str, Mapping[str, float]] | None = None,
     init: ModuleLibrary | None = None,
     progress: bool = True, overwrite: bool = False, descriptions: Mapping[str, str] | None = None,
+    eval_examples: Sequence[Example] | None = None,
 ) -> TrainReport:
     """Train a module library on `model_dir` from `examples` and write it atomically to `out`.
 
@@ -320,11 +361,13 @@ def train_library(
     (removed once the library is written); rerunning with the same arguments resumes there.
     `descriptions` maps task names to the descriptions the library records. `relation` is the prior's R,
     as a [num_tasks, num_tasks] tensor in the library's task order or as {task: {other: weight}}
-    (training.relation.relation_from_mapping); None estimates it from gradients.
+    (training.relation.relation_from_mapping); None estimates it from gradients. `eval_examples` (of the trained
+    tasks) are scored at every checkpoint (Trainer.evaluate; TrainReport.eval_history); they do not change the
+    training.
     """
     out = check_target(out, overwrite)
     trainer = Trainer(model_dir, examples, config, points=points, relation=relation, init=init,
-                      descriptions=descriptions)
+                      descriptions=descriptions, eval_examples=eval_examples)
     checkpoints = checkpoint.checkpoint_dir(out)
     report = trainer.run(checkpoints, progress)
     if not report.finished:
@@ -337,7 +380,7 @@ def train_library(
     shutil.rmtree(checkpoints, ignore_errors=True)
     logger.info("wrote module library %s (%d modules, %d tasks)", path, len(library.modules), len(library.tasks))
     return TrainReport(report.steps, True, report.losses, report.task_loss_history, report.tokens_per_second,
-                       kept, report.resumed_from, path, accuracy, report.trained_points)
+                       kept, report.resumed_from, path, accuracy, report.trained_points, report.eval_history)
 
 
 def _attach_text_router(library: ModuleLibrary, examples: Sequence[Example],

@@ -34,9 +34,14 @@ def _error(result: subprocess.CompletedProcess) -> str:
 def test_train_writes_a_library_then_refuses_to_overwrite_it(tiny_llama, examples, fingerprint, tmp_path):
     data, out = tmp_path / "data.jsonl", tmp_path / "lib"
     write_jsonl(data, examples[:6])
-    result = _train("--model", tiny_llama, "--data", data, "--out", out, "--targets", "q_proj,v_proj", *FAST)
+    held_out = tmp_path / "held_out.jsonl"
+    write_jsonl(held_out, examples[6:10])
+    result = _train("--model", tiny_llama, "--data", data, "--out", out, "--targets", "q_proj,v_proj",
+                    "--eval-data", held_out, "--lr-schedule", "cosine", "--warmup-steps", "1", "--max-grad-norm", "1",
+                    "--micro-batch-size", "1", "--gradient-checkpointing", *FAST)
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}: 2 steps" in result.stdout
+    assert "held-out task loss at step 2: {'reverse': " in result.stdout and "'mean': " in result.stdout
     library = ModuleLibrary.load(out, expect=fingerprint)
     assert list(library.modules) == ["m0", "m1"] and library.modules["m0"].targets == ("q_proj", "v_proj")
     again = _error(_train("--model", tiny_llama, "--data", data, "--out", out, *FAST))
@@ -49,6 +54,15 @@ def test_bad_data_names_the_line(tiny_llama, examples, tmp_path):
     data.write_text(data.read_text() + json.dumps({"messages": examples[0].messages}) + "\n")
     line = _error(_train("--model", tiny_llama, "--data", data, "--out", tmp_path / "lib", *FAST))
     assert f"{data}:3: missing 'task'" in line
+    write_jsonl(data, examples[:2])
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps({"task": "sort", "messages": examples[0].messages}) + "\n")
+    line = _error(_train("--model", tiny_llama, "--data", data, "--out", tmp_path / "lib", "--eval-data", held_out,
+                         *FAST))
+    assert "evaluation example 1: task 'sort' is not trained in this run" in line
+    line = _error(_train("--model", tiny_llama, "--data", data, "--out", tmp_path / "lib", "--eval-data",
+                         tmp_path / "missing.jsonl", *FAST))
+    assert f"{tmp_path / 'missing.jsonl'}: cannot read the examples" in line
 
 
 def test_init_library_for_another_backbone_and_bad_flags(tiny_llama, examples, fingerprint, tmp_path):

@@ -65,7 +65,7 @@ def test_every_error_names_file_line_and_problem(tmp_path, line, expected):
 def test_empty_and_missing_files(tmp_path):
     with pytest.raises(DataError, match="no examples"):
         load_examples(_write(tmp_path, "", "  "))
-    with pytest.raises(DataError, match="cannot read training data"):
+    with pytest.raises(DataError, match="cannot read the examples"):
         load_examples(tmp_path / "absent.jsonl")
 
 

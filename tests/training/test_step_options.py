@@ -1,5 +1,6 @@
 """The step's memory and optimisation options on the tiny Llama: micro-batches and activation checkpointing
-train what one whole pass trains, the learning-rate schedules, gradient clipping, and their errors."""
+train what one whole pass trains, the learning-rate schedules, gradient clipping, held-out evaluation, and their
+errors."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import math
 import pytest
 import torch
 
+from router.library import ModuleLibrary
+from tests.training.conftest import two_task_examples
 from training.checkpoint import checkpoint_dir
 from training.config import TrainConfig
+from training.data import DataError, Example, collate
+from training.losses import task_loss
 from training.step import StepRunner, lr_factor
 from training.trainer import Trainer, train_library
 
@@ -122,3 +127,42 @@ def test_gradients_are_clipped_to_max_grad_norm(tiny_llama, examples, small_conf
 def test_bad_options_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**fields)
+
+
+def test_held_out_examples_are_scored_at_every_checkpoint_without_changing_the_training(
+        trained_plain, tiny_llama, examples, small_config, tmp_path):
+    held_out = two_task_examples(count=3, seed=7)
+    report = train_library(tiny_llama, examples, tmp_path / "lib", small_config, progress=False, eval_examples=held_out)
+    assert [step for step, _ in report.eval_history] == [2, 4, 6]
+    for _, losses in report.eval_history:
+        assert set(losses) == {"reverse", "upper", "mean"}
+        assert losses["mean"] == pytest.approx((losses["reverse"] + losses["upper"]) / 2)
+    assert report.eval_history[-1][1]["mean"] < report.eval_history[0][1]["mean"]
+    reference, library = trained_plain
+    assert report.task_loss_history == reference.task_loss_history
+    again = ModuleLibrary.load(tmp_path / "lib")
+    for key, tensor in ModuleLibrary.load(library).flat_tensors().items():
+        assert torch.equal(again.flat_tensors()[key], tensor), key
+
+    trainer = Trainer(tiny_llama, examples, small_config, eval_examples=held_out)  # step 0: the score by hand
+    gates = trainer.controller.export_gates()
+    for index, task in enumerate(["reverse", "upper"]):
+        rows = [row for row, t in zip(trainer.eval_rows, trainer.eval_row_tasks) if t == index]
+        batch = collate(rows, [index] * len(rows), trainer.tokenizer.pad_token_id or 0)
+        with torch.no_grad(), trainer.bank.gating(gates[[index] * len(rows)]):
+            logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert trainer.evaluate()[task] == pytest.approx(float(task_loss(logits, batch["labels"])), rel=1e-5)
+
+
+def test_held_out_examples_of_an_untrained_task_are_refused(tiny_llama, examples, small_config):
+    stranger = Example("sort", [{"role": "user", "content": "sort cba"}, {"role": "assistant", "content": "abc"}])
+    with pytest.raises(DataError, match=r"evaluation example 2: task 'sort' is not trained in this run; the tasks are "
+                                        r"\['reverse', 'upper'\]"):
+        Trainer(tiny_llama, examples, small_config, eval_examples=[examples[0], stranger])
+
+
+@pytest.fixture(scope="module")
+def trained_plain(tiny_llama, examples, small_config, tmp_path_factory):
+    """(report, library path) of small_config trained without evaluation examples."""
+    out = tmp_path_factory.mktemp("plain") / "lib"
+    return train_library(tiny_llama, examples, out, small_config, progress=False), out
