@@ -21,7 +21,7 @@
 #                tests of stage `tests`, which skip without it)
 # Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer", ".wheels"]); results land in
 #                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online, online-process,
-#                online-interval, prefix, slots, spec
+#                online-interval, prefix, slots, spec, train
 #                (default: first).
 # Budget:        a task that is lent a GPU now gets 15 minutes of device time in all, the machine's start
 #                (a minute or more) included, so a session has one full call and a short rerun. `first` is
@@ -90,9 +90,13 @@ for stage in $STAGES; do
       # structured outputs: forced-token drafts (each step read back) vs plain (overlapped, sampling deferred)
       timeout 200 python3 benchmarks/serving/bench_spec.py --workload form --batch-sizes 1 8 32 \
         --out "$OUT/bench_spec_form.json" 2>&1 | tail -14 ;;
+    train)
+      # tessera train's memory options on a 1B-shaped random Llama, bf16: peak allocated memory and step time
+      timeout 240 python3 benchmarks/training/step_memory.py --device cuda --hidden 2048 --layers 16 --tokens 512 \
+        --batch 8 --out "$OUT/step_memory.json" 2>&1 | tail -7 ;;
     *)
       echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online, online-process," \
-        "online-interval, prefix, slots, spec)" >&2
+        "online-interval, prefix, slots, spec, train)" >&2
       exit 2 ;;
   esac
 done
