@@ -28,11 +28,13 @@ def _trained(model_dir, examples, config) -> tuple[dict[str, torch.Tensor], tupl
     return {name: p.detach().clone() for name, p in trainer.parameters_by_name().items()}, tuple(steps)
 
 
-def test_activation_checkpointing_trains_bit_for_bit_what_the_plain_forward_trains(tiny_llama, examples,
-                                                                                  small_config):
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2", "qwen3"])
+def test_activation_checkpointing_trains_bit_for_bit_what_the_plain_forward_trains(tiny_checkpoints, architecture,
+                                                                                  examples, small_config):
+    model_dir = tiny_checkpoints(architecture)
     config = dataclasses.replace(small_config, steps=3)  # every loss term on: decoupling sees u in the reruns too
-    plain, plain_losses = _trained(tiny_llama, examples, config)
-    rerun, rerun_losses = _trained(tiny_llama, examples, dataclasses.replace(config, gradient_checkpointing=True))
+    plain, plain_losses = _trained(model_dir, examples, config)
+    rerun, rerun_losses = _trained(model_dir, examples, dataclasses.replace(config, gradient_checkpointing=True))
     assert rerun_losses == plain_losses
     for name, tensor in plain.items():
         assert torch.equal(rerun[name], tensor), name
