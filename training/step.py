@@ -161,7 +161,7 @@ class StepRunner:
 
 
 def _targets(labels: list[int]) -> int:
-    """Positions a row's task loss averages over: its tokens after the first whose label is not IGNORE."""
+    """Positions a row's task loss averages over: its labels past the first that are not IGNORE."""
     return sum(label != IGNORE for label in labels[1:])
 
 

@@ -100,11 +100,13 @@ def sync_outputs(setup, stops) -> dict[str, list]:
     return _engine(setup, "off").generate_batch(_mixed_requests(*stops))
 
 
-async def _collect(engine: Engine, request: Request, stop_after: int | None = None) -> list:
+async def _collect(engine: Engine, request: Request, stop_after_tokens: int | None = None) -> list:
+    """The request's increments; with `stop_after_tokens`, the reader leaves once they hold that many tokens (one
+    increment may hold several: those that gathered while the reader was behind)."""
     outputs = []
     async for output in engine.generate(request):
         outputs.append(output)
-        if len(outputs) == stop_after:
+        if stop_after_tokens is not None and len(_tokens(outputs)) >= stop_after_tokens:
             break
     return outputs
 
@@ -167,14 +169,14 @@ def test_threaded_loop_with_arrivals_mid_decode_and_an_abort(setup):
     expected = {k: _tokens(v) for k, v in _engine(setup, "off", max_model_len=None).generate_batch(requests).items()}
     doomed = Request("doomed", PROMPTS[5], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
                      COMPOSITIONS[5])
-    prefix = Request("doomed", doomed.prompt_token_ids, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+    prefix = Request("doomed", doomed.prompt_token_ids, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
                      doomed.composition)
     doomed_alone = _tokens(_engine(setup, "off", max_model_len=None).generate_batch([prefix])["doomed"])
     engine = _engine(setup, "on", max_model_len=None)
 
     async def main():
         first = asyncio.create_task(_collect(engine, requests[0]))
-        doomed_task = asyncio.create_task(_collect(engine, doomed, stop_after=4))
+        doomed_task = asyncio.create_task(_collect(engine, doomed, stop_after_tokens=4))
         await _running(engine, 2)  # both decoding before the others arrive
         later = await asyncio.gather(*(_collect(engine, r) for r in requests[1:]))
         return [await first, *later], await doomed_task
@@ -186,7 +188,8 @@ def test_threaded_loop_with_arrivals_mid_decode_and_an_abort(setup):
     finally:
         engine.shutdown()
     assert {r.request_id: _tokens(s) for r, s in zip(requests, streams)} == expected
-    assert _tokens(doomed_outputs) == doomed_alone and not any(o.finished for o in doomed_outputs)
+    got = _tokens(doomed_outputs)  # 4 tokens, or a few more where the last increment gathered several
+    assert 4 <= len(got) <= 8 and got == doomed_alone[: len(got)] and not any(o.finished for o in doomed_outputs)
 
 
 def test_a_failed_step_fails_its_requests_and_leaves_nothing_pending(setup):
