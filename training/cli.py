@@ -1,6 +1,7 @@
 """`tessera train`: flags built from TrainConfig's fields and docstrings, and the run itself.
 
-    tessera train --model DIR --data FILE.jsonl --out LIBRARY [--eval-data FILE.jsonl] [--init-library DIR] [--overwrite]
+    tessera train --model DIR --data FILE.jsonl --out LIBRARY [--eval-data FILE.jsonl | --eval-split SHARE]
+                  [--init-library DIR] [--overwrite]
                   [--relation R.json] [--task-descriptions D.json]
                   [--num-modules N --rank R ... one flag per TrainConfig field]
 
@@ -67,6 +68,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-data", type=Path, default=None,
                         help="JSONL held-out examples of the trained tasks (the --data format): their task loss under "
                              "each task's served composition is logged at every checkpoint and printed at the end")
+    parser.add_argument("--eval-split", type=float, default=None, metavar="SHARE",
+                        help="hold out this share of each task's --data examples (drawn with --seed) as --eval-data "
+                             "instead of training on them")
     parser.add_argument("--init-library", type=Path, default=None,
                         help="start from this library's modules and controller (e.g. imported PEFT adapters)")
     parser.add_argument("--relation", type=Path, default=None,
@@ -141,13 +145,20 @@ def run_train(args: argparse.Namespace) -> None:
     from router.atomic import CLI_OVERWRITE_HINT, check_target
     from router.errors import LibraryError
     from training.checkpoint import CheckpointError
-    from training.data import DataError, load_examples
+    from training.data import DataError, hold_out, load_examples
     from training.trainer import train_library
 
     try:
         check_target(args.out, args.overwrite, CLI_OVERWRITE_HINT)
         examples = load_examples(args.data)
         eval_examples = load_examples(args.eval_data) if args.eval_data is not None else None
+        if args.eval_split is not None:
+            if eval_examples is not None:
+                _fail("give --eval-data or --eval-split, not both")
+            if not 0 < args.eval_split < 1:
+                _fail(f"--eval-split must be a share in (0, 1), got {args.eval_split}")
+            examples, eval_examples = hold_out(examples, args.eval_split, config.seed)
+            logger.info("held out %d of %d examples for evaluation", len(eval_examples), len(examples) + len(eval_examples))
         init = _init_library(args)
         report = train_library(args.model, examples, args.out, config, init=init, progress=args.progress,
                                overwrite=args.overwrite, relation=_json_file(args.relation, "--relation"),

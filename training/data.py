@@ -112,6 +112,26 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
+def hold_out(examples: list[Example], share: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(training, held-out) examples: `share` of each task's examples, drawn with `seed`, held out for evaluation
+    (at least one of a task with two or more examples, at most all but one, rounded to the nearest count). Both
+    keep the file's order."""
+    if not 0 < share < 1:
+        raise ValueError(f"the held-out share must be in (0, 1), got {share!r}")
+    import random
+
+    rng = random.Random(seed)
+    by_task: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_task.setdefault(example.task, []).append(index)
+    held: set[int] = set()
+    for indices in by_task.values():
+        if len(indices) >= 2:
+            count = min(max(round(share * len(indices)), 1), len(indices) - 1)
+            held.update(rng.sample(indices, count))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)

@@ -279,7 +279,7 @@ class Trainer:
             for task, loss, count in zip(tasks, losses.tolist(), (targets != IGNORE).sum(dim=1).tolist()):
                 total = sums.setdefault(task, [0.0, 0])
                 total[0], total[1] = total[0] + loss, total[1] + count
-        result = {self.tasks[task].name: loss / count for task, (loss, count) in sums.items()}
+        result = {self.tasks[task].name: loss / count for task, (loss, count) in sorted(sums.items())}
         return result | {"mean": sum(result.values()) / len(result)}
 
     def _relation(self) -> torch.Tensor:

@@ -34,10 +34,8 @@ def _error(result: subprocess.CompletedProcess) -> str:
 def test_train_writes_a_library_then_refuses_to_overwrite_it(tiny_llama, examples, fingerprint, tmp_path):
     data, out = tmp_path / "data.jsonl", tmp_path / "lib"
     write_jsonl(data, examples[:6])
-    held_out = tmp_path / "held_out.jsonl"
-    write_jsonl(held_out, examples[6:10])
     result = _train("--model", tiny_llama, "--data", data, "--out", out, "--targets", "q_proj,v_proj",
-                    "--eval-data", held_out, "--lr-schedule", "cosine", "--warmup-steps", "1", "--max-grad-norm", "1",
+                    "--eval-split", "0.34", "--lr-schedule", "cosine", "--warmup-steps", "1", "--max-grad-norm", "1",
                     "--micro-batch-size", "1", "--gradient-checkpointing", *FAST)
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}: 2 steps" in result.stdout
@@ -63,6 +61,11 @@ def test_bad_data_names_the_line(tiny_llama, examples, tmp_path):
     line = _error(_train("--model", tiny_llama, "--data", data, "--out", tmp_path / "lib", "--eval-data",
                          tmp_path / "missing.jsonl", *FAST))
     assert f"{tmp_path / 'missing.jsonl'}: cannot read the examples" in line
+    line = _error(_train("--model", tiny_llama, "--data", data, "--out", tmp_path / "lib", "--eval-data", held_out,
+                         "--eval-split", "0.2", *FAST))
+    assert "give --eval-data or --eval-split, not both" in line
+    line = _error(_train("--model", tiny_llama, "--data", data, "--out", tmp_path / "lib", "--eval-split", "1", *FAST))
+    assert "--eval-split must be a share in (0, 1), got 1.0" in line
 
 
 def test_init_library_for_another_backbone_and_bad_flags(tiny_llama, examples, fingerprint, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from training.data import IGNORE, DataError, Example, collate, encode, load_examples
+from training.data import IGNORE, DataError, Example, collate, encode, hold_out, load_examples
 
 USER, ASSISTANT = {"role": "user", "content": "reverse abc"}, {"role": "assistant", "content": "cba"}
 
@@ -111,3 +111,18 @@ def test_a_template_that_raises_is_a_data_error(tokenizer):
     strict.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}x"
     with pytest.raises(DataError, match="chat template cannot render 2 turn.*user first"):
         encode(strict, Example("rev", [ASSISTANT, USER]), max_seq_len=64)
+
+
+def test_hold_out_takes_a_seeded_share_of_every_task():
+    examples = [Example(task, [{"role": "user", "content": f"{task} {i}"}, {"role": "assistant", "content": "x"}])
+                for task, count in (("a", 20), ("b", 3), ("c", 1)) for i in range(count)]
+    train, held = hold_out(examples, 0.25, seed=0)
+    counts = {task: sum(e.task == task for e in held) for task in "abc"}
+    assert counts == {"a": 5, "b": 1, "c": 0}  # a task of one example keeps it for training
+    assert len(train) + len(held) == len(examples) and not {id(e) for e in train} & {id(e) for e in held}
+    assert [e for e in examples if e in held] == held and [e for e in examples if e in train] == train  # file order
+    assert hold_out(examples, 0.25, seed=0) == (train, held)
+    assert hold_out(examples, 0.25, seed=1)[1] != held
+    assert {e.task: 0 for e in hold_out(examples, 0.99, seed=0)[0]} == {"a": 0, "b": 0, "c": 0}  # one of each stays
+    with pytest.raises(ValueError, match=r"held-out share must be in \(0, 1\), got 1.0"):
+        hold_out(examples, 1.0, seed=0)
