@@ -56,6 +56,15 @@ class ArchSpec:
                 f"unsupported architecture {names or hf_config.model_type!r}; "
                 f"supported: {', '.join(sorted(ARCHITECTURES))}"
             )
+        quantized = getattr(hf_config, "quantization_config", None)
+        if quantized:
+            method = (quantized.get("quant_method") if isinstance(quantized, dict)
+                      else getattr(quantized, "quant_method", None)) or "unknown"
+            raise ValueError(
+                f"the checkpoint is quantized (quantization_config: {method}), and Tessera serves unquantized weights "
+                f"only; serve the model's bfloat16 or float16 checkpoint, or deploy the library on vLLM, which serves "
+                f"quantized models (`tessera library export-vllm`)"
+            )
         switches = ARCHITECTURES[known[0]]
         heads = hf_config.num_attention_heads
         window = getattr(hf_config, "sliding_window", None)

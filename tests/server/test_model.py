@@ -79,6 +79,21 @@ def test_unsupported_architecture_is_named(tmp_path, tiny_llama):
         load_backbone(str(tmp_path / "m"))
 
 
+@pytest.mark.parametrize("method", ["awq", "fp8", "bitsandbytes"])
+def test_a_quantized_checkpoint_is_refused_with_what_to_do(tmp_path, tiny_llama, method):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_llama, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"the checkpoint is quantized \(quantization_config: {method}\), and Tessera "
+                                         r"serves unquantized weights only; serve the model's bfloat16 or float16 "
+                                         r"checkpoint, or deploy the library on vLLM"):
+        load_backbone(str(tmp_path / "m"))
+
+
 def test_missing_and_misshaped_tensors_are_named(tmp_path, tiny_llama):
     from safetensors.torch import load_file, save_file
 
