@@ -97,6 +97,12 @@ class TrainConfig:
     """Optimiser steps. Data is walked in seeded shuffled epochs, so steps * batch_size / examples epochs."""
     batch_size: int = 8
     """Examples per optimiser step."""
+    task_sampling_temperature: float = 1.0
+    """How each step's rows are drawn across tasks. 1: examples uniformly, in seeded shuffled epochs (each example
+    once per epoch), so a task's share of the rows is its share of the data. T != 1: every row first draws a task
+    with probability proportional to (its examples)^(1/T), then one of that task's examples (seeded by the step,
+    with replacement): above 1 small tasks are seen more often (large T approaches the same share for every task),
+    below 1 large tasks dominate. The temperature of multi-task mixtures (as in T5's training)."""
     micro_batch_size: int | None = None
     """Examples per forward and backward pass; a step accumulates the gradients of batch_size / micro_batch_size
     passes (the last may be smaller). A memory knob that leaves the training math as it is: the task and alignment
@@ -147,7 +153,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
-        for name in ("alpha", "gate_temperature", "learning_rate", "gate_learning_rate"):
+        for name in ("alpha", "gate_temperature", "learning_rate", "gate_learning_rate", "task_sampling_temperature"):
             self._check_float(name, low=0.0, low_open=True)
         for name in ("lambda_decouple", "lambda_align", "lambda_sparse", "lambda_prior", "weight_decay",
                      "controller_init_std"):

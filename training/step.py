@@ -1,8 +1,9 @@
 """One optimiser step of the trainer: batch, gates, forward with the bank, loss terms, AdamW.
 
 Everything random in a step is a function of (seed, step): the batch is a slice of a stream of seeded
-per-epoch permutations of the examples, and the alignment's module is drawn from a generator seeded by
-the step, and every learning rate is its configured value times `lr_factor(config, step)`. So a run resumed
+per-epoch permutations of the examples (or, with a task sampling temperature, drawn task by task from a
+generator seeded by the step), the alignment's module is drawn from a generator seeded by the step, and
+every learning rate is its configured value times `lr_factor(config, step)`. So a run resumed
 from a checkpoint takes exactly the steps an uninterrupted run would.
 """
 
@@ -34,6 +35,8 @@ class StepRunner:
             "prior": cfg.lambda_prior if len(trainer.tasks) > 1 else 0.0,
         }
         self._epoch, self._order = -1, []
+        self._task_rows: list[list[int]] | None = None  # rows of each task (tempered task sampling)
+        self._task_weights = torch.zeros(0)
         self._served = torch.zeros(0)
         self.grad_norm: float | None = None
         """The global gradient norm of the last step before clipping; None when clipping is off."""
@@ -45,9 +48,22 @@ class StepRunner:
         return self._order
 
     def batch_indices(self, step: int) -> list[int]:
-        """Rows of step `step`: positions [step * B, (step + 1) * B) of the epoch-permutation stream."""
-        size, count = self.trainer.config.batch_size, len(self.trainer.rows)
-        return [self._permutation(pos // count)[pos % count] for pos in range(step * size, (step + 1) * size)]
+        """Rows of step `step`: positions [step * B, (step + 1) * B) of the epoch-permutation stream, or, with a task
+        sampling temperature other than 1, a task per row drawn by the tempered sizes, then a row of that task
+        (TrainConfig.task_sampling_temperature; seeded by the step)."""
+        cfg, size, count = self.trainer.config, self.trainer.config.batch_size, len(self.trainer.rows)
+        if cfg.task_sampling_temperature == 1.0:
+            return [self._permutation(pos // count)[pos % count] for pos in range(step * size, (step + 1) * size)]
+        if self._task_rows is None:
+            by_task: dict[int, list[int]] = {}
+            for row, task in enumerate(self.trainer.row_tasks):
+                by_task.setdefault(task, []).append(row)
+            self._task_rows = list(by_task.values())
+            sizes = torch.tensor([len(rows) for rows in self._task_rows], dtype=torch.float64)
+            self._task_weights = sizes ** (1.0 / cfg.task_sampling_temperature)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7 * step + 3)
+        tasks = torch.multinomial(self._task_weights, size, replacement=True, generator=gen).tolist()
+        return [self._task_rows[t][int(torch.randint(len(self._task_rows[t]), (1,), generator=gen))] for t in tasks]
 
     def step(self, step: int) -> tuple[dict[str, float], int]:
         """Take optimiser step `step`; returns (unweighted terms and total as floats, tokens processed).

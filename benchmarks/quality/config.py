@@ -90,6 +90,14 @@ class QualityConfig:
     sweep_compute: tuple[int, ...] = (1, 3, 6)
     """Multiples of `steps` of the compute sweep, Tessera and per-task LoRA alike (6 with `equal_data` gives each
     per-task adapter `steps` steps, the equal-steps baseline's compute, and Tessera as much in all)."""
+    sweep_task_sampling: tuple[float, ...] = (1.0, 2.0, 3.0, 10.0)
+    """Task sampling temperatures (TrainConfig.task_sampling_temperature) of the task-sampling sweep, trained on an
+    imbalanced mixture: `imbalanced_tasks` keep only `imbalanced_items` training items each."""
+    imbalanced_tasks: tuple[str, ...] = ("uppercase", "caesar", "count")
+    """Tasks cut to `imbalanced_items` training items in the task-sampling sweep (those the backbone learns best, so
+    what they lose to the imbalance shows)."""
+    imbalanced_items: int = 40
+    """Training items each of `imbalanced_tasks` keeps in the task-sampling sweep (the others keep train_per_task)."""
     sweep_schedules: tuple[str, ...] = ("constant", "cosine", "cosine+warmup", "cosine+warmup+clip")
     """Points of the schedule sweep: a learning-rate schedule (TrainConfig.lr_schedule: constant, linear or cosine),
     optionally with "+warmup" (TrainConfig.warmup_steps: 5% of the steps) and "+clip" (TrainConfig.max_grad_norm
@@ -104,10 +112,11 @@ class QualityConfig:
         object.__setattr__(self, "sweep_max_len", tuple(self.sweep_max_len))
         object.__setattr__(self, "sweep_regulariser_scales", tuple(self.sweep_regulariser_scales))
         for name in ("sweep_top_k", "sweep_ranks", "sweep_gate_temperatures", "sweep_gate_thresholds",
-                     "sweep_placement_budgets", "sweep_seeds", "sweep_compute", "sweep_schedules"):
+                     "sweep_placement_budgets", "sweep_seeds", "sweep_compute", "sweep_schedules",
+                     "sweep_task_sampling", "imbalanced_tasks"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("train_per_task", "test_per_task", "val_per_task", "steps", "batch_size", "num_modules",
-                     "rank", "max_seq_len", "answer_margin", "threads"):
+                     "rank", "max_seq_len", "answer_margin", "threads", "imbalanced_items"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"QualityConfig.{name} must be an integer >= 1, got {value!r}")
@@ -132,6 +141,13 @@ class QualityConfig:
 
         for value in self.sweep_schedules or ("",):
             self.train(0, **schedule_overrides(value, self.steps))  # ValueError naming a bad point
+        for temperature in self.sweep_task_sampling:
+            self.train(0, task_sampling_temperature=temperature)
+        from training.suite.tasks import TASKS
+
+        unknown = [task for task in self.imbalanced_tasks if task not in TASKS]
+        if unknown:
+            raise ValueError(f"QualityConfig.imbalanced_tasks: unknown task {unknown[0]!r}; tasks are {sorted(TASKS)}")
         self.suite(0)  # SuiteConfig checks lengths and noise
 
     def suite(self, seed: int, **overrides) -> SuiteConfig:
@@ -168,6 +184,7 @@ SETTINGS: dict[str, QualityConfig] = {
                           sweep_max_len=(4, 5), sweep_regulariser_scales=(1.0, 10.0),
                           sweep_top_k=(1, 2), sweep_ranks=(2, 4), sweep_gate_temperatures=(1.0, 2.0),
                           sweep_gate_thresholds=(0.05, 0.2), sweep_placement_budgets=(0.5, 1.0), sweep_schedules=("constant", "cosine+warmup+clip"),
+                          sweep_task_sampling=(1.0, 3.0), imbalanced_items=4,
                           sweep_seeds=(0, 1), sweep_compute=(1, 2)),
     "small": QualityConfig(backbone="small", train_per_task=400, test_per_task=50, val_per_task=25, min_len=3,
                            max_len=8, steps=1000, batch_size=16, learning_rate=3e-3, sweep_max_len=(5, 8, 11)),

@@ -17,6 +17,7 @@ LABELS = {
     "placement_random": ("random placement budget (share of every point's parameters; 1 = every point)", False),
     "seed": ("training seed (same data)", False),
     "compute": ("optimiser steps, multiple of the main run's (per-task LoRA alike)", False),
+    "task_sampling": ("task sampling temperature T (imbalanced mixture)", True),
     "schedule": ("learning-rate schedule (+warmup: 5% of the steps; +clip: gradient norm 1.0)", False),
     "lambda_decouple": ("decoupling weight lambda1", True),
     "lambda_align": ("alignment weight lambda2", True),

@@ -18,6 +18,9 @@
                                                  are scaled alike (LoRA alongside), so both get equal compute
     schedule       TrainConfig.lr_schedule, warmup_steps and max_grad_norm: QualityConfig.sweep_schedules
                                                  (schedule_overrides)
+    task_sampling  TrainConfig.task_sampling_temperature, on an imbalanced mixture (QualityConfig.imbalanced_tasks
+                                                 keep imbalanced_items training items each); no point reuses the
+                                                 main run, whose mixture is balanced
     lambda_*       TrainConfig.lambda_decouple, lambda_align, lambda_sparse, lambda_prior: each regulariser's
                    weight at QualityConfig.sweep_regulariser_scales times its default, the others at theirs
                    (weight 0 is the main table's ablation of that regulariser)
@@ -50,7 +53,7 @@ REGULARISERS = ("lambda_decouple", "lambda_align", "lambda_sparse", "lambda_prio
 CONTROLLER = {"top_k": "top_k", "rank": "rank", "temperature": "gate_temperature", "threshold": "gate_threshold"}
 """Sweep name -> the TrainConfig field it varies (the controller's gate settings and the module rank)."""
 SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, "placement", "placement_random", "seed", "compute",
-          "schedule", *REGULARISERS)
+          "schedule", "task_sampling", *REGULARISERS)
 SCHEDULES = ("constant", "linear", "cosine")
 """The first part of a schedule-sweep point: TrainConfig.lr_schedule."""
 WARMUP_SHARE, CLIP_NORM = 0.05, 1.0
@@ -99,6 +102,8 @@ def _grid(config: QualityConfig) -> dict[str, tuple[tuple, Callable[[object], tu
         "seed": (config.sweep_seeds, lambda s: ({"seed": s}, {}), True),
         "compute": (config.sweep_compute, lambda m: ({"steps": m * config.steps}, {}), True),
         "schedule": (config.sweep_schedules, lambda v: (schedule_overrides(v, config.steps), {}), False),
+        "task_sampling": (config.sweep_task_sampling, lambda t: ({"task_sampling_temperature": t}, {"train_counts": {
+            task: config.imbalanced_items for task in config.imbalanced_tasks}}), False),
     } | regularisers
 
 
@@ -128,6 +133,8 @@ def main_value(config: QualityConfig, sweep: str, seed: int):
         return seed
     if sweep == "compute":
         return 1
+    if sweep == "task_sampling":
+        return None  # the main run's mixture is balanced: every point trains
     if sweep == "schedule":
         train = config.train(0)
         return "+".join([train.lr_schedule] + ["warmup"] * (train.warmup_steps > 0) + ["clip"] * (train.max_grad_norm > 0))

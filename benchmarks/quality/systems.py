@@ -57,11 +57,20 @@ class Data:
     """Test items of the base tasks, then of the composites."""
 
 
-def make_data(config: QualityConfig, seed: int, **suite_overrides) -> Data:
-    """Train, validation and test items of every base task, and test items of every composite."""
+def make_data(config: QualityConfig, seed: int, train_counts: dict[str, int] | None = None, **suite_overrides) -> Data:
+    """Train, validation and test items of every base task, and test items of every composite. `train_counts`
+    keeps only the first N training items of the tasks it names (an imbalanced mixture)."""
     suite = config.suite(seed, **suite_overrides)
     tasks, composites = tuple(TASKS), tuple(COMPOSITES)
     train = make_items(tasks, suite.train_per_task, "train", suite)
+    if train_counts:
+        taken: dict[str, int] = {}
+        kept = []
+        for item in train:
+            taken[item.task] = taken.get(item.task, 0) + 1
+            if taken[item.task] <= train_counts.get(item.task, suite.train_per_task):
+                kept.append(item)
+        train = kept
     seen = {(item.task, item.clean_input or item.input) for item in train}
     pool = make_items(tasks, 4 * config.val_per_task, "train",
                       dataclasses.replace(suite, seed=seed + VAL_SEED_OFFSET, noise=0.0))

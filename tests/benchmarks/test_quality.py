@@ -206,7 +206,7 @@ def test_sweeps_and_plots(tiny_run):
              "rank": config.sweep_ranks, "temperature": config.sweep_gate_temperatures,
              "threshold": config.sweep_gate_thresholds, "placement": config.sweep_placement_budgets,
              "placement_random": config.sweep_placement_budgets, "seed": config.sweep_seeds, "compute": config.sweep_compute,
-             "schedule": config.sweep_schedules}
+             "schedule": config.sweep_schedules, "task_sampling": config.sweep_task_sampling}
     defaults = TrainConfig()
     for name in REGULARISERS:
         grids[name] = tuple(round(scale * getattr(defaults, name), 12) for scale in config.sweep_regulariser_scales)
@@ -216,7 +216,9 @@ def test_sweeps_and_plots(tiny_run):
         for point in points:
             assert all(0 <= point["tessera"][split] <= 1 for split in ("test", "val"))
             assert ("per_task_lora" in point) == (sweep in ("noise", "max_len", "seed", "compute"))
-        assert sum(bool(p.get("reused_main")) for p in points) == 1
+        assert sum(bool(p.get("reused_main")) for p in points) == (sweep != "task_sampling")  # its mixture is another
+    sampled = results["sweeps"]["task_sampling"]  # trained on the imbalanced mixture: fewer items, same steps
+    assert all(p["steps"]["tessera"] == config.steps for p in sampled)
     main_trained = results["systems"]["tessera"]["params"]["trained"]
     # the search and the random control stay within their share of every point's cost
     for point in results["sweeps"]["placement"] + results["sweeps"]["placement_random"]:

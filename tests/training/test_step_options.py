@@ -168,3 +168,26 @@ def trained_plain(tiny_llama, examples, small_config, tmp_path_factory):
     """(report, library path) of small_config trained without evaluation examples."""
     out = tmp_path_factory.mktemp("plain") / "lib"
     return train_library(tiny_llama, examples, out, small_config, progress=False), out
+
+
+def test_task_sampling_temperature_evens_out_an_imbalanced_mixture(tiny_llama, small_config):
+    examples = two_task_examples(count=20)
+    examples = [e for e in examples if e.task == "reverse"] + [e for e in examples if e.task == "upper"][:4]
+
+    def upper_share(temperature: float) -> float:
+        runner = StepRunner(Trainer(tiny_llama, examples, dataclasses.replace(
+            small_config, task_sampling_temperature=temperature)), torch.zeros(2, 2))
+        rows = [row for step in range(150) for row in runner.batch_indices(step)]
+        assert runner.batch_indices(7) == runner.batch_indices(7)  # a function of the step: resumes draw the same
+        tasks = runner.trainer.row_tasks
+        return sum(tasks[row] == 1 for row in rows) / len(rows)
+
+    assert upper_share(1.0) == pytest.approx(4 / 24)  # shuffled epochs: exactly the data's share
+    assert upper_share(1e6) == pytest.approx(0.5, abs=0.06)  # every task alike
+    assert 4 / 24 + 0.06 < upper_share(2.0) < 0.5 - 0.06  # sqrt of the sizes: 2 / (2 + sqrt(20)) = 0.31
+    assert upper_share(0.5) < 4 / 24 - 0.06  # squares favour the large task: 16 / 416
+
+
+def test_bad_task_sampling_temperature_is_refused():
+    with pytest.raises(ValueError, match=r"task_sampling_temperature must be a finite number in \(0.0, inf\), got 0"):
+        TrainConfig(task_sampling_temperature=0)
