@@ -246,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         print(text)
         raise SystemExit(status)
     if args.command == "train":
+        from server.model.loader import resolve_model_dir
+
+        try:  # a Hub id trains from its snapshot, as `serve` serves one
+            args.model = resolve_model_dir(str(args.model))
+        except FileNotFoundError as error:
+            _fail(f"--model {args.model}: {error}")
         run_train(args)
     elif args.command == "serve":
         _run(_engine_config(args), args)

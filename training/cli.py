@@ -61,7 +61,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `tessera train`."""
-    parser.add_argument("--model", required=True, type=Path, help="Hugging Face model directory (the frozen backbone)")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="the frozen backbone: a Hugging Face model directory, or a Hub id fetched into the Hub's "
+                             "cache as `tessera serve` fetches one")
     parser.add_argument("--data", required=True, type=Path,
                         help="JSONL training data: `task` plus OpenAI `messages` or ShareGPT `conversations`")
     parser.add_argument("--out", required=True, type=Path, help="module library directory to write")

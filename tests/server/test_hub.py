@@ -58,3 +58,25 @@ def test_neither_a_directory_nor_a_hub_id(model):
 def test_directory_without_config_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model_dir(str(tmp_path))
+
+
+def test_train_takes_a_hub_id_too(tiny_llama, tmp_path):
+    from tests.training.conftest import two_task_examples, write_jsonl
+
+    cache = _hub_cache(tmp_path, tiny_llama)
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, two_task_examples(count=2))
+    env = os.environ | {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def train(model: str, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server.cli", "--log-level", "warning", "train", "--model", model,
+                               "--data", str(data), "--out", str(out), "--num-modules", "2", "--rank", "2", "--steps",
+                               "1", "--batch-size", "2", "--device", "cpu", "--no-progress", "--no-text-router"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    result = train("tessera-test/tiny", tmp_path / "lib")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {tmp_path / 'lib'}: 1 steps" in result.stdout
+    missing = train("tessera-test/absent", tmp_path / "other")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().startswith("tessera: error: --model tessera-test/absent: ") and "Hub" in missing.stderr
