@@ -16,6 +16,7 @@ so the written modules are bit-identical to `init`'s.
 
 from __future__ import annotations
 
+import collections
 import logging
 import shutil
 import time
@@ -40,6 +41,9 @@ from training.relation import check_relation, estimate_relation, relation_from_m
 from training.step import StepRunner
 
 logger = logging.getLogger(__name__)
+
+IMBALANCE = 10
+"""Trainer warns when the largest task has this many times the examples of the smallest (and sampling is uniform)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ class Trainer:
         self.relation_arg = None if relation is None else check_relation(relation, names)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.rows, self.row_tasks = self._encode(self.examples)
+        self._warn_if_imbalanced()
         self.eval_rows, self.eval_row_tasks = self._encode(eval_examples, "evaluation ") if eval_examples else ([], [])
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype).to(self.device).eval()
         self.model.requires_grad_(False)
@@ -153,6 +158,17 @@ class Trainer:
         self.controller = self._build_controller().to(self.device)
         self.optimizer = self._build_optimizer()
         self.step = 0
+
+    def _warn_if_imbalanced(self) -> None:
+        """A warning when uniform sampling would starve small tasks (10x fewer examples than the largest)."""
+        counts = collections.Counter(self.tasks[task].name for task in self.row_tasks)
+        if self.config.task_sampling_temperature != 1.0 or len(counts) < 2:
+            return
+        (large, most), *_, (small, fewest) = counts.most_common()
+        if most >= IMBALANCE * fewest:
+            logger.warning("the tasks are imbalanced (%s: %d examples, %s: %d); steps sample examples uniformly, so "
+                           "small tasks are seen rarely: --task-sampling-temperature 3 samples them more often",
+                           large, most, small, fewest)
 
     def _search_points(self) -> list[Point]:
         """Insertion points from the gradient-clustering placement search (training.placement)."""

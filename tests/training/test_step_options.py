@@ -188,6 +188,18 @@ def test_task_sampling_temperature_evens_out_an_imbalanced_mixture(tiny_llama, s
     assert upper_share(0.5) < 4 / 24 - 0.06  # squares favour the large task: 16 / 416
 
 
+def test_a_tenfold_imbalance_is_warned_about_under_uniform_sampling(tiny_llama, small_config, caplog):
+    examples = two_task_examples(count=20)
+    lopsided = [e for e in examples if e.task == "reverse"] + [e for e in examples if e.task == "upper"][:2]
+    with caplog.at_level("WARNING", logger="training.trainer"):
+        Trainer(tiny_llama, lopsided, small_config)
+        Trainer(tiny_llama, lopsided, dataclasses.replace(small_config, task_sampling_temperature=3.0))
+        Trainer(tiny_llama, examples, small_config)
+    warnings = [r.getMessage() for r in caplog.records if "imbalanced" in r.getMessage()]
+    assert warnings == ["the tasks are imbalanced (reverse: 20 examples, upper: 2); steps sample examples uniformly, "
+                        "so small tasks are seen rarely: --task-sampling-temperature 3 samples them more often"]
+
+
 def test_bad_task_sampling_temperature_is_refused():
     with pytest.raises(ValueError, match=r"task_sampling_temperature must be a finite number in \(0.0, inf\), got 0"):
         TrainConfig(task_sampling_temperature=0)
