@@ -110,8 +110,9 @@ class TrainConfig:
     """Examples per forward and backward pass; a step accumulates the gradients of batch_size / micro_batch_size
     passes (the last may be smaller). A memory knob that leaves the training math as it is: the task and alignment
     losses are weighted by each pass's share of their tokens, so they equal the whole batch's, and only the
-    decoupling loss, a cosine over the tokens of one pass, is taken per pass and averaged. None: one pass of
-    batch_size. Not part of the run's signature, so a run may resume with another micro-batch size."""
+    decoupling loss, a cosine over the tokens of one pass, is taken per pass and averaged. The gradient passes of
+    the placement search and of the relation estimate are cut the same way. None: one pass of batch_size. Not part
+    of the run's signature, so a run may resume with another micro-batch size."""
     gradient_checkpointing: bool = False
     """Keep only each decoder layer's input in the forward pass and recompute the layer in the backward pass
     (activation checkpointing), with the gates the forward pass used: about one more forward's compute for the

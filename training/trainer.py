@@ -179,7 +179,7 @@ class Trainer:
         for index, task in enumerate(self.tasks):
             mine = [i for i, t in enumerate(self.row_tasks) if t == index][: 2 * size]
             if mine:
-                task_batches[task.name] = [self.batch(mine[i: i + size]) for i in range(0, len(mine), size)]
+                task_batches[task.name] = self._passes(mine)
         placement = search_placement(self.model, task_batches, PlacementConfig(
             rank=cfg.rank, num_modules=cfg.num_modules, budget_fraction=cfg.placement_budget, seed=cfg.seed))
         logger.info("placement search chose %d points (cost %d of budget %d): %s", len(placement.points),
@@ -298,6 +298,11 @@ class Trainer:
         result = {self.tasks[task].name: loss / count for task, (loss, count) in sorted(sums.items())}
         return result | {"mean": sum(result.values()) / len(result)}
 
+    def _passes(self, rows: list[int]) -> list[dict[str, torch.Tensor]]:
+        """`rows` collated in batches of what one forward pass may hold (micro_batch_size, else batch_size)."""
+        size = self.config.micro_batch_size or self.config.batch_size
+        return [self.batch(rows[i: i + size]) for i in range(0, len(rows), size)]
+
     def _relation(self) -> torch.Tensor:
         """R: the given one, zeros when the prior is off, else estimated from gradients (training.relation)."""
         num_tasks = len(self.tasks)
@@ -308,7 +313,7 @@ class Trainer:
         size, per_task = self.config.batch_size, []
         for task in range(num_tasks):
             mine = [i for i, t in enumerate(self.row_tasks) if t == task][: size * self.config.relation_batches]
-            per_task.append([self.batch(mine[i: i + size]) for i in range(0, len(mine), size)])
+            per_task.append(self._passes(mine))
         return estimate_relation(self.model, self.bank, per_task, self.device)
 
     def run(self, checkpoints: Path, progress: bool = True) -> TrainReport:

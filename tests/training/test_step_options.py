@@ -203,3 +203,22 @@ def test_a_tenfold_imbalance_is_warned_about_under_uniform_sampling(tiny_llama, 
 def test_bad_task_sampling_temperature_is_refused():
     with pytest.raises(ValueError, match=r"task_sampling_temperature must be a finite number in \(0.0, inf\), got 0"):
         TrainConfig(task_sampling_temperature=0)
+
+
+def test_no_forward_pass_holds_more_than_micro_batch_size_rows(tiny_llama, examples, small_config, monkeypatch):
+    sizes = []
+    batch = Trainer.batch
+
+    def recorded(self, indices):
+        sizes.append(len(indices))
+        return batch(self, indices)
+
+    monkeypatch.setattr(Trainer, "batch", recorded)
+    config = dataclasses.replace(small_config, micro_batch_size=1, placement="search", placement_budget=0.5, steps=2)
+    trainer = Trainer(tiny_llama, examples, config)  # the placement search's and the relation's gradient passes
+    runner = StepRunner(trainer, trainer._relation())
+    runner.step(0)
+    assert sizes and max(sizes) == 1, sizes
+    sizes.clear()
+    Trainer(tiny_llama, examples, dataclasses.replace(config, micro_batch_size=None))._relation()
+    assert max(sizes) == config.batch_size
