@@ -1,7 +1,8 @@
 """Peak memory and time of one `tessera train` step, with and without its memory options.
 
-    python benchmarks/training/step_memory.py --out /tmp/step_memory.json            # CPU: peak RSS
-    python benchmarks/training/step_memory.py --device cuda --out results/step_memory.json   # GPU: peak allocated
+    python benchmarks/training/step_memory.py --out /tmp/step_memory.json     # CPU (about a minute): peak RSS
+    python benchmarks/training/step_memory.py --device cuda --hidden 2048 --layers 16 --tokens 512 \
+        --out results/step_memory.json                                         # GPU: peak allocated
 
 A random Llama (`--hidden`, `--layers`; a real checkpoint written to a temporary directory and loaded by the
 trainer as any model is) trains 8 rank-8 modules with every regulariser on, batches of `--batch` conversations
@@ -84,11 +85,11 @@ def _measure(model_dir: str, option: str, args: argparse.Namespace, queue) -> No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=256, help="words of each user turn (the reply mirrors it)")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128, help="words of each user turn (the reply mirrors it)")
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
