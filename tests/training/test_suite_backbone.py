@@ -115,8 +115,9 @@ def test_tiny_backbone_builds_once_and_is_reused(tiny_backbone):
     built = (path / "model.safetensors").stat().st_mtime_ns
     started = time.perf_counter()
     assert ensure_backbone(SETTINGS["tiny"], cache) == path
-    assert time.perf_counter() - started < 1.0 < seconds
-    assert (path / "model.safetensors").stat().st_mtime_ns == built
+    reused = time.perf_counter() - started
+    assert (path / "model.safetensors").stat().st_mtime_ns == built  # not rebuilt
+    assert reused < min(1.0, seconds), (reused, seconds)  # and quicker than the build (which took 0.9 s on one run)
 
 
 def test_tiny_backbone_loads_and_its_pretraining_loss_fell(tiny_backbone):
