@@ -13,6 +13,7 @@ ig_p g_j (alpha / r) B_j A_j. With insertion gates off (controller-only training
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -46,6 +47,22 @@ def prune(bank: ModuleBank, threshold: float) -> dict[int, list[Point]]:
     logger.info("pruning at %s kept %d of %d insertion points; removed %s", threshold,
                 len(bank.points) - len(removed), len(bank.points), removed)
     return kept
+
+
+@contextlib.contextmanager
+def pruned_preview(bank: ModuleBank, threshold: float):
+    """Inside, the bank computes as if pruned at `threshold` (prune's rule: a point under it is dropped for every
+    module), so a forward pass scores what the library would serve if exported now; the bank is restored after."""
+    saved = [adapter.col_keep.clone() for adapter in bank.adapters]
+    with torch.no_grad():
+        for adapter, gate in zip(bank.adapters, bank.insertion_gates().tolist()):
+            adapter.col_keep.mul_(float(gate >= threshold))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for adapter, keep in zip(bank.adapters, saved):
+                adapter.col_keep.copy_(keep)
 
 
 def module_weights(bank: ModuleBank, module: int, points: list[Point]) -> ModuleWeights:

@@ -35,7 +35,7 @@ from training import checkpoint
 from training.config import TrainConfig
 from training.controller import TaskController
 from training.data import IGNORE, DataError, Example, collate, encode, routing_prompt
-from training.export import build_library, prune
+from training.export import build_library, prune, pruned_preview
 from training.modules import ModuleBank, ModuleSpec, Point
 from training.relation import check_relation, estimate_relation, relation_from_mapping
 from training.step import StepRunner
@@ -279,7 +279,12 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out task loss of every task with evaluation examples: the mean cross-entropy over their assistant
         positions (as the task loss), each row under its task's served composition (the controller's exported
-        gates: top-k, threshold, renormalised), and `mean`, the average over those tasks."""
+        gates: top-k, threshold, renormalised) with the insertion points export would prune left out, so it scores
+        what the library would serve if written now; and `mean`, the average over those tasks."""
+        with pruned_preview(self.bank, self.config.prune_threshold if self.config.train_modules else 0.0):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         gates = self.controller.export_gates()  # [num_tasks, N]
         size = self.config.micro_batch_size or self.config.batch_size
         sums: dict[int, list[float]] = {}

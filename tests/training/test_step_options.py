@@ -222,3 +222,17 @@ def test_no_forward_pass_holds_more_than_micro_batch_size_rows(tiny_llama, examp
     sizes.clear()
     Trainer(tiny_llama, examples, dataclasses.replace(config, micro_batch_size=None))._relation()
     assert max(sizes) == config.batch_size
+
+
+def test_the_held_out_loss_scores_what_export_would_write(tiny_llama, examples, small_config):
+    trainer = Trainer(tiny_llama, examples, small_config, eval_examples=two_task_examples(count=3, seed=7))
+    with torch.no_grad():  # let half the points' insertion gates fall under prune_threshold (0.1)
+        for adapter in trainer.bank.adapters[::2]:
+            adapter.gate_logit.fill_(-3.0)  # sigmoid 0.047: still in the forward pass, pruned at export
+        for adapter in trainer.bank.adapters:
+            adapter.b.normal_(std=0.5)  # B = 0 at init would hide every module
+    previewed, unpruned = trainer.evaluate(), trainer._evaluate()
+    assert previewed != unpruned  # the pruned points matter to the loss
+    assert all(torch.equal(a.col_keep, torch.ones_like(a.col_keep)) for a in trainer.bank.adapters)  # restored
+    trainer.export()  # prunes the bank: it then computes what the library serves
+    assert trainer.evaluate() == previewed
