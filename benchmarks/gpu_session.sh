@@ -59,7 +59,8 @@ for stage in $STAGES; do
       timeout 130 python3 benchmarks/serving/bench_engine.py --workloads b32_p256_n64 \
         --systems tessera_a tessera_b tessera_c hf_generate --out "$OUT/bench_engine.json" 2>&1 | tail -25 ;;
     tests)
-      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/server 2>&1 | tail -25 \
+      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/server tests/training 2>&1 \
+        | tail -25 \
         | tee "$OUT/gpu_tests.txt" ;;
     kernels)
       timeout 220 python3 benchmarks/kernels/bench_paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -40

@@ -236,3 +236,22 @@ def test_the_held_out_loss_scores_what_export_would_write(tiny_llama, examples, 
     assert all(torch.equal(a.col_keep, torch.ones_like(a.col_keep)) for a in trainer.bank.adapters)  # restored
     trainer.export()  # prunes the bank: it then computes what the library serves
     assert trainer.evaluate() == previewed
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_in_bfloat16_with_every_memory_option(tiny_llama, examples, small_config, tmp_path):
+    config = dataclasses.replace(small_config, device="cuda", dtype="auto", micro_batch_size=2, steps=4,
+                                 lr_schedule="cosine", warmup_steps=1, max_grad_norm=1.0)
+    plain = Trainer(tiny_llama, examples, config)
+    assert plain.dtype == torch.bfloat16 and next(plain.model.parameters()).is_cuda
+    checkpointed = Trainer(tiny_llama, examples, dataclasses.replace(config, gradient_checkpointing=True))
+    for trainer in (plain, checkpointed):
+        runner = StepRunner(trainer, trainer._relation().cuda())
+        for step in range(config.steps):
+            losses, _ = runner.step(step)
+            assert all(math.isfinite(value) for value in losses.values()), losses
+    for name, tensor in plain.parameters_by_name().items():  # close, not equal: CUDA's backward kernels may use atomics
+        torch.testing.assert_close(checkpointed.parameters_by_name()[name], tensor, rtol=1e-2, atol=1e-3, msg=name)
+    report = train_library(tiny_llama, examples, tmp_path / "lib", dataclasses.replace(config, gradient_checkpointing=True),
+                           progress=False, eval_examples=two_task_examples(count=2, seed=7))
+    assert report.finished and ModuleLibrary.load(report.path).modules and report.eval_history
