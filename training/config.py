@@ -188,6 +188,11 @@ class TrainConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"TrainConfig.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
+    @property
+    def pass_rows(self) -> int:
+        """Rows one forward pass holds at most: micro_batch_size, else batch_size."""
+        return self.micro_batch_size or self.batch_size
+
     def _check_float(self, name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
         value = getattr(self, name)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,8 +119,6 @@ def hold_out(examples: list[Example], share: float, seed: int) -> tuple[list[Exa
     keep the file's order."""
     if not 0 < share < 1:
         raise ValueError(f"the held-out share must be in (0, 1), got {share!r}")
-    import random
-
     rng = random.Random(seed)
     by_task: dict[str, list[int]] = {}
     for index, example in enumerate(examples):

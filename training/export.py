@@ -28,12 +28,18 @@ from training.modules import ModuleBank, Point
 logger = logging.getLogger(__name__)
 
 
+def _surviving(bank: ModuleBank, threshold: float) -> set[Point]:
+    """The insertion points pruning at `threshold` keeps: those whose insertion gate is at least the threshold."""
+    return {p for p, gate in zip(bank.points, bank.insertion_gates().detach().cpu().tolist()) if gate >= threshold}
+
+
 def prune(bank: ModuleBank, threshold: float) -> dict[int, list[Point]]:
     """Kept points per module (module docstring); marks pruned columns in the bank so it computes the same."""
     gates = dict(zip(bank.points, bank.insertion_gates().detach().cpu().tolist()))
+    surviving = _surviving(bank, threshold)
     kept: dict[int, list[Point]] = {}
     for module, spec in enumerate(bank.specs):
-        kept[module] = [p for p in spec.points if gates[p] >= threshold]
+        kept[module] = [p for p in spec.points if p in surviving]
         if not kept[module]:
             raise ValueError(
                 f"prune_threshold {threshold} removes every insertion point of module {spec.name} (its largest "
@@ -54,9 +60,10 @@ def pruned_preview(bank: ModuleBank, threshold: float):
     """Inside, the bank computes as if pruned at `threshold` (prune's rule: a point under it is dropped for every
     module), so a forward pass scores what the library would serve if exported now; the bank is restored after."""
     saved = [adapter.col_keep.clone() for adapter in bank.adapters]
+    surviving = _surviving(bank, threshold)
     with torch.no_grad():
-        for adapter, gate in zip(bank.adapters, bank.insertion_gates().tolist()):
-            adapter.col_keep.mul_(float(gate >= threshold))
+        for adapter in bank.adapters:
+            adapter.col_keep.mul_(float(adapter.point in surviving))
     try:
         yield
     finally:

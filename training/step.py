@@ -75,18 +75,18 @@ class StepRunner:
         """
         t, cfg = self.trainer, self.trainer.config
         indices = self.batch_indices(step)
-        size = cfg.micro_batch_size or len(indices)
-        passes = [indices[i: i + size] for i in range(0, len(indices), size)]
+        passes = [indices[i: i + cfg.pass_rows] for i in range(0, len(indices), cfg.pass_rows)]
         module = self._alignment_module(indices, step) if self.weights["align"] > 0 else None
         targets = {i: _targets(t.rows[i][1]) for i in indices}
         lengths = {i: len(t.rows[i][0]) for i in indices}
+        all_targets, all_lengths = sum(targets.values()), sum(lengths.values())
         aligned = sum(targets[i] for i in indices if module is not None and self._uses(i, module)) or 1
         t.optimizer.zero_grad(set_to_none=True)
         values: dict[str, float] = {}
         tokens = 0
         for number, rows in enumerate(passes):
-            shares = {"task": sum(targets[i] for i in rows) / sum(targets.values()),
-                      "decouple": sum(lengths[i] for i in rows) / sum(lengths.values()),
+            shares = {"task": sum(targets[i] for i in rows) / all_targets,
+                      "decouple": sum(lengths[i] for i in rows) / all_lengths,
                       "align": sum(targets[i] for i in rows if module is not None and self._uses(i, module)) / aligned}
             terms, pass_tokens = self._pass(rows, module, shares, batch_free=number == 0)
             total = terms["task"] + sum(self.weights[name] * value for name, value in terms.items() if name != "task")

@@ -272,8 +272,11 @@ class Trainer:
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The collated batch of the encoded rows at `indices`."""
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return collate([self.rows[i] for i in indices], [self.row_tasks[i] for i in indices], pad)
+        return collate([self.rows[i] for i in indices], [self.row_tasks[i] for i in indices], self._pad_id)
+
+    @property
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -286,12 +289,11 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         gates = self.controller.export_gates()  # [num_tasks, N]
-        size = self.config.micro_batch_size or self.config.batch_size
+        size = self.config.pass_rows
         sums: dict[int, list[float]] = {}
         for start in range(0, len(self.eval_rows), size):
             rows, tasks = self.eval_rows[start: start + size], self.eval_row_tasks[start: start + size]
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            batch = {k: v.to(self.device) for k, v in collate(rows, tasks, pad).items()}
+            batch = {k: v.to(self.device) for k, v in collate(rows, tasks, self._pad_id).items()}
             with self.bank.gating(gates[batch["task_ids"]]):
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             targets = batch["labels"][:, 1:]
@@ -304,8 +306,8 @@ class Trainer:
         return result | {"mean": sum(result.values()) / len(result)}
 
     def _passes(self, rows: list[int]) -> list[dict[str, torch.Tensor]]:
-        """`rows` collated in batches of what one forward pass may hold (micro_batch_size, else batch_size)."""
-        size = self.config.micro_batch_size or self.config.batch_size
+        """`rows` collated in batches of what one forward pass may hold (TrainConfig.pass_rows)."""
+        size = self.config.pass_rows
         return [self.batch(rows[i: i + size]) for i in range(0, len(rows), size)]
 
     def _relation(self) -> torch.Tensor:
