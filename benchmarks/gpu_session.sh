@@ -3,7 +3,8 @@
 #   1. the `gpu`-marked tests (kernels against their references on CUDA, CUDA-graph replay, engine exactness),
 #   2. the kernel benchmarks: paged attention (decode, prefill, speculative drafts) vs SDPA (flash) at three
 #      context tiles, the fused elementwise ops (rms_norm, rotary, silu_mul) vs the eager torch they replace,
-#      the seeded draw (race_sample, one launch) vs the per-row generator loop it replaced; and, as a stage of its own
+#      the seeded draw (race_sample, one launch) vs the per-row generator loop it replaced, fused_moe (Qwen3-30B-A3B
+#      and Mixtral-8x7B experts) vs transformers' expert loop and grouped_mm path; and, as a stage of its own
 #      (180 cases, about 5 minutes), composed_lora: ours vs vLLM's LoRA kernels (when .peer/ was carried)
 #      vs torch vs the floor,
 #   3. the offline engine benchmark: Tessera (no modules, 8, k=2, 64 modules) vs transformers generate vs
@@ -65,7 +66,8 @@ for stage in $STAGES; do
     kernels)
       timeout 220 python3 benchmarks/kernels/bench_paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -40
       timeout 90 python3 benchmarks/kernels/bench_fused.py --out "$OUT/fused.json" 2>&1 | tail -30
-      timeout 60 python3 benchmarks/kernels/bench_sampling.py --out "$OUT/sampling.json" 2>&1 | tail -10 ;;
+      timeout 60 python3 benchmarks/kernels/bench_sampling.py --out "$OUT/sampling.json" 2>&1 | tail -10
+      timeout 120 python3 benchmarks/kernels/bench_fused_moe.py --out "$OUT/fused_moe.json" 2>&1 | tail -12 ;;
     lora)
       timeout 560 python3 benchmarks/kernels/bench_composed_lora.py --out "$OUT/composed_lora.json" 2>&1 | tail -100 ;;
     engine)

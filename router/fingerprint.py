@@ -8,6 +8,14 @@ from router.errors import LibraryError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Linear layers a module may adapt, in every decoder layer."""
+ATTENTION_TARGETS = TARGETS[:4]
+"""The targets of a backbone whose MLP is a mixture of experts (`has_sparse_mlp`): its experts stay frozen."""
+
+
+def has_sparse_mlp(hf_config) -> bool:
+    """Whether the decoder layers' MLP is a sparse mixture of experts (Mixtral, Qwen3-MoE), which has no single
+    gate_proj, up_proj or down_proj to adapt."""
+    return bool(getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None))
 
 
 @dataclass(frozen=True)
@@ -88,11 +96,12 @@ class BackboneFingerprint:
 
 
 def fingerprint_from_hf_config(hf_config) -> BackboneFingerprint:
-    """The fingerprint of a Hugging Face Llama-family config."""
+    """The fingerprint of a Hugging Face Llama-family config (attention targets only where the MLP is sparse)."""
     hidden = hf_config.hidden_size
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    sparse = has_sparse_mlp(hf_config)
     inter = hf_config.intermediate_size
     shapes = {
         "q_proj": (hidden, heads * head_dim),
@@ -104,6 +113,7 @@ def fingerprint_from_hf_config(hf_config) -> BackboneFingerprint:
         "down_proj": (inter, hidden),
     }
     architecture = (getattr(hf_config, "architectures", None) or [hf_config.model_type])[0]
+    targets = ATTENTION_TARGETS if sparse else TARGETS
     return BackboneFingerprint(
-        architecture, hidden, hf_config.num_hidden_layers, tuple((t, *shapes[t]) for t in TARGETS)
+        architecture, hidden, hf_config.num_hidden_layers, tuple((t, *shapes[t]) for t in targets)
     )

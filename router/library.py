@@ -242,7 +242,7 @@ def random_library(
     rank: int | Sequence[int] = 8,
     alpha: float = 16.0,
     seed: int = 0,
-    targets: Sequence[str] = TARGETS,
+    targets: Sequence[str] | None = None,
     std: float = 0.05,
     settings: ControllerSettings = ControllerSettings(),
     ranks: Sequence[int] | None = None,
@@ -250,8 +250,9 @@ def random_library(
     """Untrained modules m0, m1, ... with non-zero A and B on every layer, and a random task controller.
 
     `rank` is one rank for all modules or one per module; `ranks` is the same, kept for older callers.
-    Used by the offline demo and tests until trained libraries exist.
+    `targets` defaults to every target the backbone can adapt. Used by the offline demo and tests.
     """
+    targets = backbone.target_names if targets is None else targets
     per_module = ranks if ranks is not None else rank
     per_module = (per_module,) * num_modules if isinstance(per_module, int) else tuple(per_module)
     if len(per_module) != num_modules:

@@ -29,7 +29,8 @@ class TrainConfig:
     """LoRA alpha; a module's update is (alpha / r) * B A. alpha = 2r is the common LoRA default."""
     targets: tuple[str, ...] = TARGETS
     """Projections adapted in every layer when no placement is given (names of router.fingerprint.TARGETS).
-    All seven by default: the placement search, not this default, is what narrows them."""
+    All seven by default: the placement search, not this default, is what narrows them. On a mixture-of-experts
+    backbone (Mixtral, Qwen3-MoE) the default keeps the four attention projections; the experts stay frozen."""
     top_k: int = 2
     """Modules a task's composition keeps at export (ControllerSettings.top_k), and in the forward pass of
     training with straight_through. 2 keeps serving cost at two modules per request. NOTE: suite, small

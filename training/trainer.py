@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from router.atomic import check_target
 from router.controller import ControllerSettings
 from router.info import TaskInfo
+from router.fingerprint import TARGETS, BackboneFingerprint
 from router.library import ModuleLibrary, fingerprint_from_hf_config
 from training import checkpoint
 from training.config import TrainConfig
@@ -101,14 +102,25 @@ def _task_infos(examples: Sequence[Example], init: ModuleLibrary | None,
     return [TaskInfo(i.name, descriptions.get(i.name, i.description)) for i in infos]
 
 
-def _bank_specs(config: TrainConfig, num_layers: int, points: Sequence[Point] | None,
+def _grid_targets(config: TrainConfig, backbone: BackboneFingerprint) -> tuple[str, ...]:
+    """config.targets on this backbone: the default (all of TARGETS) keeps those the backbone has (the attention
+    projections under a mixture-of-experts MLP, whose experts stay frozen); a target named on purpose that the
+    backbone lacks is an error."""
+    absent = [t for t in config.targets if t not in backbone.target_names]
+    if absent and tuple(config.targets) != TARGETS:
+        raise ValueError(f"targets {absent} are not adaptable on this backbone ({backbone.architecture}); adaptable: "
+                         f"{list(backbone.target_names)}")
+    return tuple(t for t in config.targets if t in backbone.target_names)
+
+
+def _bank_specs(config: TrainConfig, backbone: BackboneFingerprint, points: Sequence[Point] | None,
                 init: ModuleLibrary | None) -> list[ModuleSpec]:
     if init is not None:
         if points is not None:
             raise ValueError("points cannot be given with an init library: its modules bring their own points")
         return [ModuleSpec(m.name, m.rank, m.alpha, tuple(m.all_points)) for m in init.modules.values()]
     chosen = [tuple(p) for p in points] if points is not None else [
-        (layer, t) for layer in range(num_layers) for t in config.targets]
+        (layer, t) for layer in range(backbone.num_layers) for t in _grid_targets(config, backbone)]
     if not chosen:
         raise ValueError("points is empty: there is nowhere to insert modules")
     if len(set(chosen)) != len(chosen):
@@ -232,7 +244,7 @@ class Trainer:
 
     def _build_bank(self, points: Sequence[Point] | None) -> ModuleBank:
         cfg, init = self.config, self.init
-        bank = ModuleBank(_bank_specs(cfg, self.backbone.num_layers, points, init), self.backbone,
+        bank = ModuleBank(_bank_specs(cfg, self.backbone, points, init), self.backbone,
                           cfg.insertion_gate_init)
         bank.init_new(cfg.seed)
         bank.set_insertion_gates(cfg.train_modules)

@@ -95,13 +95,15 @@ class Backbone(nn.Module):
         found = []
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            found += [(index, attn.qkv_proj), (index, attn.o_proj), (index, mlp.gate_up_proj), (index, mlp.down_proj)]
+            found += [(index, attn.qkv_proj), (index, attn.o_proj)]
+            if not self.spec.num_experts:  # a mixture of experts' weights stay frozen
+                found += [(index, mlp.gate_up_proj), (index, mlp.down_proj)]
         return found
 
     def lora_targets(self) -> dict[str, tuple[int, int]]:
         """target -> (in_features, out_features), as the module library's fingerprint records it."""
         shapes = {}
-        for _, linear in self.adapted_linears()[:4]:
+        for _, linear in (entry for entry in self.adapted_linears() if entry[0] == 0):
             for target, width in zip(linear.targets, linear.slice_widths):
                 shapes[target] = (linear.in_features, width)
         return shapes

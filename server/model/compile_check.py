@@ -53,6 +53,13 @@ PRESETS = {
                                      num_key_value_heads=8, head_dim=128, vocab_size=151936)),
     "mistral-7b": ("MistralConfig", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                                          num_key_value_heads=8, vocab_size=32000, sliding_window=4096)),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                             num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                             num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                             vocab_size=151936)),
+    "mixtral-8x7b": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8,
+                                           num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8,
+                                           vocab_size=32000)),
 }
 """Backbone shapes from the published configs (one layer is enough: every layer launches the same)."""
 
@@ -126,10 +133,19 @@ def _stack(in_features: int, widths: tuple[int, ...], pool: Pool, dtype: torch.d
     )
 
 
+@functools.cache
+def _experts(spec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13, w2) of one sparse layer, never touched (torch.empty: the pages are not even mapped)."""
+    experts, width, hidden = spec.num_experts, spec.expert_intermediate_size, spec.hidden_size
+    return (torch.empty(experts, 2 * width, hidden, dtype=dtype), torch.empty(experts, hidden, width, dtype=dtype))
+
+
 def launch_layer(spec, step: Step, dtype: torch.dtype, pool: Pool | None, block_size: int = 16) -> None:
     """Call every kernel wrapper as one decoder layer, the final norm and the sampler do for `step`."""
     from tessera_kernels.composed_lora import ModuleBatchMeta
     from tessera_kernels.composed_lora import triton as lora
+    from tessera_kernels.fused_moe import route
+    from tessera_kernels.fused_moe.triton import fused_moe
     from tessera_kernels.paged_attention import AttentionMeta
     from tessera_kernels.paged_attention import triton as attention
     from tessera_kernels.rms_norm.triton import rms_norm
@@ -185,7 +201,11 @@ def launch_layer(spec, step: Step, dtype: torch.dtype, pool: Pool | None, block_
     attention.paged_attention(out, q, k_cache, v_cache, att_meta, head_dim**-0.5, spec.sliding_window)
     h = linear(out.view(tokens, -1), (hidden,))
     h, residual = rms_norm(h, norm_w, 1e-5, residual)
-    h = linear(silu_mul(linear(h, (spec.intermediate_size,) * 2)), (hidden,))
+    if spec.num_experts:
+        weights, ids = route(torch.randn(tokens, spec.num_experts), spec.experts_per_token, spec.renormalize_routing)
+        h = fused_moe(h, *_experts(spec, dtype), weights, ids)
+    else:
+        h = linear(silu_mul(linear(h, (spec.intermediate_size,) * 2)), (hidden,))
     rms_norm(h, norm_w, 1e-5, residual)  # the final norm
     scores = torch.empty(num_seqs, spec.vocab_size)
     race_sample(scores, torch.arange(num_seqs), torch.zeros(num_seqs, dtype=torch.bool))

@@ -1,8 +1,9 @@
-"""The Llama architecture family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) over a paged KV cache.
+"""The Llama architecture family (Llama 2/3, Mistral, Mixtral, Qwen2/2.5, Qwen3, Qwen3-MoE) over a paged KV cache.
 
 One implementation covers the family; the differences are switches read from the Hugging Face config:
-bias on q/k/v (Qwen2), per-head RMSNorm on q and k before rotary (Qwen3), a sliding attention window
-(Mistral), tied embeddings, and the RoPE variant. q/k/v and gate/up are fused into one adapted linear
+bias on q/k/v (Qwen2), per-head RMSNorm on q and k before rotary (Qwen3, Qwen3-MoE), a sliding attention
+window (Mistral, Mixtral), a sparse mixture of experts in place of the MLP (Mixtral, Qwen3-MoE: modules adapt
+the attention projections there, the experts stay frozen), tied embeddings, and the RoPE variant. q/k/v and gate/up are fused into one adapted linear
 each, so a step runs one GEMM (and one composed_lora launch) per fused projection. The elementwise work
 between them is one launch each: the residual add fused into the next RMSNorm (layers carry the residual
 stream, as vLLM's do), q and k rotated together in place, and silu(gate) * up from the fused gate_up.
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tessera_kernels.fused_moe import fused_moe, route
 from tessera_kernels.paged_attention import paged_attention, write_kv
 from tessera_kernels.silu_mul import silu_mul
 from server.model.forward_context import get_forward_context
@@ -23,9 +25,37 @@ from server.model.layers import AdaptedLinear, RMSNorm, RotaryEmbedding
 ARCHITECTURES = {
     "LlamaForCausalLM": {"qkv_bias": False, "qk_norm": False},
     "MistralForCausalLM": {"qkv_bias": False, "qk_norm": False},
+    "MixtralForCausalLM": {"qkv_bias": False, "qk_norm": False},
     "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
     "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
+    "Qwen3MoeForCausalLM": {"qkv_bias": False, "qk_norm": True},
 }
+SLIDING_WINDOW_ARCHITECTURES = ("MistralForCausalLM", "MixtralForCausalLM")
+"""Those whose config's sliding_window always applies; the others (Qwen) only with use_sliding_window."""
+
+
+def moe_shape(hf_config) -> tuple[int, int, int, bool] | None:
+    """(experts, experts per token, expert intermediate size, renormalize the top-k weights) of a sparse
+    mixture-of-experts config (Mixtral, Qwen3-MoE), or None for a dense one. Checked: every decoder layer must be
+    sparse, as in every released Mixtral and Qwen3-MoE model."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type == "mixtral":
+        shape = (hf_config.num_local_experts, hf_config.num_experts_per_tok, hf_config.intermediate_size, True)
+    elif model_type == "qwen3_moe":
+        dense = list(getattr(hf_config, "mlp_only_layers", None) or [])
+        if dense or getattr(hf_config, "decoder_sparse_step", 1) != 1:
+            raise ValueError(f"Qwen3-MoE configs with dense layers (mlp_only_layers {dense}, decoder_sparse_step "
+                             f"{getattr(hf_config, 'decoder_sparse_step', 1)}) are not supported: Tessera serves the "
+                             f"released layout, a sparse MLP in every layer (mlp_only_layers [], decoder_sparse_step 1)")
+        shape = (hf_config.num_experts, hf_config.num_experts_per_tok, hf_config.moe_intermediate_size,
+                 bool(getattr(hf_config, "norm_topk_prob", False)))
+    else:
+        return None
+    experts, top_k, width, _ = shape
+    if not 1 <= top_k <= experts or width < 1:
+        raise ValueError(f"mixture-of-experts config needs 1 <= num_experts_per_tok <= experts and an intermediate size "
+                         f">= 1, got {top_k} of {experts} experts of width {width}")
+    return shape
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,14 @@ class ArchSpec:
     qk_norm: bool
     tie_word_embeddings: bool
     sliding_window: int | None
+    num_experts: int = 0
+    """Experts of every layer's sparse MLP; 0 for a dense MLP."""
+    experts_per_token: int = 0
+    """Experts each token is routed to (top_k)."""
+    expert_intermediate_size: int = 0
+    """Intermediate width of one expert's SwiGLU MLP."""
+    renormalize_routing: bool = False
+    """Divide a token's top-k routing weights by their sum (Mixtral always; Qwen3-MoE's norm_topk_prob)."""
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "ArchSpec":
@@ -68,8 +106,9 @@ class ArchSpec:
         switches = ARCHITECTURES[known[0]]
         heads = hf_config.num_attention_heads
         window = getattr(hf_config, "sliding_window", None)
-        if known[0] != "MistralForCausalLM" and not getattr(hf_config, "use_sliding_window", False):
+        if known[0] not in SLIDING_WINDOW_ARCHITECTURES and not getattr(hf_config, "use_sliding_window", False):
             window = None
+        experts, top_k, expert_width, renormalize = moe_shape(hf_config) or (0, 0, 0, False)
         return cls(
             architecture=known[0],
             hidden_size=hf_config.hidden_size,
@@ -85,6 +124,10 @@ class ArchSpec:
             qk_norm=switches["qk_norm"],
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             sliding_window=window,
+            num_experts=experts,
+            experts_per_token=top_k,
+            expert_intermediate_size=expert_width,
+            renormalize_routing=renormalize,
         )
 
 
@@ -150,6 +193,30 @@ class MLP(nn.Module):
         return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
+class SparseMoe(nn.Module):
+    """A sparse mixture of SwiGLU experts (Mixtral, Qwen3-MoE): a router picks each token's top-k experts and
+    weights, `tessera_kernels.fused_moe` runs them. Parameters are named as transformers names them in memory
+    (`gate.weight`, `experts.gate_up_proj`, `experts.down_proj`); frozen, never adapted."""
+
+    def __init__(self, spec: ArchSpec, build: LayerBuild):
+        super().__init__()
+        self.spec = spec
+        experts, width, hidden = spec.num_experts, spec.expert_intermediate_size, spec.hidden_size
+        self.gate = nn.Module()
+        self.gate.weight = nn.Parameter(torch.empty(experts, hidden, dtype=build.dtype, device=build.device),
+                                        requires_grad=False)
+        self.experts = nn.Module()
+        self.experts.gate_up_proj = nn.Parameter(
+            torch.empty(experts, 2 * width, hidden, dtype=build.dtype, device=build.device), requires_grad=False)
+        self.experts.down_proj = nn.Parameter(
+            torch.empty(experts, hidden, width, dtype=build.dtype, device=build.device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x @ self.gate.weight.T  # [num_tokens, experts], x's dtype (transformers' router linear)
+        weights, ids = route(logits, self.spec.experts_per_token, self.spec.renormalize_routing)
+        return fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ArchSpec, build: LayerBuild, rotary: RotaryEmbedding):
         super().__init__()
@@ -158,7 +225,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(
             spec.hidden_size, spec.rms_norm_eps, build.dtype, build.device
         )
-        self.mlp = MLP(spec, build)
+        self.mlp = SparseMoe(spec, build) if spec.num_experts else MLP(spec, build)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, residual: torch.Tensor | None

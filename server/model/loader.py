@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -32,6 +33,12 @@ _FUSED = {
     "mlp.gate_proj": ("mlp.gate_up_proj", "gate_proj"),
     "mlp.up_proj": ("mlp.gate_up_proj", "up_proj"),
 }
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_EXPERT_PARTS = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+                 "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", 0), "w2": ("down_proj", 0)}
+"""A checkpoint's per-expert tensor (Qwen3-MoE's names, Mixtral's w1/w3/w2) -> (stacked parameter, which half of
+its rows: gate 0, up 1). transformers' in-memory names (experts.gate_up_proj, experts.down_proj) are the
+parameters' own."""
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
 """What serving needs from a Hub repository: configs, safetensors weights, tokenizer, chat template."""
@@ -96,30 +103,51 @@ def _weight_files(model_dir: Path) -> list[Path]:
     )
 
 
-def _target(backbone: Backbone, name: str) -> tuple[torch.Tensor, int, int] | None:
-    """(parameter, row offset, rows) that checkpoint tensor `name` fills, or None if unknown."""
+class _Slot(NamedTuple):
+    """Where one checkpoint tensor goes: rows [start, start + rows) of `param` (of `param[expert]` for one
+    expert of a stacked expert parameter)."""
+
+    param: torch.Tensor
+    expert: int | None
+    start: int
+    rows: int
+
+
+def _target(backbone: Backbone, name: str) -> _Slot | None:
+    """Where checkpoint tensor `name` goes, or None if unknown."""
     if name == "model.embed_tokens.weight":
-        return backbone.embed_tokens.weight, 0, backbone.vocab_size
+        return _Slot(backbone.embed_tokens.weight, None, 0, backbone.vocab_size)
     if name == "model.norm.weight":
-        return backbone.norm.weight, 0, backbone.hidden_size
+        return _Slot(backbone.norm.weight, None, 0, backbone.hidden_size)
     if name == "lm_head.weight":
-        return backbone.lm_head_weight, 0, backbone.vocab_size
+        return _Slot(backbone.lm_head_weight, None, 0, backbone.vocab_size)
     match = _LAYER.match(name)
     if match is None or int(match.group(1)) >= backbone.num_layers:
         return None
     layer = backbone.layers[int(match.group(1))]
-    path, _, kind = match.group(2).rpartition(".")
-    if path in _FUSED:
+    local = match.group(2)
+    if local.startswith("block_sparse_moe."):  # Mixtral's checkpoints; transformers calls it mlp in memory
+        local = "mlp." + local.removeprefix("block_sparse_moe.")
+    expert = _EXPERT.match(local)
+    if expert is not None and backbone.spec.num_experts:
+        index, (stacked, half) = int(expert.group(1)), _EXPERT_PARTS[expert.group(2)]
+        if index >= backbone.spec.num_experts:
+            return None
+        param = layer.mlp.experts.get_parameter(stacked)
+        rows = param.shape[1] // 2 if stacked == "gate_up_proj" else param.shape[1]
+        return _Slot(param, index, half * rows, rows)
+    path, _, kind = local.rpartition(".")
+    if path in _FUSED and not (backbone.spec.num_experts and path.startswith("mlp.")):
         fused_path, target = _FUSED[path]
         linear = layer.get_submodule(fused_path)
         start, width = linear.slice_offset(target)
         param = linear.weight if kind == "weight" else linear.bias
-        return (param, start, width) if param is not None else None
+        return _Slot(param, None, start, width) if param is not None else None
     try:
-        param = layer.get_parameter(match.group(2))
+        param = layer.get_parameter(local)
     except AttributeError:
         return None
-    return param, 0, param.shape[0]
+    return _Slot(param, None, 0, param.shape[0])
 
 
 _Tensors = Iterable[tuple[str, str, Callable[[], torch.Tensor]]]
@@ -138,13 +166,14 @@ def _fill(backbone: Backbone, tensors: _Tensors, kind: str) -> None:
             continue
         if name == "lm_head.weight" and backbone.spec.tie_word_embeddings:
             continue
-        param, start, rows = target
+        param, expert, start, rows = target
+        destination = param.data if expert is None else param.data[expert]
         tensor = read()
-        expected = (rows, *param.shape[1:])
+        expected = (rows, *destination.shape[1:])
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{where}: {name} has shape {list(tensor.shape)}, expected {list(expected)}")
-        param.data[start : start + rows].copy_(tensor)
-        filled.add((id(param), start))
+        destination[start : start + rows].copy_(tensor)
+        filled.add((id(param), expert, start))
     if unexpected:
         raise ValueError(f"{kind} has tensors this architecture does not use: {unexpected[:8]}")
     _check_filled(backbone, filled, kind)
@@ -157,15 +186,20 @@ def _file_tensors(files: list[Path]) -> _Tensors:
                 yield file.name, name, functools.partial(handle.get_tensor, name)
 
 
-def _check_filled(backbone: Backbone, filled: set[tuple[int, int]], kind: str) -> None:
+def _check_filled(backbone: Backbone, filled: set[tuple[int, int | None, int]], kind: str) -> None:
     missing = []
     for name, param in backbone.named_parameters():
-        linear_name = name.rsplit(".", 1)[0]
+        linear_name, _, leaf = name.rpartition(".")
         owner = backbone.get_submodule(linear_name) if "." in name else backbone
+        if linear_name.endswith("mlp.experts") and (id(param), None, 0) not in filled:  # filled expert by expert
+            halves = (0, param.shape[1] // 2) if leaf == "gate_up_proj" else (0,)
+            missing += [f"{name}[{e}][{o}:]" for e in range(param.shape[0]) for o in halves
+                        if (id(param), e, o) not in filled]
+            continue
         offsets = [0]
         if hasattr(owner, "slice_widths"):
             offsets = [owner.slice_offset(t)[0] for t in owner.targets]
-        missing += [f"{name}[{o}:]" for o in offsets if (id(param), o) not in filled]
+        missing += [f"{name}[{o}:]" for o in offsets if (id(param), None, o) not in filled]
     if missing:
         raise ValueError(f"{kind} is missing tensors for: {missing[:8]}")
 

@@ -69,7 +69,7 @@ class TinyConfig:
     """Sizes of a tiny backbone; defaults give about 0.3M parameters."""
 
     architecture: str = "llama"
-    """One of llama, mistral, qwen2, qwen3."""
+    """One of llama, mistral, qwen2, qwen3, and the mixtures of experts mixtral and qwen3_moe."""
     hidden_size: int = 64
     """Model width."""
     intermediate_size: int = 128
@@ -94,6 +94,12 @@ class TinyConfig:
     mistral_tools: str | None = None
     """v3 or v11: `[TOOL_CALLS]` and `[ARGS]` are special tokens, as in Mistral's tokenizers, and the chat template
     writes calls in that version's format (`mistral_chat_template`)."""
+    num_experts: int = 4
+    """Experts per layer of mixtral and qwen3_moe (each of intermediate_size // 2)."""
+    num_experts_per_tok: int = 2
+    """Experts each token is routed to (mixtral, qwen3_moe)."""
+    norm_topk_prob: bool = True
+    """qwen3_moe: renormalise the top-k routing weights (Qwen3-30B-A3B does; Mixtral always does)."""
     seed: int = 0
     """Seed of the random weights."""
 
@@ -132,18 +138,28 @@ def write_tokenizer(path: str | Path, vocab_size: int = 384, thinking: bool = Fa
 
 
 def _hf_config(cfg: TinyConfig, vocab_size: int, bos: int, eos: int, pad: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config,
+                              Qwen3MoeConfig)
 
-    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+               "mixtral": MixtralConfig, "qwen3_moe": Qwen3MoeConfig}
     if cfg.architecture not in classes:
         raise ValueError(f"unknown tiny architecture {cfg.architecture!r}; choose from {sorted(classes)}")
     extra = {"head_dim": cfg.hidden_size // cfg.num_attention_heads}
-    if cfg.architecture == "mistral":
+    intermediate = cfg.intermediate_size
+    if cfg.architecture in ("mistral", "mixtral"):
         extra["sliding_window"] = None
+    if cfg.architecture == "mixtral":
+        intermediate = cfg.intermediate_size // 2
+        extra |= {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok}
+    if cfg.architecture == "qwen3_moe":
+        extra |= {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+                  "moe_intermediate_size": cfg.intermediate_size // 2, "norm_topk_prob": cfg.norm_topk_prob,
+                  "decoder_sparse_step": 1, "mlp_only_layers": []}
     return classes[cfg.architecture](
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
+        intermediate_size=intermediate,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads,

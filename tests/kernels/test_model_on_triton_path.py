@@ -3,8 +3,8 @@
 With `tessera_kernels.TRITON_ON_CPU` every op takes its Triton kernels on CPU tensors, which Triton's
 interpreter runs (tests/conftest.py sets TRITON_INTERPRET): the q/k/v views of the fused projection, the q/k
 norms on 3-D views, rotary in place, the paged cache writes and reads, the fused residual adds, silu_mul, composed_lora on
-every adapted linear (compositions of k = 1..3 and none in one batch), the graph-shaped padded decode and
-the seeded sampler. The kernel tests check each op alone; this checks what the layers hand them. Greedy
+every adapted linear (compositions of k = 1..3 and none in one batch), fused_moe on the mixture-of-experts
+backbones, the graph-shaped padded decode and the seeded sampler. The kernel tests check each op alone; this checks what the layers hand them. Greedy
 tokens and logprobs must equal the reference path's.
 """
 
@@ -47,7 +47,8 @@ def _generate(model_dir: str, library_dir: str, cuda_graphs: str, sampling: Samp
             for rid, outs in outputs.items()}
 
 
-@pytest.mark.parametrize("architecture,cuda_graphs", [("llama", "padded"), ("qwen3", "off"), ("qwen2", "padded")])
+@pytest.mark.parametrize("architecture,cuda_graphs", [("llama", "padded"), ("qwen3", "off"), ("qwen2", "padded"),
+                                                      ("qwen3_moe", "padded"), ("mixtral", "off")])
 def test_engine_on_the_triton_path_equals_the_reference_path(tiny_checkpoints, tmp_path, monkeypatch,
                                                             architecture, cuda_graphs):
     model_dir = tiny_checkpoints(architecture)

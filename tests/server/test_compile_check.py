@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 KERNELS = {
     "_shrink_kernel", "_sum_splits_kernel", "_expand_kernel", "_rms_norm_kernel", "_rotary_kernel", "_write_kv_kernel",
     "_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel", "_silu_mul_kernel", "_race_sample_kernel",
+    "_gate_up_kernel", "_down_kernel",
 }
 
 

@@ -82,12 +82,14 @@ def point_ranges(hf_config, target: str, block_width: int) -> list[tuple[int, in
 
 
 def enumerate_blocks(hf_config, block_width: int) -> list[Block]:
-    """Every block of every adaptable linear, ordered by layer, then TARGETS order, then index."""
+    """Every block of every adaptable linear (the backbone fingerprint's targets), ordered by layer, then TARGETS
+    order, then index."""
     if block_width < 1:
         raise ValueError(f"block_width must be >= 1, got {block_width}")
     blocks = []
+    targets = fingerprint_from_hf_config(hf_config).target_names  # the attention ones only under a sparse MLP
     for layer in range(hf_config.num_hidden_layers):
-        for target in TARGETS:
+        for target in targets:
             axis = 0 if target in ROW_BLOCKED else 1
             for index, (start, stop) in enumerate(point_ranges(hf_config, target, block_width)):
                 blocks.append(Block(layer, target, index, axis, start, stop))
@@ -100,5 +102,5 @@ def point_costs(hf_config, rank: int, num_modules: int) -> dict[Point, int]:
     return {
         (layer, target): rank * (shapes[target][0] + shapes[target][1]) * num_modules
         for layer in range(hf_config.num_hidden_layers)
-        for target in TARGETS
+        for target in shapes
     }
