@@ -138,3 +138,8 @@ def test_a_peft_adapter_on_the_attention_imports_and_one_on_the_experts_is_refus
     save_file(tensors, str(tmp_path / "attn" / "adapter_model.safetensors"))
     with pytest.raises(LibraryError, match="gate_proj"):
         import_peft(adapter, fingerprint, "experts")
+    expert_key = key.replace("self_attn.v_proj", "mlp.experts.3.gate_proj")  # transformers 4's per-expert modules
+    save_file({**tensors, expert_key: tensors[key.replace("self_attn.v_proj", "mlp.gate_proj")].clone()},
+              str(tmp_path / "attn" / "adapter_model.safetensors"))
+    with pytest.raises(LibraryError, match=r"experts\.3\.gate_proj.* adapts a mixture of experts' expert"):
+        import_peft(adapter, fingerprint, "experts")
