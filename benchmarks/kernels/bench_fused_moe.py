@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from benchmarks.kernels.bench_composed_lora import _copy_bandwidth, _time  # noqa: E402
+from benchmarks.kernels.bench_fused import _fmt  # noqa: E402
 from router.atomic import write_file  # noqa: E402
 from tessera_kernels.fused_moe import reference, route  # noqa: E402
 
@@ -116,10 +117,6 @@ def bench_case(name: str, shape: Shape, tokens: int, dtype: torch.dtype, bandwid
         row[f"ours_over_{peer}"] = None if row[f"{peer}_us"] is None else row["ours_us"] / row[f"{peer}_us"]
     row["ours_over_floor"] = best_ours / row["floor_us"]
     return row
-
-
-def _fmt(value, width: int = 8, digits: int = 1) -> str:
-    return f"{'n/a':>{width}}" if value is None else f"{value:{width}.{digits}f}"
 
 
 def _print_row(row: dict) -> None:

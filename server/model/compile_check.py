@@ -57,6 +57,10 @@ PRESETS = {
                                              num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
                                              num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                                              vocab_size=151936)),
+    "qwen1.5-moe-a2.7b": ("Qwen2MoeConfig", dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+                                                 shared_expert_intermediate_size=5632, num_experts=60,
+                                                 num_experts_per_tok=4, num_attention_heads=16,
+                                                 num_key_value_heads=16, vocab_size=151936)),
     "mixtral-8x7b": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8,
                                            num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8,
                                            vocab_size=32000)),
@@ -203,7 +207,10 @@ def launch_layer(spec, step: Step, dtype: torch.dtype, pool: Pool | None, block_
     h, residual = rms_norm(h, norm_w, 1e-5, residual)
     if spec.num_experts:
         weights, ids = route(torch.randn(tokens, spec.num_experts), spec.experts_per_token, spec.renormalize_routing)
-        h = fused_moe(h, *_experts(spec, dtype), weights, ids)
+        routed = fused_moe(h, *_experts(spec, dtype), weights, ids)
+        if spec.shared_expert_intermediate_size:  # Qwen2-MoE's shared expert: a frozen SwiGLU MLP, no module pool
+            silu_mul(torch.empty(tokens, 2 * spec.shared_expert_intermediate_size, dtype=dtype))
+        h = routed
     else:
         h = linear(silu_mul(linear(h, (spec.intermediate_size,) * 2)), (hidden,))
     rms_norm(h, norm_w, 1e-5, residual)  # the final norm

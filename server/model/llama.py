@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "MistralForCausalLM": {"qkv_bias": False, "qk_norm": False},
     "MixtralForCausalLM": {"qkv_bias": False, "qk_norm": False},
     "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
+    "Qwen2MoeForCausalLM": {"qkv_bias": True, "qk_norm": False},
     "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
     "Qwen3MoeForCausalLM": {"qkv_bias": False, "qk_norm": True},
 }
@@ -34,27 +35,41 @@ SLIDING_WINDOW_ARCHITECTURES = ("MistralForCausalLM", "MixtralForCausalLM")
 """Those whose config's sliding_window always applies; the others (Qwen) only with use_sliding_window."""
 
 
-def moe_shape(hf_config) -> tuple[int, int, int, bool] | None:
-    """(experts, experts per token, expert intermediate size, renormalize the top-k weights) of a sparse
-    mixture-of-experts config (Mixtral, Qwen3-MoE), or None for a dense one. Checked: every decoder layer must be
-    sparse, as in every released Mixtral and Qwen3-MoE model."""
+@dataclass(frozen=True)
+class MoeShape:
+    """A sparse mixture-of-experts MLP, as its config gives it."""
+
+    experts: int
+    top_k: int
+    width: int
+    """Intermediate width of one routed expert."""
+    renormalize: bool
+    """Divide a token's top-k routing weights by their sum."""
+    shared_width: int = 0
+    """Intermediate width of Qwen2-MoE's shared expert (every token, scaled by a sigmoid gate); 0 for none."""
+
+
+def moe_shape(hf_config) -> MoeShape | None:
+    """The sparse MLP of a mixture-of-experts config (Mixtral, Qwen2-MoE, Qwen3-MoE), or None for a dense one.
+    Checked: every decoder layer must be sparse, as in every released model of these families."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type == "mixtral":
-        shape = (hf_config.num_local_experts, hf_config.num_experts_per_tok, hf_config.intermediate_size, True)
-    elif model_type == "qwen3_moe":
+        shape = MoeShape(hf_config.num_local_experts, hf_config.num_experts_per_tok, hf_config.intermediate_size, True)
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
         dense = list(getattr(hf_config, "mlp_only_layers", None) or [])
-        if dense or getattr(hf_config, "decoder_sparse_step", 1) != 1:
-            raise ValueError(f"Qwen3-MoE configs with dense layers (mlp_only_layers {dense}, decoder_sparse_step "
-                             f"{getattr(hf_config, 'decoder_sparse_step', 1)}) are not supported: Tessera serves the "
-                             f"released layout, a sparse MLP in every layer (mlp_only_layers [], decoder_sparse_step 1)")
-        shape = (hf_config.num_experts, hf_config.num_experts_per_tok, hf_config.moe_intermediate_size,
-                 bool(getattr(hf_config, "norm_topk_prob", False)))
+        step = getattr(hf_config, "decoder_sparse_step", 1)
+        if dense or step != 1:
+            raise ValueError(f"{model_type} configs with dense layers (mlp_only_layers {dense}, decoder_sparse_step "
+                             f"{step}) are not supported: Tessera serves the released layout, a sparse MLP in every "
+                             f"layer (mlp_only_layers [], decoder_sparse_step 1)")
+        shape = MoeShape(hf_config.num_experts, hf_config.num_experts_per_tok, hf_config.moe_intermediate_size,
+                         bool(getattr(hf_config, "norm_topk_prob", False)),
+                         getattr(hf_config, "shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0)
     else:
         return None
-    experts, top_k, width, _ = shape
-    if not 1 <= top_k <= experts or width < 1:
+    if not 1 <= shape.top_k <= shape.experts or shape.width < 1:
         raise ValueError(f"mixture-of-experts config needs 1 <= num_experts_per_tok <= experts and an intermediate size "
-                         f">= 1, got {top_k} of {experts} experts of width {width}")
+                         f">= 1, got {shape.top_k} of {shape.experts} experts of width {shape.width}")
     return shape
 
 
@@ -83,7 +98,9 @@ class ArchSpec:
     expert_intermediate_size: int = 0
     """Intermediate width of one expert's SwiGLU MLP."""
     renormalize_routing: bool = False
-    """Divide a token's top-k routing weights by their sum (Mixtral always; Qwen3-MoE's norm_topk_prob)."""
+    """Divide a token's top-k routing weights by their sum (Mixtral always; Qwen's norm_topk_prob)."""
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE's shared expert: a SwiGLU MLP of this width that every token runs, scaled by a sigmoid gate."""
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "ArchSpec":
@@ -108,7 +125,7 @@ class ArchSpec:
         window = getattr(hf_config, "sliding_window", None)
         if known[0] not in SLIDING_WINDOW_ARCHITECTURES and not getattr(hf_config, "use_sliding_window", False):
             window = None
-        experts, top_k, expert_width, renormalize = moe_shape(hf_config) or (0, 0, 0, False)
+        moe = moe_shape(hf_config) or MoeShape(0, 0, 0, False)
         return cls(
             architecture=known[0],
             hidden_size=hf_config.hidden_size,
@@ -124,10 +141,11 @@ class ArchSpec:
             qk_norm=switches["qk_norm"],
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             sliding_window=window,
-            num_experts=experts,
-            experts_per_token=top_k,
-            expert_intermediate_size=expert_width,
-            renormalize_routing=renormalize,
+            num_experts=moe.experts,
+            experts_per_token=moe.top_k,
+            expert_intermediate_size=moe.width,
+            renormalize_routing=moe.renormalize,
+            shared_expert_intermediate_size=moe.shared_width,
         )
 
 
@@ -183,9 +201,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ArchSpec, build: LayerBuild):
+    def __init__(self, spec: ArchSpec, build: LayerBuild, width: int | None = None):
         super().__init__()
-        width = spec.intermediate_size
+        width = spec.intermediate_size if width is None else width
         self.gate_up_proj = build.linear(spec.hidden_size, ("gate_proj", "up_proj"), (width, width))
         self.down_proj = build.linear(width, ("down_proj",), (spec.hidden_size,))
 
@@ -194,9 +212,11 @@ class MLP(nn.Module):
 
 
 class SparseMoe(nn.Module):
-    """A sparse mixture of SwiGLU experts (Mixtral, Qwen3-MoE): a router picks each token's top-k experts and
-    weights, `tessera_kernels.fused_moe` runs them. Parameters are named as transformers names them in memory
-    (`gate.weight`, `experts.gate_up_proj`, `experts.down_proj`); frozen, never adapted."""
+    """A sparse mixture of SwiGLU experts (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks each token's top-k experts
+    and weights, `tessera_kernels.fused_moe` runs them; Qwen2-MoE adds a shared expert every token runs, scaled by
+    sigmoid(x . shared_expert_gate). Parameters are named as transformers names them in memory (`gate.weight`,
+    `experts.gate_up_proj`, `experts.down_proj`, `shared_expert.*`, `shared_expert_gate.weight`); frozen, never
+    adapted."""
 
     def __init__(self, spec: ArchSpec, build: LayerBuild):
         super().__init__()
@@ -210,11 +230,21 @@ class SparseMoe(nn.Module):
             torch.empty(experts, 2 * width, hidden, dtype=build.dtype, device=build.device), requires_grad=False)
         self.experts.down_proj = nn.Parameter(
             torch.empty(experts, hidden, width, dtype=build.dtype, device=build.device), requires_grad=False)
+        self.shared_expert = None
+        if spec.shared_expert_intermediate_size:
+            frozen = LayerBuild(build.dtype, build.device, max_slots=0, max_rank=0)  # no module pool slots
+            self.shared_expert = MLP(spec, frozen, spec.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Module()
+            self.shared_expert_gate.weight = nn.Parameter(
+                torch.empty(1, hidden, dtype=build.dtype, device=build.device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = x @ self.gate.weight.T  # [num_tokens, experts], x's dtype (transformers' router linear)
         weights, ids = route(logits, self.spec.experts_per_token, self.spec.renormalize_routing)
-        return fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        if self.shared_expert is not None:  # transformers' order: routed + sigmoid(gate) * shared
+            out = out + torch.sigmoid(x @ self.shared_expert_gate.weight.T) * self.shared_expert(x)
+        return out
 
 
 class DecoderLayer(nn.Module):

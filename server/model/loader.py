@@ -32,6 +32,8 @@ _FUSED = {
     "self_attn.v_proj": ("self_attn.qkv_proj", "v_proj"),
     "mlp.gate_proj": ("mlp.gate_up_proj", "gate_proj"),
     "mlp.up_proj": ("mlp.gate_up_proj", "up_proj"),
+    "mlp.shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj", "gate_proj"),
+    "mlp.shared_expert.up_proj": ("mlp.shared_expert.gate_up_proj", "up_proj"),
 }
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _EXPERT_PARTS = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
@@ -137,7 +139,7 @@ def _target(backbone: Backbone, name: str) -> _Slot | None:
         rows = param.shape[1] // 2 if stacked == "gate_up_proj" else param.shape[1]
         return _Slot(param, index, half * rows, rows)
     path, _, kind = local.rpartition(".")
-    if path in _FUSED and not (backbone.spec.num_experts and path.startswith("mlp.")):
+    if path in _FUSED and not (backbone.spec.num_experts and path in ("mlp.gate_proj", "mlp.up_proj")):
         fused_path, target = _FUSED[path]
         linear = layer.get_submodule(fused_path)
         start, width = linear.slice_offset(target)

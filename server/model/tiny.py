@@ -69,7 +69,7 @@ class TinyConfig:
     """Sizes of a tiny backbone; defaults give about 0.3M parameters."""
 
     architecture: str = "llama"
-    """One of llama, mistral, qwen2, qwen3, and the mixtures of experts mixtral and qwen3_moe."""
+    """One of llama, mistral, qwen2, qwen3, and the mixtures of experts mixtral, qwen2_moe and qwen3_moe."""
     hidden_size: int = 64
     """Model width."""
     intermediate_size: int = 128
@@ -95,11 +95,13 @@ class TinyConfig:
     """v3 or v11: `[TOOL_CALLS]` and `[ARGS]` are special tokens, as in Mistral's tokenizers, and the chat template
     writes calls in that version's format (`mistral_chat_template`)."""
     num_experts: int = 4
-    """Experts per layer of mixtral and qwen3_moe (each of intermediate_size // 2)."""
+    """Experts per layer of the mixtures of experts (each of intermediate_size // 2; qwen2_moe's shared expert is
+    intermediate_size wide)."""
     num_experts_per_tok: int = 2
-    """Experts each token is routed to (mixtral, qwen3_moe)."""
+    """Experts each token is routed to (mixtral, qwen2_moe, qwen3_moe)."""
     norm_topk_prob: bool = True
-    """qwen3_moe: renormalise the top-k routing weights (Qwen3-30B-A3B does; Mixtral always does)."""
+    """qwen2_moe, qwen3_moe: renormalise the top-k routing weights (Qwen3-30B-A3B does, Qwen2-MoE does not; Mixtral
+    always does)."""
     seed: int = 0
     """Seed of the random weights."""
 
@@ -138,11 +140,11 @@ def write_tokenizer(path: str | Path, vocab_size: int = 384, thinking: bool = Fa
 
 
 def _hf_config(cfg: TinyConfig, vocab_size: int, bos: int, eos: int, pad: int):
-    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config,
+    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
                               Qwen3MoeConfig)
 
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-               "mixtral": MixtralConfig, "qwen3_moe": Qwen3MoeConfig}
+               "mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig}
     if cfg.architecture not in classes:
         raise ValueError(f"unknown tiny architecture {cfg.architecture!r}; choose from {sorted(classes)}")
     extra = {"head_dim": cfg.hidden_size // cfg.num_attention_heads}
@@ -152,7 +154,9 @@ def _hf_config(cfg: TinyConfig, vocab_size: int, bos: int, eos: int, pad: int):
     if cfg.architecture == "mixtral":
         intermediate = cfg.intermediate_size // 2
         extra |= {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok}
-    if cfg.architecture == "qwen3_moe":
+    if cfg.architecture == "qwen2_moe":
+        extra |= {"shared_expert_intermediate_size": cfg.intermediate_size}
+    if cfg.architecture in ("qwen2_moe", "qwen3_moe"):
         extra |= {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
                   "moe_intermediate_size": cfg.intermediate_size // 2, "norm_topk_prob": cfg.norm_topk_prob,
                   "decoder_sparse_step": 1, "mlp_only_layers": []}

@@ -28,7 +28,8 @@ def _step(backbone, paged, chunks, modules=None) -> torch.Tensor:
 @pytest.mark.parametrize(
     "architecture,overrides",
     [("llama", {}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}), ("llama", {"tie_word_embeddings": True}),
-     ("mixtral", {}), ("qwen3_moe", {}), ("qwen3_moe", {"norm_topk_prob": False})],
+     ("mixtral", {}), ("qwen3_moe", {}), ("qwen3_moe", {"norm_topk_prob": False}),
+     ("qwen2_moe", {"norm_topk_prob": False})],
 )
 def test_prefill_then_decode_matches_transformers(tiny_checkpoints, architecture, overrides):
     model_dir = tiny_checkpoints(architecture, **overrides)

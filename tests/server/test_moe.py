@@ -1,4 +1,4 @@
-"""Mixture-of-experts backbones (Mixtral, Qwen3-MoE): loading from a checkpoint's per-expert tensors and from a
+"""Mixture-of-experts backbones (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE): loading from a checkpoint's per-expert tensors and from a
 transformers state dict's stacked ones, the errors that name what is wrong, the attention-only fingerprint, and a
 mixed batch of compositions that generates exactly what transformers generates with each composition merged."""
 
@@ -22,7 +22,7 @@ from server.model.llama import ArchSpec
 from server.model.loader import BackboneConfig, backbone_from_state_dict, load_backbone
 from tests.router.helpers import merged_model, random_peft_adapter
 
-ARCHITECTURES = ["qwen3_moe", "mixtral"]
+ARCHITECTURES = ["qwen3_moe", "mixtral", "qwen2_moe"]
 ROWS = [
     Composition(("m0",), (1.0,), "explicit"),
     Composition(("m2", "m1"), (0.7, 0.3), "explicit"),
@@ -47,6 +47,11 @@ def test_checkpoint_and_state_dict_load_the_same_experts(tiny_checkpoints, archi
     spec = loaded.spec
     assert (spec.num_experts, spec.experts_per_token, spec.expert_intermediate_size) == (4, 2, 64)
     assert spec.renormalize_routing
+    assert spec.shared_expert_intermediate_size == (128 if architecture == "qwen2_moe" else 0)
+    if architecture == "qwen2_moe":
+        shared = hf_model.model.layers[0].mlp.shared_expert
+        fused = torch.cat([shared.gate_proj.weight, shared.up_proj.weight])
+        assert torch.equal(loaded.layers[0].mlp.shared_expert.gate_up_proj.weight, fused)
 
 
 def test_missing_and_unknown_expert_tensors_are_named(tmp_path, tiny_checkpoints):
@@ -75,16 +80,19 @@ def test_missing_and_unknown_expert_tensors_are_named(tmp_path, tiny_checkpoints
 def test_configs_outside_the_served_layouts_are_refused(tiny_checkpoints):
     config = AutoConfig.from_pretrained(tiny_checkpoints("qwen3_moe"))
     config.mlp_only_layers = [0]
-    with pytest.raises(ValueError, match=r"dense layers \(mlp_only_layers \[0\].*not supported"):
+    with pytest.raises(ValueError, match=r"qwen3_moe configs with dense layers \(mlp_only_layers \[0\].*not supported"):
         ArchSpec.from_hf_config(config)
     config.mlp_only_layers, config.decoder_sparse_step = [], 2
     with pytest.raises(ValueError, match="decoder_sparse_step 2"):
         ArchSpec.from_hf_config(config)
-    from transformers import Qwen2MoeConfig
+    config = AutoConfig.from_pretrained(tiny_checkpoints("qwen2_moe"))
+    config.mlp_only_layers = [1]
+    with pytest.raises(ValueError, match=r"qwen2_moe configs with dense layers \(mlp_only_layers \[1\]"):
+        ArchSpec.from_hf_config(config)
+    from transformers import OlmoeConfig
 
-    shared_expert = Qwen2MoeConfig(architectures=["Qwen2MoeForCausalLM"])
-    with pytest.raises(ValueError, match=r"unsupported architecture \['Qwen2MoeForCausalLM'\].*Qwen3MoeForCausalLM"):
-        ArchSpec.from_hf_config(shared_expert)
+    with pytest.raises(ValueError, match=r"unsupported architecture \['OlmoeForCausalLM'\].*Qwen3MoeForCausalLM"):
+        ArchSpec.from_hf_config(OlmoeConfig(architectures=["OlmoeForCausalLM"]))
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

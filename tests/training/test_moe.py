@@ -1,4 +1,4 @@
-"""Training on a mixture-of-experts backbone (Qwen3-MoE, Mixtral): modules on the attention projections, the experts
+"""Training on a mixture-of-experts backbone (Qwen3-MoE, Mixtral, Qwen2-MoE): modules on the attention projections, the experts
 frozen; the library serves, through the engine, what the trained model computes."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from training.trainer import train_library
 from tests.training.helpers import PROMPTS, composition_deltas, merged
 
 
-@pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_a_library_trained_on_the_attention_serves_what_training_computed(tiny_checkpoints, examples, small_config,
                                                                           tmp_path, architecture):
     model_dir = tiny_checkpoints(architecture)
