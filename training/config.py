@@ -94,6 +94,12 @@ class TrainConfig:
     so they get a larger rate than the weights."""
     weight_decay: float = 0.0
     """AdamW weight decay of the module weights (never of logits). 0, the common LoRA default."""
+    module_dropout: float = 0.0
+    """Dropout on every module's input in training forwards (PEFT's lora_dropout: the modules' branch only, the
+    backbone sees its input whole; never at evaluation or serving). 0 draws nothing, so training is bit-identical
+    to a run without the option. Masks are seeded by (seed, step, the row's place in the batch, the point), so
+    resume, micro-batches and checkpointing keep every mask. NOTE: suite, small setting (benchmarks/RESULTS.md):
+    see the module_dropout sweep; PEFT's common values are 0.05-0.1 for small datasets."""
     steps: int = 1000
     """Optimiser steps. Data is walked in seeded shuffled epochs, so steps * batch_size / examples epochs."""
     batch_size: int = 8
@@ -181,6 +187,7 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"TrainConfig.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         self._check_float("max_grad_norm", low=0.0)
+        self._check_float("module_dropout", low=0.0, high=1.0)
         if self.placement not in ("all", "search", "random"):
             raise ValueError(f"TrainConfig.placement must be all, search or random, got {self.placement!r}")
         self._check_float("placement_budget", low=0.0, high=1.0 + 1e-9, low_open=True)

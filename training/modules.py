@@ -64,6 +64,31 @@ def target_linear(model: nn.Module, point: Point) -> nn.Linear:
     return linear
 
 
+@dataclass(frozen=True)
+class Dropout:
+    """Dropout on the modules' input x (TrainConfig.module_dropout; PEFT's lora_dropout): each element of x is
+    zeroed with probability p on the modules' branch and the rest scaled by 1 / (1 - p).
+
+    The mask of a batch row at a point is a function of (the row's seed, the point) alone: drawn from a generator
+    seeded with row_seed * 1_000_003 + point, over the row's real positions (right padding gets none; its outputs
+    are never read). So a step's masks do not depend on how its rows are cut into micro-batch passes or padded,
+    and an activation-checkpointed layer's rerun draws the masks its first run drew."""
+
+    p: float
+    row_seeds: tuple[int, ...]
+    """One per batch row (TrainConfig.seed, step, the row's place in the step's batch and which forward)."""
+    lengths: tuple[int, ...]
+    """Real (unpadded) length of each row."""
+
+    def apply(self, x: torch.Tensor, point: int) -> torch.Tensor:
+        """x [batch, seq, in] with the rows' masks at `point`."""
+        keep = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+        for row, (seed, length) in enumerate(zip(self.row_seeds, self.lengths)):
+            gen = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + point)
+            keep[row, :length] = torch.rand((length, x.shape[-1]), generator=gen, device=x.device) >= self.p
+        return x * keep / (1.0 - self.p)
+
+
 class PointAdapter(nn.Module):
     """The stacked low-rank factors of every module present at one insertion point."""
 
@@ -114,6 +139,7 @@ class ModuleBank(nn.Module):
         self._gates: torch.Tensor | None = None
         self._token_mask: torch.Tensor | None = None
         self._on_point = None
+        self._dropout: Dropout | None = None
 
     @property
     def num_modules(self) -> int:
@@ -195,7 +221,8 @@ class ModuleBank(nn.Module):
         def hook(_linear: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             if self._gates is None:
                 raise RuntimeError("module bank forward outside `with bank.gating(gates):`; no gates are set")
-            delta, u = adapter(inputs[0], self._gates)
+            x = inputs[0] if self._dropout is None else self._dropout.apply(inputs[0], index)
+            delta, u = adapter(x, self._gates)
             if self._on_point is not None:
                 tokens = u.reshape(-1, u.shape[-1]) if self._token_mask is None else u[self._token_mask]
                 self._on_point(adapter, tokens)
@@ -216,7 +243,7 @@ class ModuleBank(nn.Module):
         from torch.utils.checkpoint import checkpoint
 
         def rerun_as_now():
-            return contextlib.nullcontext(), self._restored((self._gates, self._token_mask, self._on_point))
+            return contextlib.nullcontext(), self._restored(self._state())
 
         for layer in model.get_decoder().layers:
             forward = layer.forward
@@ -228,23 +255,30 @@ class ModuleBank(nn.Module):
 
             layer.forward = checkpointed
 
+    def _state(self) -> tuple:
+        return self._gates, self._token_mask, self._on_point, self._dropout
+
     @contextlib.contextmanager
     def _restored(self, state: tuple):
-        previous = (self._gates, self._token_mask, self._on_point)
-        self._gates, self._token_mask, self._on_point = state
+        previous = self._state()
+        self._gates, self._token_mask, self._on_point, self._dropout = state
         try:
             yield
         finally:
-            self._gates, self._token_mask, self._on_point = previous
+            self._gates, self._token_mask, self._on_point, self._dropout = previous
 
     @contextlib.contextmanager
-    def gating(self, gates: torch.Tensor, token_mask: torch.Tensor | None = None, on_point=None):
+    def gating(self, gates: torch.Tensor, token_mask: torch.Tensor | None = None, on_point=None,
+               dropout: "Dropout | None" = None):
         """Run forwards with per-row module gates [batch, num_modules].
 
         `on_point(adapter, u)`, if given, sees every point's u [tokens, R_p] restricted to `token_mask`
-        [batch, seq] (bool) - how the decoupling loss reads module outputs without a second pass.
+        [batch, seq] (bool) - how the decoupling loss reads module outputs without a second pass. `dropout`, if
+        given, drops elements of every module's input (the modules' branch only; the backbone sees x whole).
         """
         if gates.dim() != 2 or gates.shape[1] != self.num_modules:
             raise ValueError(f"gates must be [batch, {self.num_modules}], got {list(gates.shape)}")
-        with self._restored((gates, token_mask, on_point)):
+        if dropout is not None and len(dropout.row_seeds) != gates.shape[0]:
+            raise ValueError(f"dropout has {len(dropout.row_seeds)} row seeds for {gates.shape[0]} rows")
+        with self._restored((gates, token_mask, on_point, dropout)):
             yield

@@ -2,7 +2,8 @@
 
 Everything random in a step is a function of (seed, step): the batch is a slice of a stream of seeded
 per-epoch permutations of the examples (or, with a task sampling temperature, drawn task by task from a
-generator seeded by the step), the alignment's module is drawn from a generator seeded by the step, and
+generator seeded by the step), the alignment's module is drawn from a generator seeded by the step, module
+dropout masks are seeded by the step and each row's place in the batch (`modules.Dropout`), and
 every learning rate is its configured value times `lr_factor(config, step)`. So a run resumed
 from a checkpoint takes exactly the steps an uninterrupted run would.
 """
@@ -16,6 +17,7 @@ import torch
 
 from training.data import IGNORE
 from training.losses import alignment_loss, decoupling_loss, prior_loss, sparsity_loss, task_loss
+from training.modules import Dropout
 
 if TYPE_CHECKING:
     from training.trainer import Trainer
@@ -85,10 +87,13 @@ class StepRunner:
         values: dict[str, float] = {}
         tokens = 0
         for number, rows in enumerate(passes):
+            first = number * cfg.pass_rows  # the pass's first row's place in the step's batch
+            places = list(range(first, first + len(rows)))
             shares = {"task": sum(targets[i] for i in rows) / all_targets,
                       "decouple": sum(lengths[i] for i in rows) / all_lengths,
                       "align": sum(targets[i] for i in rows if module is not None and self._uses(i, module)) / aligned}
-            terms, pass_tokens = self._pass(rows, module, shares, batch_free=number == 0)
+            terms, pass_tokens = self._pass(rows, module, shares, batch_free=number == 0,
+                                            dropout=self._dropout(step, rows, places))
             total = terms["task"] + sum(self.weights[name] * value for name, value in terms.items() if name != "task")
             floats = {name: float(value.detach()) for name, value in (terms | {"total": total}).items()}
             if not torch.isfinite(total):
@@ -105,8 +110,17 @@ class StepRunner:
         t.optimizer.step()
         return values, tokens
 
+    def _dropout(self, step: int, rows: list[int], places: list[int]) -> list[Dropout] | None:
+        """The module dropout of a pass's forwards (the composed one, then the alignment's), or None when off."""
+        cfg = self.trainer.config
+        if cfg.module_dropout == 0:
+            return None
+        lengths = tuple(len(self.trainer.rows[i][0]) for i in rows)
+        return [Dropout(cfg.module_dropout, tuple(((cfg.seed * 1_000_003 + step) * 4_099 + place) * 2 + forward
+                                                  for place in places), lengths) for forward in (0, 1)]
+
     def _pass(self, rows: list[int], module: int | None, shares: dict[str, float],
-              batch_free: bool) -> tuple[dict[str, torch.Tensor], int]:
+              batch_free: bool, dropout: list[Dropout] | None = None) -> tuple[dict[str, torch.Tensor], int]:
         """The weighted loss terms of one forward pass over `rows` (step's docstring), and its tokens."""
         t = self.trainer
         batch = {k: v.to(t.device) for k, v in t.batch(rows).items()}
@@ -118,7 +132,7 @@ class StepRunner:
 
         hook = on_point if self.weights["decouple"] > 0 else None
         mask = batch["attention_mask"].bool()
-        with t.bank.gating(gates, token_mask=mask, on_point=hook):
+        with t.bank.gating(gates, token_mask=mask, on_point=hook, dropout=dropout[0] if dropout else None):
             logits = t.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              use_cache=False).logits
         terms = {"task": task_loss(logits, batch["labels"]) * shares["task"]}
@@ -126,7 +140,7 @@ class StepRunner:
         if hook is not None:
             terms["decouple"] = torch.stack(decouple).mean() * shares["decouple"]
         if module is not None:
-            align, extra = self._alignment(batch, gates.detach(), logits, module)
+            align, extra = self._alignment(batch, gates.detach(), logits, module, dropout[1] if dropout else None)
             terms["align"] = align * shares["align"]
             tokens += extra
         if batch_free and self.weights["sparse"] > 0:
@@ -152,8 +166,8 @@ class StepRunner:
         gen = torch.Generator().manual_seed(t.config.seed * 1_000_003 + 7 * step + 1)
         return int(candidates[torch.randint(len(candidates), (1,), generator=gen)])
 
-    def _alignment(self, batch: dict, gates: torch.Tensor, logits: torch.Tensor,
-                   module: int) -> tuple[torch.Tensor, int]:
+    def _alignment(self, batch: dict, gates: torch.Tensor, logits: torch.Tensor, module: int,
+                   dropout: Dropout | None = None) -> tuple[torch.Tensor, int]:
         """KL from the composed model to `module` alone, on the pass's rows that use it."""
         t = self.trainer
         rows = (gates[:, module] > 0).nonzero().flatten()
@@ -161,7 +175,10 @@ class StepRunner:
             return torch.zeros((), device=t.device), 0
         alone = torch.zeros(len(rows), t.bank.num_modules, device=t.device)  # [rows, N]
         alone[:, module] = 1.0
-        with t.bank.gating(alone):
+        if dropout is not None:  # the same rows' seeds as in the composed forward, of the alignment's forward
+            kept = rows.tolist()
+            dropout = Dropout(dropout.p, tuple(dropout.row_seeds[i] for i in kept), tuple(dropout.lengths[i] for i in kept))
+        with t.bank.gating(alone, dropout=dropout):
             module_logits = t.model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
                                     use_cache=False).logits
         positions = batch["labels"][rows][:, 1:] != IGNORE  # [rows, seq - 1]

@@ -102,6 +102,8 @@ class QualityConfig:
     """Points of the schedule sweep: a learning-rate schedule (TrainConfig.lr_schedule: constant, linear or cosine),
     optionally with "+warmup" (TrainConfig.warmup_steps: 5% of the steps) and "+clip" (TrainConfig.max_grad_norm
     1.0, transformers' Trainer's default); benchmarks.quality.sweeps.schedule_overrides."""
+    sweep_module_dropouts: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
+    """Points of the module-dropout sweep (TrainConfig.module_dropout; PEFT's lora_dropout, commonly 0.05-0.1)."""
     sweep_baseline: bool = True
     """Also train and evaluate per-task LoRA at every point of the noise and length sweeps."""
 
@@ -113,7 +115,7 @@ class QualityConfig:
         object.__setattr__(self, "sweep_regulariser_scales", tuple(self.sweep_regulariser_scales))
         for name in ("sweep_top_k", "sweep_ranks", "sweep_gate_temperatures", "sweep_gate_thresholds",
                      "sweep_placement_budgets", "sweep_seeds", "sweep_compute", "sweep_schedules",
-                     "sweep_task_sampling", "imbalanced_tasks"):
+                     "sweep_task_sampling", "sweep_module_dropouts", "imbalanced_tasks"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("train_per_task", "test_per_task", "val_per_task", "steps", "batch_size", "num_modules",
                      "rank", "max_seq_len", "answer_margin", "threads", "imbalanced_items"):
@@ -143,6 +145,8 @@ class QualityConfig:
             self.train(0, **schedule_overrides(value, self.steps))  # ValueError naming a bad point
         for temperature in self.sweep_task_sampling:
             self.train(0, task_sampling_temperature=temperature)
+        for dropout in self.sweep_module_dropouts:
+            self.train(0, module_dropout=dropout)
         from training.suite.tasks import TASKS
 
         unknown = [task for task in self.imbalanced_tasks if task not in TASKS]
@@ -184,7 +188,7 @@ SETTINGS: dict[str, QualityConfig] = {
                           sweep_max_len=(4, 5), sweep_regulariser_scales=(1.0, 10.0),
                           sweep_top_k=(1, 2), sweep_ranks=(2, 4), sweep_gate_temperatures=(1.0, 2.0),
                           sweep_gate_thresholds=(0.05, 0.2), sweep_placement_budgets=(0.5, 1.0), sweep_schedules=("constant", "cosine+warmup+clip"),
-                          sweep_task_sampling=(1.0, 3.0), imbalanced_items=4,
+                          sweep_task_sampling=(1.0, 3.0), imbalanced_items=4, sweep_module_dropouts=(0.0, 0.1),
                           sweep_seeds=(0, 1), sweep_compute=(1, 2)),
     "small": QualityConfig(backbone="small", train_per_task=400, test_per_task=50, val_per_task=25, min_len=3,
                            max_len=8, steps=1000, batch_size=16, learning_rate=3e-3, sweep_max_len=(5, 8, 11)),

@@ -19,6 +19,7 @@ LABELS = {
     "compute": ("optimiser steps, multiple of the main run's (per-task LoRA alike)", False),
     "task_sampling": ("task sampling temperature T (imbalanced mixture)", True),
     "schedule": ("learning-rate schedule (+warmup: 5% of the steps; +clip: gradient norm 1.0)", False),
+    "module_dropout": ("module dropout p (modules' input)", False),
     "lambda_decouple": ("decoupling weight lambda1", True),
     "lambda_align": ("alignment weight lambda2", True),
     "lambda_sparse": ("insertion-gate sparsity weight lambda3", True),

@@ -18,6 +18,7 @@
                                                  are scaled alike (LoRA alongside), so both get equal compute
     schedule       TrainConfig.lr_schedule, warmup_steps and max_grad_norm: QualityConfig.sweep_schedules
                                                  (schedule_overrides)
+    module_dropout TrainConfig.module_dropout    QualityConfig.sweep_module_dropouts
     task_sampling  TrainConfig.task_sampling_temperature, on an imbalanced mixture (QualityConfig.imbalanced_tasks
                                                  keep imbalanced_items training items each); no point reuses the
                                                  main run, whose mixture is balanced
@@ -53,7 +54,7 @@ REGULARISERS = ("lambda_decouple", "lambda_align", "lambda_sparse", "lambda_prio
 CONTROLLER = {"top_k": "top_k", "rank": "rank", "temperature": "gate_temperature", "threshold": "gate_threshold"}
 """Sweep name -> the TrainConfig field it varies (the controller's gate settings and the module rank)."""
 SWEEPS = ("modules", "learning_rate", "noise", "max_len", *CONTROLLER, "placement", "placement_random", "seed", "compute",
-          "schedule", "task_sampling", *REGULARISERS)
+          "schedule", "module_dropout", "task_sampling", *REGULARISERS)
 SCHEDULES = ("constant", "linear", "cosine")
 """The first part of a schedule-sweep point: TrainConfig.lr_schedule."""
 WARMUP_SHARE, CLIP_NORM = 0.05, 1.0
@@ -102,6 +103,7 @@ def _grid(config: QualityConfig) -> dict[str, tuple[tuple, Callable[[object], tu
         "seed": (config.sweep_seeds, lambda s: ({"seed": s}, {}), True),
         "compute": (config.sweep_compute, lambda m: ({"steps": m * config.steps}, {}), True),
         "schedule": (config.sweep_schedules, lambda v: (schedule_overrides(v, config.steps), {}), False),
+        "module_dropout": (config.sweep_module_dropouts, lambda p: ({"module_dropout": p}, {}), False),
         "task_sampling": (config.sweep_task_sampling, lambda t: ({"task_sampling_temperature": t}, {"train_counts": {
             task: config.imbalanced_items for task in config.imbalanced_tasks}}), False),
     } | regularisers
@@ -138,7 +140,7 @@ def main_value(config: QualityConfig, sweep: str, seed: int):
     if sweep == "schedule":
         train = config.train(0)
         return "+".join([train.lr_schedule] + ["warmup"] * (train.warmup_steps > 0) + ["clip"] * (train.max_grad_norm > 0))
-    if sweep in REGULARISERS:
+    if sweep in (*REGULARISERS, "module_dropout"):
         return getattr(config.train(0), sweep)
     if sweep in CONTROLLER:
         return getattr(config.train(0), CONTROLLER[sweep])

@@ -206,7 +206,8 @@ def test_sweeps_and_plots(tiny_run):
              "rank": config.sweep_ranks, "temperature": config.sweep_gate_temperatures,
              "threshold": config.sweep_gate_thresholds, "placement": config.sweep_placement_budgets,
              "placement_random": config.sweep_placement_budgets, "seed": config.sweep_seeds, "compute": config.sweep_compute,
-             "schedule": config.sweep_schedules, "task_sampling": config.sweep_task_sampling}
+             "schedule": config.sweep_schedules, "task_sampling": config.sweep_task_sampling,
+             "module_dropout": config.sweep_module_dropouts}
     defaults = TrainConfig()
     for name in REGULARISERS:
         grids[name] = tuple(round(scale * getattr(defaults, name), 12) for scale in config.sweep_regulariser_scales)
