@@ -13,8 +13,8 @@ ATTENTION_TARGETS = TARGETS[:4]
 
 
 def has_sparse_mlp(hf_config) -> bool:
-    """Whether the decoder layers' MLP is a sparse mixture of experts (Mixtral, Qwen3-MoE), which has no single
-    gate_proj, up_proj or down_proj to adapt."""
+    """Whether the decoder layers' MLP is a sparse mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE), which has no
+    single gate_proj, up_proj or down_proj to adapt."""
     return bool(getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None))
 
 

@@ -104,7 +104,7 @@ def _pairs(tensors: dict[str, torch.Tensor], where: str) -> dict[tuple[int, str]
         if "lora_magnitude_vector" in key:
             raise LibraryError(f"{where}: {key} is a DoRA magnitude vector; DoRA adapters are not supported")
         if ".experts." in key or ".block_sparse_moe." in key:
-            raise LibraryError(f"{where}: {key} adapts a mixture of experts' expert; on Mixtral and Qwen3-MoE the "
+            raise LibraryError(f"{where}: {key} adapts a mixture of experts' expert; on Mixtral, Qwen2-MoE and Qwen3-MoE the "
                                f"experts stay frozen and modules adapt the attention projections (train the adapter "
                                f"with target_modules q_proj, k_proj, v_proj, o_proj)")
         if match is None or match.group(3) not in TARGETS or PARENT[match.group(3)] != match.group(2):

@@ -70,7 +70,7 @@ class Dropout:
     zeroed with probability p on the modules' branch and the rest scaled by 1 / (1 - p).
 
     The mask of a batch row at a point is a function of (the row's seed, the point) alone: drawn from a generator
-    seeded with row_seed * 1_000_003 + point, over the row's real positions (right padding gets none; its outputs
+    seeded with (row_seed * 1_000_003 + point) mod 2^63, over the row's real positions (right padding gets none; its outputs
     are never read). So a step's masks do not depend on how its rows are cut into micro-batch passes or padded,
     and an activation-checkpointed layer's rerun draws the masks its first run drew."""
 
@@ -84,7 +84,7 @@ class Dropout:
         """x [batch, seq, in] with the rows' masks at `point`."""
         keep = torch.ones(x.shape, dtype=torch.bool, device=x.device)
         for row, (seed, length) in enumerate(zip(self.row_seeds, self.lengths)):
-            gen = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + point)
+            gen = torch.Generator(device=x.device).manual_seed((seed * 1_000_003 + point) % (1 << 63))
             keep[row, :length] = torch.rand((length, x.shape[-1]), generator=gen, device=x.device) >= self.p
         return x * keep / (1.0 - self.p)
 

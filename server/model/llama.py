@@ -1,12 +1,14 @@
-"""The Llama architecture family (Llama 2/3, Mistral, Mixtral, Qwen2/2.5, Qwen3, Qwen3-MoE) over a paged KV cache.
+"""The Llama architecture family (Llama 2/3, Mistral, Mixtral, Qwen2/2.5, Qwen2-MoE, Qwen3, Qwen3-MoE) over a paged
+KV cache.
 
 One implementation covers the family; the differences are switches read from the Hugging Face config:
-bias on q/k/v (Qwen2), per-head RMSNorm on q and k before rotary (Qwen3, Qwen3-MoE), a sliding attention
-window (Mistral, Mixtral), a sparse mixture of experts in place of the MLP (Mixtral, Qwen3-MoE: modules adapt
-the attention projections there, the experts stay frozen), tied embeddings, and the RoPE variant. q/k/v and gate/up are fused into one adapted linear
-each, so a step runs one GEMM (and one composed_lora launch) per fused projection. The elementwise work
-between them is one launch each: the residual add fused into the next RMSNorm (layers carry the residual
-stream, as vLLM's do), q and k rotated together in place, and silu(gate) * up from the fused gate_up.
+bias on q/k/v (Qwen2, Qwen2-MoE), per-head RMSNorm on q and k before rotary (Qwen3, Qwen3-MoE), a sliding
+attention window (Mistral, Mixtral), a sparse mixture of experts in place of the MLP (Mixtral, Qwen2-MoE,
+Qwen3-MoE: modules adapt the attention projections there, the experts stay frozen), tied embeddings, and the
+RoPE variant. q/k/v and gate/up are fused into one adapted linear each, so a step runs one GEMM (and one
+composed_lora launch) per fused projection. The elementwise work between them is one launch each: the residual
+add fused into the next RMSNorm (layers carry the residual stream, as vLLM's do), q and k rotated together in
+place, and silu(gate) * up from the fused gate_up.
 """
 
 from __future__ import annotations
