@@ -108,14 +108,17 @@ def test_the_fingerprint_adapts_attention_only(tiny_checkpoints, architecture):
         backbone.write_module(0, {(0, "gate_proj"): (torch.ones(2, 64), torch.ones(64, 2))}, 1.0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_mixed_batch_equals_merged_weights_alone(tiny_checkpoints, tmp_path, architecture):
+def test_mixed_batch_equals_merged_weights_alone(tiny_checkpoints, tmp_path, architecture, device):
+    """On CUDA the experts run in fused_moe's Triton kernels (fp32: exact products), decode steps in CUDA graphs."""
     model_dir = tiny_checkpoints(architecture)
     library = random_library(fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir)), num_modules=4,
                              ranks=(4, 8, 8, 4), std=0.2)
     library.write(tmp_path / "lib")
-    engine = Engine(EngineConfig(model=model_dir, library=str(tmp_path / "lib"), device="cpu", dtype="float32",
-                                 block_size=4, max_num_batched_tokens=16, num_kv_blocks=64, max_loaded_modules=4))
+    engine = Engine(EngineConfig(model=model_dir, library=str(tmp_path / "lib"), device=device, dtype="float32",
+                                 block_size=4 if device == "cpu" else 16, max_num_batched_tokens=16, num_kv_blocks=64,
+                                 max_loaded_modules=4))
     sampling = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     outputs = engine.generate_batch([Request(f"r{i}", p, sampling, c) for i, (p, c) in enumerate(zip(PROMPTS, ROWS))])
     generated = {rid: [t for o in outs for t in o.token_ids] for rid, outs in outputs.items()}
