@@ -154,3 +154,26 @@ def test_a_peft_adapter_on_the_attention_imports_and_one_on_the_experts_is_refus
               str(tmp_path / "attn" / "adapter_model.safetensors"))
     with pytest.raises(LibraryError, match=r"experts\.3\.gate_proj.* adapts a mixture of experts' expert"):
         import_peft(adapter, fingerprint, "experts")
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_an_exported_composition_loads_in_peft_on_the_moe_model(tiny_checkpoints, tmp_path, architecture):
+    """What `tessera library export-peft` (and so export-vllm's adapters) writes for an MoE backbone is a PEFT LoRA on
+    the attention projections that transformers + PEFT apply to the same logits as the merged composition."""
+    from peft import PeftModel
+
+    from router.peft_io import export_peft
+
+    model_dir = tiny_checkpoints(architecture)
+    library = random_library(fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir)), num_modules=3, std=0.2)
+    composition = Composition(("m2", "m0"), (0.6, 1.1), "explicit")
+    out = export_peft(library, composition, tmp_path / "export", base_model=model_dir)
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == list(ATTENTION_TARGETS)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, str(out)).eval()(prompt).logits
+        expected = merged_model(model_dir, library, composition)(prompt).logits
+        plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(prompt).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (expected - plain).abs().max() > 1e-2
