@@ -36,6 +36,11 @@ class EngineConfig:
     """Prompt plus output tokens at most; default: the backbone's max_position_embeddings."""
     kv_cache_memory_gb: float = 0.5
     """Memory for the KV cache on the CPU, in GiB."""
+    kv_cache_dtype: str = "auto"
+    """auto (the model's dtype) or fp8 (float8 e4m3, as vLLM's --kv-cache-dtype fp8 without scales): a cached token
+    takes half the bytes of bf16, so the same memory holds twice the context, at the cost of keys and values rounded
+    to 3 mantissa bits (and saturated at +-448). Queries are not quantized: attention reads the cached values back in
+    the model's dtype. On CUDA it needs compute capability 8.9 or newer (Ada, Hopper, Blackwell)."""
     gpu_memory_utilization: float = 0.85
     """On CUDA: share of the device memory the process may use (weights, pools, activations, KV)."""
     num_kv_blocks: int | None = None
@@ -170,6 +175,23 @@ class EngineConfig:
         if self.async_scheduling == "auto":
             return device.startswith("cuda")
         return self.async_scheduling == "on"
+
+    def kv_dtype(self, device: str, model_dtype):
+        """The KV cache's torch dtype on `device` for a model of `model_dtype`; ValueError for a bad value or a GPU
+        without float8."""
+        import torch
+
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        if self.kv_cache_dtype not in ("fp8", "fp8_e4m3"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8 (fp8_e4m3), got {self.kv_cache_dtype!r}")
+        if device.startswith("cuda"):
+            capability = torch.cuda.get_device_capability(torch.device(device))
+            if capability < (8, 9):
+                raise ValueError(f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                                 f"{torch.cuda.get_device_name(torch.device(device))} has {capability[0]}."
+                                 f"{capability[1]}: use kv_cache_dtype auto")
+        return torch.float8_e4m3fn
 
     def check_stream_interval(self) -> None:
         value = self.stream_interval

@@ -177,6 +177,8 @@ class RunnerConfig:
     graph_query_len: int = 1
     """Token rows per sequence of the verify graphs (speculative decoding): 1 + the most drafts a request runs in
     a step; 1: no verify graphs."""
+    kv_cache_dtype: torch.dtype | None = None
+    """dtype of the KV cache (EngineConfig.kv_cache_dtype); None: the model's."""
 
 
 class ModelRunner:
@@ -203,8 +205,9 @@ class ModelRunner:
             config.max_num_batched_tokens, config.max_num_seqs, config.max_blocks_per_seq, modules, device
         )
         shape = (config.num_kv_blocks, config.block_size, model.num_kv_heads, model.head_dim)
+        kv_dtype = config.kv_cache_dtype or model.dtype
         self.kv_caches = [
-            (torch.zeros(shape, dtype=model.dtype, device=device), torch.zeros(shape, dtype=model.dtype, device=device))
+            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
             for _ in range(model.num_layers)
         ]
         model.bind_kv_cache(self.kv_caches)

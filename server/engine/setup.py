@@ -121,10 +121,10 @@ def bind_device(device: str | torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def _num_kv_blocks(config: EngineConfig, model: Backbone, device: str) -> int:
+def _num_kv_blocks(config: EngineConfig, model: Backbone, device: str, kv_dtype: torch.dtype) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = model.kv_cache_bytes_per_block(config.block_size)
+    per_block = model.kv_cache_bytes_per_block(config.block_size, kv_dtype)
     if torch.device(device).type == "cuda":
         free, total = torch.cuda.mem_get_info(torch.device(device))  # that device, not the current one
         used = total - free
@@ -152,6 +152,7 @@ def build_parts(config: EngineConfig) -> EngineParts:
 
     device = config.resolved_device()
     config.graph_mode(device)  # bad values fail here, before the weights load
+    config.kv_dtype(device, None)
     config.speculative()
     config.async_scheduling_on(device)
     config.check_block_size(device)
@@ -204,7 +205,8 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     config.check_block_size(str(model.device))
     if library is not None:
         check_library_fits(library, model)
-    num_blocks = _num_kv_blocks(config, model, str(model.device))
+    kv_dtype = config.kv_dtype(str(model.device), model.dtype)
+    num_blocks = _num_kv_blocks(config, model, str(model.device), kv_dtype)
     max_model_len = min(config.max_model_len or model.max_position_embeddings, num_blocks * config.block_size)
     max_blocks_per_seq = -(-max_model_len // config.block_size)
     speculative = config.speculative()
@@ -219,12 +221,13 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     runner_config = RunnerConfig(
         config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks,
         config.block_size, max_model_len, graph_mode, config.cuda_graph_max_batch, 1 + speculative.max_drafts,
+        kv_dtype,
     )
     runner = ModelRunner(model, runner_config, module_loader(library, model.dtype, model.device,
                                                              config.max_cpu_modules), eos_ids)
     logger.info(
-        "KV cache: %d blocks of %d tokens; max_model_len %d; module slots %d",
-        num_blocks, config.block_size, max_model_len, model.max_slots,
+        "KV cache: %d blocks of %d tokens in %s; max_model_len %d; module slots %d",
+        num_blocks, config.block_size, str(kv_dtype).removeprefix("torch."), max_model_len, model.max_slots,
     )
     return EngineParts(tokenizer, library, model, scheduler, runner, max_model_len)
 

@@ -66,9 +66,9 @@ class Backbone(nn.Module):
         """fp32 logits [n, vocab] of the rows that sample."""
         return (hidden @ self.lm_head_weight.T).float()
 
-    def kv_cache_bytes_per_block(self, block_size: int) -> int:
-        """Bytes one KV block takes across all layers, keys and values."""
-        element = torch.empty((), dtype=self.dtype).element_size()
+    def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype | None = None) -> int:
+        """Bytes one KV block takes across all layers, keys and values, in `dtype` (default: the model's)."""
+        element = torch.empty((), dtype=dtype or self.dtype).element_size()
         return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element
 
     def memory_bytes(self) -> dict[str, int]:

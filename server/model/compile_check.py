@@ -144,8 +144,10 @@ def _experts(spec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.empty(experts, 2 * width, hidden, dtype=dtype), torch.empty(experts, hidden, width, dtype=dtype))
 
 
-def launch_layer(spec, step: Step, dtype: torch.dtype, pool: Pool | None, block_size: int = 16) -> None:
-    """Call every kernel wrapper as one decoder layer, the final norm and the sampler do for `step`."""
+def launch_layer(spec, step: Step, dtype: torch.dtype, pool: Pool | None, block_size: int = 16,
+                 kv_dtype: torch.dtype | None = None) -> None:
+    """Call every kernel wrapper as one decoder layer, the final norm and the sampler do for `step`, over a KV cache
+    of `kv_dtype` (default: `dtype`)."""
     from tessera_kernels.composed_lora import ModuleBatchMeta
     from tessera_kernels.composed_lora import triton as lora
     from tessera_kernels.fused_moe import route
@@ -188,7 +190,7 @@ def launch_layer(spec, step: Step, dtype: torch.dtype, pool: Pool | None, block_
 
     blocks_per_seq = -(-max_ctx // block_size)
     num_seqs = len(step.seqs)
-    k_cache = torch.empty(num_seqs * blocks_per_seq, block_size, kv_heads, head_dim, dtype=dtype)
+    k_cache = torch.empty(num_seqs * blocks_per_seq, block_size, kv_heads, head_dim, dtype=kv_dtype or dtype)
     v_cache = torch.empty_like(k_cache)
     slot_mapping = torch.randint(0, k_cache.shape[0] * block_size, (tokens,))
     attention.write_kv(k, v, k_cache, v_cache, slot_mapping)
@@ -311,14 +313,18 @@ def compile_all(arch: int, cases: Iterable[tuple[str, Callable[[], None]]]) -> t
     return list(records.values()), failures
 
 
-def layer_cases(specs, dtypes, steps=STEPS, pools=POOLS) -> Iterator[tuple[str, Callable[[], None]]]:
-    """(description, launch) for every backbone shape x dtype x step x module pool."""
+def layer_cases(specs, dtypes, steps=STEPS, pools=POOLS, fp8_kv: bool = False) -> Iterator[tuple[str, Callable[[], None]]]:
+    """(description, launch) for every backbone shape x dtype x step x module pool; with `fp8_kv`, every shape x dtype
+    x step also over a float8 e4m3 KV cache (without modules: the pool does not change the attention kernels)."""
     for label, spec in specs:
         for dtype in dtypes:
             for step in steps:
                 for pool in pools:
                     name = f"{label} {str(dtype).removeprefix('torch.')} {step.name} {pool or 'no modules'}"
                     yield name, functools.partial(launch_layer, spec, step, dtype, pool)
+                if fp8_kv:
+                    name = f"{label} {str(dtype).removeprefix('torch.')} {step.name} fp8 KV cache"
+                    yield name, functools.partial(launch_layer, spec, step, dtype, None, kv_dtype=torch.float8_e4m3fn)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -367,7 +373,8 @@ def run(args: argparse.Namespace) -> tuple[str, int]:
     specs = _specs(args)
     dtypes = [getattr(torch, name) for name in (args.dtype or ["bfloat16", "float16"])]
     start = time.perf_counter()
-    records, failures = compile_all(args.arch, layer_cases(specs, dtypes))
+    fp8_kv = args.arch >= 89  # float8 e4m3 exists from Ada (8.9) on; kv_cache_dtype fp8 is refused below
+    records, failures = compile_all(args.arch, layer_cases(specs, dtypes, fp8_kv=fp8_kv))
     seconds = time.perf_counter() - start
     if args.json:
         write_file(args.json, json.dumps({"arch": args.arch, "seconds": seconds, "records": [asdict(r) for r in records],

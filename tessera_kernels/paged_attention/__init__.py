@@ -21,6 +21,12 @@ Shape:
 write_kv:
     k, v: [num_tokens, num_kv_heads, head_dim]; slot_mapping: int64 [>= num_tokens], the flat cache
     index block * block_size + offset of every token (negative: skip, for padding rows).
+
+KV cache dtype:
+    The caches hold the model's dtype, or float8 e4m3 (torch.float8_e4m3fn: vLLM's --kv-cache-dtype fp8 without
+    scales). Into an fp8 cache write_kv stores each value rounded to nearest e4m3, saturated at +-448; attention
+    reads those values exactly (every e4m3 value is a bf16 and fp16 value) and computes as over a cache of q's
+    dtype: the queries are never quantized.
 """
 
 from __future__ import annotations

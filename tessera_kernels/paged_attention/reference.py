@@ -6,6 +6,8 @@ import torch
 
 from tessera_kernels.paged_attention import AttentionMeta
 
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
 
 def write_kv(
     k: torch.Tensor,
@@ -20,6 +22,8 @@ def write_kv(
     keep = slots >= 0
     flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, kv_heads, head_dim]
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    if k_cache.dtype == torch.float8_e4m3fn:  # saturate: an overflowing cast to e4m3 gives NaN
+        k, v = k.clamp(-FP8_MAX, FP8_MAX), v.clamp(-FP8_MAX, FP8_MAX)
     flat_k[slots[keep]] = k[keep].to(k_cache.dtype)
     flat_v[slots[keep]] = v[keep].to(v_cache.dtype)
 

@@ -31,11 +31,27 @@ from tessera_kernels.paged_attention import AttentionMeta
 __all__ = ["paged_attention", "write_kv"]
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: exp2 never sees inf - inf
+FP8_MAX = tl.constexpr(448.0)  # float8 e4m3's largest finite value
+
+
+@triton.jit
+def _round_e4m3(x):
+    """fp32 x rounded to nearest (ties to even) float8 e4m3 value, saturated at +-448, still in fp32: the cast that
+    follows is exact. Done by hand because Triton's interpreter rounds a cast whose mantissa carries into the
+    exponent wrongly (1.96 -> 1.0); on the GPU this is a few integer ops in a copy kernel."""
+    x = tl.clamp(x, -FP8_MAX, FP8_MAX)
+    bits = x.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1  # keep 3 of fp32's 23 mantissa bits
+    normal = ((bits + 0x7FFFF + lsb) & -0x100000).to(tl.float32, bitcast=True)
+    magic = 12582912.0  # 1.5 * 2^23: adding it rounds x * 2^9 to an integer (to even), e4m3's subnormal spacing
+    subnormal = tl.abs(((x * 512.0 + magic) - magic) / 512.0)
+    subnormal = tl.where(bits < 0, -subnormal, subnormal)  # the sign bit's: a negative that rounds to zero is -0.0
+    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)  # below 2^-6, e4m3's smallest normal
 
 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, KV_FP8: tl.constexpr):
     # Grid (num_tokens,). Reads one token's k and v rows (kv_heads * head_dim each), writes them once.
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -45,6 +61,8 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
     mask = offs < ROW
     k = tl.load(k_ptr + t * stride_k + offs, mask=mask)
     v = tl.load(v_ptr + t * stride_v + offs, mask=mask)
+    if KV_FP8:
+        k, v = _round_e4m3(k.to(tl.float32)), _round_e4m3(v.to(tl.float32))
     tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -55,7 +73,8 @@ def _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_po
             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Fold context positions [lo, hi) into the online softmax of the rows of q ([rows, BLOCK_D]), BLOCK_N
     positions a step. Each position looks its KV block up in the table, so a tile may span several
-    blocks (or part of one): the tile is a speed choice, independent of the cache's block size."""
+    blocks (or part of one): the tile is a speed choice, independent of the cache's block size. K and V are
+    read in q's dtype (the compute dtype: the cache's, or the queries' over an fp8 cache), P @ V in it too."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
@@ -66,7 +85,7 @@ def _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_po
         kv_mask = in_range[:, None] & d_mask[None, :]
         kv_row = block * stride_cb + (k_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch  # [BLOCK_N]
         kv_off = kv_row[:, None] + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [rows, BLOCK_N], log2 units
         allowed = (k_pos[None, :] <= q_pos[:, None]) & in_range[None, :]
         if window > 0:
@@ -76,8 +95,8 @@ def _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_po
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -88,7 +107,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_tab, stride_cb, stride_ct, stride_ch,
     qk_scale, window, head_dim,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     # Per program: BLOCK_M // GROUP queries x GROUP heads of q read once, the causal (windowed) part of
     # the context read once per KV head (K and V, block by block), out written once.
@@ -113,7 +132,7 @@ def _prefill_kernel(
     m_i = tl.full((BLOCK_M,), _NEG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    m_i, l_i, acc = _attend(q.to(k_cache_ptr.dtype.element_ty), m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
+    m_i, l_i, acc = _attend(q if KV_FP8 else q.to(k_cache_ptr.dtype.element_ty), m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
                             tables_ptr + seq * stride_tab, kv_head, q_pos, lo, hi, window,
                             stride_cb, stride_ct, stride_ch, qk_scale, head_dim, BLOCK_SIZE, BLOCK_N, BLOCK_D)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -127,7 +146,7 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_tab, stride_cb, stride_ct, stride_ch,
     qk_scale, window, head_dim, partition, num_heads, num_splits, q_tiles,
     GROUP: tl.constexpr, QUERIES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     # Per program: QUERIES query tokens x the GROUP query heads of one KV head, stacked as rows (query-major),
     # read once; K and V of one context partition read once; writes those rows of out (or of the fp32
@@ -156,7 +175,7 @@ def _decode_kernel(
     m_i = tl.full((BLOCK_H,), _NEG, tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
-    m_i, l_i, acc = _attend(q.to(k_cache_ptr.dtype.element_ty), m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
+    m_i, l_i, acc = _attend(q if KV_FP8 else q.to(k_cache_ptr.dtype.element_ty), m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
                             tables_ptr + seq * stride_tab, kv_head, q_pos, lo, hi, window,
                             stride_cb, stride_ct, stride_ch, qk_scale, head_dim, BLOCK_SIZE, BLOCK_N, BLOCK_D)
     if SPLIT:
@@ -212,6 +231,11 @@ tensor-core tiles (the prefill tile was the 16-token KV block before). NOTE: not
 `benchmarks/kernels/bench_paged_attention.py --tiles` measures each choice against SDPA."""
 
 
+def _fp8(cache: torch.Tensor) -> bool:
+    """Whether `cache` holds float8 e4m3 (the kernels then saturate on write and compute in the queries' dtype)."""
+    return cache.dtype == torch.float8_e4m3fn
+
+
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     """One program per token copies its k and v rows to their cache slot; negative slots are skipped."""
     num_tokens = k.shape[0]
@@ -223,7 +247,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous")
     _write_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                    ROW=row, BLOCK=triton.next_power_of_2(row))
+                                    ROW=row, BLOCK=triton.next_power_of_2(row), KV_FP8=_fp8(k_cache))
 
 
 def _num_splits(meta: AttentionMeta, programs: int) -> int:
@@ -259,7 +283,7 @@ def _decode(out, q, k_cache, v_cache, meta, common: dict, group: int, block_d: i
         out, part, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_query_lens,
         **common, partition=partition, num_heads=num_heads, num_splits=num_splits, q_tiles=q_tiles,
         GROUP=group, QUERIES=queries, BLOCK_H=block_h, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_N=tile, BLOCK_D=block_d, SPLIT=num_splits > 1,
+        BLOCK_N=tile, BLOCK_D=block_d, SPLIT=num_splits > 1, KV_FP8=_fp8(k_cache),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(meta.num_seqs, num_heads, meta.max_query_len)](
@@ -298,4 +322,5 @@ def paged_attention(out, q, k_cache, v_cache, meta: AttentionMeta, scale: float,
     _prefill_kernel[grid](
         out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_query_lens, **common,
         GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=k_cache.shape[1], BLOCK_N=tiles[1], BLOCK_D=block_d,
+        KV_FP8=_fp8(k_cache),
     )

@@ -35,10 +35,10 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [13, 14, 15, 16, 17, 18, 19, 4
 
 
 def _generate(model_dir: str, library_dir: str, cuda_graphs: str, sampling: SamplingParams,
-              predictions: dict | None = None, observer=None) -> dict:
+              predictions: dict | None = None, observer=None, kv_cache_dtype: str = "auto") -> dict:
     config = EngineConfig(model=model_dir, library=library_dir, device="cpu", dtype="float32", block_size=16,
                           max_num_batched_tokens=16, num_kv_blocks=32, max_loaded_modules=4, max_k=4,
-                          cuda_graphs=cuda_graphs, cuda_graph_max_batch=8)
+                          cuda_graphs=cuda_graphs, cuda_graph_max_batch=8, kv_cache_dtype=kv_cache_dtype)
     engine = Engine(config, step_observer=observer)
     requests = [Request(f"r{i}", p, sampling, c, prediction=tuple((predictions or {}).get(f"r{i}", ())))
                 for i, (p, c) in enumerate(zip(PROMPTS, ROWS))]
@@ -67,6 +67,22 @@ def test_engine_on_the_triton_path_equals_the_reference_path(tiny_checkpoints, t
             assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)
             assert [t for t, _ in mine.top] == [t for t, _ in theirs.top]
     assert len({tuple(tokens) for tokens, _ in got.values()}) > 1  # the compositions made a difference
+
+
+def test_an_fp8_kv_cache_gives_the_reference_paths_tokens(tiny_checkpoints, tmp_path, monkeypatch):
+    """kv_cache_dtype fp8: write_kv rounds keys and values to e4m3 as torch does (bit for bit), attention reads them
+    back in the model's dtype; prefill chunks, decode and the padded graph-shaped decode on both paths."""
+    model_dir = tiny_checkpoints("qwen3")
+    library = random_library(fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir)), num_modules=4,
+                             ranks=(4, 8, 8, 4), std=0.2)
+    library_dir = str(library.write(tmp_path / "lib"))
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1)
+    expected = _generate(model_dir, library_dir, "padded", greedy, kv_cache_dtype="fp8")
+    monkeypatch.setattr(tessera_kernels, "TRITON_ON_CPU", True)
+    got = _generate(model_dir, library_dir, "padded", greedy, kv_cache_dtype="fp8")
+    for rid, (tokens, logprobs) in expected.items():
+        assert got[rid][0] == tokens, rid
+        assert [lp.logprob for lp in got[rid][1]] == pytest.approx([lp.logprob for lp in logprobs], abs=1e-4)
 
 
 def test_seeded_sampling_runs_on_the_triton_path(tiny_checkpoints, tmp_path, monkeypatch):

@@ -187,6 +187,71 @@ def test_write_kv_matches_reference_and_skips_padding():
     assert not torch.equal(caches[1][0], k_cache)
 
 
+FP8 = torch.float8_e4m3fn
+
+
+def _fp8_case(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype, seed=0):
+    """The case's caches rounded to float8 e4m3 (queries stay in `dtype`)."""
+    q, k_cache, v_cache, meta = _make_case(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype, seed)
+    return q, k_cache.to(FP8), v_cache.to(FP8), meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["decode", "drafts", "prefill"])
+def test_attention_over_an_fp8_cache_reads_its_values_in_the_queries_dtype(dtype, kind, monkeypatch):
+    """Over an fp8 cache both paths attend to exactly the cached e4m3 values, computed in q's dtype (fp32 here:
+    the reference's precision; fp16: the half-precision tolerance)."""
+    if kind == "prefill":
+        monkeypatch.setattr(backend, "SPLIT_QUERIES", 1)
+    seq_lens, query_lens = {"decode": ([37, 1, 70, 16], [1] * 4), "drafts": ([90, 17, 41], [17, 17, 9]),
+                            "prefill": ([50, 40, 33], [7, 18, 1])}[kind]
+    data = _fp8_case(seq_lens, query_lens, 8, 2, 64, 16, dtype, seed=6)
+    _check(*data, None, atol=1e-4 if dtype == torch.float32 else 2e-2)
+    q, k_cache, v_cache, meta = data  # and the same attention as over a cache of q's dtype holding those values
+    wide = torch.full_like(q, 7.0)
+    reference.paged_attention(wide, q, k_cache.to(dtype), v_cache.to(dtype), meta, 0.125)
+    narrow = torch.full_like(q, 7.0)
+    backend.paged_attention(narrow, q, k_cache, v_cache, meta, 0.125)
+    live = int(meta.cu_query_lens[meta.num_seqs])
+    torch.testing.assert_close(narrow[:live].float(), wide[:live].float(), atol=1e-4 if dtype == torch.float32 else 2e-2,
+                               rtol=1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_kv_into_fp8_rounds_and_saturates_like_the_reference(dtype):
+    gen = torch.Generator().manual_seed(7)
+    k = (torch.randn(9, 2, 64, generator=gen) * 3).to(DEVICE, dtype)
+    v = (torch.randn(9, 2, 64, generator=gen) * 3).to(DEVICE, dtype)
+    k[0, 0, :4] = torch.tensor([500.0, -1000.0, 448.0, 1e-4])  # past e4m3's range, at its edge, under its subnormals
+    slots = torch.tensor([3, 17, 95, -1, 40, 0, -1, 64, 50], dtype=torch.int64).to(DEVICE)
+    caches = [tuple(torch.zeros(6, 16, 2, 64, device=DEVICE).to(FP8) for _ in range(2)) for _ in range(2)]
+    reference.write_kv(k, v, *caches[0], slots)
+    backend.write_kv(k, v, *caches[1], slots)
+    for ours, theirs in zip(caches[1], caches[0]):
+        assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))  # bit for bit
+    stored = caches[1][0].view(-1, 2, 64)[3, 0, :4].float()
+    assert stored.tolist() == [448.0, -448.0, 448.0, 0.0]
+    assert not torch.isnan(caches[1][0].float()).any()
+    torch.testing.assert_close(caches[1][1].view(-1, 2, 64)[17].float(), v[1].float(), atol=0.07, rtol=0.07)
+
+
+def test_write_kv_rounds_every_e4m3_tie_and_subnormal_as_torch_does():
+    """Ties to even between every pair of neighbouring e4m3 values (normal and subnormal), the values themselves,
+    their neighbours in fp32, and log-spaced magnitudes: bit for bit torch's cast."""
+    finite = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    finite = finite[torch.isfinite(finite)].unique()  # sorted, +-0 merged
+    ties = (finite[1:] + finite[:-1]) / 2
+    near = torch.cat([torch.nextafter(finite, finite + 1), torch.nextafter(finite, finite - 1)])
+    spread = torch.logspace(-6, 2.7, 2000) * torch.where(torch.rand(2000) < 0.5, -1.0, 1.0)
+    values = torch.cat([finite, ties, near, spread, torch.tensor([449.0, 464.0, 1e9, -1e9])])
+    values = torch.cat([values, torch.zeros((-len(values)) % 64)]).view(-1, 1, 64).to(DEVICE)
+    slots = torch.arange(values.shape[0], dtype=torch.int64, device=DEVICE)
+    caches = [tuple(torch.zeros(values.shape[0], 1, 1, 64, device=DEVICE).to(FP8) for _ in range(2)) for _ in range(2)]
+    reference.write_kv(values, values, *caches[0], slots)
+    backend.write_kv(values, values, *caches[1], slots)
+    assert torch.equal(caches[1][0].view(torch.uint8), caches[0][0].view(torch.uint8))
+
+
 GPU_SHAPES = [(32, 8, 128, 16), (32, 32, 64, 32), (32, 4, 128, 16)]
 
 
@@ -205,6 +270,16 @@ def test_attention_gpu_bf16(shape, kind, window):
     }[kind]
     data = _make_case(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, torch.bfloat16)
     _check(*data, window, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["decode", "prefill", "drafts"])
+def test_attention_gpu_bf16_over_an_fp8_cache(kind):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 e4m3 needs compute capability 8.9+")
+    seq_lens, query_lens = {"decode": ([1, 700, 4099, 33] * 4, [1] * 16), "prefill": ([513, 100, 1024], [513, 100, 1024]),
+                            "drafts": ([900, 17, 4000, 64, 2500], [17, 17, 5, 1, 9])}[kind]
+    _check(*_fp8_case(seq_lens, query_lens, 32, 8, 128, 16, torch.bfloat16), None, atol=2e-2)
 
 
 @pytest.mark.gpu
