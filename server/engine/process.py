@@ -270,10 +270,11 @@ class EngineProcess:
             while True:
                 message = self._conn.recv()
                 if message[0] == "events":
+                    for request_id, item, _ in message[1]:  # the steps' stats before the outputs: a caller woken by
+                        if request_id is None:              # its last output then reads stats() at least as new as
+                            self._observe(item)             # the step that finished it (as with the engine's thread)
                     for request_id, item, error in message[1]:
-                        if request_id is None:
-                            self._observe(item)
-                        else:
+                        if request_id is not None:
                             self._settle(request_id, item, unpack_error(error) if error is not None else None)
                     if message[2] is not None and self.dead is None:
                         self._die(unpack_error(message[2]))
