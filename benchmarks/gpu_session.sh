@@ -65,6 +65,8 @@ for stage in $STAGES; do
         | tee "$OUT/gpu_tests.txt" ;;
     kernels)
       timeout 220 python3 benchmarks/kernels/bench_paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -40
+      timeout 90 python3 benchmarks/kernels/bench_paged_attention.py --kv-cache-dtype fp8 --block-sizes 16 --tiles 32 64 \
+        --out "$OUT/paged_attention_fp8.json" 2>&1 | tail -16
       timeout 90 python3 benchmarks/kernels/bench_fused.py --out "$OUT/fused.json" 2>&1 | tail -30
       timeout 60 python3 benchmarks/kernels/bench_sampling.py --out "$OUT/sampling.json" 2>&1 | tail -10
       timeout 120 python3 benchmarks/kernels/bench_fused_moe.py --out "$OUT/fused_moe.json" 2>&1 | tail -12 ;;

@@ -14,6 +14,9 @@ those steps took before the decode kernel learned several query tokens, so the r
 SPLIT_QUERIES should stand. SDPA's flash backend has no bottom-right causal mask for fewer queries than keys:
 its drafts time is the same attention without the mask (the same bytes and, within DRAFT_QUERIES keys, the
 same FLOPs), and the error is measured against SDPA with the explicit mask.
+
+`--kv-cache-dtype fp8` stores our caches as float8 e4m3 (EngineConfig.kv_cache_dtype fp8); SDPA then gets those
+values in the model's dtype (the same attention), and the floor counts the fp8 bytes of K and V.
 """
 
 import argparse
@@ -40,14 +43,15 @@ DRAFT_QUERIES = 17
 CASES = {"decode": DECODE, "prefill": PREFILL, "drafts": DRAFTS}
 
 
-def _paged(batch: int, context: int, block_size: int, dtype, gen, device: str) -> tuple:
-    """Random caches, a scattered block table, and the same K/V contiguous: [batch, kv_heads, ctx, D]."""
+def _paged(batch: int, context: int, block_size: int, dtype, gen, device: str, kv_dtype=None) -> tuple:
+    """Random caches (in `kv_dtype`, default `dtype`), a scattered block table, and the same K/V contiguous in
+    `dtype`: [batch, kv_heads, ctx, D]."""
     per_seq = triton.cdiv(context, block_size)
     tables = torch.randperm(batch * per_seq, generator=gen).view(batch, per_seq).int().to(device)
     shape = (batch * per_seq, block_size, KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, device=device, dtype=dtype)
-    v_cache = torch.randn(shape, device=device, dtype=dtype)
-    contiguous = lambda c: c[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()  # noqa: E731
+    k_cache = torch.randn(shape, device=device, dtype=dtype).to(kv_dtype or dtype)
+    v_cache = torch.randn(shape, device=device, dtype=dtype).to(kv_dtype or dtype)
+    contiguous = lambda c: c[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).to(dtype).contiguous()  # noqa: E731
     return tables, k_cache, v_cache, contiguous(k_cache), contiguous(v_cache)
 
 
@@ -76,13 +80,13 @@ def _sdpa(q, k, v, causal: bool):
         return (lambda: run(k_rep, v_rep, False)), False
 
 
-def setup(mode: str, batch: int, length: int, block_size: int, dtype, device: str = "cuda") -> tuple:
+def setup(mode: str, batch: int, length: int, block_size: int, dtype, device: str = "cuda", kv_dtype=None) -> tuple:
     """(ours(tiles) -> (run, max abs difference from SDPA's output), run SDPA, whether SDPA ran GQA natively,
     bytes moved)."""
     from tessera_kernels.paged_attention import triton as ours
 
     gen = torch.Generator().manual_seed(batch * 7 + length)
-    tables, k_cache, v_cache, k, v = _paged(batch, length, block_size, dtype, gen, device)
+    tables, k_cache, v_cache, k, v = _paged(batch, length, block_size, dtype, gen, device, kv_dtype)
     query_len = {"decode": 1, "prefill": length, "drafts": DRAFT_QUERIES}[mode]
     q = torch.randn(batch * query_len, HEADS, HEAD_DIM, device=device, dtype=dtype)  # [tokens, heads, D]
     cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * query_len
@@ -100,7 +104,7 @@ def setup(mode: str, batch: int, length: int, block_size: int, dtype, device: st
         err = (out.view(batch, query_len, HEADS, HEAD_DIM).transpose(1, 2).float() - expected).abs().max()
         return run, err.item()
 
-    moved = (2 * k.numel() + 2 * q.numel()) * q.element_size()
+    moved = 2 * k.numel() * k_cache.element_size() + 2 * q.numel() * q.element_size()
     return make_ours, run_sdpa, native_gqa, moved
 
 
@@ -110,13 +114,14 @@ def _time(fn) -> tuple[float, float]:
             1e3 * triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median"))
 
 
-def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth: float, tiles: list[int]):
+def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth: float, tiles: list[int],
+           kv_dtype=None):
     """One row per tile of the mode's kernel (the other mode's tile stays at TILES); SDPA timed once, and for
     drafts the prefill kernel at its default tile."""
     from tessera_kernels.paged_attention import triton as ours
     from tessera_kernels.paged_attention.triton import TILES
 
-    make_ours, run_sdpa, native_gqa, moved = setup(mode, batch, length, block_size, dtype)
+    make_ours, run_sdpa, native_gqa, moved = setup(mode, batch, length, block_size, dtype, kv_dtype=kv_dtype)
     sdpa_us, sdpa_graph_us = _time(run_sdpa)
     prefill_kernel = {}
     if mode == "drafts":
@@ -133,6 +138,7 @@ def _bench(mode: str, batch: int, length: int, block_size: int, dtype, bandwidth
         ours_us, ours_graph_us = _time(run_ours)
         floor_us = 1e6 * moved / bandwidth
         rows.append(dict(mode=mode, batch=batch, length=length, block_size=block_size, tile=tile,
+                         kv_cache_dtype=str(kv_dtype or dtype).removeprefix("torch."),
                          default_tile=tile == TILES[mode == "prefill"], native_gqa=native_gqa, max_abs_err=err,
                          ours_us=ours_us, ours_graph_us=ours_graph_us, sdpa_us=sdpa_us, sdpa_graph_us=sdpa_graph_us,
                          floor_us=floor_us, ours_over_sdpa=ours_graph_us / sdpa_graph_us,
@@ -153,6 +159,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--block-sizes", nargs="+", type=int, default=[16, 32])
     parser.add_argument("--modes", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="our caches' dtype: auto (--dtype) or fp8 (float8 e4m3; needs compute capability 8.9+)")
     parser.add_argument("--tiles", nargs="+", type=int, default=[16, 32, 64],
                         help="context positions per kernel step to time (powers of two >= 16); the "
                              "default tile of each kernel (tessera_kernels.paged_attention.triton.TILES) is marked")
@@ -167,14 +175,16 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_paged_attention needs a CUDA device")
     dtype = getattr(torch, args.dtype)
+    kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else None
     bandwidth = _copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:.0f} GB/s  dtype {args.dtype}")
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:.0f} GB/s  dtype {args.dtype}  "
+          f"KV cache {args.kv_cache_dtype}")
     document = {"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bandwidth, "dtype": args.dtype,
-                "rows": []}
+                "kv_cache_dtype": args.kv_cache_dtype, "rows": []}
     for mode in args.modes:
         for block_size in args.block_sizes:
             for batch, length in CASES[mode]:
-                for row in _bench(mode, batch, length, block_size, dtype, bandwidth, args.tiles):
+                for row in _bench(mode, batch, length, block_size, dtype, bandwidth, args.tiles, kv_dtype):
                     document["rows"].append(row)
                     write_file(args.out, json.dumps(document, indent=1))  # every row: a run cut short keeps them
                     print(f"{mode:>7} bs{block_size:<3} B{batch:<4} L{length:<5} tile{row['tile']:<4}"

@@ -25,6 +25,17 @@ def test_ours_and_sdpa_agree_on_the_same_data(small_heads, mode, batch, length, 
     assert moved > 0
 
 
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_an_fp8_cache_and_sdpa_on_its_values_agree(small_heads, mode):
+    make_ours, _, _, moved = bench.setup(mode, 2, 40, 16, torch.float16, DEVICE, kv_dtype=torch.float8_e4m3fn)
+    _, err = make_ours()
+    assert err < 2e-3
+    wide = bench.setup(mode, 2, 40, 16, torch.float16, DEVICE)[3]
+    queries = {"decode": 2, "prefill": 80}[mode] * 4 * 16  # tokens x heads x head_dim
+    assert wide - moved == 2 * 2 * 40 * 2 * 16 * (2 - 1)  # K and V: one byte an element instead of two
+    assert moved == 2 * 2 * 40 * 2 * 16 + 2 * queries * 2
+
+
 def test_a_misplaced_block_shows_in_the_error(small_heads, monkeypatch):
     real = bench._paged
 
@@ -40,7 +51,7 @@ def test_a_misplaced_block_shows_in_the_error(small_heads, monkeypatch):
 def test_arguments_and_the_message_without_cuda():
     args = bench._parse_args([])
     assert args.block_sizes == [16, 32] and args.modes == ["decode", "prefill", "drafts"] and args.dtype == "bfloat16"
-    assert args.tiles == [16, 32, 64]
+    assert args.tiles == [16, 32, 64] and args.kv_cache_dtype == "auto"
     with pytest.raises(SystemExit) as exit_info:
         bench._parse_args(["--tiles", "16", "24"])
     assert exit_info.value.code == 2
