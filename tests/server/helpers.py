@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.model.forward_context import BatchMetadata
@@ -52,3 +53,22 @@ class PagedSequences:
         meta.max_seq_len = max(self.lengths[s] for s, _ in chunks)
         meta.has_modules = modules is not None and bool((modules.token_slots >= 0).any())
         return meta
+
+
+def assert_edited_checkpoints_fail(model_dir: str, tmp_path, cases) -> None:
+    """For each (name, edit, message): `model_dir`'s config and its safetensors with `edit(tensors)` applied, in a
+    directory of their own, must fail to load with a ValueError matching `message`."""
+    from safetensors.torch import load_file, save_file
+
+    from server.model.loader import load_backbone
+
+    tensors = load_file(f"{model_dir}/model.safetensors")
+    for name, edit, message in cases:
+        target = tmp_path / name
+        target.mkdir()
+        (target / "config.json").write_text(open(f"{model_dir}/config.json").read())
+        edited = dict(tensors)
+        edit(edited)
+        save_file(edited, str(target / "model.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            load_backbone(str(target))

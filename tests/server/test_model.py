@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from server.model.forward_context import forward_context
 from server.model.loader import BackboneConfig, load_backbone
 from server.model.tiny import TinyConfig, write_checkpoint
-from tests.server.helpers import PagedSequences
+from tests.server.helpers import PagedSequences, assert_edited_checkpoints_fail
 
 
 def _hf_logits(model_dir: str, ids: list[int]) -> torch.Tensor:
@@ -97,22 +97,11 @@ def test_a_quantized_checkpoint_is_refused_with_what_to_do(tmp_path, tiny_llama,
 
 
 def test_missing_and_misshaped_tensors_are_named(tmp_path, tiny_llama):
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(f"{tiny_llama}/model.safetensors")
-    for case, edit, message in [
+    assert_edited_checkpoints_fail(tiny_llama, tmp_path, [
         ("missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"missing.*layers\.1\.mlp\.gate_up_proj"),
         ("shape", lambda t: t.update({"model.norm.weight": torch.ones(3)}), r"model\.norm\.weight has shape \[3\]"),
         ("extra", lambda t: t.update({"model.layers.0.foo.weight": torch.ones(3)}), "does not use"),
-    ]:
-        target = tmp_path / case
-        target.mkdir()
-        (target / "config.json").write_text(open(f"{tiny_llama}/config.json").read())
-        edited = dict(tensors)
-        edit(edited)
-        save_file(edited, str(target / "model.safetensors"))
-        with pytest.raises(ValueError, match=message):
-            load_backbone(str(target))
+    ])
 
 
 @pytest.mark.parametrize(

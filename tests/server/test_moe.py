@@ -21,6 +21,7 @@ from server.engine.request import Request, SamplingParams
 from server.model.llama import ArchSpec
 from server.model.loader import BackboneConfig, backbone_from_state_dict, load_backbone
 from tests.router.helpers import merged_model, random_peft_adapter
+from tests.server.helpers import assert_edited_checkpoints_fail
 
 ARCHITECTURES = ["qwen3_moe", "mixtral", "qwen2_moe"]
 ROWS = [
@@ -55,26 +56,14 @@ def test_checkpoint_and_state_dict_load_the_same_experts(tiny_checkpoints, archi
 
 
 def test_missing_and_unknown_expert_tensors_are_named(tmp_path, tiny_checkpoints):
-    from safetensors.torch import load_file, save_file
-
-    model_dir = tiny_checkpoints("mixtral")
-    tensors = load_file(f"{model_dir}/model.safetensors")
-    for case, edit, message in [
+    assert_edited_checkpoints_fail(tiny_checkpoints("mixtral"), tmp_path, [
         ("missing", lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"),
          r"missing tensors for: \['layers\.1\.mlp\.experts\.gate_up_proj\[2\]\[64:\]'\]"),
         ("extra", lambda t: t.update({"model.layers.0.block_sparse_moe.experts.4.w1.weight": torch.ones(64, 64)}),
          r"does not use: \['model\.layers\.0\.block_sparse_moe\.experts\.4\.w1\.weight'\]"),
         ("shape", lambda t: t.update({"model.layers.0.block_sparse_moe.experts.0.w2.weight": torch.ones(64, 3)}),
          r"experts\.0\.w2\.weight has shape \[64, 3\], expected \[64, 64\]"),
-    ]:
-        target = tmp_path / case
-        target.mkdir()
-        (target / "config.json").write_text(open(f"{model_dir}/config.json").read())
-        edited = dict(tensors)
-        edit(edited)
-        save_file(edited, str(target / "model.safetensors"))
-        with pytest.raises(ValueError, match=message):
-            load_backbone(str(target))
+    ])
 
 
 def test_configs_outside_the_served_layouts_are_refused(tiny_checkpoints):
