@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+LARGE_GPU_BYTES = 70 << 30
+"""GPUs with at least this much memory get vLLM's larger batch defaults (EngineConfig.batch_limits)."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine loads the backbone and the library and how it batches."""
@@ -22,16 +26,18 @@ class EngineConfig:
     """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
     block_size: int = 16
     """Tokens per KV-cache block."""
-    max_num_seqs: int = 64
-    """Requests running at once at most."""
+    max_num_seqs: int | None = None
+    """Requests running at once at most; default as vLLM's: 1024 on a GPU of 70 GiB or more (A100-80GB, H100,
+    H200, B200), 256 on a smaller one, and 64 on the CPU."""
     scheduling_policy: str = "fcfs"
     """fcfs (first come, first served) or priority: requests' `priority` (lower first, then arrival) orders
     admission, and the lowest ranked running request is preempted first (vLLM's --scheduling-policy)."""
     module_wait_steps: int = 32
     """Steps a request waiting for module pool slots lets later requests (whose modules can be resident) be
     admitted before it; then it holds the line until slots free (0: strict arrival order)."""
-    max_num_batched_tokens: int = 512
-    """Tokens per step at most (the token budget); longer prompts are prefilled in chunks."""
+    max_num_batched_tokens: int | None = None
+    """Tokens per step at most (the token budget); longer prompts are prefilled in chunks. Default as vLLM's
+    OpenAI server: 8192 on a GPU of 70 GiB or more, 2048 on a smaller one, and 512 on the CPU."""
     max_model_len: int | None = None
     """Prompt plus output tokens at most; default: the backbone's max_position_embeddings."""
     kv_cache_memory_gb: float = 0.5
@@ -175,6 +181,22 @@ class EngineConfig:
         if self.async_scheduling == "auto":
             return device.startswith("cuda")
         return self.async_scheduling == "on"
+
+    def batch_limits(self, device: str) -> tuple[int, int]:
+        """(max_num_seqs, max_num_batched_tokens) on `device`: the given values, else that device's defaults;
+        ValueError for a value under 1."""
+        import torch
+
+        default = (64, 512)  # the CPU
+        if device.startswith("cuda"):
+            large = torch.cuda.get_device_properties(torch.device(device)).total_memory >= LARGE_GPU_BYTES
+            default = (1024, 8192) if large else (256, 2048)
+        seqs = self.max_num_seqs if self.max_num_seqs is not None else default[0]
+        tokens = self.max_num_batched_tokens if self.max_num_batched_tokens is not None else default[1]
+        for name, value in (("max_num_seqs", seqs), ("max_num_batched_tokens", tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        return seqs, tokens
 
     def kv_dtype(self, device: str, model_dtype):
         """The KV cache's torch dtype on `device` for a model of `model_dtype`; ValueError for a bad value or a GPU

@@ -153,6 +153,7 @@ def build_parts(config: EngineConfig) -> EngineParts:
     device = config.resolved_device()
     config.graph_mode(device)  # bad values fail here, before the weights load
     config.kv_dtype(device, None)
+    config.batch_limits(device)
     config.speculative()
     config.async_scheduling_on(device)
     config.check_block_size(device)
@@ -206,12 +207,13 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
     if library is not None:
         check_library_fits(library, model)
     kv_dtype = config.kv_dtype(str(model.device), model.dtype)
+    max_num_seqs, max_num_batched_tokens = config.batch_limits(str(model.device))
     num_blocks = _num_kv_blocks(config, model, str(model.device), kv_dtype)
     max_model_len = min(config.max_model_len or model.max_position_embeddings, num_blocks * config.block_size)
     max_blocks_per_seq = -(-max_model_len // config.block_size)
     speculative = config.speculative()
     scheduler = Scheduler(
-        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.scheduling_policy,
+        SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, config.scheduling_policy,
                         config.module_wait_steps),
         BlockPool(num_blocks, config.block_size, caching=config.enable_prefix_caching),
         ModulePool(model.max_slots),
@@ -219,7 +221,7 @@ def assemble_parts(config: EngineConfig, model: Backbone, tokenizer, library, eo
         speculative,
     )
     runner_config = RunnerConfig(
-        config.max_num_batched_tokens, config.max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks,
+        max_num_batched_tokens, max_num_seqs, max_blocks_per_seq, config.max_k, num_blocks,
         config.block_size, max_model_len, graph_mode, config.cuda_graph_max_batch, 1 + speculative.max_drafts,
         kv_dtype,
     )
