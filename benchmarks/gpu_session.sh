@@ -21,7 +21,7 @@
 #                (the web stack the GPU machine lacks, for the online stage, and xgrammar for the structured-output
 #                tests of stage `tests`, which skip without it)
 # Run there:     bash benchmarks/gpu_session.sh [STAGE ...]   (with carry [".peer", ".wheels"]); results land in
-#                $OUT. Stages: first, tests, kernels, lora, engine, overhead, online, online-process,
+#                $OUT. Stages: first, tests, kernels, lora, engine, engine-moe, overhead, online, online-process,
 #                online-interval, prefix, slots, spec, train
 #                (default: first).
 # Budget:        a task that is lent a GPU now gets 15 minutes of device time in all, the machine's start
@@ -74,6 +74,10 @@ for stage in $STAGES; do
       timeout 560 python3 benchmarks/kernels/bench_composed_lora.py --out "$OUT/composed_lora.json" 2>&1 | tail -100 ;;
     engine)
       timeout 420 python3 benchmarks/serving/bench_engine.py --out "$OUT/bench_engine.json" 2>&1 | tail -60 ;;
+    engine-moe)
+      # a Qwen3-30B-A3B-shaped backbone (12 of its 48 layers): Tessera (a)-(d) vs transformers generate vs PEFT
+      timeout 420 python3 benchmarks/serving/bench_engine.py --config qwen3-30b-a3b-12l --workloads b32_p256_n64 \
+        --out "$OUT/bench_engine_moe.json" 2>&1 | tail -30 ;;
     overhead)
       timeout 150 python3 benchmarks/serving/step_overhead.py --device cuda --dtype bfloat16 \
         --async-scheduling on --out "$OUT/step_overhead.json" 2>&1 | tail -10 ;;
@@ -100,7 +104,7 @@ for stage in $STAGES; do
       timeout 240 python3 benchmarks/training/step_memory.py --device cuda --hidden 2048 --layers 16 --tokens 512 \
         --batch 8 --out "$OUT/step_memory.json" 2>&1 | tail -7 ;;
     *)
-      echo "unknown stage '$stage' (first, tests, kernels, lora, engine, overhead, online, online-process," \
+      echo "unknown stage '$stage' (first, tests, kernels, lora, engine, engine-moe, overhead, online, online-process," \
         "online-interval, prefix, slots, spec, train)" >&2
       exit 2 ;;
   esac

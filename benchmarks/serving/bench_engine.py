@@ -2,9 +2,12 @@
 
     python benchmarks/serving/bench_engine.py --out results/bench_engine.json           # GPU: Llama-3-8B shape
     python benchmarks/serving/bench_engine.py --config tiny --quick --out results/tiny.json  # CPU: every path
+    python benchmarks/serving/bench_engine.py --config qwen3-30b-a3b-12l --out results/moe.json  # GPU: Qwen3-MoE
 
 A Llama-3-8B-shaped backbone (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256) with
-random weights is built in memory (bf16 on CUDA; no download, no checkpoint on disk). Each workload is
+random weights is built in memory (bf16 on CUDA; no download, no checkpoint on disk); `--config
+qwen3-30b-a3b-12l` builds 12 of Qwen3-30B-A3B's 48 layers instead (128 experts of 768, top 8; the modules adapt
+the attention projections, all a mixture-of-experts backbone adapts). Each workload is
 one batch of random-token prompts, submitted at once, every request forced to its full output length;
 the metric is generated tokens per second over the wall time of the run, prefill included, after a
 warm-up run (see benchmarks/serving/engine_systems.py). Systems, all on the same weights:
@@ -69,7 +72,8 @@ class BenchSettings:
     """One benchmark run; the CLI flags are these fields."""
 
     config: str
-    """Model shape: llama3-8b or tiny."""
+    """Model shape (engine_models.SHAPES): llama3-8b, small or tiny; qwen3-30b-a3b-12l or tiny-moe for a Qwen3-MoE
+    backbone (modules on the attention)."""
     quick: bool
     """Small workloads (B=4 and B=8, prompt 16, 8 new tokens) instead of the two full ones."""
     workloads: tuple[str, ...]

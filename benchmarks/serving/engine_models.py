@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from router.composition import Composition
-from router.fingerprint import TARGETS, BackboneFingerprint
+from router.fingerprint import BackboneFingerprint
 from router.info import ModuleInfo, TaskInfo
 from router.library import ModuleLibrary
 from router.peft_io import export_peft
@@ -36,7 +36,8 @@ PAD_ID = 0
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A Llama backbone's shape; its weights are random (transformers' own initialisation)."""
+    """A Llama backbone's shape (a Qwen3-MoE one with `num_experts`); its weights are random (transformers' own
+    initialisation)."""
 
     name: str
     """Preset name, also the served model name."""
@@ -58,19 +59,42 @@ class ModelShape:
     """RoPE base."""
     initializer_range: float
     """Std of the random weights; also the std of the random modules' B."""
+    num_experts: int = 0
+    """Experts of a Qwen3-MoE sparse MLP in every layer (intermediate_size is then one expert's width); 0: a dense
+    Llama MLP. Modules adapt the attention projections only there."""
+    experts_per_token: int = 0
+    """Experts each token is routed to."""
+    head_dim: int | None = None
+    """Per-head width when it is not hidden_size / num_heads (Qwen3-MoE's 128)."""
 
 
 SHAPES = {
     "llama3-8b": ModelShape("llama3-8b", 4096, 14336, 32, 32, 8, 128256, 8192, 500000.0, 0.02),
     "small": ModelShape("small", 512, 1408, 8, 8, 4, 2048, 4096, 10000.0, 0.05),  # for CPU runs
     "tiny": ModelShape("tiny", 64, 128, 2, 4, 2, 512, 512, 10000.0, 0.2),
+    # Qwen3-30B-A3B's layer (128 experts of 768, top 8, 32 heads of 128, 4 KV heads) in 12 of its 48 layers: 7.6 B
+    # parameters, so transformers' copy and Tessera's fit one 80 GB GPU together
+    "qwen3-30b-a3b-12l": ModelShape("qwen3-30b-a3b-12l", 2048, 768, 12, 32, 4, 151936, 8192, 1000000.0, 0.02,
+                                    num_experts=128, experts_per_token=8, head_dim=128),
+    "tiny-moe": ModelShape("tiny-moe", 64, 32, 2, 4, 2, 512, 512, 10000.0, 0.2, num_experts=8, experts_per_token=2),
 }
 
 
 def hf_config(shape: ModelShape):
-    """A transformers LlamaConfig of `shape`, with a pad token and no BOS/EOS."""
-    from transformers import LlamaConfig
+    """A transformers LlamaConfig of `shape` (Qwen3MoeConfig with experts), with a pad token and no BOS/EOS."""
+    from transformers import LlamaConfig, Qwen3MoeConfig
 
+    if shape.num_experts:
+        return Qwen3MoeConfig(
+            vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=4 * shape.hidden_size,
+            moe_intermediate_size=shape.intermediate_size, num_experts=shape.num_experts,
+            num_experts_per_tok=shape.experts_per_token, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+            num_key_value_heads=shape.num_kv_heads, head_dim=shape.head_dim or shape.hidden_size // shape.num_heads,
+            max_position_embeddings=shape.max_position_embeddings, rope_theta=shape.rope_theta, rms_norm_eps=1e-6,
+            initializer_range=shape.initializer_range, tie_word_embeddings=False, bos_token_id=None,
+            eos_token_id=None, pad_token_id=PAD_ID, architectures=["Qwen3MoeForCausalLM"],
+        )
     return LlamaConfig(
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
@@ -139,7 +163,8 @@ def _random_module(info: ModuleInfo, backbone: BackboneFingerprint, gen: torch.G
 def random_modules(
     backbone: BackboneFingerprint, num_modules: int, rank: int, b_std: float, seed: int, device: str
 ) -> ModuleLibrary:
-    """Modules m0, m1, ... of rank `rank` (alpha = rank, so scale 1) on all seven targets of every layer.
+    """Modules m0, m1, ... of rank `rank` (alpha = rank, so scale 1) on every target of every layer (all seven; the
+    four attention projections of a mixture of experts).
 
     `router.library.random_library` draws on the CPU one tensor at a time; 64 modules of Llama-3-8B
     (2.7 G values) take minutes that way, so this draws on `device`.
@@ -148,7 +173,8 @@ def random_modules(
     layers = tuple(range(backbone.num_layers))
     modules = {}
     for index in range(num_modules):
-        info = ModuleInfo(f"m{index}", rank, float(rank), "random, untrained (bench_engine)", TARGETS, layers)
+        info = ModuleInfo(f"m{index}", rank, float(rank), "random, untrained (bench_engine)", backbone.target_names,
+                          layers)
         modules[info.name] = (info, _random_module(info, backbone, gen, b_std))
     task = TaskInfo("bench", "unused: every benchmark request names its modules")
     return ModuleLibrary.build(backbone, modules, [task], torch.zeros(1, num_modules))
@@ -207,7 +233,7 @@ def tessera_engine(
     build = BackboneConfig(dtype, device, settings.max_slots, settings.max_rank)
     backbone = backbone_from_state_dict(hf_model.config, hf_model.state_dict(), build)
     config = EngineConfig(
-        model=f"random-{hf_model.config.num_hidden_layers}-layer-llama",
+        model=f"random-{hf_model.config.num_hidden_layers}-layer-{hf_model.config.model_type}",
         dtype=dtype,
         device=device,
         block_size=settings.block_size,

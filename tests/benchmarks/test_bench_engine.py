@@ -160,3 +160,21 @@ def test_the_vllm_ratio_needs_the_published_setup(tmp_path):
     results.document["environment"]["device"] = "NVIDIA H100 80GB HBM3"
     results.add(run)
     assert [r["like_for_like"] for r in results.document["ratios"] if r["denominator"] == "vllm_published"] == [True]
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_backbone_cross_checks_with_transformers_and_peft(tmp_path):
+    """The Qwen3-MoE shape (tiny-moe): Tessera's engine with modules on the attention generates, greedy, exactly
+    what transformers' generate and PEFT's mixed-adapter batch generate (fp32 on the CPU: a mismatch raises)."""
+    threads = torch.get_num_threads()
+    try:
+        document = main(["--config", "tiny-moe", "--quick", "--out", str(tmp_path / "moe.json"), "--threads", "1",
+                         "--workloads", "b4_p16_n8", "--systems", "tessera_a", "tessera_b", "hf_generate",
+                         "peft_mixed"])
+    finally:
+        torch.set_num_threads(threads)
+    checks = {(a["left"], a["right"]): a for a in document["agreement"]}
+    assert checks[("tessera_a", "hf_generate")]["exact_share"] == 1.0
+    assert checks[("tessera_b", "peft_mixed")]["exact_share"] == 1.0
+    assert checks[("tessera_b", "tessera_a")]["exact_share"] < 1.0  # the modules change the tokens
+    assert document["config"]["shape"]["num_experts"] == 8
