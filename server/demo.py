@@ -26,7 +26,7 @@ from training.suite.data import SuiteConfig
 
 logger = logging.getLogger(__name__)
 
-DEMO_VERSION = "demo-v2"
+DEMO_VERSION = "demo-v3"
 DEMO_MODEL = "tessera-demo"
 DEMO_RECORD = "demo.json"
 """File in a demo cache entry: the setting, held-out exact match per task, and a correct example per task."""

@@ -200,13 +200,14 @@ def _targets(labels: list[int]) -> int:
 
 def lr_factor(config, step: int) -> float:
     """The multiplier of every learning rate at (0-based) optimiser step `step`: a linear warmup over
-    `warmup_steps` ((step + 1) / warmup_steps), then `lr_schedule` over the remaining steps, as transformers'
+    `config.warmup` steps ((step + 1) / warmup), then `lr_schedule` over the remaining steps, as transformers'
     linear and cosine schedules compute it (1 at the first step after warmup, falling towards 0 at the end)."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
+    warmup = config.warmup
+    if step < warmup:
+        return (step + 1) / warmup
     if config.lr_schedule == "constant":
         return 1.0
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = (step - warmup) / max(1, config.steps - warmup)
     if config.lr_schedule == "linear":
         return max(0.0, 1.0 - progress)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))

@@ -357,7 +357,7 @@ class Trainer:
                 history.append(terms["task"])
                 bar.update(1)
                 shown = {"loss": f"{terms['total']:.4f}", "tok_s": f"{tokens / max(seconds, 1e-9):.0f}"}
-                if cfg.lr_schedule != "constant" or cfg.warmup_steps:
+                if cfg.lr_schedule != "constant" or cfg.warmup:
                     shown["lr"] = f"{self.optimizer.param_groups[-1]['lr']:.2e}"
                 if runner.grad_norm is not None:
                     shown["grad_norm"] = f"{runner.grad_norm:.3f}"

@@ -161,12 +161,15 @@ class QualityConfig:
         return SuiteConfig(**(values | overrides))
 
     def train(self, seed: int, **overrides) -> TrainConfig:
-        """Tessera's TrainConfig: this setting's sizes, every regulariser at TrainConfig's default."""
+        """Tessera's TrainConfig: this setting's sizes, every regulariser at TrainConfig's default, and a constant
+        learning rate without warmup: the rate the baselines' PEFT loops train at (benchmarks.quality.baselines), so
+        the systems are compared at equal optimisation, and the rate every recorded table was trained with.
+        TrainConfig's own default schedule (cosine after a warmup) comes from this benchmark's schedule sweep."""
         rank = overrides.pop("rank", self.rank)
         steps = overrides.pop("steps", self.steps)
         values = dict(num_modules=self.num_modules, rank=rank, alpha=2.0 * rank, steps=steps,
                       batch_size=self.batch_size, learning_rate=self.learning_rate, max_seq_len=self.max_seq_len,
-                      seed=seed, checkpoint_every=steps, device=self.device)
+                      seed=seed, checkpoint_every=steps, device=self.device, lr_schedule="constant", warmup_ratio=0.0)
         return TrainConfig(**(values | overrides))
 
     def replace(self, **changes) -> "QualityConfig":

@@ -86,10 +86,16 @@ def test_learning_rate_schedules():
         config = TrainConfig(steps=10, **fields)
         return [lr_factor(config, step) for step in range(10)]
 
-    assert factors() == [1.0] * 10
-    assert factors(warmup_steps=4) == [0.25, 0.5, 0.75] + [1.0] * 7
+    assert factors(lr_schedule="constant", warmup_ratio=0.0) == [1.0] * 10
+    assert factors(lr_schedule="constant", warmup_steps=4) == [0.25, 0.5, 0.75] + [1.0] * 7
     assert factors(lr_schedule="linear", warmup_steps=2) == pytest.approx([0.5, 1.0] + [1 - i / 8 for i in range(8)])
-    cosine = factors(lr_schedule="cosine")
+    assert factors(lr_schedule="constant", warmup_ratio=0.2) == [0.5, 1.0] + [1.0] * 8  # 20% of 10 steps
+    assert factors(lr_schedule="constant", warmup_ratio=0.2, warmup_steps=4)[:4] == [0.25, 0.5, 0.75, 1.0]  # steps win
+    default = TrainConfig(steps=1000)  # cosine after a 5% warmup
+    assert default.warmup == 50 and lr_factor(default, 24) == 0.5 and lr_factor(default, 50) == 1.0
+    assert lr_factor(default, 525) == pytest.approx(0.5) and lr_factor(default, 999) < 1e-4
+    assert TrainConfig(steps=8).warmup == 0  # 5% of 8 rounds to none
+    cosine = factors(lr_schedule="cosine", warmup_ratio=0.0)
     assert cosine == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)])
     assert cosine[0] == 1.0 and all(a > b > 0 for a, b in zip(cosine, cosine[1:]))
 
