@@ -30,7 +30,7 @@ class TrainConfig:
     targets: tuple[str, ...] = TARGETS
     """Projections adapted in every layer when no placement is given (names of router.fingerprint.TARGETS).
     All seven by default: the placement search, not this default, is what narrows them. On a mixture-of-experts
-    backbone (Mixtral, Qwen3-MoE) the default keeps the four attention projections; the experts stay frozen."""
+    backbone (Mixtral, Qwen2-MoE, Qwen3-MoE) the default keeps the four attention projections; the experts stay frozen."""
     top_k: int = 2
     """Modules a task's composition keeps at export (ControllerSettings.top_k), and in the forward pass of
     training with straight_through. 2 keeps serving cost at two modules per request. NOTE: suite, small

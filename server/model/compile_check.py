@@ -208,11 +208,10 @@ def launch_layer(spec, step: Step, dtype: torch.dtype, pool: Pool | None, block_
     h = linear(out.view(tokens, -1), (hidden,))
     h, residual = rms_norm(h, norm_w, 1e-5, residual)
     if spec.num_experts:
-        weights, ids = route(torch.randn(tokens, spec.num_experts), spec.experts_per_token, spec.renormalize_routing)
-        routed = fused_moe(h, *_experts(spec, dtype), weights, ids)
         if spec.shared_expert_intermediate_size:  # Qwen2-MoE's shared expert: a frozen SwiGLU MLP, no module pool
             silu_mul(torch.empty(tokens, 2 * spec.shared_expert_intermediate_size, dtype=dtype))
-        h = routed
+        weights, ids = route(torch.randn(tokens, spec.num_experts), spec.experts_per_token, spec.renormalize_routing)
+        h = fused_moe(h, *_experts(spec, dtype), weights, ids)
     else:
         h = linear(silu_mul(linear(h, (spec.intermediate_size,) * 2)), (hidden,))
     rms_norm(h, norm_w, 1e-5, residual)  # the final norm

@@ -1,5 +1,5 @@
-"""Mixture-of-experts backbones (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE): loading from a checkpoint's per-expert tensors and from a
-transformers state dict's stacked ones, the errors that name what is wrong, the attention-only fingerprint, and a
+"""Mixture-of-experts backbones (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE): loading from a checkpoint's
+per-expert tensors and from a transformers state dict's stacked ones, the errors that name what is wrong, the attention-only fingerprint, and a
 mixed batch of compositions that generates exactly what transformers generates with each composition merged."""
 
 from __future__ import annotations
@@ -22,16 +22,10 @@ from server.model.llama import ArchSpec
 from server.model.loader import BackboneConfig, backbone_from_state_dict, load_backbone
 from tests.router.helpers import merged_model, random_peft_adapter
 from tests.server.helpers import assert_edited_checkpoints_fail
+from tests.server.test_exactness import PROMPTS as DENSE_PROMPTS, ROWS as DENSE_ROWS
 
 ARCHITECTURES = ["qwen3_moe", "mixtral", "qwen2_moe"]
-ROWS = [
-    Composition(("m0",), (1.0,), "explicit"),
-    Composition(("m2", "m1"), (0.7, 0.3), "explicit"),
-    Composition(),
-    Composition(("m3", "m0", "m2"), (0.5, 0.9, 0.2), "explicit"),
-    Composition(("m1",), (0.35,), "explicit"),
-]
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [13, 14, 15, 16, 17, 18, 19, 40, 41], [30, 31], [50] * 12]
+ROWS, PROMPTS = DENSE_ROWS[:5], DENSE_PROMPTS[:5]  # the dense exactness test's batch, without its sparse module
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
